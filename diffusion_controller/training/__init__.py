@@ -1,0 +1,1 @@
+"""Training and ONNX export; the only part of the package that imports torch."""

@@ -1,0 +1,33 @@
+"""ament_python package definition; the same file pip-installs into a virtual environment."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "diffusion_controller"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(exclude=["test", "test.*", "bench", "bench.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        (f"share/{PACKAGE}/models", glob("models/*.onnx") + glob("models/*.yaml")),
+    ],
+    install_requires=["setuptools", "numpy", "pyyaml", "onnxruntime-gpu"],
+    zip_safe=True,
+    maintainer="diffusion_controller developers",
+    maintainer_email="diffusion-controller@example.org",
+    description="Real-time ROS 2 controller running an ONNX diffusion policy with DDIM and delay compensation.",
+    license="Apache-2.0",
+    tests_require=["pytest"],
+    entry_points={
+        "console_scripts": [
+            "controller_node = diffusion_controller.ros.controller_node:main",
+            "sim_node = diffusion_controller.sim.sim_node:main",
+        ],
+    },
+)
