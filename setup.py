@@ -23,7 +23,6 @@ setup(
     maintainer_email="diffusion-controller@example.org",
     description="Real-time ROS 2 controller running an ONNX diffusion policy with DDIM and delay compensation.",
     license="Apache-2.0",
-    tests_require=["pytest"],
     entry_points={
         "console_scripts": [
             "controller_node = diffusion_controller.ros.controller_node:main",
