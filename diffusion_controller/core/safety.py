@@ -1,0 +1,169 @@
+"""The last line before the motors: command limits, rate limit, safe states, e-stop, and the watchdog.
+
+Whatever the policy, the scheduler or a bug produce, every command leaving the core passes SafetyFilter:
+finite, inside the card's joint limits, and at most `max_step` from the previous command. The watchdog
+decides when observations are too old to act on; the controller then switches to the safe state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+SAFE_MODES = ("hold", "default_pose")
+
+
+class SafetyFilter:
+    """Clamps and rate-limits commands; holds or returns to a default pose in the safe state.
+
+    The invariant it keeps: `last` is None or finite, within [lower, upper], and each new output differs
+    from the previous output by at most `max_step` per joint. A rejected action holds the last command.
+    """
+
+    def __init__(
+        self,
+        lower: np.ndarray,
+        upper: np.ndarray,
+        max_step: float,
+        safe_mode: str = "hold",
+        default_pose: np.ndarray | None = None,
+    ) -> None:
+        self.lower = np.asarray(lower, dtype=float)
+        self.upper = np.asarray(upper, dtype=float)
+        if self.lower.shape != self.upper.shape or self.lower.ndim != 1:
+            shapes = f"{self.lower.shape}, {self.upper.shape}"
+            raise ValueError(f"lower, upper: need equal-length vectors, got {shapes}")
+        if not np.all(self.lower <= self.upper):  # also false for any nan
+            raise ValueError("lower must be <= upper for every joint")
+        if not (math.isfinite(max_step) and max_step > 0):
+            raise ValueError(f"max_step must be finite and > 0, got {max_step}")
+        if safe_mode not in SAFE_MODES:
+            raise ValueError(f"safe_mode must be one of {SAFE_MODES}, got {safe_mode!r}")
+        self.max_step = float(max_step)
+        self.safe_mode = safe_mode
+        self.default_pose: np.ndarray | None = None
+        if default_pose is not None:
+            pose = np.asarray(default_pose, dtype=float)
+            if pose.shape != self.lower.shape or not np.all(np.isfinite(pose)):
+                raise ValueError(f"default_pose must be {self.lower.shape[0]} finite values")
+            self.default_pose = np.clip(pose, self.lower, self.upper)
+        if safe_mode == "default_pose" and self.default_pose is None:
+            raise ValueError("safe_mode 'default_pose' needs a default_pose")
+        self.last: np.ndarray | None = None
+        self.latched = False
+
+    @property
+    def dim(self) -> int:
+        return int(self.lower.shape[0])
+
+    def valid(self, action) -> bool:
+        """True for a finite vector of the right length (anything else must never reach a motor)."""
+        a = np.asarray(action)
+        return a.shape == self.lower.shape and bool(np.all(np.isfinite(a)))
+
+    def _limit(self, target: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
+        cmd = np.clip(target, self.lower, self.upper)
+        if previous is not None:
+            cmd = np.clip(cmd, previous - self.max_step, previous + self.max_step)
+            # previous is inside the limits, so this stays inside them; clip again against rounding.
+            cmd = np.clip(cmd, self.lower, self.upper)
+        return cmd
+
+    def apply(self, action) -> tuple[np.ndarray | None, bool]:
+        """Filter one action into the next command; (command, accepted).
+
+        A non-finite or misshapen action, or any action while the e-stop is latched, is not accepted and
+        the last command is held (None when there never was one).
+        """
+        if self.latched or action is None or not self.valid(action):
+            return self.hold(), False
+        self.last = self._limit(np.asarray(action, dtype=float), self.last)
+        return self.last.copy(), True
+
+    def hold(self) -> np.ndarray | None:
+        """The last command again."""
+        return None if self.last is None else self.last.copy()
+
+    def safe_command(self) -> np.ndarray | None:
+        """The safe state's command: hold, or one max-step toward the default pose."""
+        if self.safe_mode == "hold" or self.last is None or self.latched:
+            return self.hold()
+        self.last = self._limit(self.default_pose, self.last)
+        return self.last.copy()
+
+    def preview(self, actions: np.ndarray, start: np.ndarray) -> np.ndarray:
+        """The commands the following actions would become after `start`, without changing state.
+
+        Used for the trajectory output so it agrees with the commands the next ticks will send.
+        """
+        out = np.empty((len(actions), self.dim))
+        previous = start
+        for k, a in enumerate(actions):
+            if self.valid(a):
+                previous = self._limit(np.asarray(a, dtype=float), previous)
+            out[k] = previous
+        return out
+
+    def reset(self, anchor: np.ndarray | None = None) -> None:
+        """Start over from `anchor` (clamped). None: no previous command, the next is not rate-limited."""
+        if anchor is None or not self.valid(anchor):
+            self.last = None
+        else:
+            self.last = np.clip(np.asarray(anchor, dtype=float), self.lower, self.upper)
+
+    def estop(self) -> None:
+        """Latch: every command holds the last one until resume()."""
+        self.latched = True
+
+    def resume(self) -> None:
+        self.latched = False
+
+
+class StaleFeature(NamedTuple):
+    name: str
+    age: float
+    timeout: float
+
+    def describe(self) -> str:
+        if math.isinf(self.age):
+            return f"{self.name} never received"
+        return f"{self.name} age {self.age:.3f} s > {self.timeout:.3f} s"
+
+
+class WatchdogStatus(NamedTuple):
+    healthy: bool
+    stale: tuple[StaleFeature, ...]
+    changed: bool  # healthy flipped on this update
+
+    def reason(self) -> str:
+        return "stale observation: " + ", ".join(s.describe() for s in self.stale) if self.stale else ""
+
+
+class Watchdog:
+    """Per-feature observation timeouts: unhealthy while any required feature is older than its timeout.
+
+    Recovery is automatic once every feature is fresh again; the caller decides what recovery costs (the
+    controller resets the history and waits for a fresh chunk).
+    """
+
+    def __init__(self, timeouts: Mapping[str, float]) -> None:
+        for name, t in timeouts.items():
+            if not (math.isfinite(t) and t > 0):
+                raise ValueError(f"timeout of {name} must be finite and > 0, got {t}")
+        self.timeouts = dict(timeouts)
+        self.healthy = True
+
+    def update(self, ages: Mapping[str, float]) -> WatchdogStatus:
+        """Check the ages (seconds; inf = never received) of the watched features."""
+        stale = tuple(
+            StaleFeature(name, ages.get(name, math.inf), timeout)
+            for name, timeout in self.timeouts.items()
+            if not ages.get(name, math.inf) <= timeout
+        )
+        healthy = not stale
+        changed = healthy != self.healthy
+        self.healthy = healthy
+        return WatchdogStatus(healthy, stale, changed)

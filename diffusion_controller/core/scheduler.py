@@ -1,0 +1,150 @@
+"""Which action runs now: the running chunk, stale actions skipped, and how a new chunk takes over.
+
+Inference finishes at arbitrary times relative to the control ticks. The scheduler keeps the running chunk,
+executes its earliest non-stale action at every tick (chunk.py's rule), discards chunks that arrive out of
+order or entirely stale, and blends a new chunk into the running one by the configured mode:
+
+- none: the new chunk replaces the old one at once (DiffuseLoco, Diffusion Policy).
+- crossfade: over the first `crossfade_steps` slots the new chunk executes, weights ramp linearly from
+  the old chunk's action for the same time slot to the new one ((k+1)/(steps+1) new at step k).
+- inpaint: real-time chunking with a forward-only graph: the request freezes (prefix/prefix_mask) the
+  slots that will execute from the old chunk before the new one can arrive, so the new chunk continues
+  what the robot is doing; on arrival it simply replaces the old chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .chunk import Chunk, is_stale
+
+BLEND_MODES = ("none", "crossfade", "inpaint")
+
+
+class Selection(NamedTuple):
+    """The action a tick executes: its values, its scheduled time t_i, its index and its chunk."""
+
+    action: np.ndarray
+    action_time: float
+    index: int
+    chunk: Chunk
+
+
+class ChunkScheduler:
+    """Holds the running chunk and selects an action per tick; time enters only through `now`."""
+
+    def __init__(
+        self, period: float, exec_latency: float = 0.0, blend: str = "none", crossfade_steps: int = 4
+    ) -> None:
+        if blend not in BLEND_MODES:
+            raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
+        if crossfade_steps < 0:
+            raise ValueError(f"crossfade_steps must be >= 0, got {crossfade_steps}")
+        if not (period > 0 and exec_latency >= 0):
+            raise ValueError(f"need period > 0 and exec_latency >= 0, got {period}, {exec_latency}")
+        self.period = float(period)
+        self.exec_latency = float(exec_latency)
+        self.blend = blend
+        self.crossfade_steps = int(crossfade_steps)
+        self.current: Chunk | None = None
+        self.newest_seq: int | None = None  # seq of the newest chunk applied (kept across clear())
+        self._first_exec_time: float | None = None
+
+    def clear(self) -> None:
+        """Drop the running chunk (reset, safe state); older chunks stay rejected as out of order."""
+        self.current = None
+        self._first_exec_time = None
+
+    # -- arrivals ----------------------------------------------------------------------------------------
+
+    def offer(self, chunk: Chunk, now: float) -> str | None:
+        """Take a newly arrived chunk; None when applied, else why it was discarded."""
+        if self.newest_seq is not None and chunk.seq <= self.newest_seq:
+            return f"out of order: chunk {chunk.seq} arrived after chunk {self.newest_seq}"
+        first = chunk.first_valid_index(now + self.exec_latency)
+        if first is None:
+            late = now + self.exec_latency - chunk.action_time(chunk.horizon - 1)
+            return f"stale on arrival: its last action is {late:.3f} s before t_exec"
+        if self.blend == "crossfade" and self.current is not None and self.crossfade_steps > 0:
+            chunk = self._crossfade(chunk, first)
+        self.current = chunk
+        self.newest_seq = chunk.seq
+        self._first_exec_time = None
+        return None
+
+    def _crossfade(self, new: Chunk, first: int) -> Chunk:
+        old = self.current
+        actions = np.array(new.actions, dtype=float, copy=True)
+        steps = self.crossfade_steps
+        for k in range(steps):
+            j = first + k
+            if j >= new.horizon:
+                break
+            i = old.action_for_slot(new.action_time(j))
+            if i is None or not np.all(np.isfinite(old.actions[i])):
+                continue
+            w = (k + 1) / (steps + 1)
+            actions[j] = (1.0 - w) * old.actions[i] + w * actions[j]
+        return Chunk(actions, new.t_obs, new.period, new.first_offset, new.seq, new.t_request, new.t_ready)
+
+    # -- per tick ----------------------------------------------------------------------------------------
+
+    def select(self, now: float) -> Selection | None:
+        """The earliest non-stale action of the running chunk at t_exec = now + exec_latency, or None."""
+        chunk = self.current
+        if chunk is None:
+            return None
+        i = chunk.first_valid_index(now + self.exec_latency)
+        if i is None:
+            return None
+        t_i = chunk.action_time(i)
+        if self._first_exec_time is None:
+            self._first_exec_time = t_i
+        return Selection(chunk.actions[i], t_i, i, chunk)
+
+    def handover_time(self, now: float, execute_steps: int) -> float:
+        """Action time from which the next chunk should be running (-inf: needed now).
+
+        The running chunk executes `execute_steps` actions from its first executed one, or until it runs
+        out; Diffusion Policy's request-ahead asks for the next chunk so that it is ready by then.
+        """
+        chunk = self.current
+        if chunk is None:
+            return -math.inf
+        base = self._first_exec_time
+        if base is None:
+            i = chunk.first_valid_index(now + self.exec_latency)
+            if i is None:
+                return -math.inf
+            base = chunk.action_time(i)
+        return min(base + execute_steps * self.period, chunk.action_time(chunk.horizon - 1) + self.period)
+
+    # -- inpainting --------------------------------------------------------------------------------------
+
+    def inpaint_prefix(self, t_obs_new: float, forecast_delay: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """Freeze the new chunk's slots that will run from the running chunk before the new one arrives.
+
+        The new chunk (same layout as the running one) is stamped `t_obs_new`; `forecast_delay` is the
+        forecast time from t_obs_new until its first command takes effect (observation age + inference
+        delay + pickup + exec latency). Slots stale by then are frozen to the action the running chunk
+        executes in that slot. Returns (prefix (horizon, action_dim), mask (horizon,)), or None without a
+        running chunk.
+        """
+        old = self.current
+        if old is None:
+            return None
+        prefix = np.zeros_like(old.actions, dtype=float)
+        mask = np.zeros(old.horizon)
+        t_first = t_obs_new + forecast_delay
+        for j in range(old.horizon):
+            t_j = t_obs_new + (old.first_offset + j) * self.period
+            if not is_stale(t_j, t_first, self.period):
+                break
+            i = old.action_for_slot(t_j)
+            if i is not None and np.all(np.isfinite(old.actions[i])):
+                prefix[j] = old.actions[i]
+                mask[j] = 1.0
+        return prefix, mask
