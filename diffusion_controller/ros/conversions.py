@@ -1,0 +1,277 @@
+"""Message <-> numpy: observation messages become time-stamped feature vectors, commands become messages.
+
+No node and no graph here: a `SourceReader` turns one message into `(stamp, {feature: values})` or raises
+`InputError` with a short `cause` the node uses to rate-limit its log (one line per cause, not a flood).
+Everything that derives a feature from sensor values goes through `core.features`, the same code the
+dataset generator uses, so deployment preprocesses exactly like training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from builtin_interfaces.msg import Duration, Time
+from geometry_msgs.msg import Twist, TwistStamped
+from nav_msgs.msg import Odometry
+from sensor_msgs.msg import Imu, JointState
+from std_msgs.msg import Float64MultiArray, MultiArrayDimension
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from diffusion_controller.core import features as fx
+from diffusion_controller.ros import config as cfgmod
+
+MESSAGE_CLASSES: dict[str, type] = {
+    cfgmod.JOINT_STATE: JointState,
+    cfgmod.IMU: Imu,
+    cfgmod.ODOMETRY: Odometry,
+    cfgmod.TWIST: Twist,
+    cfgmod.TWIST_STAMPED: TwistStamped,
+    cfgmod.FLOAT64_ARRAY: Float64MultiArray,
+}
+
+
+class InputError(ValueError):
+    """An observation message that was ignored; `cause` is a stable key for rate-limited logging."""
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def time_to_sec(t: Time) -> float:
+    return float(t.sec) + 1e-9 * float(t.nanosec)
+
+
+def sec_to_time(s: float) -> Time:
+    ns = round(s * 1e9)
+    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+def sec_to_duration(s: float) -> Duration:
+    ns = round(s * 1e9)
+    return Duration(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+def _vec(v: Any) -> np.ndarray:
+    return np.array([v.x, v.y, v.z], dtype=float)
+
+
+def _quat(q: Any) -> np.ndarray:
+    return np.array([q.x, q.y, q.z, q.w], dtype=float)
+
+
+class SourceDecoder:
+    """Extracts the card features one source fills from its messages (no timing logic)."""
+
+    def __init__(self, source: cfgmod.SourceConfig, card_features: Sequence[Any],
+                 rename: Mapping[str, str] | None = None) -> None:
+        by_name = {f.name: f for f in card_features}
+        self.source = source
+        self.msg_class = MESSAGE_CLASSES[source.type]
+        self.features = [by_name[n] for n in source.features]
+        self._rename = dict(rename or {})
+        self._index_cache: tuple[tuple[str, ...], dict[str, np.ndarray]] | None = None
+
+    # -- per type ------------------------------------------------------------------------------------------
+    def decode(self, msg: Any) -> dict[str, np.ndarray]:
+        t = self.source.type
+        if t == cfgmod.JOINT_STATE:
+            out = self._joint_state(msg)
+        elif t == cfgmod.IMU:
+            out = self._imu(msg)
+        elif t == cfgmod.ODOMETRY:
+            out = self._odometry(msg)
+        elif t in (cfgmod.TWIST, cfgmod.TWIST_STAMPED):
+            tw = msg.twist if t == cfgmod.TWIST_STAMPED else msg
+            cmd = np.array([tw.linear.x, tw.linear.y, tw.angular.z], dtype=float)
+            out = {f.name: cmd for f in self.features}
+        else:
+            out = self._array(msg)
+        for name, value in out.items():
+            if not np.all(np.isfinite(value)):
+                raise InputError("non_finite", f"'{name}' contains NaN/Inf; message ignored")
+        return out
+
+    def _joint_indices(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        key = tuple(names)
+        if self._index_cache is not None and self._index_cache[0] == key:
+            return self._index_cache[1]
+        pos = {n: i for i, n in enumerate(key)}
+        result: dict[str, np.ndarray] = {}
+        for f in self.features:
+            wanted = [self._rename.get(j, j) for j in (f.joints or ())]
+            missing = [j for j in wanted if j not in pos]
+            if missing:
+                raise InputError("missing_joints",
+                                 f"JointState lacks joints {missing} needed for '{f.name}'; message ignored")
+            result[f.name] = np.array([pos[j] for j in wanted], dtype=int)
+        self._index_cache = (key, result)
+        return result
+
+    def _joint_state(self, msg: JointState) -> dict[str, np.ndarray]:
+        n = len(msg.name)
+        idx = self._joint_indices(msg.name)
+        out = {}
+        for f in self.features:
+            field = "position" if f.kind == "joint_position" else "velocity"
+            values = getattr(msg, field)
+            if len(values) != n:
+                raise InputError(f"size_{field}", f"JointState has {n} names but {len(values)} {field} "
+                                 "values; message ignored")
+            out[f.name] = np.asarray(values, dtype=float)[idx[f.name]]
+        return out
+
+    def _imu(self, msg: Imu) -> dict[str, np.ndarray]:
+        out = {}
+        for f in self.features:
+            if f.kind == "projected_gravity":
+                q = _quat(msg.orientation)
+                if msg.orientation_covariance[0] == -1.0:
+                    raise InputError("no_orientation", "Imu says it has no orientation (covariance[0] = -1); "
+                                     "message ignored")
+                if not fx.quat_is_valid(q):
+                    raise InputError(
+                        "bad_quaternion", f"Imu orientation {q.tolist()} is not a unit quaternion; ignored"
+                    )
+                out[f.name] = fx.projected_gravity(q)
+            else:
+                out[f.name] = _vec(msg.angular_velocity)
+        return out
+
+    def _odometry(self, msg: Odometry) -> dict[str, np.ndarray]:
+        frame = self.source.frame
+        if frame and msg.child_frame_id != frame:
+            raise InputError("child_frame", f"Odometry child_frame_id '{msg.child_frame_id}' is not the body "
+                             f"frame '{frame}'; message ignored")
+        out = {}
+        for f in self.features:
+            if f.kind == "base_linear_velocity":
+                out[f.name] = _vec(msg.twist.twist.linear)
+            elif f.kind == "base_angular_velocity":
+                out[f.name] = _vec(msg.twist.twist.angular)
+            else:
+                q = _quat(msg.pose.pose.orientation)
+                if not fx.quat_is_valid(q):
+                    raise InputError("bad_quaternion", f"Odometry orientation {q.tolist()} is not a unit "
+                                     "quaternion; message ignored")
+                out[f.name] = fx.projected_gravity(q)
+        return out
+
+    def _array(self, msg: Float64MultiArray) -> dict[str, np.ndarray]:
+        data = np.asarray(msg.data, dtype=float)
+        total = sum(f.size for f in self.features)
+        if data.size != total:
+            raise InputError("size", f"Float64MultiArray has {data.size} values, expected {total} "
+                             f"({' + '.join(f'{f.name}:{f.size}' for f in self.features)}); message ignored")
+        out, k = {}, 0
+        for f in self.features:
+            out[f.name] = data[k:k + f.size]
+            k += f.size
+        return out
+
+
+class SourceReader:
+    """A decoder plus the time rules: which stamp a sample gets, and which stamps are rejected.
+
+    Header stamp by default (the time the sensor saw it, what delay compensation needs); receipt time for
+    types without a header, for `stamp: receipt`, and for stamp 0 (a publisher that does not stamp --
+    reported once as cause `zero_stamp`). Stamps more than `max_future_s` ahead of the node's clock, or
+    older than the source's newest accepted stamp, are rejected.
+    """
+
+    def __init__(self, decoder: SourceDecoder, max_future_s: float,
+                 on_note: Callable[[str, str], None] | None = None) -> None:
+        self.decoder = decoder
+        self.max_future_s = max_future_s
+        self.on_note = on_note
+        self.last_stamp: float | None = None
+        self.zero_stamps = 0
+
+    @property
+    def source(self) -> cfgmod.SourceConfig:
+        return self.decoder.source
+
+    def read(self, msg: Any, now: float) -> tuple[float, dict[str, np.ndarray]]:
+        """(stamp, {feature: values}) for an accepted message; raises InputError otherwise."""
+        stamp = now
+        src = self.source
+        if src.frame and src.type in cfgmod.HAS_HEADER and src.type != cfgmod.ODOMETRY \
+                and msg.header.frame_id != src.frame:
+            raise InputError("frame", f"frame_id '{msg.header.frame_id}' is not '{src.frame}'; ignored")
+        if src.stamp == "header" and src.type in cfgmod.HAS_HEADER:
+            hs = time_to_sec(msg.header.stamp)
+            if hs > 0.0:
+                stamp = hs
+            else:
+                self.zero_stamps += 1
+                if self.zero_stamps == 1 and self.on_note is not None:
+                    # Not an error: said once so the user knows delay compensation sees receipt times.
+                    self.on_note("zero_stamp", f"source '{src.name}' publishes header stamp 0; using the "
+                                 "receipt time instead")
+        values = self.decoder.decode(msg)
+        if stamp > now + self.max_future_s:
+            ahead = stamp - now
+            raise InputError("future_stamp",
+                             f"stamp {stamp:.3f} s is {ahead:.3f} s ahead of the node clock; message ignored")
+        if self.last_stamp is not None and stamp < self.last_stamp:
+            raise InputError("stamp_backwards", f"stamp {stamp:.3f} s is older than the previous "
+                             f"{self.last_stamp:.3f} s; message ignored")
+        self.last_stamp = stamp
+        return stamp, values
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def command_msg(values: np.ndarray) -> Float64MultiArray:
+    """Float64MultiArray in output joint order (forward_command_controller)."""
+    msg = Float64MultiArray()
+    msg.layout.dim = [MultiArrayDimension(label="joints", size=len(values), stride=len(values))]
+    msg.data = [float(v) for v in values]
+    return msg
+
+
+def finite_difference_velocities(positions: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Per-point velocities of a sampled trajectory (second-order central differences inside, one-sided
+    at the ends; zeros for a single point) so joint_trajectory_controller interpolates cubically."""
+    positions = np.asarray(positions, dtype=float)
+    if len(positions) < 2:
+        return np.zeros_like(positions)
+    return np.gradient(positions, np.asarray(times, dtype=float), axis=0)
+
+
+def trajectory_msg(joint_names: Sequence[str], positions: np.ndarray, times_from_start: np.ndarray,
+                   stamp: Time | None = None, start_velocities: np.ndarray | None = None) -> JointTrajectory:
+    """JointTrajectory of the remaining chunk. `times_from_start` must be strictly increasing and > 0.
+
+    stamp None -> header stamp 0 (the controller starts it on receipt). Velocities are finite differences
+    over the points; `start_velocities` is unused now but kept for a future smoother start.
+    """
+    times = np.asarray(times_from_start, dtype=float)
+    positions = np.asarray(positions, dtype=float)
+    if positions.ndim != 2 or positions.shape != (len(times), len(joint_names)):
+        raise ValueError(
+            f"positions {positions.shape} do not match {len(times)} points x {len(joint_names)} joints")
+    if len(times) and (times[0] <= 0.0 or np.any(np.diff(times) <= 0.0)):
+        raise ValueError("time_from_start must be positive and strictly increasing")
+    vel = finite_difference_velocities(positions, times)
+    msg = JointTrajectory()
+    if stamp is not None:
+        msg.header.stamp = stamp
+    msg.joint_names = list(joint_names)
+    for k in range(len(times)):
+        pt = JointTrajectoryPoint()
+        pt.positions = positions[k].tolist()
+        pt.velocities = vel[k].tolist()
+        pt.time_from_start = sec_to_duration(float(times[k]))
+        msg.points.append(pt)
+    return msg
+
+
+def array_msg(values: Sequence[float]) -> Float64MultiArray:
+    msg = Float64MultiArray()
+    msg.data = [float(v) for v in values]
+    return msg

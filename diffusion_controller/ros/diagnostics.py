@@ -1,0 +1,136 @@
+"""Loop statistics, rate-limited fault logging and /diagnostics messages.
+
+diagnostic_updater is not a dependency (it is not available as a wheel), so the node builds the
+DiagnosticArray itself with the same conventions: one DiagnosticStatus per concern, levels OK / WARN /
+ERROR / STALE, key-value pairs a dashboard (rqt_robot_monitor) can show. The statistics are plain Python so
+they are testable without a graph.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+# Levels as ints (the message field is a byte); ordered so max() gives the worst.
+OK, WARN, ERROR, STALE = 0, 1, 2, 3
+
+
+class RateLimitedLog:
+    """One log line per cause, then at most one per `interval_s` with the count of suppressed repeats.
+
+    Bad input at 500 Hz must not become 500 log lines a second; the first occurrence of each cause is
+    always logged so nothing is hidden."""
+
+    def __init__(self, sink: Callable[[str], None], interval_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._sink = sink
+        self._interval = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+        self.last_message = ""
+
+    def __call__(self, cause: str, message: str) -> bool:
+        """Record one occurrence; returns True when a line was logged."""
+        self.counts[cause] = self.counts.get(cause, 0) + 1
+        self.last_message = message
+        now = self._clock()
+        last = self._last.get(cause)
+        if last is not None and now - last < self._interval:
+            self._suppressed[cause] = self._suppressed.get(cause, 0) + 1
+            return False
+        n = self._suppressed.pop(cause, 0)
+        self._last[cause] = now
+        self._sink(message + (f" ({n} more like this suppressed)" if n else ""))
+        return True
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    data = np.fromiter(values, dtype=float)
+    return float(np.percentile(data, q)) if data.size else math.nan
+
+
+@dataclass
+class LoopStats:
+    """Tick timing: measured rate, jitter (|interval - period|) and ticks the timer skipped."""
+
+    period_s: float
+    window: int = 1000
+    ticks: int = 0
+    missed_ticks: int = 0
+    max_jitter_s: float = 0.0
+    _last: float | None = None
+    _intervals: deque = field(default_factory=deque)
+    _jitter: deque = field(default_factory=deque)
+
+    def tick(self, t: float) -> None:
+        """Record a tick at time `t` (seconds, monotonic or sim time)."""
+        self.ticks += 1
+        if self._last is not None:
+            dt = t - self._last
+            jitter = abs(dt - self.period_s)
+            self._intervals.append(dt)
+            self._jitter.append(jitter)
+            if len(self._jitter) > self.window:
+                self._intervals.popleft()
+                self._jitter.popleft()
+            self.max_jitter_s = max(self.max_jitter_s, jitter)
+            # An interval of ~2 periods means the timer skipped one tick, and so on.
+            self.missed_ticks += max(0, round(dt / self.period_s) - 1)
+        self._last = t
+
+    def reset_phase(self) -> None:
+        """Forget the last tick (after a pause such as deactivate) so the gap is not counted as missed."""
+        self._last = None
+
+    @property
+    def rate_hz(self) -> float:
+        if not self._intervals:
+            return math.nan
+        mean = float(np.mean(self._intervals))
+        return 1.0 / mean if mean > 0 else math.nan
+
+    def jitter_ms(self, q: float) -> float:
+        return 1000.0 * percentile(self._jitter, q)
+
+
+@dataclass
+class Section:
+    """One DiagnosticStatus: a name under the node, a level, a summary and key-values."""
+
+    name: str
+    level: int
+    message: str
+    values: Mapping[str, object]
+
+
+def fmt(value: object) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def diagnostic_array(node_name: str, stamp, sections: Iterable[Section]) -> DiagnosticArray:
+    """DiagnosticArray with one status per section, named `<node>: <section>` like diagnostic_updater."""
+    msg = DiagnosticArray()
+    msg.header.stamp = stamp
+    for s in sections:
+        st = DiagnosticStatus()
+        st.level = bytes([s.level])
+        st.name = f"{node_name}: {s.name}"
+        st.message = s.message
+        st.hardware_id = node_name
+        st.values = [KeyValue(key=k, value=fmt(v)) for k, v in s.values.items()]
+        msg.status.append(st)
+    return msg

@@ -1,0 +1,310 @@
+"""Node configuration without a ROS graph: parameter checks, params files, and the match against a card."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from diffusion_controller.core.card import ModelCard
+from diffusion_controller.ros import config as cf
+
+ROOT = Path(__file__).resolve().parents[1]
+JOINTS = ["hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4"]
+
+
+def ant_card(**action_overrides) -> ModelCard:
+    """A card with the demo robot's layout (DESIGN.md), without a graph: config checks need no model."""
+    feats = [
+        {"name": "projected_gravity", "kind": "projected_gravity", "size": 3},
+        {"name": "base_angular_velocity", "kind": "base_angular_velocity", "size": 3},
+        {"name": "base_linear_velocity", "kind": "base_linear_velocity", "size": 3},
+        {"name": "velocity_command", "kind": "velocity_command", "size": 3},
+        {"name": "joint_position", "kind": "joint_position", "size": 8, "joints": JOINTS},
+        {"name": "joint_velocity", "kind": "joint_velocity", "size": 8, "joints": JOINTS},
+        {"name": "previous_action", "kind": "previous_action", "size": 8},
+    ]
+    obs_dim = sum(f["size"] for f in feats)
+    action = {
+        "joints": JOINTS, "kind": "position", "units": "rad", "lower": [-1.0] * 8, "upper": [1.0] * 8,
+        "horizon": 16, "first_offset": 1,
+    }  # fmt: skip
+    action.update(action_overrides)
+    return ModelCard.from_dict(
+        {
+            "format": "diffusion_controller/model_card@1",
+            "name": "ant_test",
+            "version": "1.0.0",
+            "control_period_s": 0.02,
+            "observation": {"history": 8, "features": feats},
+            "action": action,
+            "normalization": {
+                "observation": {"mean": [0.0] * obs_dim, "std": [1.0] * obs_dim},
+                "action": {"min": [-1.0] * 8, "max": [1.0] * 8},
+            },
+            "diffusion": {
+                "train_timesteps": 100, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"
+            },
+            "sampler": {"kind": "ddim", "steps": 5, "eta": 0.0},
+        },
+        require_graph=False,
+    )
+
+
+@pytest.fixture
+def ant_params() -> dict:
+    return cf.load_params_file(str(ROOT / "config" / "ant.yaml"))
+
+
+def errors_of(params: dict, card: ModelCard | None = None) -> str:
+    with pytest.raises(cf.ConfigError) as exc:
+        cfg = cf.NodeConfig.from_params(params)
+        cf.validate_against_card(cfg, card or ant_card())
+    return str(exc.value)
+
+
+# -- the shipped configs ------------------------------------------------------------------------------------
+
+
+def test_ant_yaml_fits_the_demo_card(ant_params):
+    cfg = cf.NodeConfig.from_params(ant_params)
+    binding = cf.validate_against_card(cfg, ant_card())
+    assert binding.feature_source == {
+        "joint_position": "joint_states",
+        "joint_velocity": "joint_states",
+        "projected_gravity": "imu",
+        "base_angular_velocity": "imu",
+        "base_linear_velocity": "odom",
+        "velocity_command": "cmd_vel",
+    }
+    assert binding.output_joints == tuple(JOINTS)
+    assert binding.output_index == tuple(range(8))
+    assert binding.period_s == pytest.approx(0.02)
+    assert cfg.commands_topic == "/forward_position_controller/commands"
+    assert cfg.trajectory_topic == "/joint_trajectory_controller/joint_trajectory"
+    topics = {s.topic for s in cfg.sources}
+    assert topics == {"/joint_states", "/imu_sensor_broadcaster/imu", "/odom", "/cmd_vel"}
+    assert cf.unknown_parameters(ant_params) == []
+
+
+def test_template_yaml_is_a_valid_params_file_for_the_demo_card():
+    params = cf.load_params_file(str(ROOT / "config" / "template.yaml"))
+    cfg = cf.NodeConfig.from_params(params)
+    cf.validate_against_card(cfg, ant_card())
+    assert cf.unknown_parameters(params) == []
+    # Every node parameter is shown (and so explained) in the template.
+    shown = set(params)
+    missing = [s.name for s in cf.NODE_PARAMS if s.name not in shown and s.name != "model_path"]
+    assert missing == []
+
+
+def test_params_file_node_key_and_wildcard_merge(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(
+        "/**:\n  ros__parameters:\n    threads: 2\n    rate_hz: 10.0\n"
+        "diffusion_controller:\n  ros__parameters:\n    threads: 3\n"
+        "other_node:\n  ros__parameters:\n    threads: 9\n"
+    )
+    flat = cf.load_params_file(str(f))
+    assert flat == {"threads": 3, "rate_hz": 10.0}
+
+
+# -- validation against the card ------------------------------------------------------------------------
+
+
+def test_feature_filled_by_no_source_is_named(ant_params):
+    ant_params["observations.sources"] = ["joint_states", "imu", "cmd_vel"]
+    msg = errors_of(ant_params)
+    assert "base_linear_velocity" in msg and "no observation source" in msg
+
+
+def test_source_feature_unknown_to_card_is_named(ant_params):
+    ant_params["observations.odom.features"] = ["base_linear_velocity", "foot_contacts"]
+    msg = errors_of(ant_params)
+    assert "foot_contacts" in msg and "not a feature of model card 'ant_test'" in msg
+
+
+def test_feature_filled_twice_is_named(ant_params):
+    ant_params["observations.odom.features"] = ["base_linear_velocity", "base_angular_velocity"]
+    msg = errors_of(ant_params)
+    assert "base_angular_velocity" in msg and "imu" in msg and "odom" in msg
+
+
+def test_unknown_message_type_is_named(ant_params):
+    ant_params["observations.imu.type"] = "sensor_msgs/msg/MagneticField"
+    msg = errors_of(ant_params)
+    assert "MagneticField" in msg and "observations.imu.type" in msg
+
+
+def test_type_that_cannot_fill_the_kind(ant_params):
+    ant_params["observations.cmd_vel.features"] = ["velocity_command", "joint_position"]
+    ant_params["observations.joint_states.features"] = ["joint_velocity"]
+    msg = errors_of(ant_params)
+    assert "geometry_msgs/msg/Twist cannot fill 'joint_position'" in msg
+
+
+def test_previous_action_is_not_a_source_feature(ant_params):
+    ant_params["observations.joint_states.features"] = ["joint_position", "joint_velocity", "previous_action"]
+    assert "previous action" in errors_of(ant_params)
+
+
+def test_all_problems_reported_at_once(ant_params):
+    ant_params["observations.imu.type"] = "Nope"
+    ant_params["observations.odom.features"] = ["typo_feature"]
+    msg = errors_of(ant_params)
+    assert "Nope" in msg
+    ant_params["observations.imu.type"] = "sensor_msgs/msg/Imu"
+    msg = errors_of(ant_params)
+    assert "typo_feature" in msg and "base_linear_velocity" in msg
+
+
+@pytest.mark.parametrize(
+    ("spelling", "canonical"),
+    [
+        ("sensor_msgs/msg/Imu", cf.IMU),
+        ("sensor_msgs/Imu", cf.IMU),
+        ("Imu", cf.IMU),
+        ("TwistStamped", cf.TWIST_STAMPED),
+    ],
+)
+def test_type_spellings(spelling, canonical):
+    assert cf.normalize_type(spelling) == canonical
+
+
+def test_joints_reorder_and_rename(ant_params):
+    robot = [f"leg_{j}" for j in JOINTS]
+    order = [3, 0, 1, 2, 7, 6, 5, 4]
+    ant_params["joints"] = [robot[i] for i in order]
+    ant_params["model_joints"] = [JOINTS[i] for i in order]
+    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
+    assert b.output_joints == tuple(robot[i] for i in order)
+    assert b.output_index == tuple(order)
+    assert b.rename["hip_1"] == "leg_hip_1"
+
+
+def test_joints_reorder_by_card_names(ant_params):
+    order = [7, 6, 5, 4, 3, 2, 1, 0]
+    ant_params["joints"] = [JOINTS[i] for i in order]
+    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
+    assert b.output_index == tuple(order)
+
+
+def test_joints_that_miss_a_card_joint(ant_params):
+    ant_params["joints"] = [*JOINTS[:7], "elbow"]
+    msg = errors_of(ant_params)
+    assert "ankle_4" in msg and "elbow" in msg
+
+
+def test_default_pose_in_output_order_and_checked(ant_params):
+    order = [7, 6, 5, 4, 3, 2, 1, 0]
+    ant_params["joints"] = [JOINTS[i] for i in order]
+    ant_params["default_pose"] = [0.1 * i for i in range(8)]
+    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
+    assert b.default_pose[7] == pytest.approx(0.0) and b.default_pose[0] == pytest.approx(0.7)
+    ant_params["default_pose"] = [0.0] * 7
+    assert "default_pose: 7 values for 8 joints" in errors_of(ant_params)
+    ant_params["default_pose"] = [0.0] * 7 + [5.0]
+    assert "outside the card's action limits" in errors_of(ant_params)
+
+
+def test_default_pose_defaults_to_mid_limits(ant_params):
+    card = ant_card(lower=[-1.0] * 8, upper=[0.5] * 8)
+    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), card)
+    assert b.default_pose == pytest.approx([-0.25] * 8)
+
+
+def test_execute_steps_beyond_horizon(ant_params):
+    ant_params["execute_steps"] = 17
+    assert "horizon 16" in errors_of(ant_params)
+
+
+def test_rate_override(ant_params):
+    ant_params["rate_hz"] = 100
+    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
+    assert b.period_s == pytest.approx(0.01)
+
+
+# -- parameter values ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("provider", "opencl", "not one of"),
+        ("threads", 0, "outside"),
+        ("threads", 1.5, "integer"),
+        ("exec_latency_s", -0.1, "outside"),
+        ("exec_latency_s", float("nan"), "finite"),
+        ("compensate_delay", "yes", "true/false"),
+        ("safe_mode", "freeze", "not one of"),
+        ("default_pose", [0.0, float("inf")], "finite"),
+        ("observations.sources", "imu", "list"),
+        ("observations.imu.stamp", "sensor", "not one of"),
+        ("observations.imu.timeout_s", -1.0, "outside"),
+        ("blend", "average", "not one of"),
+    ],
+)
+def test_bad_values_rejected_with_reason(name, value, fragment):
+    spec = cf.spec_for(name)
+    assert spec is not None
+    with pytest.raises(cf.ConfigError) as exc:
+        cf.check_value(spec, value)
+    assert name in str(exc.value) and fragment in str(exc.value)
+
+
+def test_numbers_are_coerced():
+    assert cf.check_value(cf.spec_for("exec_latency_s"), 0) == 0.0
+    assert isinstance(cf.check_value(cf.spec_for("exec_latency_s"), 0), float)
+    assert cf.check_value(cf.spec_for("default_pose"), [0, 1]) == (0.0, 1.0)
+    assert cf.check_value(cf.spec_for("default_pose"), None) == ()
+
+
+def test_from_params_reports_bad_values(ant_params):
+    ant_params["threads"] = -2
+    ant_params["observations.sources"] = ["imu", "imu"]
+    msg = errors_of(ant_params)
+    assert "threads" in msg and "duplicate" in msg
+
+
+def test_empty_sources_is_an_error():
+    assert "observations.sources: empty" in errors_of({})
+
+
+def test_typo_parameters_are_found(ant_params):
+    ant_params["exec_latency"] = 0.01
+    assert cf.unknown_parameters(ant_params) == ["exec_latency"]
+
+
+def test_schema_is_documented():
+    names = [s.name for s in cf.NODE_PARAMS]
+    assert len(names) == len(set(names))
+    for s in (*cf.NODE_PARAMS, *cf.source_param_specs("x")):
+        assert len(s.description) > 10, s.name
+        cf.check_value(s, s.default)  # defaults pass their own checks
+
+
+# -- launch files (the launch package is absent here: check their declared interface statically) ----------
+
+
+def declared_arguments(path: Path) -> dict[str, ast.AST]:
+    tree = ast.parse(path.read_text())
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DeclareLaunchArgument":
+            out[node.args[0].value] = node
+    return out
+
+
+def test_controller_launch_declares_the_documented_arguments():
+    args = declared_arguments(ROOT / "launch" / "diffusion_controller.launch.py")
+    assert set(args) == {"config", "model_path", "use_sim_time", "namespace", "log_level", "autostart"}
+    text = (ROOT / "launch" / "diffusion_controller.launch.py").read_text()
+    assert '"ant.yaml"' in text and '"ant_locomotion.onnx"' in text and "LifecycleNode" in text
+
+
+def test_demo_launch_runs_sim_and_controller_on_sim_time():
+    text = (ROOT / "launch" / "demo.launch.py").read_text()
+    ast.parse(text)
+    assert "sim.launch.py" in text and "diffusion_controller.launch.py" in text
+    assert '"use_sim_time": "true"' in text
