@@ -1,0 +1,215 @@
+"""Expert demonstrations for training, straight from the MuJoCo ant (no ROS): ``generate_dataset``.
+
+Each episode starts from a randomized standing pose and follows a random command schedule with skill
+switches inside the episode (stand, walk forward, walk backward, turn left, turn right; varied
+magnitudes). The expert (sim/expert.py) drives the ant at the control period; sensors carry noise.
+
+File format: one ``.npz`` (``numpy.load(path)``), N rows over E episodes, concatenated:
+
+- ``obs`` (N, 36) float32: card observation rows in the layout of ``layout`` (DESIGN.md order:
+  projected_gravity 3, base_angular_velocity 3, base_linear_velocity 3, velocity_command 3,
+  joint_position 8, joint_velocity 8, previous_action 8; joints hip_1, ankle_1, ..., hip_4, ankle_4).
+  Row k is the observation at control step k's time t_k, taken BEFORE action k is applied (with
+  ``--obs-delay d`` the sensors in it were measured at t_k - d). ``previous_action`` in row k is
+  ``action[k-1]``; at an episode's first row it is the standing pose.
+- ``action`` (N, 8) float32: the joint position target (rad) applied from t_k to t_k + period.
+- ``command`` (N, 3) float32: the velocity command [vx, vy, wz] at t_k (also inside ``obs``).
+- ``true_velocity`` (N, 3) float32: ground-truth body-frame [vx, vy, wz] at t_k, for evaluation.
+- ``episode_ends`` (E,) int64: cumulative end index (exclusive) of each episode.
+- ``layout`` (str): JSON list of the features {name, kind, size[, joints]}, the card's feature list.
+- ``period`` (float): control period in seconds (0.02).
+- ``action_joints`` (8,) str, ``action_lower`` / ``action_upper`` (8,) float: joint ranges in rad
+  from ant.xml, in action order.
+- ``meta`` (str): JSON with the generator's arguments, sensor noise and expert/ant settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+import numpy as np
+
+from diffusion_controller.sim.ant import (
+    CONTROL_PERIOD_S,
+    JOINTS,
+    OBS_DIM,
+    Ant,
+    AntConfig,
+    SensorNoise,
+    layout_json,
+)
+from diffusion_controller.sim.evaluate import SKILLS, Schedule, rollout, tracking_errors
+from diffusion_controller.sim.expert import Expert, ExpertConfig
+
+# Command ranges the expert tracks well (measured with sim/evaluate.py; about 0.5 m/s is the trot's top).
+VX_RANGE = (0.1, 0.5)  # m/s, magnitude
+WZ_RANGE = (0.3, 1.5)  # rad/s, magnitude
+SEGMENT_S = (2.0, 5.0)
+SKILL_WEIGHTS = {
+    "stand": 0.2,
+    "walk_forward": 0.25,
+    "walk_backward": 0.15,
+    "turn_left": 0.2,
+    "turn_right": 0.2,
+}
+
+
+def random_schedule(rng: np.random.Generator, seconds: float, period: float = CONTROL_PERIOD_S) -> Schedule:
+    """Constant-command segments of 2-5 s with a random skill and magnitude each, ``seconds`` in total."""
+    names = list(SKILL_WEIGHTS)
+    p = np.array([SKILL_WEIGHTS[n] for n in names])
+    out: list[tuple[float, list[float]]] = []
+    total = 0.0
+    prev = None
+    while total < seconds - 1e-9:
+        dur = min(round(rng.uniform(*SEGMENT_S) / period) * period, seconds - total)
+        skill = prev
+        while skill == prev:  # every segment boundary is a real switch
+            skill = names[rng.choice(len(names), p=p / p.sum())]
+        vx = rng.uniform(*VX_RANGE)
+        wz = rng.uniform(*WZ_RANGE)
+        cmd = {
+            "stand": [0.0, 0.0, 0.0],
+            "walk_forward": [vx, 0.0, 0.0],
+            "walk_backward": [-vx, 0.0, 0.0],
+            "turn_left": [0.0, 0.0, wz],
+            "turn_right": [0.0, 0.0, -wz],
+        }[skill]
+        out.append((dur, cmd))
+        total += dur
+        prev = skill
+    return out
+
+
+@dataclasses.dataclass
+class EpisodeSpec:
+    seed: int
+    seconds: float
+    obs_delay_s: float
+    noise_scale: float
+
+
+def run_episode(spec: EpisodeSpec) -> dict:
+    """One episode: arrays for the file plus its tracking errors and whether it fell."""
+    rng = np.random.default_rng(spec.seed)
+    ant = Ant(
+        AntConfig(
+            noise=SensorNoise.realistic(spec.noise_scale),
+            obs_delay_s=spec.obs_delay_s,
+            seed=int(rng.integers(2**31)),
+        )
+    )
+    ant.reset(randomize=True)
+    expert = Expert()
+    expert.reset(phase=float(rng.uniform()))
+    schedule = random_schedule(rng, spec.seconds)
+    r = rollout(ant, expert.act, schedule)
+    return {
+        "obs": r.obs.astype(np.float32),
+        "action": r.action.astype(np.float32),
+        "command": r.command.astype(np.float32),
+        "true_velocity": r.true_velocity.astype(np.float32),
+        "fell": r.fell,
+        "errors": tracking_errors(r),
+    }
+
+
+def summarize(errors: list[dict]) -> dict[str, dict[str, float]]:
+    """Seconds-weighted mean of per-episode tracking errors, per skill."""
+    out = {}
+    for s in SKILLS:
+        rows = [e[s] for e in errors if s in e]
+        if not rows:
+            continue
+        w = np.array([r["seconds"] for r in rows])
+        out[s] = {k: float(np.average([r[k] for r in rows], weights=w)) for k in rows[0] if k != "seconds"}
+        out[s]["seconds"] = float(w.sum())
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--episodes", type=int, default=150)
+    ap.add_argument("--episode-seconds", type=float, default=20.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="data/ant_skills.npz")
+    ap.add_argument("--obs-delay", type=float, default=0.0, help="sensor delay in seconds seen by the expert")
+    ap.add_argument("--noise-scale", type=float, default=1.0, help="x SensorNoise.realistic(); 0 = no noise")
+    ap.add_argument("--workers", type=int, default=1)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    seeds = np.random.SeedSequence(args.seed).generate_state(args.episodes)
+    specs = [EpisodeSpec(int(s), args.episode_seconds, args.obs_delay, args.noise_scale) for s in seeds]
+    t0 = time.monotonic()
+    results = []
+    if args.workers > 1:
+        with multiprocessing.Pool(args.workers) as pool:
+            for i, res in enumerate(pool.imap(run_episode, specs)):
+                results.append(res)
+                _progress(i, len(specs), results, t0)
+    else:
+        for i, spec in enumerate(specs):
+            results.append(run_episode(spec))
+            _progress(i, len(specs), results, t0)
+
+    lengths = [len(r["obs"]) for r in results]
+    ant = Ant()
+    meta = {
+        "args": vars(args),
+        "noise": dataclasses.asdict(SensorNoise.realistic(args.noise_scale)),
+        "ant": {k: v for k, v in dataclasses.asdict(AntConfig()).items() if k not in ("noise", "seed")},
+        "expert": {k: np.asarray(v).tolist() for k, v in dataclasses.asdict(ExpertConfig()).items()},
+        "vx_range": VX_RANGE,
+        "wz_range": WZ_RANGE,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    np.savez_compressed(
+        args.out,
+        obs=np.concatenate([r["obs"] for r in results]).reshape(-1, OBS_DIM),
+        action=np.concatenate([r["action"] for r in results]),
+        command=np.concatenate([r["command"] for r in results]),
+        true_velocity=np.concatenate([r["true_velocity"] for r in results]),
+        episode_ends=np.cumsum(lengths).astype(np.int64),
+        layout=np.array(layout_json()),
+        period=np.array(CONTROL_PERIOD_S),
+        action_joints=np.array(JOINTS),
+        action_lower=ant.joint_lower,
+        action_upper=ant.joint_upper,
+        meta=np.array(json.dumps(meta)),
+    )
+    falls = sum(r["fell"] for r in results)
+    summary = summarize([r["errors"] for r in results])
+    print(
+        f"wrote {args.out}: {sum(lengths)} rows, {sum(lengths) * CONTROL_PERIOD_S:.0f} s, "
+        f"{len(results)} episodes, {falls} falls, {time.monotonic() - t0:.0f} s wall"
+    )
+    print("per-skill tracking (mean |cmd - v|, v averaged over one gait cycle; raw = per step):")
+    for s, e in summary.items():
+        print(
+            f"  {s:14s} {e['seconds']:7.0f} s  vx {e['vx']:.3f} m/s  wz {e['wz']:.3f} rad/s  "
+            f"(raw vx {e['vx_raw']:.3f}, wz {e['wz_raw']:.3f})"
+        )
+    return 0
+
+
+def _progress(i: int, n: int, results: list[dict], t0: float) -> None:
+    if (i + 1) % max(1, n // 10) == 0 or i + 1 == n:
+        secs = sum(len(r["obs"]) for r in results) * CONTROL_PERIOD_S
+        falls = sum(r["fell"] for r in results)
+        print(
+            f"[{i + 1}/{n}] {secs:.0f} s of data, {falls} falls, {time.monotonic() - t0:.0f} s wall",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
