@@ -27,6 +27,7 @@ setup(
         "console_scripts": [
             "controller_node = diffusion_controller.ros.controller_node:main",
             "sim_node = diffusion_controller.sim.sim_node:main",
+            "export_policy = diffusion_controller.training.export:main",
             "generate_dataset = diffusion_controller.sim.dataset:main",
         ],
     },

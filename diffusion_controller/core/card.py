@@ -1,0 +1,725 @@
+"""Model card: the one description of a policy model that the node, the exporter and the tests share.
+
+A model is one .onnx whose metadata_props key `model_card` holds the card as YAML text, with the same
+YAML beside it (`<model>.yaml`). Loading validates everything the node relies on, and every error names
+the field and what was expected, because a wrong card found on the robot is far costlier than one
+rejected at load time. ONNX metadata is read and written with a small protobuf reader here so that the
+core needs neither the `onnx` package nor an inference session to look at a card.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from diffusion_controller.core.ddim import BETA_SCHEDULES, PREDICTION_TYPES, DDIMConfig, check_steps
+
+FORMAT = "diffusion_controller/model_card@1"
+METADATA_KEY = "model_card"
+
+#: Feature kinds and their fixed size (None: size given by `joints` or free for `generic`).
+FEATURE_SIZES: dict[str, int | None] = {
+    "projected_gravity": 3,
+    "base_angular_velocity": 3,
+    "base_linear_velocity": 3,
+    "velocity_command": 3,
+    "joint_position": None,
+    "joint_velocity": None,
+    "previous_action": None,
+    "generic": None,
+}
+JOINT_FEATURE_KINDS = ("joint_position", "joint_velocity")
+ACTION_KINDS = ("position",)
+SAMPLER_KINDS = ("ddim",)
+GRAPH_KINDS = ("fused", "denoiser")
+#: Logical tensor roles of each graph form; the card maps them to the graph's tensor names.
+GRAPH_INPUTS = {
+    "fused": ("obs_history", "noise", "prefix", "prefix_mask"),
+    "denoiser": ("obs_history", "sample", "timestep"),
+}
+GRAPH_OUTPUTS = {"fused": ("actions",), "denoiser": ("model_output",)}
+NAME_RE = re.compile(r"^[a-z0-9_]+$")
+
+
+class CardError(ValueError):
+    """An invalid model card; the message names each bad field and what was expected."""
+
+    def __init__(self, errors: list[str] | str, source: str | None = None) -> None:
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        head = f"invalid model card{f' {source}' if source else ''}"
+        super().__init__(head + ": " + "; ".join(self.errors))
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One named slice of an observation row."""
+
+    name: str
+    kind: str
+    size: int
+    joints: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Which graph form the .onnx holds and the tensor name of each logical input/output."""
+
+    kind: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+
+@dataclass(frozen=True, eq=False)
+class ModelCard:
+    """Validated card. Arrays are float64 and read-only; compare cards with `to_dict()`."""
+
+    name: str
+    version: str
+    description: str
+    control_period_s: float
+    history: int
+    features: tuple[Feature, ...]
+    action_joints: tuple[str, ...]
+    action_lower: np.ndarray
+    action_upper: np.ndarray
+    horizon: int
+    first_offset: int
+    action_kind: str
+    action_units: str
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    action_min: np.ndarray
+    action_max: np.ndarray
+    diffusion: DDIMConfig
+    sampler_kind: str
+    steps: int
+    eta: float
+    graph: GraphSpec | None = None
+    network: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def obs_dim(self) -> int:
+        return sum(f.size for f in self.features)
+
+    @property
+    def action_dim(self) -> int:
+        return len(self.action_joints)
+
+    def feature_slice(self, name: str) -> slice:
+        """Columns of feature `name` in an observation row."""
+        start = 0
+        for f in self.features:
+            if f.name == name:
+                return slice(start, start + f.size)
+            start += f.size
+        raise KeyError(f"no observation feature named {name!r}; have {[f.name for f in self.features]}")
+
+    def feature_of_kind(self, kind: str) -> Feature | None:
+        """The first feature of this kind, or None."""
+        return next((f for f in self.features if f.kind == kind), None)
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Any, *, require_graph: bool = True, source: str | None = None) -> ModelCard:
+        """Validate a parsed card; raises CardError listing every problem found."""
+        return _Parser(source).parse(d, require_graph)
+
+    @classmethod
+    def from_yaml_text(cls, text: str, *, require_graph: bool = True, source: str | None = None) -> ModelCard:
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise CardError(f"not valid YAML ({e})", source) from e
+        return cls.from_dict(d, require_graph=require_graph, source=source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, require_graph: bool = True) -> ModelCard:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise CardError(f"cannot read {path}: {e.strerror or e}", str(path)) from e
+        return cls.from_yaml_text(text, require_graph=require_graph, source=str(path))
+
+    @classmethod
+    def from_onnx(cls, path: str | Path) -> ModelCard:
+        """The card in the model's metadata_props (key `model_card`)."""
+        path = Path(path)
+        try:
+            props = read_onnx_metadata(path.read_bytes())
+        except (OSError, ValueError) as e:
+            raise CardError(f"cannot read ONNX metadata of {path}: {e}", str(path)) from e
+        if METADATA_KEY not in props:
+            raise CardError(f"metadata_props has no {METADATA_KEY!r} key", str(path))
+        return cls.from_yaml_text(props[METADATA_KEY], source=str(path))
+
+    # -- serialization --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python card in the schema's key order (round-trips through from_dict)."""
+
+        def floats(a: np.ndarray) -> list[float]:
+            return [float(v) for v in a]
+
+        feats = []
+        for f in self.features:
+            fd: dict[str, Any] = {"name": f.name, "kind": f.kind, "size": f.size}
+            if f.joints is not None:
+                fd["joints"] = list(f.joints)
+            feats.append(fd)
+        dif = self.diffusion
+        d: dict[str, Any] = {
+            "format": FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "control_period_s": float(self.control_period_s),
+            "observation": {"history": self.history, "features": feats},
+            "action": {
+                "joints": list(self.action_joints),
+                "kind": self.action_kind,
+                "units": self.action_units,
+                "lower": floats(self.action_lower),
+                "upper": floats(self.action_upper),
+                "horizon": self.horizon,
+                "first_offset": self.first_offset,
+            },
+            "normalization": {
+                "observation": {"mean": floats(self.obs_mean), "std": floats(self.obs_std)},
+                "action": {"min": floats(self.action_min), "max": floats(self.action_max)},
+            },
+            "diffusion": {
+                "train_timesteps": dif.train_timesteps,
+                "beta_schedule": dif.beta_schedule,
+                "beta_start": float(dif.beta_start),
+                "beta_end": float(dif.beta_end),
+                "prediction_type": dif.prediction_type,
+                "clip_sample": dif.clip_sample,
+                "clip_sample_range": float(dif.clip_sample_range),
+                "set_alpha_to_one": dif.set_alpha_to_one,
+                "steps_offset": dif.steps_offset,
+            },
+            "sampler": {"kind": self.sampler_kind, "steps": self.steps, "eta": float(self.eta)},
+        }
+        if self.graph is not None:
+            d["graph"] = {
+                "kind": self.graph.kind,
+                "inputs": dict(self.graph.inputs),
+                "outputs": dict(self.graph.outputs),
+            }
+        d["network"] = _plain(self.network)
+        d["training"] = _plain(self.training)
+        return d
+
+    def to_yaml_text(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=110)
+
+    def to_yaml(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml_text(), encoding="utf-8")
+        return path
+
+    def to_onnx(self, path: str | Path) -> Path:
+        """Write this card into the model's metadata_props (replacing an existing card)."""
+        path = Path(path)
+        path.write_bytes(write_onnx_metadata(path.read_bytes(), {METADATA_KEY: self.to_yaml_text()}))
+        return path
+
+    def replace(self, **changes: Any) -> ModelCard:
+        """A re-validated copy with some fields changed (e.g. graph=GraphSpec(...))."""
+        import dataclasses
+
+        return ModelCard.from_dict(dataclasses.replace(self, **changes).to_dict(), require_graph=False)
+
+
+def _plain(v: Any) -> Any:
+    """YAML-safe copy of informational sections (numpy scalars/arrays become Python values)."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def sidecar_path(onnx_path: str | Path) -> Path:
+    """`<model>.yaml` beside `<model>.onnx`."""
+    return Path(onnx_path).with_suffix(".yaml")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------------
+_MISSING = object()
+
+
+class _Parser:
+    """Collects every error (field path + expectation) instead of stopping at the first."""
+
+    def __init__(self, source: str | None) -> None:
+        self.source = source
+        self.errors: list[str] = []
+
+    def err(self, path: str, msg: str) -> None:
+        self.errors.append(f"{path}: {msg}")
+
+    # -- typed getters: return a usable fallback after recording an error ------------------------------
+    def section(self, d: dict, key: str, path: str, allowed: tuple[str, ...]) -> dict:
+        v = d.get(key, _MISSING)
+        p = f"{path}.{key}" if path else key
+        if v is _MISSING:
+            self.err(p, "missing (expected a mapping)")
+            return {}
+        if not isinstance(v, dict):
+            self.err(p, f"expected a mapping, got {type(v).__name__}")
+            return {}
+        self.unknown(v, p, allowed)
+        return v
+
+    def unknown(self, d: dict, path: str, allowed: tuple[str, ...]) -> None:
+        for k in d:
+            if k not in allowed:
+                self.err(
+                    f"{path}.{k}" if path else str(k), f"unknown field (expected one of {list(allowed)})"
+                )
+
+    def get(self, d: dict, key: str, path: str, default: Any = _MISSING) -> Any:
+        v = d.get(key, _MISSING)
+        if v is _MISSING:
+            if default is _MISSING:
+                self.err(f"{path}.{key}" if path else key, "missing")
+            return default
+        return v
+
+    def integer(self, d: dict, key: str, path: str, lo: int, default: Any = _MISSING) -> int:
+        v = self.get(d, key, path, default)
+        p = f"{path}.{key}" if path else key
+        if v is _MISSING:
+            return lo
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.err(p, f"expected an integer >= {lo}, got {v!r}")
+            return lo
+        if v < lo:
+            self.err(p, f"expected an integer >= {lo}, got {v}")
+            return lo
+        return v
+
+    def number(
+        self, d: dict, key: str, path: str, *, positive: bool = False, default: Any = _MISSING
+    ) -> float:
+        v = self.get(d, key, path, default)
+        p = f"{path}.{key}" if path else key
+        if v is _MISSING:
+            return 1.0
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            self.err(p, f"expected a finite number, got {v!r}")
+            return 1.0
+        if positive and v <= 0:
+            self.err(p, f"expected a number > 0, got {v}")
+            return 1.0
+        return float(v)
+
+    def boolean(self, d: dict, key: str, path: str, default: Any = _MISSING) -> bool:
+        v = self.get(d, key, path, default)
+        if v is _MISSING:
+            return False
+        if not isinstance(v, bool):
+            self.err(f"{path}.{key}", f"expected true or false, got {v!r}")
+            return False
+        return v
+
+    def string(
+        self, d: dict, key: str, path: str, *, choices: tuple[str, ...] | None = None, default: Any = _MISSING
+    ) -> str:
+        v = self.get(d, key, path, default)
+        p = f"{path}.{key}" if path else key
+        if v is _MISSING:
+            return ""
+        if not isinstance(v, str):
+            self.err(p, f"expected a string, got {v!r}")
+            return ""
+        if choices is not None and v not in choices:
+            self.err(p, f"expected one of {list(choices)}, got {v!r}")
+        return v
+
+    def names(self, v: Any, path: str) -> tuple[str, ...] | None:
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+            self.err(path, f"expected a non-empty list of names, got {v!r}")
+            return None
+        dup = sorted({x for x in v if v.count(x) > 1})
+        if dup:
+            self.err(path, f"expected unique names, {dup} repeated")
+        return tuple(v)
+
+    def vector(self, d: dict, key: str, path: str, n: int | None, what: str) -> np.ndarray | None:
+        v = self.get(d, key, path)
+        p = f"{path}.{key}"
+        if v is _MISSING:
+            return None
+        if not isinstance(v, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
+        ):
+            self.err(p, f"expected a list of numbers, got {type(v).__name__}")
+            return None
+        a = np.array(v, dtype=np.float64)
+        if not np.all(np.isfinite(a)):
+            self.err(p, "expected finite numbers (found nan or inf)")
+            return None
+        if n is not None and a.size != n:
+            self.err(p, f"expected {n} values ({what}), got {a.size}")
+            return None
+        a.setflags(write=False)
+        return a
+
+    # -- the card -------------------------------------------------------------------------------------
+    def parse(self, d: Any, require_graph: bool) -> ModelCard:
+        if not isinstance(d, dict):
+            raise CardError(f"expected a mapping at the top level, got {type(d).__name__}", self.source)
+        top = (
+            "format",
+            "name",
+            "version",
+            "description",
+            "control_period_s",
+            "observation",
+            "action",
+            "normalization",
+            "diffusion",
+            "sampler",
+            "graph",
+            "network",
+            "training",
+        )
+        self.unknown(d, "", top)
+        fmt = self.get(d, "format", "")
+        if fmt is not _MISSING and fmt != FORMAT:
+            self.err("format", f"expected {FORMAT!r}, got {fmt!r}")
+        name = self.string(d, "name", "")
+        if name and not NAME_RE.match(name):
+            self.err("name", f"expected [a-z0-9_]+, got {name!r}")
+        version = self.get(d, "version", "", "0.0.0")
+        version = str(version) if isinstance(version, (str, int, float)) else self._bad("version", version)
+        description = self.string(d, "description", "", default="")
+        period = self.number(d, "control_period_s", "", positive=True)
+
+        _, action_joints, lower, upper, horizon, first_offset, a_kind, units = self.action(d)
+        n_act = len(action_joints) if action_joints else None
+        history, features = self.observation(d, n_act)
+        obs_dim = sum(f.size for f in features) if features is not None else None
+        obs_mean, obs_std, act_min, act_max = self.normalization(d, obs_dim, n_act)
+        diffusion = self.diffusion(d)
+        s_kind, steps, eta = self.sampler(d, diffusion)
+        graph = self.graph(d, require_graph)
+        network = self.free(d, "network")
+        training = self.free(d, "training")
+        if self.errors:
+            raise CardError(self.errors, self.source)
+        return ModelCard(
+            name=name,
+            version=version,
+            description=description,
+            control_period_s=period,
+            history=history,
+            features=features,
+            action_joints=action_joints,
+            action_lower=lower,
+            action_upper=upper,
+            horizon=horizon,
+            first_offset=first_offset,
+            action_kind=a_kind,
+            action_units=units,
+            obs_mean=obs_mean,
+            obs_std=obs_std,
+            action_min=act_min,
+            action_max=act_max,
+            diffusion=diffusion,
+            sampler_kind=s_kind,
+            steps=steps,
+            eta=eta,
+            graph=graph,
+            network=network,
+            training=training,
+        )
+
+    def _bad(self, path: str, v: Any) -> str:
+        self.err(path, f"expected a string, got {v!r}")
+        return ""
+
+    def free(self, d: dict, key: str) -> dict:
+        v = d.get(key, {})
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            self.err(key, f"expected a mapping, got {type(v).__name__}")
+            return {}
+        return v
+
+    def action(self, d: dict):
+        p = "action"
+        a = self.section(
+            d, "action", "", ("joints", "kind", "units", "lower", "upper", "horizon", "first_offset")
+        )
+        joints = (
+            self.names(a.get("joints"), f"{p}.joints")
+            if "joints" in a
+            else self.err(f"{p}.joints", "missing")
+        )
+        n = len(joints) if joints else None
+        lower = self.vector(a, "lower", p, n, "one per action.joints")
+        upper = self.vector(a, "upper", p, n, "one per action.joints")
+        if lower is not None and upper is not None and lower.shape == upper.shape:
+            for i in np.flatnonzero(~(lower < upper)):
+                self.err(f"{p}.lower[{i}]", f"expected < action.upper[{i}] ({upper[i]}), got {lower[i]}")
+        horizon = self.integer(a, "horizon", p, 1)
+        first_offset = self.integer(a, "first_offset", p, 0)
+        kind = self.string(a, "kind", p, choices=ACTION_KINDS)
+        units = self.string(a, "units", p)
+        if "units" in a and not units:
+            self.err(f"{p}.units", "expected a non-empty string")
+        return a, joints, lower, upper, horizon, first_offset, kind, units
+
+    def observation(self, d: dict, n_act: int | None):
+        p = "observation"
+        o = self.section(d, "observation", "", ("history", "features"))
+        history = self.integer(o, "history", p, 1)
+        fl = self.get(o, "features", p)
+        if fl is _MISSING:
+            return history, None
+        if not isinstance(fl, list) or not fl:
+            self.err(f"{p}.features", "expected a non-empty list of features")
+            return history, None
+        feats: list[Feature] = []
+        ok = True
+        for i, fd in enumerate(fl):
+            fp = f"{p}.features[{i}]"
+            if not isinstance(fd, dict):
+                self.err(fp, f"expected a mapping {{name, kind, size[, joints]}}, got {fd!r}")
+                ok = False
+                continue
+            self.unknown(fd, fp, ("name", "kind", "size", "joints"))
+            n0 = len(self.errors)
+            fname = self.string(fd, "name", fp)
+            kind = self.string(fd, "kind", fp, choices=tuple(FEATURE_SIZES))
+            size = self.integer(fd, "size", fp, 1)
+            joints = None
+            if kind in JOINT_FEATURE_KINDS:
+                if "joints" not in fd:
+                    self.err(f"{fp}.joints", f"missing (a {kind} feature names its joints)")
+                else:
+                    joints = self.names(fd["joints"], f"{fp}.joints")
+                    if joints is not None and len(joints) != size:
+                        self.err(f"{fp}.size", f"expected {len(joints)} (= len(joints)), got {size}")
+            elif "joints" in fd:
+                self.err(f"{fp}.joints", f"expected no joints for kind {kind!r}")
+            fixed = FEATURE_SIZES.get(kind)
+            if fixed is not None and size != fixed:
+                self.err(f"{fp}.size", f"expected {fixed} for kind {kind!r}, got {size}")
+            if kind == "previous_action" and n_act is not None and size != n_act:
+                self.err(
+                    f"{fp}.size", f"expected {n_act} (= len(action.joints)) for previous_action, got {size}"
+                )
+            if len(self.errors) > n0:
+                ok = False
+            feats.append(Feature(fname, kind, size, joints))
+        names = [f.name for f in feats]
+        dup = sorted({x for x in names if names.count(x) > 1})
+        if dup:
+            self.err(f"{p}.features", f"expected unique feature names, {dup} repeated")
+        if sum(f.kind == "velocity_command" for f in feats) > 1:
+            self.err(f"{p}.features", "expected at most one velocity_command feature")
+        if sum(f.kind == "previous_action" for f in feats) > 1:
+            self.err(f"{p}.features", "expected at most one previous_action feature")
+        return history, (tuple(feats) if ok else None)
+
+    def normalization(self, d: dict, obs_dim: int | None, n_act: int | None):
+        p = "normalization"
+        n = self.section(d, "normalization", "", ("observation", "action"))
+        o = self.section(n, "observation", p, ("mean", "std"))
+        a = self.section(n, "action", p, ("min", "max"))
+        mean = self.vector(o, "mean", f"{p}.observation", obs_dim, "observation row size")
+        std = self.vector(o, "std", f"{p}.observation", obs_dim, "observation row size")
+        if std is not None:
+            for i in np.flatnonzero(~(std > 0)):
+                self.err(f"{p}.observation.std[{i}]", f"expected > 0, got {std[i]}")
+        amin = self.vector(a, "min", f"{p}.action", n_act, "one per action.joints")
+        amax = self.vector(a, "max", f"{p}.action", n_act, "one per action.joints")
+        if amin is not None and amax is not None and amin.shape == amax.shape:
+            for i in np.flatnonzero(~(amin < amax)):
+                self.err(
+                    f"{p}.action.min[{i}]",
+                    f"expected < normalization.action.max[{i}] ({amax[i]}), got {amin[i]}",
+                )
+        return mean, std, amin, amax
+
+    def diffusion(self, d: dict) -> DDIMConfig:
+        p = "diffusion"
+        keys = (
+            "train_timesteps",
+            "beta_schedule",
+            "beta_start",
+            "beta_end",
+            "prediction_type",
+            "clip_sample",
+            "clip_sample_range",
+            "set_alpha_to_one",
+            "steps_offset",
+        )
+        s = self.section(d, "diffusion", "", keys)
+        t = self.integer(s, "train_timesteps", p, 1)
+        sched = self.string(s, "beta_schedule", p, choices=BETA_SCHEDULES)
+        b0 = self.number(s, "beta_start", p, positive=True, default=0.0001)
+        b1 = self.number(s, "beta_end", p, positive=True, default=0.02)
+        if sched in ("linear", "scaled_linear") and not (b0 < b1 < 1):
+            self.err(f"{p}.beta_end", f"expected beta_start ({b0}) < beta_end < 1, got {b1}")
+        pred = self.string(s, "prediction_type", p, choices=PREDICTION_TYPES)
+        clip = self.boolean(s, "clip_sample", p, default=True)
+        clip_range = self.number(s, "clip_sample_range", p, positive=True, default=1.0)
+        one = self.boolean(s, "set_alpha_to_one", p, default=True)
+        offset = self.integer(s, "steps_offset", p, 0, default=0)
+        if offset >= t:
+            self.err(f"{p}.steps_offset", f"expected < train_timesteps ({t}), got {offset}")
+        return DDIMConfig(t, sched or "linear", b0, b1, pred or "epsilon", clip, clip_range, one, offset)
+
+    def sampler(self, d: dict, dif: DDIMConfig):
+        p = "sampler"
+        s = self.section(d, "sampler", "", ("kind", "steps", "eta"))
+        kind = self.string(s, "kind", p, choices=SAMPLER_KINDS)
+        steps = self.integer(s, "steps", p, 1)
+        eta = self.number(s, "eta", p, default=0.0)
+        if eta < 0:
+            self.err(f"{p}.eta", f"expected >= 0, got {eta}")
+        try:
+            check_steps(steps, dif.train_timesteps, dif.steps_offset)
+        except ValueError as e:
+            self.err(f"{p}.{e}".split(":")[0], str(e).split(": ", 1)[1])
+        return kind, steps, eta
+
+    def graph(self, d: dict, required: bool) -> GraphSpec | None:
+        if "graph" not in d:
+            if required:
+                self.err("graph", "missing (expected {kind, inputs, outputs})")
+            return None
+        p = "graph"
+        g = self.section(d, "graph", "", ("kind", "inputs", "outputs"))
+        kind = self.string(g, "kind", p, choices=GRAPH_KINDS)
+        if kind not in GRAPH_KINDS:
+            return None
+        maps = []
+        for key, roles in (("inputs", GRAPH_INPUTS[kind]), ("outputs", GRAPH_OUTPUTS[kind])):
+            m = self.section(g, key, p, roles)
+            for r in roles:
+                if r not in m:
+                    self.err(f"{p}.{key}.{r}", f"missing (tensor name of {r} in a {kind} graph)")
+                elif not isinstance(m[r], str) or not m[r]:
+                    self.err(f"{p}.{key}.{r}", f"expected a tensor name, got {m[r]!r}")
+            maps.append({r: m[r] for r in roles if isinstance(m.get(r), str)})
+        return GraphSpec(kind, maps[0], maps[1])
+
+
+# ------------------------------------------------------------------------------------------------------
+# ONNX metadata_props without the onnx package: ModelProto field 14 = repeated StringStringEntryProto
+# {1: key, 2: value}. Protobuf wire format: fields may come in any order and repeat.
+# ------------------------------------------------------------------------------------------------------
+_METADATA_FIELD = 14
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        if i >= len(buf):
+            raise ValueError("truncated protobuf (varint runs past the end)")
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed protobuf varint")
+
+
+def _fields(buf: bytes):
+    """Yield (field_number, wire_type, start, end, value_start, value_end) for top-level fields."""
+    i, n = 0, len(buf)
+    while i < n:
+        start = i
+        key, i = _varint(buf, i)
+        num, wt = key >> 3, key & 7
+        if num == 0:
+            raise ValueError("not an ONNX model (protobuf field number 0)")
+        if wt == 0:
+            _, i = _varint(buf, i)
+            vs = ve = i
+        elif wt == 1:
+            vs, i = i, i + 8
+            ve = i
+        elif wt == 2:
+            length, vs = _varint(buf, i)
+            i = ve = vs + length
+        elif wt == 5:
+            vs, i = i, i + 4
+            ve = i
+        else:
+            raise ValueError(f"not an ONNX model (unsupported protobuf wire type {wt})")
+        if i > n:
+            raise ValueError("truncated file (a protobuf field runs past the end)")
+        yield num, wt, start, i, vs, ve
+
+
+def _entry(buf: bytes) -> tuple[str, str]:
+    kv = {1: "", 2: ""}
+    for num, wt, _, _, vs, ve in _fields(buf):
+        if wt == 2 and num in kv:
+            kv[num] = buf[vs:ve].decode("utf-8")
+    return kv[1], kv[2]
+
+
+def read_onnx_metadata(model: bytes) -> dict[str, str]:
+    """metadata_props of a serialized ONNX ModelProto; ValueError on a truncated or non-ONNX buffer."""
+    props: dict[str, str] = {}
+    seen_graph = False
+    for num, wt, _, _, vs, ve in _fields(model):
+        if num == _METADATA_FIELD and wt == 2:
+            k, v = _entry(model[vs:ve])
+            props[k] = v
+        elif num == 7 and wt == 2:
+            seen_graph = True
+    if not seen_graph:
+        raise ValueError("not an ONNX model (no graph)")
+    return props
+
+
+def _encode_varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        out.append(b | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def _encode_bytes(num: int, data: bytes) -> bytes:
+    return _encode_varint(num << 3 | 2) + _encode_varint(len(data)) + data
+
+
+def write_onnx_metadata(model: bytes, props: dict[str, str]) -> bytes:
+    """Serialized model with `props` set in metadata_props (existing entries of those keys replaced)."""
+    kept = bytearray()
+    for num, wt, start, end, vs, ve in _fields(model):
+        if num == _METADATA_FIELD and wt == 2 and _entry(model[vs:ve])[0] in props:
+            continue
+        kept += model[start:end]
+    for k, v in props.items():
+        entry = _encode_bytes(1, k.encode("utf-8")) + _encode_bytes(2, v.encode("utf-8"))
+        kept += _encode_bytes(_METADATA_FIELD, entry)
+    return bytes(kept)

@@ -1,0 +1,440 @@
+"""Policy: one ONNX Runtime session per model, with validated card, chosen provider and fixed buffers.
+
+Everything that can fail (path, file, card, tensor names and shapes, provider) fails at load time with a
+message that says what differs, because the node loads models off the control path and must be able to
+refuse a bad one while the running policy keeps going. predict() copies into buffers bound once (IO
+binding), so a call allocates only its returned array; on a GPU the bound device buffers also let ORT
+capture the run as a CUDA graph. A Policy serializes its own predict calls with a lock; separate Policy
+objects (e.g. the running one and one being loaded for a swap) share nothing.
+
+Graph forms (see training/export.py): `fused` runs the whole DDIM chain in one session run, with K
+fixed by the card and inpainting in the graph; `denoiser` runs the K-step loop here with core/ddim.py,
+so K can be chosen at load time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from diffusion_controller.core import ddim
+from diffusion_controller.core.card import METADATA_KEY, ModelCard, read_onnx_metadata, sidecar_path
+
+TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+PROVIDERS = {"tensorrt": TRT, "cuda": CUDA, "cpu": CPU}
+SHORT = {v: k for k, v in PROVIDERS.items()}
+_PROVIDER_LIBS = {TRT: "libonnxruntime_providers_tensorrt.so", CUDA: "libonnxruntime_providers_cuda.so"}
+_ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.int64): "tensor(int64)"}
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be used: bad path, corrupt file, tensor mismatch, provider, bad inputs."""
+
+
+def _gpu_provider_problem(provider: str) -> str | None:
+    """Why `provider` cannot load in this process, or None when its libraries load (cheap, no session).
+
+    ORT's own fallback prints pages of errors and only says "falling back"; loading the provider library
+    ourselves names the missing piece (driver, CUDA, cuDNN, TensorRT).
+    """
+    if provider not in ort.get_available_providers():
+        return f"not built into this onnxruntime ({ort.__version__}, package without GPU support)"
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver (libcuda.so.1 cannot be loaded): no GPU on this machine"
+    capi = Path(ort.__file__).parent / "capi"
+    try:
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(capi / _PROVIDER_LIBS[provider]))
+    except OSError as e:
+        if "cannot open shared object" in str(e):
+            return f"a library it needs is missing: {e}"
+    return None
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning worker threads would steal the control loop's core on a small machine.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def _provider_entry(name: str, cuda_graph: bool):
+    if name == TRT:
+        opts = {"trt_engine_cache_enable": "1", "trt_cuda_graph_enable": "1" if cuda_graph else "0"}
+        return (TRT, opts)
+    if name == CUDA:
+        return (CUDA, {"enable_cuda_graph": "1" if cuda_graph else "0"})
+    return name
+
+
+def _make_session(
+    model: bytes, path: Path, provider: str, threads: int, log
+) -> tuple[ort.InferenceSession, bool]:
+    """Create the session on the requested (or best available) provider; returns (session, cuda_graph)."""
+    if provider == "auto":
+        wanted = []
+        for p in (TRT, CUDA):
+            why = _gpu_provider_problem(p)
+            if why is None:
+                wanted.append(p)
+            else:
+                log(f"policy: {SHORT[p]} not used: {why}")
+    elif provider in PROVIDERS:
+        wanted = [] if provider == "cpu" else [PROVIDERS[provider]]
+        if provider == "tensorrt":
+            wanted.append(CUDA)
+    else:
+        raise ModelError(f"provider: expected 'auto' or one of {list(PROVIDERS)}, got {provider!r}")
+
+    so = _session_options(threads)
+    errors = []
+    for cuda_graph in (True, False) if wanted else (False,):
+        entries = [_provider_entry(p, cuda_graph) for p in wanted] + [CPU]
+        try:
+            sess = ort.InferenceSession(model, so, providers=entries)
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            errors.append(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+            if cuda_graph:
+                log(f"policy: CUDA graph capture not possible ({errors[-1]}); retrying without it")
+                continue
+            raise ModelError(f"model {path}: ONNX Runtime cannot load it: {'; '.join(errors)}") from e
+        got = sess.get_providers()
+        for p in wanted:
+            if p not in got:
+                why = _gpu_provider_problem(p) or "the session did not get it (see the ONNX Runtime log)"
+                log(f"policy: {SHORT[p]} not used: {why}")
+        if provider not in ("auto", "cpu") and got[0] != PROVIDERS[provider]:
+            why = _gpu_provider_problem(PROVIDERS[provider]) or "ONNX Runtime fell back"
+            raise ModelError(f"provider {provider!r} requested but the session runs on {got[0]}: {why}")
+        return sess, cuda_graph and got[0] != CPU
+    raise AssertionError("unreachable")
+
+
+def _read_card(path: Path, model: bytes, log) -> ModelCard:
+    """Card from metadata_props, else from the .yaml beside; both present and different is an error."""
+    try:
+        props = read_onnx_metadata(model)
+    except ValueError as e:
+        raise ModelError(f"model {path} is not a valid ONNX file: {e}") from e
+    side = sidecar_path(path)
+    if METADATA_KEY in props:
+        card = ModelCard.from_yaml_text(props[METADATA_KEY], source=f"{path} (metadata)")
+        if side.exists():
+            other = ModelCard.from_yaml(side)
+            a, b = card.to_dict(), other.to_dict()
+            diff = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
+            if diff:
+                raise ModelError(
+                    f"model {path}: its metadata card and {side} differ in {sorted(diff)}; "
+                    "re-export the model or delete the stale .yaml"
+                )
+        return card
+    if side.exists():
+        log(f"policy: {path} has no card in its metadata; using {side}")
+        return ModelCard.from_yaml(side)
+    raise ModelError(f"model {path}: no model card (no metadata_props[{METADATA_KEY!r}] and no {side})")
+
+
+class Policy:
+    """A loaded policy model. Create with Policy.load(); predict() from one thread at a time is fastest."""
+
+    card: ModelCard
+    provider: str
+    steps: int
+    supports_inpainting: bool
+
+    def __init__(self) -> None:  # use Policy.load
+        raise TypeError("use Policy.load(path, ...)")
+
+    # -- loading --------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        provider: str = "auto",
+        threads: int = 1,
+        steps: int | None = None,
+        warmup: int = 3,
+        log: Callable[[str], None] = print,
+    ) -> Policy:
+        """Load, validate and warm up a model. Raises ModelError (or CardError for an invalid card)."""
+        t0 = time.perf_counter()
+        path = Path(path)
+        if not isinstance(threads, int) or threads < 1:
+            raise ModelError(f"threads: expected an integer >= 1, got {threads!r}")
+        try:
+            model = path.read_bytes()
+        except OSError as e:
+            raise ModelError(f"model {path}: cannot read it ({e.strerror or e})") from e
+        card = _read_card(path, model, log)
+        if card.graph is None:
+            raise ModelError(f"model {path}: its card has no graph section")
+        fused = card.graph.kind == "fused"
+        if steps is None:
+            steps = card.steps
+        elif fused and steps != card.steps:
+            raise ModelError(
+                f"steps: this fused graph has K={card.steps} unrolled; export a denoiser graph to choose K "
+                f"at run time (requested {steps})"
+            )
+        try:
+            ddim.check_steps(steps, card.diffusion.train_timesteps, card.diffusion.steps_offset)
+        except ValueError as e:
+            raise ModelError(str(e)) from e
+
+        sess, cuda_graph = _make_session(model, path, provider, threads, log)
+        self = object.__new__(cls)
+        self.path, self.card, self.steps, self.threads = path, card, steps, threads
+        self.session, self.cuda_graph = sess, cuda_graph
+        self.providers = sess.get_providers()
+        self.provider = SHORT[self.providers[0]]
+        self.supports_inpainting = True
+        self.graph_kind = card.graph.kind
+        self._lock = threading.Lock()
+        self._rng = np.random.default_rng()
+        self._setup(fused)
+        for i in range(warmup):
+            self.predict(np.broadcast_to(card.obs_mean, (card.history, card.obs_dim)), seed=i)
+        self.load_time_s = time.perf_counter() - t0
+        log(
+            f"policy: loaded {card.name} {card.version} from {path}: {card.graph.kind} graph, K={steps}, "
+            f"provider {self.provider}{' with CUDA graph' if cuda_graph else ''}, {threads} CPU thread(s), "
+            f"{self.load_time_s * 1000:.0f} ms"
+        )
+        return self
+
+    def _expected_tensors(self, fused: bool) -> tuple[dict, dict]:
+        """role -> (shape, dtype) of every input and output the card implies."""
+        c = self.card
+        h, a = c.horizon, c.action_dim
+        f32 = np.dtype(np.float32)
+        ins = {"obs_history": ((1, c.history, c.obs_dim), f32)}
+        if fused:
+            noise = (1, self.steps + 1, h, a) if c.eta > 0 else (1, h, a)
+            ins |= {"noise": (noise, f32), "prefix": ((1, h, a), f32), "prefix_mask": ((1, h), f32)}
+            outs = {"actions": ((1, h, a), f32)}
+        else:
+            ins |= {"sample": ((1, h, a), f32), "timestep": ((1,), np.dtype(np.int64))}
+            outs = {"model_output": ((1, h, a), f32)}
+        return ins, outs
+
+    def _check_tensors(self, expected_in: dict, expected_out: dict) -> None:
+        """The graph's tensors must be exactly the card's, by name, element type and shape."""
+        g = self.card.graph
+        problems = []
+        for kind, expected, names, actual in (
+            ("input", expected_in, g.inputs, self.session.get_inputs()),
+            ("output", expected_out, g.outputs, self.session.get_outputs()),
+        ):
+            by_name = {t.name: t for t in actual}
+            wanted_names = {names[r] for r in expected}
+            for role, (shape, dtype) in expected.items():
+                name = names[role]
+                t = by_name.get(name)
+                if t is None:
+                    problems.append(
+                        f"card graph.{kind}s.{role} = {name!r} but the graph has no {kind} of that name "
+                        f"(graph {kind}s: {sorted(by_name)})"
+                    )
+                    continue
+                got_shape = [d if isinstance(d, int) else None for d in t.shape]
+                if len(got_shape) != len(shape) or any(
+                    g_ is not None and g_ != w for g_, w in zip(got_shape, shape, strict=False)
+                ):
+                    problems.append(
+                        f"{kind} {name!r} has shape {list(t.shape)}, the card implies {list(shape)}"
+                    )
+                if t.type != _ORT_TYPES[dtype]:
+                    problems.append(f"{kind} {name!r} has type {t.type}, expected {_ORT_TYPES[dtype]}")
+            extra = sorted(set(by_name) - wanted_names)
+            if extra and kind == "input":
+                problems.append(f"graph has inputs the card does not name: {extra}")
+        if problems:
+            raise ModelError(f"model {self.path} does not match its card: " + "; ".join(problems))
+
+    def _setup(self, fused: bool) -> None:
+        """Allocate every buffer once and bind it (host memory on CPU, device buffers on a GPU)."""
+        exp_in, exp_out = self._expected_tensors(fused)
+        self._check_tensors(exp_in, exp_out)
+        c, g = self.card, self.card.graph
+        self._host = {r: np.zeros(s, d) for r, (s, d) in (exp_in | exp_out).items()}
+        self._names = dict(g.inputs) | dict(g.outputs)
+        self._io = self.session.io_binding()
+        self._device: dict[str, ort.OrtValue] = {}
+        on_gpu = self.provider != "cpu"
+        for role, arr in self._host.items():
+            name = self._names[role]
+            is_out = role in exp_out
+            if on_gpu:
+                ov = ort.OrtValue.ortvalue_from_shape_and_type(arr.shape, arr.dtype, "cuda", 0)
+                self._device[role] = ov
+                (self._io.bind_ortvalue_output if is_out else self._io.bind_ortvalue_input)(name, ov)
+            elif is_out:
+                self._io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+            else:
+                self._io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+        self._out_role = next(iter(exp_out))
+        self._run_options = ort.RunOptions()
+        h, a = c.horizon, c.action_dim
+        self._noise_shape = (self.steps + 1, h, a) if c.eta > 0 else (h, a)
+        self._noise = self._host["noise"][0] if fused else np.zeros(self._noise_shape, np.float32)
+        self._prefix64 = np.zeros((h, a))
+        self._mask64 = np.zeros(h)
+        self._center = (c.action_max + c.action_min) / 2
+        self._half = (c.action_max - c.action_min) / 2
+        if not fused:
+            self._plan = c.diffusion.plan(self.steps, c.eta)
+            self._work = ddim.StepWorkspace((h, a))
+            self._tmp = np.zeros((h, a), np.float32)
+            self._prefix_n = np.zeros((h, a), np.float32)
+            self._m = np.zeros((h, 1), np.float32)
+            self._m_inv = np.ones((h, 1), np.float32)
+
+    # -- inference ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        if self._device:
+            for role, ov in self._device.items():
+                if role != self._out_role:
+                    ov.update_inplace(self._host[role])
+            self.session.run_with_iobinding(self._io, self._run_options)
+            np.copyto(self._host[self._out_role], self._device[self._out_role].numpy())
+        else:
+            self.session.run_with_iobinding(self._io, self._run_options)
+
+    @staticmethod
+    def _array(name: str, value, shape: tuple[int, ...]) -> np.ndarray:
+        try:
+            arr = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ModelError(
+                f"{name}: expected a numeric array of shape {shape}, got {type(value).__name__}"
+            ) from e
+        if arr.shape != shape:
+            raise ModelError(f"{name}: expected shape {shape}, got {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            bad = np.argwhere(~np.isfinite(arr))[0].tolist()
+            raise ModelError(f"{name}: expected finite values, got {arr[tuple(bad)]} at index {bad}")
+        return arr
+
+    def predict(
+        self,
+        obs_history: np.ndarray,
+        *,
+        noise: np.ndarray | None = None,
+        seed: int | None = None,
+        prefix: np.ndarray | None = None,
+        prefix_mask: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Action chunk (horizon, action_dim) float64 in robot units from a raw (history, obs_dim) history.
+
+        noise: the initial noise (horizon, action_dim) — or (steps+1, horizon, action_dim) with eta > 0 —
+        else drawn from `seed` or the policy's own generator. prefix (horizon, action_dim) robot units
+        with prefix_mask (horizon,) in [0, 1]: rows with mask 1 are returned exactly as given (and steer
+        the rest of the chunk), 0 rows are free, fractions blend. A prefix of n < horizon rows without a
+        mask freezes the first n actions.
+        """
+        c = self.card
+        h, a = c.horizon, c.action_dim
+        obs = self._array("obs_history", obs_history, (c.history, c.obs_dim))
+        if noise is not None and seed is not None:
+            raise ModelError("noise and seed: give one or the other")
+        if noise is not None:
+            noise = self._array("noise", noise, self._noise_shape)
+        if prefix_mask is not None and prefix is None:
+            raise ModelError("prefix_mask: given without a prefix")
+        if prefix is not None:
+            pre = np.asarray(prefix, dtype=np.float64)
+            if prefix_mask is None and pre.ndim == 2 and 1 <= pre.shape[0] <= h and pre.shape[1] == a:
+                n = pre.shape[0]
+                pre = np.concatenate([self._array("prefix", pre, (n, a)), np.zeros((h - n, a))])
+                mask = np.concatenate([np.ones(n), np.zeros(h - n)])
+            else:
+                if prefix_mask is None:
+                    raise ModelError(
+                        f"prefix: expected shape (n <= {h}, {a}) without a mask, got {pre.shape}"
+                    )
+                pre = self._array("prefix", pre, (h, a))
+                mask = self._array("prefix_mask", prefix_mask, (h,))
+                if np.any((mask < 0) | (mask > 1)):
+                    raise ModelError(
+                        f"prefix_mask: expected values in [0, 1], got {mask.min()}..{mask.max()}"
+                    )
+        with self._lock:
+            self._host["obs_history"][0] = obs
+            if noise is not None:
+                np.copyto(self._noise, noise, casting="same_kind")
+            else:
+                rng = self._rng if seed is None else np.random.default_rng(seed)
+                rng.standard_normal(out=self._noise, dtype=np.float32)
+            inpaint = prefix is not None and bool(np.any(mask > 0))
+            if inpaint:
+                np.copyto(self._prefix64, pre)
+                np.copyto(self._mask64, mask)
+            if self.graph_kind == "fused":
+                out = self._predict_fused(inpaint)
+            else:
+                out = self._predict_denoiser(inpaint)
+            if inpaint:
+                m = self._mask64[:, None]
+                out *= 1.0 - m
+                out += self._prefix64 * m
+                np.copyto(out, self._prefix64, where=m == 1.0)
+            return out
+
+    def _predict_fused(self, inpaint: bool) -> np.ndarray:
+        host = self._host
+        if inpaint:
+            host["prefix"][0] = self._prefix64
+            host["prefix_mask"][0] = self._mask64
+        else:
+            host["prefix_mask"].fill(0.0)
+        self._run()
+        return host["actions"][0].astype(np.float64)
+
+    def _predict_denoiser(self, inpaint: bool) -> np.ndarray:
+        host, cfg, work = self._host, self.card.diffusion, self._work
+        x, model_output, tmp = host["sample"][0], host["model_output"][0], self._tmp
+        x0_noise = self._noise if self.card.eta == 0 else self._noise[0]
+        np.copyto(x, x0_noise)
+        if inpaint:
+            np.subtract(self._prefix64, self._center, out=tmp, casting="same_kind")
+            np.divide(tmp, self._half, out=self._prefix_n, casting="same_kind")
+            self._m[:, 0] = self._mask64
+            np.subtract(1.0, self._m, out=self._m_inv)
+        for i, step in enumerate(self._plan):
+            if inpaint:
+                np.multiply(self._prefix_n, step.sqrt_alpha, out=tmp)
+                np.multiply(x0_noise, step.sqrt_one_minus_alpha, out=work.eps)
+                tmp += work.eps
+                ddim.blend(x, tmp, self._m, self._m_inv, out=x, tmp=tmp)
+            host["timestep"][0] = step.timestep
+            self._run()
+            vn = self._noise[i + 1] if self.card.eta > 0 else None
+            ddim.step(x, model_output, step, cfg, variance_noise=vn, out=x, work=work)
+        out = x.astype(np.float64)
+        out *= self._half
+        out += self._center
+        return out
+
+    def __repr__(self) -> str:
+        return f"Policy({self.card.name!r}, {self.graph_kind}, K={self.steps}, provider={self.provider!r})"
+
+
+def default_threads() -> int:
+    """A sensible intra-op thread count: half the cores (the control loop and ROS need the rest)."""
+    return max(1, (os.cpu_count() or 2) // 2)

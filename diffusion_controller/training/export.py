@@ -1,0 +1,262 @@
+"""Checkpoint -> ONNX policy with its model card (console script `export_policy`).
+
+Input: a checkpoint as defined in training/checkpoint.py (`save_checkpoint` / `load_checkpoint`): a
+torch.save dict {"format": "diffusion_controller/checkpoint@1", "network": NetworkConfig dict,
+"state_dict": weights, "card": card fields minus graph, ...extra}.
+
+Output: `<out>.onnx` with the card in metadata_props["model_card"] and the same card as `<out>.yaml`.
+Two graph forms (tensor names and shapes as in docs/DESIGN.md):
+
+- fused: the whole K-step DDIM chain unrolled in one graph (one session run per chunk, CUDA-graph
+  capturable). Inputs raw `obs_history`, `noise`, `prefix` (robot units) and `prefix_mask`; output
+  `actions` in robot units. Observation normalization, overwrite-inpainting at every step and action
+  denormalization are in the graph; the observation tokens and their cross-attention keys/values are
+  computed once per chunk, and the timestep tokens are constants folded at export.
+- denoiser: one network evaluation (`obs_history`, normalized `sample`, int64 `timestep`) ->
+  `model_output`, so that the runtime can choose K.
+
+Every export is checked with onnx.checker and compared with the torch module on random inputs (max abs
+difference must be <= 1e-4) before the files are written in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffusion_controller.core.card import GRAPH_INPUTS, GRAPH_OUTPUTS, GraphSpec, ModelCard, sidecar_path
+from diffusion_controller.core.ddim import check_steps
+from diffusion_controller.training import ddim_torch
+from diffusion_controller.training.checkpoint import check_card_fits, load_checkpoint
+from diffusion_controller.training.network import DiffusionTransformer
+
+OPSET = 17
+PARITY_TOL = 1e-4
+
+
+class _Normalizer(nn.Module):
+    """Observation standardization and action [-1, 1] <-> robot-unit mapping from the card."""
+
+    def __init__(self, card: ModelCard) -> None:
+        super().__init__()
+        f32 = torch.float32
+        self.register_buffer("obs_mean", torch.tensor(card.obs_mean, dtype=f32))
+        self.register_buffer("obs_std", torch.tensor(card.obs_std, dtype=f32))
+        lo, hi = card.action_min, card.action_max
+        self.register_buffer("act_center", torch.tensor((hi + lo) / 2, dtype=f32))
+        self.register_buffer("act_half", torch.tensor((hi - lo) / 2, dtype=f32))
+
+    def obs(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.obs_mean) / self.obs_std
+
+
+class FusedPolicy(nn.Module):
+    """forward(obs_history, noise, prefix, prefix_mask) -> actions (robot units), K steps unrolled."""
+
+    def __init__(self, network: DiffusionTransformer, card: ModelCard, steps: int, eta: float) -> None:
+        super().__init__()
+        self.net, self.norm = network, _Normalizer(card)
+        self.config = card.diffusion
+        self.plan = card.diffusion.plan(steps, eta)
+        self.eta = eta
+
+    def forward(self, obs_history, noise, prefix, prefix_mask):
+        net, norm = self.net, self.norm
+        cond_kv = net.memory_kv(net.cond_tokens(norm.obs(obs_history)))
+        prefix_n = (prefix - norm.act_center) / norm.act_half
+        if self.eta > 0:
+            x_T, variance_noise = noise[:, 0], noise[:, 1:]
+        else:
+            x_T, variance_noise = noise, None
+
+        def denoise(x, c):
+            t = torch.full((1,), c.timestep, dtype=torch.int64)
+            return net.decode(x, net.join_kv(net.memory_kv(net.time_token(t)), cond_kv))
+
+        x = ddim_torch.sample_loop(
+            denoise,
+            x_T,
+            self.plan,
+            self.config,
+            prefix=prefix_n,
+            mask=prefix_mask,
+            variance_noise=variance_noise,
+            final_blend=False,
+        )
+        actions = x * norm.act_half + norm.act_center
+        m = prefix_mask.unsqueeze(-1)
+        return ddim_torch.blend(actions, prefix, m, 1.0 - m)
+
+
+class DenoiserPolicy(nn.Module):
+    """forward(obs_history, sample, timestep) -> model_output; one network call, K chosen at run time."""
+
+    def __init__(self, network: DiffusionTransformer, card: ModelCard) -> None:
+        super().__init__()
+        self.net, self.norm = network, _Normalizer(card)
+
+    def forward(self, obs_history, sample, timestep):
+        return self.net(sample, timestep, self.norm.obs(obs_history))
+
+
+def example_inputs(
+    card: ModelCard, graph: str, steps: int, eta: float, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random but plausible inputs by logical role (obs near the normalization mean, a 2-row prefix)."""
+    rng = np.random.default_rng(seed)
+    h, a = card.horizon, card.action_dim
+    obs = card.obs_mean + card.obs_std * rng.standard_normal((1, card.history, card.obs_dim))
+    inputs = {"obs_history": obs.astype(np.float32)}
+    if graph == "fused":
+        shape = (1, steps + 1, h, a) if eta > 0 else (1, h, a)
+        lo, hi = card.action_min, card.action_max
+        mask = np.zeros((1, h), np.float32)
+        mask[0, : min(2, h)] = 1.0
+        inputs |= {
+            "noise": rng.standard_normal(shape).astype(np.float32),
+            "prefix": (lo + (hi - lo) * rng.random((1, h, a))).astype(np.float32),
+            "prefix_mask": mask,
+        }
+    else:
+        inputs |= {
+            "sample": rng.standard_normal((1, h, a)).astype(np.float32),
+            "timestep": np.array([card.diffusion.timesteps(steps)[0]], np.int64),
+        }
+    return inputs
+
+
+def export_onnx(
+    network: DiffusionTransformer,
+    card: ModelCard,
+    out_path: str | Path,
+    *,
+    graph: str = "fused",
+    steps: int | None = None,
+    eta: float | None = None,
+    opset: int = OPSET,
+    verify: bool = True,
+) -> Path:
+    """Export `network` with `card` (graph section ignored) to out_path (.onnx) and its .yaml card."""
+    import onnx
+
+    if graph not in GRAPH_INPUTS:
+        raise ValueError(f"graph: expected one of {list(GRAPH_INPUTS)}, got {graph!r}")
+    check_card_fits(card, network.cfg)
+    steps = card.steps if steps is None else int(steps)
+    eta = card.eta if eta is None else float(eta)
+    check_steps(steps, card.diffusion.train_timesteps, card.diffusion.steps_offset)
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"eta: expected a finite value >= 0, got {eta}")
+    in_names, out_names = GRAPH_INPUTS[graph], GRAPH_OUTPUTS[graph]
+    spec = GraphSpec(graph, {r: r for r in in_names}, {r: r for r in out_names})
+    info = dict(card.network) | {
+        "architecture": "diffusion_transformer",
+        "layers": network.cfg.layers,
+        "heads": network.cfg.heads,
+        "width": network.cfg.width,
+        "parameters": network.parameter_count(),
+    }
+    card = card.replace(steps=steps, eta=eta, graph=spec, network=info)
+
+    module = FusedPolicy(network, card, steps, eta) if graph == "fused" else DenoiserPolicy(network, card)
+    module.eval()  # the exporter restores the module's mode afterwards: it must be eval (no dropout)
+    inputs = example_inputs(card, graph, steps, eta)
+    args = tuple(torch.from_numpy(inputs[r]) for r in in_names)
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The legacy exporter is deprecated upstream but is the one that needs no onnxscript.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module,
+            args,
+            buf,
+            input_names=list(in_names),
+            output_names=list(out_names),
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+        expected = module(*args).numpy()
+    model = onnx.load_from_string(buf.getvalue())
+    model.producer_name = "diffusion_controller.export"
+    model.doc_string = f"{card.name} {card.version}: {graph} graph, DDIM K={steps}, eta={eta}"
+    data = model.SerializeToString()
+    onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out_path.parent, suffix=".onnx", delete=False) as tmp:
+        tmp.write(data)
+    tmp_path = Path(tmp.name)
+    try:
+        card.to_onnx(tmp_path)
+        if verify:
+            diff = _ort_parity(tmp_path, inputs, in_names, expected)
+            if not diff <= PARITY_TOL:
+                raise RuntimeError(f"ONNX Runtime output differs from torch by {diff:.3g} (> {PARITY_TOL})")
+        tmp_path.replace(out_path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    card.to_yaml(sidecar_path(out_path))
+    return out_path
+
+
+def _ort_parity(path: Path, inputs: dict[str, np.ndarray], names, expected: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {n: inputs[n] for n in names})[0]
+    return float(np.max(np.abs(got - expected)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="export_policy", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", type=Path, help="checkpoint written by training.checkpoint.save_checkpoint")
+    p.add_argument("out", type=Path, help="output .onnx path (the card goes beside it as .yaml)")
+    p.add_argument("--graph", choices=list(GRAPH_INPUTS), default="fused")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps K (default: the checkpoint card's)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the checkpoint card's)")
+    p.add_argument("--name", default=None, help="card name override ([a-z0-9_]+)")
+    p.add_argument("--version", default=None, help="card version override")
+    p.add_argument("--opset", type=int, default=OPSET)
+    p.add_argument("--no-verify", action="store_true", help="skip the torch vs ONNX Runtime parity check")
+    a = p.parse_args(argv)
+    if a.out.suffix != ".onnx":
+        p.error(f"out: expected a path ending in .onnx, got {a.out}")
+    try:
+        ckpt = load_checkpoint(a.checkpoint)
+        card = ckpt.card
+        changes = {k: v for k, v in (("name", a.name), ("version", a.version)) if v is not None}
+        if changes:
+            card = card.replace(**changes)
+        out = export_onnx(
+            ckpt.network,
+            card,
+            a.out,
+            graph=a.graph,
+            steps=a.steps,
+            eta=a.eta,
+            opset=a.opset,
+            verify=not a.no_verify,
+        )
+    except (ValueError, RuntimeError) as e:
+        print(f"export_policy: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} and {sidecar_path(out)} ({a.graph} graph)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
