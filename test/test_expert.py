@@ -1,0 +1,136 @@
+"""The expert gait: each skill tracks its command, no falls across skill switches; the dataset format."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from diffusion_controller.sim import dataset
+from diffusion_controller.sim.ant import OBS, OBS_DIM, STANDING_POSE, Ant, AntConfig, SensorNoise
+from diffusion_controller.sim.evaluate import rollout, skill_of, tracking_errors
+from diffusion_controller.sim.expert import Expert
+
+# Tolerances: about twice what the expert achieves over the 3000 s training set (sim/dataset.py prints
+# it: vx ~0.04 m/s walking, wz ~0.08 rad/s turning, gait-cycle averaged).
+VX_TOL = 0.1  # m/s
+WZ_TOL = 0.2  # rad/s
+
+SCHEDULE = [
+    (1.0, (0.0, 0.0, 0.0)),
+    (4.0, (0.4, 0.0, 0.0)),
+    (2.5, (0.0, 0.0, 0.0)),
+    (4.0, (-0.3, 0.0, 0.0)),
+    (3.5, (0.0, 0.0, 1.0)),
+    (3.5, (0.0, 0.0, -0.6)),
+    (2.5, (0.0, 0.0, 0.0)),
+]
+
+
+@pytest.fixture(scope="module")
+def run():
+    ant = Ant(AntConfig(noise=SensorNoise.realistic(), seed=11))
+    ant.reset(randomize=True)
+    start = ant.ground_truth().position.copy()
+    r = rollout(ant, Expert().act, SCHEDULE, stop_on_fall=False)
+    return r, start, ant
+
+
+def test_no_fall_over_a_multi_skill_schedule(run) -> None:
+    r, _, ant = run
+    assert not r.fell
+    assert len(r.obs) == round(sum(d for d, _ in SCHEDULE) / 0.02)
+    assert not ant.fallen()
+
+
+def test_every_skill_tracks_its_command(run) -> None:
+    r, _, _ = run
+    err = tracking_errors(r)
+    assert {"stand", "walk_forward", "walk_backward", "turn_left", "turn_right"} <= set(err)
+    for skill in ("walk_forward", "walk_backward"):
+        assert err[skill]["vx"] < VX_TOL, (skill, err[skill])
+        assert err[skill]["wz"] < WZ_TOL, (skill, err[skill])
+    for skill in ("turn_left", "turn_right"):
+        assert err[skill]["wz"] < WZ_TOL, (skill, err[skill])
+        assert err[skill]["vx"] < VX_TOL, (skill, err[skill])
+    assert err["stand"]["vx"] < 0.02 and err["stand"]["wz"] < 0.02
+
+
+def test_motion_goes_the_commanded_way(run) -> None:
+    r, _, _ = run
+    for _, cmd in SCHEDULE:
+        rows = np.all(r.command == cmd, axis=1)
+        v = r.true_velocity[rows][50:].mean(axis=0)  # after a second of transition
+        if cmd[0]:
+            assert np.sign(v[0]) == np.sign(cmd[0]) and abs(v[0]) > 0.5 * abs(cmd[0])
+        if cmd[2]:
+            assert np.sign(v[2]) == np.sign(cmd[2]) and abs(v[2]) > 0.5 * abs(cmd[2])
+
+
+def test_stand_command_settles_to_the_standing_pose() -> None:
+    ant = Ant()
+    expert = Expert()
+    r = rollout(ant, expert.act, [(2.0, (0.3, 0.0, 0.0)), (2.0, (0.0, 0.0, 0.0))])
+    assert np.allclose(r.action[-1], STANDING_POSE, atol=1e-3)
+    assert np.abs(r.true_velocity[-10:]).max() < 0.02
+
+
+def test_targets_stay_in_joint_ranges(run) -> None:
+    r, _, ant = run
+    assert np.all(r.action >= ant.joint_lower - 1e-12) and np.all(r.action <= ant.joint_upper + 1e-12)
+
+
+def test_expert_reads_only_the_observation_row() -> None:
+    """Same rows in, same targets out: no hidden access to the simulator."""
+    rows = np.random.default_rng(0).normal(size=(50, OBS_DIM))
+    rows[:, OBS["velocity_command"]] = [0.3, 0.0, 0.5]
+    a, b = Expert(), Expert()
+    out_a = np.array([a.act(row) for row in rows])
+    out_b = np.array([b.act(row) for row in rows])
+    assert np.array_equal(out_a, out_b)
+    assert not np.allclose(out_a[-1], STANDING_POSE)
+
+
+def test_skill_labels() -> None:
+    assert skill_of((0, 0, 0)) == "stand"
+    assert skill_of((-0.2, 0, 0)) == "walk_backward"
+    assert skill_of((0, 0, -1)) == "turn_right"
+    assert skill_of((0.2, 0, 0.3)) == "other"
+
+
+def test_random_schedule_switches_skills() -> None:
+    rng = np.random.default_rng(0)
+    sched = dataset.random_schedule(rng, 60.0)
+    assert sum(d for d, _ in sched) == pytest.approx(60.0)
+    skills = [skill_of(c) for _, c in sched]
+    assert all(s1 != s2 for s1, s2 in itertools.pairwise(skills))
+    assert len(set(skills)) >= 4
+
+
+def test_generated_file_has_the_documented_format(tmp_path) -> None:
+    out = tmp_path / "d.npz"
+    assert dataset.main(["--episodes", "2", "--episode-seconds", "3", "--seed", "4", "--out", str(out)]) == 0
+    d = np.load(out)
+    n = 2 * 150
+    assert d["obs"].shape == (n, 36) and d["obs"].dtype == np.float32
+    assert d["action"].shape == (n, 8) and d["action"].dtype == np.float32
+    assert d["command"].shape == (n, 3)
+    assert d["episode_ends"].tolist() == [150, 300] and d["episode_ends"].dtype == np.int64
+    layout = json.loads(str(d["layout"]))
+    assert [f["name"] for f in layout][:4] == [
+        "projected_gravity",
+        "base_angular_velocity",
+        "base_linear_velocity",
+        "velocity_command",
+    ]
+    assert sum(f["size"] for f in layout) == 36
+    assert float(d["period"]) == 0.02
+    assert list(d["action_joints"]) == layout[4]["joints"]
+    assert np.all(d["action"] >= d["action_lower"]) and np.all(d["action"] <= d["action_upper"])
+    prev = d["obs"][:, OBS["previous_action"]]
+    for start, end in zip([0, 150], [150, 300], strict=True):
+        assert np.allclose(prev[start], STANDING_POSE)
+        assert np.array_equal(prev[start + 1 : end], d["action"][start : end - 1])
+    assert np.array_equal(d["obs"][:, OBS["velocity_command"]], d["command"])
