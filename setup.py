@@ -29,6 +29,7 @@ setup(
             "sim_node = diffusion_controller.sim.sim_node:main",
             "export_policy = diffusion_controller.training.export:main",
             "generate_dataset = diffusion_controller.sim.dataset:main",
+            "train_policy = diffusion_controller.training.train:main",
         ],
     },
 )

@@ -1,0 +1,351 @@
+"""Train a diffusion policy on a `generate_dataset` file: ``train_policy``.
+
+Diffusion Policy's recipe for low-dimensional observations: epsilon prediction over a squared-cosine
+schedule, AdamW with warm-up and cosine decay, and an exponential moving average of the weights, which
+is what gets exported. Samples follow DiffuseLoco's delayed inputs: conditioned on observation rows
+k-history+1..k, the target chunk is action[k+first_offset .. k+first_offset+horizon-1], so the node has
+one control period for inference. Windows are clamped to their episode (repeating the first observation
+and the last action), as Diffusion Policy pads its sequences.
+
+A run directory holds `state.pt` (everything needed to resume: weights, EMA, optimizer, step, RNG),
+`checkpoint.pt` (the export format of training/checkpoint.py, EMA weights), `loss.png` and
+`metrics.json`. Re-running the same command resumes; the same seed gives the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.functional import mse_loss
+
+from diffusion_controller.core.card import FORMAT as CARD_FORMAT
+from diffusion_controller.core.ddim import DDIMConfig
+from diffusion_controller.training.checkpoint import save_checkpoint
+from diffusion_controller.training.network import DiffusionTransformer, NetworkConfig
+
+OBS_STD_FLOOR = 0.02  # keeps near-constant features (e.g. tilt of a flat base) from amplifying noise
+ACTION_MARGIN = 0.05  # widen the action range by 5% each side so the data never sits on the clip
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    name: str = "ant_locomotion"
+    seed: int = 0
+    iterations: int = 20000
+    batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 1e-3
+    warmup: int = 500
+    ema_decay: float = 0.999
+    history: int = 8
+    horizon: int = 16
+    first_offset: int = 1
+    layers: int = 4
+    heads: int = 4
+    width: int = 128
+    train_timesteps: int = 100
+    sampler_steps: int = 5
+    val_fraction: float = 0.05
+    threads: int = 2
+    save_every: int = 1000
+
+
+class WindowDataset:
+    """Index arithmetic for (observation window, action chunk) samples, clamped to episodes."""
+
+    def __init__(
+        self, obs: np.ndarray, action: np.ndarray, episode_ends: np.ndarray, cfg: TrainConfig
+    ) -> None:
+        starts = np.concatenate([[0], episode_ends[:-1]])
+        ep_start = np.repeat(starts, episode_ends - starts)
+        ep_last = np.repeat(episode_ends - 1, episode_ends - starts)
+        k = np.arange(len(obs))
+        hist = k[:, None] + np.arange(-cfg.history + 1, 1)[None, :]
+        self.obs_idx = np.maximum(hist, ep_start[:, None])
+        fut = k[:, None] + cfg.first_offset + np.arange(cfg.horizon)[None, :]
+        self.act_idx = np.minimum(fut, ep_last[:, None])
+        self.episode = np.repeat(np.arange(len(episode_ends)), episode_ends - starts)
+
+
+def load_dataset(path: str) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        d = {k: z[k] for k in z.files}
+    for key in ("obs", "action", "episode_ends", "layout", "period", "action_joints"):
+        if key not in d:
+            raise ValueError(f"{path}: dataset has no {key!r} array (see sim/dataset.py for the format)")
+    return d
+
+
+def normalization(obs: np.ndarray, action: np.ndarray) -> dict:
+    mean, std = obs.mean(0), np.maximum(obs.std(0), OBS_STD_FLOOR)
+    lo, hi = action.min(0), action.max(0)
+    span = np.maximum(hi - lo, 1e-3)
+    return {
+        "observation": {"mean": mean.tolist(), "std": std.tolist()},
+        "action": {"min": (lo - ACTION_MARGIN * span).tolist(), "max": (hi + ACTION_MARGIN * span).tolist()},
+    }
+
+
+def card_dict(data: dict, cfg: TrainConfig, norm: dict, net: DiffusionTransformer, extra: dict) -> dict:
+    """The model card without its graph section; export adds the graph."""
+    joints = [str(j) for j in data["action_joints"]]
+    return {
+        "format": CARD_FORMAT,
+        "name": cfg.name,
+        "version": "1.0.0",
+        "description": (
+            "Ant locomotion (stand, walk forward/backward, turn in place) from a velocity command; "
+            "diffusion policy trained on the project's expert gait in MuJoCo."
+        ),
+        "control_period_s": float(data["period"]),
+        "observation": {"history": cfg.history, "features": json.loads(str(data["layout"]))},
+        "action": {
+            "joints": joints,
+            "kind": "position",
+            "units": "rad",
+            "lower": [float(v) for v in data["action_lower"]],
+            "upper": [float(v) for v in data["action_upper"]],
+            "horizon": cfg.horizon,
+            "first_offset": cfg.first_offset,
+        },
+        "normalization": norm,
+        "diffusion": {
+            "train_timesteps": cfg.train_timesteps,
+            "beta_schedule": "squaredcos_cap_v2",
+            "beta_start": 0.0001,
+            "beta_end": 0.02,
+            "prediction_type": "epsilon",
+            "clip_sample": True,
+            "clip_sample_range": 1.0,
+            "set_alpha_to_one": True,
+            "steps_offset": 0,
+        },
+        "sampler": {"kind": "ddim", "steps": cfg.sampler_steps, "eta": 0.0},
+        "network": {**net.cfg.to_dict(), "parameters": net.parameter_count()},
+        "training": extra,
+    }
+
+
+def command_slice(layout: list[dict]) -> tuple[int, int] | None:
+    start = 0
+    for f in layout:
+        if f["kind"] == "velocity_command":
+            return (start, start + int(f["size"]))
+        start += int(f["size"])
+    return None
+
+
+def _settings(d: dict) -> dict:
+    """The settings that must match to resume a run (not where the run directory is)."""
+    return {k: v for k, v in d.items() if k != "out"}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.iterations - cfg.warmup)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def plot_losses(path: Path, history: list[tuple[int, float, float | None]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h[0] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [h[1] for h in history], label="train (mean over log interval)")
+    val = [(h[0], h[2]) for h in history if h[2] is not None]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("noise-prediction MSE")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = None) -> Path | None:
+    """Run (or resume) training; returns the checkpoint path, or None when stopped early by stop_after."""
+    torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(cfg.data)
+    layout = json.loads(str(data["layout"]))
+    obs, action = data["obs"].astype(np.float32), data["action"].astype(np.float32)
+    windows = WindowDataset(obs, action, data["episode_ends"].astype(np.int64), cfg)
+
+    n_ep = len(data["episode_ends"])
+    n_val = max(1, round(cfg.val_fraction * n_ep)) if n_ep > 1 else 0
+    val_eps = set(np.random.default_rng(cfg.seed).choice(n_ep, n_val, replace=False).tolist())
+    is_val = np.isin(windows.episode, list(val_eps))
+    train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    norm = normalization(obs[~is_val], action[~is_val])  # statistics of the training split only
+
+    o_mean = torch.tensor(norm["observation"]["mean"], device=device)
+    o_std = torch.tensor(norm["observation"]["std"], device=device)
+    a_lo = torch.tensor(norm["action"]["min"], device=device)
+    a_hi = torch.tensor(norm["action"]["max"], device=device)
+    obs_n = ((torch.from_numpy(obs).to(device) - o_mean) / o_std).float()
+    act_n = (2.0 * (torch.from_numpy(action).to(device) - a_lo) / (a_hi - a_lo) - 1.0).float()
+    obs_idx = torch.from_numpy(windows.obs_idx).to(device)
+    act_idx = torch.from_numpy(windows.act_idx).to(device)
+
+    torch.manual_seed(cfg.seed)
+    net_cfg = NetworkConfig(
+        obs_dim=obs.shape[1], action_dim=action.shape[1], horizon=cfg.horizon, history=cfg.history,
+        command_slice=command_slice(layout), layers=cfg.layers, heads=cfg.heads, width=cfg.width,
+    )
+    net = DiffusionTransformer(net_cfg).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    abar = torch.tensor(
+        DDIMConfig(train_timesteps=cfg.train_timesteps, beta_schedule="squaredcos_cap_v2").alphas_cumprod(),
+        dtype=torch.float32, device=device,
+    )
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    step, history = 0, []
+
+    state_path = out / "state.pt"
+    if state_path.exists():
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        if st["config"] != cfg.__dict__:
+            raise SystemExit(f"{state_path} was written with other settings; use a new --out to start afresh")
+        net.load_state_dict(st["net"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"].cpu() if device.type == "cpu" else st["gen"])
+        torch.set_rng_state(st["torch_rng"].cpu())  # dropout draws from the global generator
+        if st["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        step, history = st["step"], st["history"]
+        print(f"[train] resuming {out} at iteration {step}/{cfg.iterations}")
+
+    def batch_loss(model: torch.nn.Module, rows: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        o = obs_n[obs_idx[rows]]
+        x0 = act_n[act_idx[rows]]
+        t = torch.randint(0, cfg.train_timesteps, (len(rows),), device=device, generator=g)
+        eps = torch.randn(x0.shape, device=device, generator=g)
+        ab = abar[t].view(-1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        return mse_loss(model(xt, t, o), eps)
+
+    def validate() -> float | None:
+        if len(val_rows) == 0:
+            return None
+        g = torch.Generator(device=device).manual_seed(12345)
+        rows = torch.from_numpy(val_rows[:: max(1, len(val_rows) // 4096)]).to(device)
+        with torch.no_grad():
+            losses = [batch_loss(ema, rows[i : i + 1024], g).item() for i in range(0, len(rows), 1024)]
+        return float(np.mean(losses))
+
+    def save_state() -> None:
+        torch.save(
+            {
+                "config": cfg.__dict__, "net": net.state_dict(), "ema": ema.state_dict(),
+                "opt": opt.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                "step": step, "history": history,
+            },
+            state_path.with_suffix(".tmp"),
+        )
+        state_path.with_suffix(".tmp").replace(state_path)
+
+    train_rows_t = torch.from_numpy(train_rows).to(device)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.iterations, initial=step, desc="train", unit="it", dynamic_ncols=True)
+    t0, window = time.monotonic(), []
+    net.train()
+    session_end = cfg.iterations if stop_after is None else min(cfg.iterations, step + stop_after)
+    while step < session_end:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        pick = torch.randint(0, len(train_rows_t), (cfg.batch_size,), device=device, generator=gen)
+        loss = batch_loss(net, train_rows_t[pick], gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
+                pe.lerp_(p, 1 - decay)
+        step += 1
+        window.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(window[-50:]):.4f}")
+        if step % 200 == 0 or step == cfg.iterations:
+            val = validate() if (step % cfg.save_every == 0 or step == cfg.iterations) else None
+            history.append((step, float(np.mean(window)), val))
+            window = []
+        if step % cfg.save_every == 0 or step == cfg.iterations:
+            save_state()
+            plot_losses(out / "loss.png", history)
+    if bar is not None:
+        bar.close()
+    if step < cfg.iterations:
+        save_state()
+        print(f"[train] stopped at iteration {step}/{cfg.iterations}; run again to resume")
+        return None
+
+    final_val = next((h[2] for h in reversed(history) if h[2] is not None), None)
+    extra = {
+        "dataset": Path(cfg.data).name,
+        "rows": len(obs),
+        "episodes": int(n_ep),
+        "seed": cfg.seed,
+        "iterations": cfg.iterations,
+        "batch_size": cfg.batch_size,
+        "final_train_loss": history[-1][1] if history else None,
+        "final_val_loss": final_val,
+        "device": device.type,
+    }
+    ckpt = save_checkpoint(out / "checkpoint.pt", ema.cpu(), card_dict(data, cfg, norm, ema, extra))
+    (out / "metrics.json").write_text(
+        json.dumps({**extra, "seconds_this_session": time.monotonic() - t0, "history": history}, indent=1)
+    )
+    print(f"[train] wrote {ckpt} (train loss {extra['final_train_loss']}, val loss {final_val})")
+    return ckpt
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = TrainConfig(data="", out="")
+    p.add_argument("--data", required=True, help="dataset .npz from generate_dataset")
+    p.add_argument("--out", required=True, help="run directory (re-running resumes it)")
+    for name, value in defaults.__dict__.items():
+        if name in ("data", "out"):
+            continue
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after N iterations (resume later)")
+    args = vars(p.parse_args(argv))
+    progress = not args.pop("no_progress")
+    stop_after = args.pop("stop_after")
+    random.seed(args["seed"])
+    np.random.seed(args["seed"])
+    train(TrainConfig(**args), progress=progress, stop_after=stop_after)
+
+
+if __name__ == "__main__":
+    main()
