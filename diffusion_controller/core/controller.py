@@ -1,0 +1,576 @@
+"""The whole control loop without ROS: observations in, one safe command per tick out.
+
+ControlCore ties the observation history, the inference worker, the chunk scheduler, the safety filter and
+the watchdog into one state machine (WAITING, RUNNING, SAFE, ESTOP), so the ROS node only converts
+messages, parameters and timers. See DESIGN.md "Control core API" for the contract the node relies on.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .chunk import Chunk
+from .inference import InferenceRequest, InferenceWorker, WorkerLike, check_actions
+from .latency import LatencyForecaster
+from .observation import NOT_REQUIRED_KINDS, VELOCITY_COMMAND, ObservationError, ObservationHistory
+from .safety import SAFE_MODES, SafetyFilter, Watchdog, WatchdogStatus
+from .scheduler import BLEND_MODES, ChunkScheduler
+
+# ---------------------------------------------------------------------------------------------------------
+# configuration
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"ControlConfig.{field}: {message}")
+        self.field = field
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """How the core schedules, blends and guards commands. Card-independent checks run on creation."""
+
+    exec_latency_s: float = 0.0
+    execute_steps: int = 1
+    blend: str = "none"
+    crossfade_steps: int = 4
+    max_consecutive_misses: int = 5
+    compensate_delay: bool = True
+    obs_timeout_s: float = 0.1
+    obs_timeouts_s: Mapping[str, float] = field(default_factory=dict)
+    command_timeout_s: float | None = None
+    future_tolerance_s: float = 0.05
+    safe_mode: str = "hold"
+    default_pose: tuple[float, ...] | None = None
+    max_step_per_tick: float = 0.2
+    latency_window: int = 10
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        def number(name: str, *, positive: bool = False, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if not _is_number(v) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+                bound = "> 0" if positive else ">= 0"
+                raise ConfigError(name, f"expected a finite number {bound}, got {v!r}")
+
+        def integer(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            if not _is_int(v) or v < lo:
+                raise ConfigError(name, f"expected an integer >= {lo}, got {v!r}")
+
+        def choice(name: str, choices: tuple[str, ...]) -> None:
+            if getattr(self, name) not in choices:
+                raise ConfigError(name, f"expected one of {choices}, got {getattr(self, name)!r}")
+
+        number("exec_latency_s")
+        integer("execute_steps", 1)
+        choice("blend", BLEND_MODES)
+        integer("crossfade_steps", 0)
+        integer("max_consecutive_misses", 1)
+        if not isinstance(self.compensate_delay, bool):
+            raise ConfigError("compensate_delay", f"expected true or false, got {self.compensate_delay!r}")
+        number("obs_timeout_s", positive=True)
+        if not isinstance(self.obs_timeouts_s, Mapping):
+            got = repr(self.obs_timeouts_s)
+            raise ConfigError("obs_timeouts_s", f"expected a mapping name -> seconds, got {got}")
+        for name, t in self.obs_timeouts_s.items():
+            if not _is_number(t) or not math.isfinite(t) or t <= 0:
+                raise ConfigError("obs_timeouts_s", f"{name}: expected a finite number > 0, got {t!r}")
+        object.__setattr__(self, "obs_timeouts_s", dict(self.obs_timeouts_s))
+        number("command_timeout_s", positive=True, optional=True)
+        number("future_tolerance_s")
+        choice("safe_mode", SAFE_MODES)
+        if self.default_pose is not None:
+            try:
+                pose = tuple(float(x) for x in self.default_pose)
+            except (TypeError, ValueError):
+                got = repr(self.default_pose)
+                raise ConfigError("default_pose", f"expected a list of numbers, got {got}") from None
+            if not all(math.isfinite(x) for x in pose):
+                raise ConfigError("default_pose", "expected finite numbers")
+            object.__setattr__(self, "default_pose", pose)
+        elif self.safe_mode == "default_pose":
+            raise ConfigError("default_pose", "required when safe_mode is 'default_pose'")
+        number("max_step_per_tick", positive=True)
+        integer("latency_window", 1)
+        if self.seed is not None and not _is_int(self.seed):
+            raise ConfigError("seed", f"expected an integer or None, got {self.seed!r}")
+
+    def check_card(self, card: Any, policy: Any = None) -> None:
+        """The checks that need the model: raises ConfigError naming the field."""
+        horizon, n_joints = int(card.horizon), len(card.action_joints)
+        if self.execute_steps > horizon:
+            got = self.execute_steps
+            raise ConfigError("execute_steps", f"expected <= the model's horizon {horizon}, got {got}")
+        if self.default_pose is not None and len(self.default_pose) != n_joints:
+            got = len(self.default_pose)
+            raise ConfigError("default_pose", f"expected {n_joints} values (one per action joint), got {got}")
+        required = sorted(f.name for f in card.features if f.kind not in NOT_REQUIRED_KINDS)
+        unknown = sorted(set(self.obs_timeouts_s) - set(required))
+        if unknown:
+            raise ConfigError("obs_timeouts_s", f"unknown features {unknown}; required ones are {required}")
+        inpainting = getattr(policy, "supports_inpainting", False)
+        if self.blend == "inpaint" and policy is not None and not inpainting:
+            raise ConfigError("blend", "'inpaint' needs a policy whose graph takes prefix/prefix_mask")
+
+
+def layout_of(card: Any) -> tuple:
+    """What must match for observations, requests and chunks to be interchangeable between two cards."""
+    features = tuple(
+        (f.name, f.kind, int(f.size), tuple(f.joints) if f.joints else None) for f in card.features
+    )
+    return (
+        int(card.history),
+        float(card.control_period_s),
+        features,
+        tuple(card.action_joints),
+        int(card.horizon),
+        int(card.first_offset),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# results
+
+
+class ControlState(enum.Enum):
+    WAITING = "waiting"  # no valid chunk yet (start, reset, resume, layout change): hold
+    RUNNING = "running"  # executing the policy's chunks
+    SAFE = "safe"  # stale observations or too many misses: hold or go to the default pose
+    ESTOP = "estop"  # latched emergency stop: hold until resume()
+
+
+class Trajectory(NamedTuple):
+    """The rest of the running chunk as the safety filter will send it; positions[0] is the command."""
+
+    times: np.ndarray
+    positions: np.ndarray
+
+
+@dataclass(frozen=True)
+class TickResult:
+    state: ControlState
+    command: np.ndarray | None
+    reason: str
+    t_exec: float
+    action_time: float | None = None
+    action_index: int | None = None
+    chunk_seq: int | None = None
+    missed: bool = False
+    trajectory: Trajectory | None = None
+
+
+@dataclass(frozen=True)
+class ControlStats:
+    state: ControlState
+    reason: str
+    ticks: int
+    missed_steps: int
+    consecutive_misses: int
+    safe_entries: int
+    estops: int
+    stale_obs_events: int
+    rejected_observations: int
+    requests: int
+    chunks_received: int
+    chunks_dropped: int
+    inference_errors: int
+    last_error: str
+    inference_p50_s: float
+    inference_p99_s: float
+    inference_forecast_s: float
+    obs_age_forecast_s: float
+
+
+@dataclass
+class _Counters:
+    ticks: int = 0
+    missed_steps: int = 0
+    consecutive_misses: int = 0
+    safe_entries: int = 0
+    estops: int = 0
+    stale_obs_events: int = 0
+    rejected_observations: int = 0
+    requests: int = 0
+    chunks_received: int = 0
+    chunks_dropped: int = 0
+    inference_errors: int = 0
+    last_error: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the core
+
+
+class ControlCore:
+    """observe() sensor samples, tick(now) once per control period, publish TickResult.command."""
+
+    def __init__(
+        self, card: Any, config: ControlConfig, policy: Any = None, *, worker: WorkerLike | None = None
+    ) -> None:
+        if policy is not None and layout_of(policy.card) != layout_of(card):
+            raise ValueError("policy.card has a different observation/action layout than the card given")
+        config.check_card(card, policy)
+        self.config = config
+        self._lock = threading.Lock()
+        self._policy = policy
+        self._worker: WorkerLike = worker if worker is not None else InferenceWorker(policy)
+        if worker is not None:
+            worker.set_policy(policy)
+        self._forecaster = LatencyForecaster(config.latency_window)
+        self._counters = _Counters()
+        self._next_seq = 0
+        self._min_seq = 0
+        self._last_request_t_obs: float | None = None
+        self._last_now: float | None = None
+        self._estopped = False
+        self._state = ControlState.WAITING
+        self._reason = "waiting for observations"
+        self._last_drop = ""
+        self._scheduler: ChunkScheduler | None = None
+        self._build(card)
+
+    def _build(self, card: Any) -> None:
+        """(Re)create everything that depends on the model layout."""
+        cfg = self.config
+        self.card = card
+        self._layout = layout_of(card)
+        self._period = float(card.control_period_s)
+        expire = {}
+        if cfg.command_timeout_s is not None:
+            expire = {f.name: cfg.command_timeout_s for f in card.features if f.kind == VELOCITY_COMMAND}
+        self._history = ObservationHistory(card, future_tolerance_s=cfg.future_tolerance_s, expire_s=expire)
+        timeouts = {n: cfg.obs_timeouts_s.get(n, cfg.obs_timeout_s) for n in self._history.required}
+        self._watchdog = Watchdog(timeouts)
+        self._watchdog.healthy = False  # unhealthy until every required feature has been seen
+        newest_seq = self._scheduler.newest_seq if self._scheduler is not None else None
+        self._scheduler = ChunkScheduler(self._period, cfg.exec_latency_s, cfg.blend, cfg.crossfade_steps)
+        self._scheduler.newest_seq = newest_seq
+        self._build_safety_from(card, None)
+
+    # -- public API --------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ControlState:
+        return self._state
+
+    def observe(self, feature: str, stamp: float, value: Any, now: float | None = None) -> str | None:
+        """Store a sensor sample; None when accepted, else why not (the sample is dropped)."""
+        with self._lock:
+            try:
+                self._history.push(feature, stamp, value, now)
+            except ObservationError as e:
+                self._counters.rejected_observations += 1
+                return e.reason
+            return None
+
+    def tick(self, now: float) -> TickResult:
+        """One control step at node time `now`: the command to publish and why. Never blocks."""
+        with self._lock:
+            return self._tick(float(now))
+
+    def estop(self) -> None:
+        """Latch the emergency stop: hold the last command, stop requesting, until resume()."""
+        with self._lock:
+            if not self._estopped:
+                self._counters.estops += 1
+            self._estopped = True
+            self._safety.estop()
+            self._scheduler.clear()
+            self._require_fresh_chunk()
+            self._state, self._reason = ControlState.ESTOP, "emergency stop"
+
+    def resume(self) -> None:
+        """Release the e-stop: WAITING with the history restarted and a fresh chunk required."""
+        with self._lock:
+            if not self._estopped:
+                return
+            self._estopped = False
+            self._safety.resume()
+            self._restart("resumed after emergency stop")
+
+    def reset(self) -> None:
+        """Drop the running chunk and the history (to the newest observation): WAITING for a fresh chunk."""
+        with self._lock:
+            self._restart("reset")
+
+    def reset_history(self) -> None:
+        """Skill switch (DiffuseLoco): the history restarts from the newest observation; control goes on."""
+        with self._lock:
+            self._history.reset(keep_newest=True)
+            self._last_request_t_obs = None
+
+    def swap_policy(self, policy: Any) -> None:
+        """Run `policy` from the next request on. A different layout restarts the core in WAITING."""
+        with self._lock:
+            card = policy.card
+            self.config.check_card(card, policy)
+            self._policy = policy
+            self._worker.set_policy(policy)
+            if layout_of(card) == self._layout:
+                last = self._safety.last
+                self.card = card  # limits may differ: a new filter, continuing from the last command
+                self._build_safety_from(card, last)
+                return
+            last, joints = self._safety.last, tuple(self.card.action_joints)
+            self._build(card)
+            if tuple(card.action_joints) == joints:
+                self._safety.reset(last)
+            self._scheduler.clear()
+            self._require_fresh_chunk()
+            if not self._estopped:
+                self._state, self._reason = ControlState.WAITING, "new model layout"
+
+    def ages(self, now: float) -> dict[str, float]:
+        """Age (s) of the newest sample of every required feature; inf when never received."""
+        with self._lock:
+            return self._history.ages(now)
+
+    def stats(self) -> ControlStats:
+        with self._lock:
+            c, f = self._counters, self._forecaster
+            return ControlStats(
+                state=self._state,
+                reason=self._reason,
+                ticks=c.ticks,
+                missed_steps=c.missed_steps,
+                consecutive_misses=c.consecutive_misses,
+                safe_entries=c.safe_entries,
+                estops=c.estops,
+                stale_obs_events=c.stale_obs_events,
+                rejected_observations=c.rejected_observations,
+                requests=c.requests,
+                chunks_received=c.chunks_received,
+                chunks_dropped=c.chunks_dropped,
+                inference_errors=c.inference_errors,
+                last_error=c.last_error,
+                inference_p50_s=f.percentile(50),
+                inference_p99_s=f.percentile(99),
+                inference_forecast_s=f.inference_forecast(),
+                obs_age_forecast_s=f.obs_age_forecast(),
+            )
+
+    def close(self) -> None:
+        """Stop the inference thread (waits for a predict in progress)."""
+        self._worker.stop()
+
+    def __enter__(self) -> ControlCore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _build_safety_from(self, card: Any, last: np.ndarray | None) -> None:
+        cfg = self.config
+        pose = None if cfg.default_pose is None else np.asarray(cfg.default_pose)
+        limits = (card.action_lower, card.action_upper)
+        self._safety = SafetyFilter(*limits, cfg.max_step_per_tick, cfg.safe_mode, pose)
+        self._safety.reset(last)
+        if self._estopped:
+            self._safety.estop()
+
+    def _require_fresh_chunk(self) -> None:
+        """Only chunks requested from now on count; anything queued or in flight is dropped."""
+        self._min_seq = self._next_seq
+        self._worker.cancel_pending()
+        self._last_request_t_obs = None
+
+    def _restart(self, reason: str, clear_history: bool = False) -> None:
+        self._history.reset(keep_newest=not clear_history)
+        self._scheduler.clear()
+        self._require_fresh_chunk()
+        self._counters.consecutive_misses = 0
+        if clear_history:
+            self._watchdog.healthy = False
+        if not self._estopped:
+            self._state, self._reason = ControlState.WAITING, reason
+
+    def _enter_safe(self, reason: str) -> None:
+        if self._state is not ControlState.SAFE:
+            self._counters.safe_entries += 1
+        self._state, self._reason = ControlState.SAFE, reason
+
+    def _tick(self, now: float) -> TickResult:
+        if not math.isfinite(now):
+            raise ValueError(f"tick: now must be finite, got {now}")
+        c = self._counters
+        c.ticks += 1
+        if self._last_now is not None and now < self._last_now:
+            # Sim reset or clock jump: every stamp we hold belongs to another timeline.
+            self._restart(f"clock jumped back by {self._last_now - now:.3f} s", clear_history=True)
+        self._last_now = now
+        t_exec = now + self.config.exec_latency_s
+
+        self._collect(now)
+        status = self._watchdog.update(self._history.ages(now))
+        if status.changed:
+            self._on_watchdog_change(status)
+
+        result = self._decide(now, t_exec, status)
+        if result.command is not None:
+            self._history.record_command(now, result.command)
+        self._maybe_request(now, status)
+        return result
+
+    def _on_watchdog_change(self, status: WatchdogStatus) -> None:
+        self._scheduler.clear()
+        self._require_fresh_chunk()
+        if status.healthy:
+            # Fresh again: restart the history at the newest samples so no row mixes the gap in.
+            self._history.reset(keep_newest=True)
+        else:
+            self._counters.stale_obs_events += 1
+
+    def _decide(self, now: float, t_exec: float, status: WatchdogStatus) -> TickResult:
+        c = self._counters
+        if self._estopped:
+            self._state, self._reason = ControlState.ESTOP, "emergency stop"
+            return self._hold_result(t_exec, self._safety.hold())
+
+        if not status.healthy:
+            if self._state in (ControlState.RUNNING, ControlState.SAFE):
+                self._enter_safe(status.reason())
+                return self._hold_result(t_exec, self._safety.safe_command())
+            self._state, self._reason = ControlState.WAITING, self._waiting_reason(status)
+            return self._hold_result(t_exec, self._waiting_command())
+
+        selection = self._scheduler.select(now)
+        if selection is not None:
+            command, accepted = self._safety.apply(selection.action)
+            if accepted:
+                self._state, self._reason = ControlState.RUNNING, ""
+                c.consecutive_misses = 0
+                times = selection.chunk.times()[selection.index :]
+                rest = self._safety.preview(selection.chunk.actions[selection.index + 1 :], command)
+                return TickResult(
+                    ControlState.RUNNING,
+                    command,
+                    "",
+                    t_exec,
+                    selection.action_time,
+                    selection.index,
+                    selection.chunk.seq,
+                    False,
+                    Trajectory(times, np.vstack([command[None, :], rest])),
+                )
+
+        if self._state is ControlState.RUNNING:
+            c.missed_steps += 1
+            c.consecutive_misses += 1
+            n, limit = c.consecutive_misses, self.config.max_consecutive_misses
+            if n >= limit:
+                self._scheduler.clear()
+                self._require_fresh_chunk()
+                self._enter_safe(f"{n} consecutive missed steps (limit {limit})")
+                return self._hold_result(t_exec, self._safety.safe_command(), missed=True)
+            self._reason = f"no valid action: missed step {n} of {limit}"
+            return self._hold_result(t_exec, self._safety.hold(), missed=True)
+        if self._state is ControlState.SAFE:
+            return self._hold_result(t_exec, self._safety.safe_command())
+        self._state, self._reason = ControlState.WAITING, self._waiting_reason(status)
+        return self._hold_result(t_exec, self._waiting_command())
+
+    def _hold_result(self, t_exec: float, command: np.ndarray | None, missed: bool = False) -> TickResult:
+        trajectory = None if command is None else Trajectory(np.array([t_exec]), command[None, :].copy())
+        return TickResult(self._state, command, self._reason, t_exec, missed=missed, trajectory=trajectory)
+
+    def _waiting_command(self) -> np.ndarray | None:
+        """Hold the last command; before the first one, latch the measured joint positions once known."""
+        if self._safety.last is None:
+            measured = self._history.measured_action()
+            if measured is not None:
+                self._safety.reset(measured)
+        return self._safety.hold()
+
+    def _waiting_reason(self, status: WatchdogStatus) -> str:
+        if self._policy is None:
+            return "waiting for a policy"
+        missing = self._history.missing()
+        if missing:
+            return "waiting for observations: " + ", ".join(missing)
+        if not status.healthy:
+            return status.reason()
+        if self._last_drop:
+            return f"waiting for the first chunk (the last one was dropped: {self._last_drop})"
+        return "waiting for the first chunk"
+
+    def _collect(self, now: float) -> None:
+        """Take a finished inference result, if any, and offer it to the scheduler."""
+        result = self._worker.poll()
+        if result is None:
+            return
+        c = self._counters
+        request = result.request
+        if result.error is not None:
+            c.inference_errors += 1
+            c.last_error = result.error
+            return
+        self._forecaster.record_inference(now - request.t_request)
+        c.chunks_received += 1
+        if request.seq < self._min_seq:
+            c.chunks_dropped += 1  # requested before a reset, a fault or a layout change
+            return
+        if result.policy is not None and layout_of(result.policy.card) != self._layout:
+            c.chunks_dropped += 1
+            return
+        actions, error = check_actions(result.actions, self.card)
+        if actions is None:
+            c.chunks_dropped += 1
+            c.last_error = error or ""
+            return
+        offset = int(self.card.first_offset)
+        chunk = Chunk(actions, request.t_obs, self._period, offset, request.seq, request.t_request, now)
+        why = self._scheduler.offer(chunk, now)
+        if why is not None:
+            c.chunks_dropped += 1
+        self._last_drop = why or ""
+
+    def _maybe_request(self, now: float, status: WatchdogStatus) -> None:
+        """Hand the worker a new request when it is free and the schedule calls for one."""
+        cfg = self.config
+        if self._estopped or not status.healthy or self._policy is None or self._worker.busy:
+            return
+        t_obs = self._history.newest_common_stamp() if self._history.required else now
+        if t_obs is None or (self._last_request_t_obs is not None and t_obs <= self._last_request_t_obs):
+            return  # nothing new to condition on
+        # A result is picked up at a tick after this one at the earliest.
+        delay = max(self._forecaster.inference_forecast(), self._period)
+        if self._state is ControlState.RUNNING and cfg.execute_steps > 1:
+            handover = self._scheduler.handover_time(now, cfg.execute_steps)
+            if now + delay + 0.5 * self._period < handover - cfg.exec_latency_s:
+                return  # Diffusion Policy: the running chunk still covers the next chunk's arrival
+        stamp = t_obs if cfg.compensate_delay else now
+        prefix = mask = None
+        if cfg.blend == "inpaint":
+            frozen = self._scheduler.inpaint_prefix(stamp, (now - stamp) + delay + cfg.exec_latency_s)
+            if frozen is not None:
+                prefix, mask = frozen
+        seq = self._next_seq
+        self._next_seq += 1
+        seed = None if cfg.seed is None else (cfg.seed + seq) % 2**32
+        obs = self._history.sample(t_obs)
+        self._worker.submit(InferenceRequest(seq, stamp, now, obs, prefix, mask, seed))
+        self._forecaster.record_obs_age(now - t_obs)
+        self._last_request_t_obs = t_obs
+        self._counters.requests += 1
