@@ -52,7 +52,7 @@ class FakeCard:
 
 
 def clock_card(**changes) -> FakeCard:
-    """A card whose observation row is [clock, joint positions (j2, j1, j3), velocity command, previous action]."""
+    """Observation row: [clock, joint positions (j2, j1, j3), velocity command, previous action]."""
     features = (
         FakeFeature("clock", "generic", 1),
         FakeFeature("joint_position", "joint_position", 3, ("j2", "j1", "j3")),

@@ -1,4 +1,4 @@
-"""ObservationHistory: zero-order hold on the control grid, input rejection, previous_action, bounded memory."""
+"""ObservationHistory: zero-order hold on the grid, input rejection, previous_action, bounded memory."""
 
 import time
 
