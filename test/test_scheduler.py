@@ -1,0 +1,143 @@
+"""Chunk stale rule and ChunkScheduler: selection, delay compensation, modes, crossfade, inpaint, ordering."""
+
+import numpy as np
+import pytest
+
+from diffusion_controller.core.chunk import Chunk, is_stale
+from diffusion_controller.core.scheduler import ChunkScheduler
+
+P = 0.02
+H = 8
+
+
+def timed_chunk(t_obs: float, seq: int, first_offset: int = 1, dim: int = 2, horizon: int = H) -> Chunk:
+    """Action i = its own scheduled time, so a value tells which slot it was meant for."""
+    times = t_obs + (first_offset + np.arange(horizon)) * P
+    return Chunk(np.repeat(times[:, None], dim, axis=1), t_obs, P, first_offset, seq, t_obs, t_obs)
+
+
+def const_chunk(t_obs: float, seq: int, value: float) -> Chunk:
+    return Chunk(np.full((H, 2), value), t_obs, P, 1, seq, t_obs, t_obs)
+
+
+def test_stale_rule_boundary_is_half_a_period():
+    assert not is_stale(1.0, 1.0 + P / 2, P)
+    assert is_stale(1.0, 1.0 + P / 2 + 1e-9, P)
+    assert not is_stale(1.0, 0.5, P)  # future actions are never stale
+
+
+def test_first_valid_index_is_the_earliest_non_stale_action():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        c = timed_chunk(rng.uniform(0, 10), 0, first_offset=int(rng.integers(0, 3)))
+        t_exec = c.t_obs + rng.uniform(-0.1, 0.3)
+        i = c.first_valid_index(t_exec)
+        stale = [is_stale(c.action_time(k), t_exec, P) for k in range(H)]
+        if i is None:
+            assert all(stale)
+        else:
+            assert not stale[i] and all(stale[:i])
+
+
+@pytest.mark.parametrize(
+    ("obs_delay", "exec_latency", "index"),
+    # t_i = now - obs_delay + (1 + i) * P must be the first one >= now + exec_latency - P / 2.
+    [(0.0, 0.0, 0), (0.013, 0.0, 0), (0.055, 0.0, 2), (0.055, 0.01, 2), (0.087, 0.0, 3), (0.087, 0.01, 4)],
+)
+def test_select_compensates_observation_delay_and_exec_latency(obs_delay, exec_latency, index):
+    now = 10.0
+    s = ChunkScheduler(P, exec_latency)
+    assert s.offer(timed_chunk(now - obs_delay, 1), now) is None
+    sel = s.select(now)
+    assert sel.index == index
+    assert sel.action[0] == pytest.approx(sel.action_time)
+    t_exec = now + exec_latency
+    assert sel.action_time >= t_exec - P / 2
+    assert sel.index == 0 or sel.action_time < t_exec + P / 2
+
+
+def test_select_walks_the_chunk_then_reports_none_when_all_actions_are_stale():
+    s = ChunkScheduler(P)
+    s.offer(timed_chunk(0.0, 1), 0.0)
+    indices = [s.select(k * P).index for k in range(1, H + 1)]
+    assert indices == list(range(H))
+    assert s.select((H + 1) * P) is None
+
+
+def test_out_of_order_and_stale_on_arrival_chunks_are_discarded():
+    s = ChunkScheduler(P)
+    assert s.offer(timed_chunk(1.0, 5), 1.0) is None
+    assert "out of order" in s.offer(timed_chunk(1.02, 3), 1.02)
+    assert s.current.seq == 5
+    assert "stale on arrival" in s.offer(timed_chunk(0.5, 6), 1.02)
+    assert s.current.seq == 5, "an entirely stale chunk must not replace a running one"
+    s.clear()
+    assert s.select(1.02) is None
+    assert "out of order" in s.offer(timed_chunk(1.02, 4), 1.02), "order survives clear()"
+
+
+def test_handover_time_diffuseloco_vs_diffusion_policy():
+    s = ChunkScheduler(P)
+    assert s.handover_time(0.0, 1) == -np.inf  # no chunk: request now
+    s.offer(timed_chunk(0.0, 1), 0.0)
+    first = s.select(P).action_time
+    assert s.handover_time(P, 1) == pytest.approx(first + P)
+    assert s.handover_time(P, 4) == pytest.approx(first + 4 * P)
+    # A chunk runs out before execute_steps: the next one is needed after its last action.
+    last = s.current.action_time(H - 1)
+    assert s.handover_time(P, 50) == pytest.approx(last + P)
+
+
+def test_crossfade_ramps_linearly_from_old_to_new_over_the_overlap():
+    steps = 3
+    s = ChunkScheduler(P, blend="crossfade", crossfade_steps=steps)
+    s.offer(const_chunk(0.0, 1, 0.0), 0.0)
+    now = 2 * P
+    s.offer(const_chunk(P, 2, 1.0), now)  # the new grid lies one period after the old one
+    first = s.current.first_valid_index(now)
+    blended = s.current.actions[:, 0]
+    expected_w = [(k + 1) / (steps + 1) for k in range(steps)]
+    np.testing.assert_allclose(blended[first : first + steps], expected_w)
+    np.testing.assert_allclose(blended[first + steps :], 1.0)
+    # Slots the old chunk does not reach are the new chunk alone.
+    s2 = ChunkScheduler(P, blend="crossfade", crossfade_steps=steps)
+    s2.offer(const_chunk(0.0, 1, 0.0), 0.0)
+    late = 0.0 + (H + 1) * P
+    s2.offer(const_chunk(late - P, 2, 1.0), late - P / 4)
+    np.testing.assert_allclose(s2.current.actions, 1.0)
+
+
+def test_mode_none_replaces_and_crossfade_zero_steps_is_none():
+    for s in (ChunkScheduler(P), ChunkScheduler(P, blend="crossfade", crossfade_steps=0)):
+        s.offer(const_chunk(0.0, 1, 0.0), 0.0)
+        s.offer(const_chunk(P, 2, 1.0), 2 * P)
+        np.testing.assert_allclose(s.current.actions, 1.0)
+
+
+@pytest.mark.parametrize("grid_shift", [0.0, 0.004, -0.007])
+def test_inpaint_prefix_freezes_the_slots_that_run_before_the_new_chunk_arrives(grid_shift):
+    s = ChunkScheduler(P, blend="inpaint")
+    s.offer(timed_chunk(1.0, 1), 1.0)
+    t_obs_new = 1.0 + 2 * P + grid_shift
+    delay = 3.4 * P  # observation age + inference + pickup + exec latency
+    prefix, mask = s.inpaint_prefix(t_obs_new, delay)
+    new_times = t_obs_new + (1 + np.arange(H)) * P
+    stale_at_arrival = np.array([is_stale(t, t_obs_new + delay, P) for t in new_times])
+    np.testing.assert_array_equal(mask.astype(bool), stale_at_arrival)
+    assert mask.sum() >= 2
+    frozen = mask.astype(bool)
+    # Frozen values are the old chunk's actions for the same slot (the old actions encode their times).
+    assert np.all(np.abs(prefix[frozen, 0] - new_times[frozen]) <= P / 2)
+    assert np.all(prefix[~frozen] == 0)
+
+
+def test_inpaint_prefix_leaves_slots_the_old_chunk_cannot_cover_free():
+    s = ChunkScheduler(P, blend="inpaint")
+    assert s.inpaint_prefix(0.0, 0.1) is None
+    s.offer(timed_chunk(1.0, 1), 1.0)
+    # A new chunk stamped before the old chunk's first action: those slots have no old action.
+    _, mask = s.inpaint_prefix(1.0 - 3 * P, 6 * P)
+    new_times = 1.0 - 3 * P + (1 + np.arange(H)) * P
+    old_first = 1.0 + P
+    assert not mask[new_times < old_first - P / 2].any()
+    assert mask[(new_times >= old_first - P / 2) & (new_times < 1.0 + 2.5 * P)].all()
