@@ -246,6 +246,7 @@ class ControlCore:
         self._state = ControlState.WAITING
         self._reason = "waiting for observations"
         self._last_drop = ""
+        self._wait_cause = ""  # why the core last restarted, kept in the reason while WAITING
         self._scheduler: ChunkScheduler | None = None
         self._build(card)
 
@@ -276,6 +277,8 @@ class ControlCore:
     def observe(self, feature: str, stamp: float, value: Any, now: float | None = None) -> str | None:
         """Store a sensor sample; None when accepted, else why not (the sample is dropped)."""
         with self._lock:
+            if now is not None:
+                self._check_clock(float(now))
             try:
                 self._history.push(feature, stamp, value, now)
             except ObservationError as e:
@@ -337,8 +340,9 @@ class ControlCore:
                 self._safety.reset(last)
             self._scheduler.clear()
             self._require_fresh_chunk()
+            self._wait_cause = "new model layout"
             if not self._estopped:
-                self._state, self._reason = ControlState.WAITING, "new model layout"
+                self._state, self._reason = ControlState.WAITING, self._wait_cause
 
     def ages(self, now: float) -> dict[str, float]:
         """Age (s) of the newest sample of every required feature; inf when never received."""
@@ -403,8 +407,16 @@ class ControlCore:
         self._counters.consecutive_misses = 0
         if clear_history:
             self._watchdog.healthy = False
+        self._wait_cause = reason
         if not self._estopped:
             self._state, self._reason = ControlState.WAITING, reason
+
+    def _check_clock(self, now: float) -> None:
+        """A clock going back (sim reset) means every stamp we hold belongs to another timeline."""
+        if self._last_now is not None and now < self._last_now:
+            self._restart(f"clock jumped back by {self._last_now - now:.3f} s", clear_history=True)
+            self._safety.reset(None)  # a new episode: latch the measured pose again, not the old command
+        self._last_now = now
 
     def _enter_safe(self, reason: str) -> None:
         if self._state is not ControlState.SAFE:
@@ -414,12 +426,8 @@ class ControlCore:
     def _tick(self, now: float) -> TickResult:
         if not math.isfinite(now):
             raise ValueError(f"tick: now must be finite, got {now}")
-        c = self._counters
-        c.ticks += 1
-        if self._last_now is not None and now < self._last_now:
-            # Sim reset or clock jump: every stamp we hold belongs to another timeline.
-            self._restart(f"clock jumped back by {self._last_now - now:.3f} s", clear_history=True)
-        self._last_now = now
+        self._counters.ticks += 1
+        self._check_clock(now)
         t_exec = now + self.config.exec_latency_s
 
         self._collect(now)
@@ -459,7 +467,7 @@ class ControlCore:
         if selection is not None:
             command, accepted = self._safety.apply(selection.action)
             if accepted:
-                self._state, self._reason = ControlState.RUNNING, ""
+                self._state, self._reason, self._wait_cause = ControlState.RUNNING, "", ""
                 c.consecutive_misses = 0
                 times = selection.chunk.times()[selection.index :]
                 rest = self._safety.preview(selection.chunk.actions[selection.index + 1 :], command)
@@ -511,9 +519,10 @@ class ControlCore:
             return "waiting for observations: " + ", ".join(missing)
         if not status.healthy:
             return status.reason()
+        cause = f" after {self._wait_cause}" if self._wait_cause else ""
         if self._last_drop:
-            return f"waiting for the first chunk (the last one was dropped: {self._last_drop})"
-        return "waiting for the first chunk"
+            return f"waiting for the first chunk{cause} (the last one was dropped: {self._last_drop})"
+        return f"waiting for the first chunk{cause}"
 
     def _collect(self, now: float) -> None:
         """Take a finished inference result, if any, and offer it to the scheduler."""
