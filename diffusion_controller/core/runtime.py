@@ -391,8 +391,10 @@ class Policy:
                 out = self._predict_denoiser(inpaint)
             if inpaint:
                 m = self._mask64[:, None]
-                out *= 1.0 - m
-                out += self._prefix64 * m
+                if self.graph_kind == "denoiser":  # the fused graph blends in robot units itself
+                    out *= 1.0 - m
+                    out += self._prefix64 * m
+                # exact in float64 too (the graph is exact only to the float32 prefix it was given)
                 np.copyto(out, self._prefix64, where=m == 1.0)
             return out
 
