@@ -65,11 +65,11 @@ class SafetyFilter:
         return a.shape == self.lower.shape and bool(np.all(np.isfinite(a)))
 
     def _limit(self, target: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
-        cmd = np.clip(target, self.lower, self.upper)
+        cmd = np.minimum(np.maximum(target, self.lower), self.upper)
         if previous is not None:
-            cmd = np.clip(cmd, previous - self.max_step, previous + self.max_step)
-            # previous is inside the limits, so this stays inside them; clip again against rounding.
-            cmd = np.clip(cmd, self.lower, self.upper)
+            np.minimum(np.maximum(cmd, previous - self.max_step, out=cmd), previous + self.max_step, out=cmd)
+            # previous is inside the limits, so this stays inside them; clamp again against rounding.
+            np.minimum(np.maximum(cmd, self.lower, out=cmd), self.upper, out=cmd)
         return cmd
 
     def apply(self, action) -> tuple[np.ndarray | None, bool]:
@@ -99,11 +99,16 @@ class SafetyFilter:
 
         Used for the trajectory output so it agrees with the commands the next ticks will send.
         """
+        actions = np.asarray(actions, dtype=float)
         out = np.empty((len(actions), self.dim))
-        previous = start
-        for k, a in enumerate(actions):
-            if self.valid(a):
-                previous = self._limit(np.asarray(a, dtype=float), previous)
+        if len(actions) == 0:
+            return out
+        finite = np.all(np.isfinite(actions), axis=1)
+        targets = np.minimum(np.maximum(actions, self.lower), self.upper)
+        previous = np.asarray(start, dtype=float)
+        for k in range(len(actions)):
+            if finite[k]:
+                previous = self._limit(targets[k], previous)
             out[k] = previous
         return out
 
