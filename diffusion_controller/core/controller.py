@@ -23,6 +23,9 @@ from .observation import NOT_REQUIRED_KINDS, VELOCITY_COMMAND, ObservationError,
 from .safety import SAFE_MODES, SafetyFilter, Watchdog, WatchdogStatus
 from .scheduler import BLEND_MODES, ChunkScheduler
 
+#: observe(now) earlier than the last tick by more than this is a clock jump, not thread interleaving.
+OBSERVE_JUMP_TOLERANCE_S = 0.5
+
 # ---------------------------------------------------------------------------------------------------------
 # configuration
 
@@ -278,7 +281,7 @@ class ControlCore:
         """Store a sensor sample; None when accepted, else why not (the sample is dropped)."""
         with self._lock:
             if now is not None:
-                self._check_clock(float(now))
+                self._check_clock(float(now), OBSERVE_JUMP_TOLERANCE_S)
             try:
                 self._history.push(feature, stamp, value, now)
             except ObservationError as e:
@@ -411,12 +414,20 @@ class ControlCore:
         if not self._estopped:
             self._state, self._reason = ControlState.WAITING, reason
 
-    def _check_clock(self, now: float) -> None:
-        """A clock going back (sim reset) means every stamp we hold belongs to another timeline."""
-        if self._last_now is not None and now < self._last_now:
-            self._restart(f"clock jumped back by {self._last_now - now:.3f} s", clear_history=True)
+    def _check_clock(self, now: float, tolerance: float = 0.0) -> None:
+        """A clock going back (sim reset) means every stamp we hold belongs to another timeline.
+
+        Ticks are sequential, so any step back is a jump, and only ticks advance the reference. observe()
+        may read its `now` just before a tick reads a later one; it only detects jumps beyond `tolerance`
+        (sparing the samples that arrive between a reset and the next tick).
+        """
+        last = self._last_now
+        if last is not None and now < last - tolerance:
+            self._restart(f"clock jumped back by {last - now:.3f} s", clear_history=True)
             self._safety.reset(None)  # a new episode: latch the measured pose again, not the old command
-        self._last_now = now
+            self._last_now = None
+        if tolerance == 0.0:
+            self._last_now = now
 
     def _enter_safe(self, reason: str) -> None:
         if self._state is not ControlState.SAFE:
