@@ -64,7 +64,7 @@ arrival = st.fixed_dictionaries(
     exec_latency=st.floats(0.0, 0.03),
     step=st.floats(0.01, 0.5),
     jitter=st.lists(st.floats(-0.3, 0.3), min_size=40, max_size=40),
-    arrivals=st.lists(st.one_of(st.none(), arrival), min_size=40, max_size=40),
+    arrivals=st.lists(st.one_of(st.none(), st.none(), arrival), min_size=40, max_size=40),
 )
 def test_scheduler_and_safety_filter_commands_are_always_safe(
     blend, crossfade_steps, exec_latency, step, jitter, arrivals
@@ -111,7 +111,7 @@ class ScriptedPolicy:
         return chunk
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     blend=st.sampled_from(BLEND_MODES),
     execute_steps=st.integers(1, H),
