@@ -273,7 +273,11 @@ def test_empty_sources_is_an_error():
 
 def test_typo_parameters_are_found(ant_params):
     ant_params["exec_latency"] = 0.01
-    assert cf.unknown_parameters(ant_params) == ["exec_latency"]
+    assert cf.unknown_parameters(ant_params) == ["unknown parameter 'exec_latency'"]
+    ant_params["observations.sources"] = ["joint_states", "imu", "cmd_vel"]
+    problems = cf.unknown_parameters(ant_params)
+    assert len(problems) == 2
+    assert "odom.{features,frame,stamp,timeout_s,topic,type} set but 'odom' is not" in problems[1]
 
 
 def test_schema_is_documented():

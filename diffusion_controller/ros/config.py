@@ -24,7 +24,7 @@ source; `validate_against_card` names every violation at once so a user fixes a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -508,10 +508,24 @@ def load_params_file(path: str, node_name: str = "diffusion_controller") -> dict
     return out
 
 
-def unknown_parameters(values: Mapping[str, Any], is_known: Callable[[str], bool] | None = None) -> list[str]:
-    """Names in `values` no spec knows (typos in a params file), ROS' own parameters excluded."""
-    known = is_known or (lambda n: spec_for(n) is not None)
+def unknown_parameters(values: Mapping[str, Any], sources: Sequence[str] | None = None) -> list[str]:
+    """Problems with names in `values` that nothing reads: typos in a params file, or settings of a source
+    that `observations.sources` does not list (`sources` defaults to the list in `values`)."""
+    listed = set(values.get("observations.sources") or () if sources is None else sources)
     ros_own = ("use_sim_time", "start_type_description_service")
-    return sorted(
-        n for n in values if not known(n) and n not in ros_own and not n.startswith("qos_overrides.")
-    )
+    problems = []
+    orphans: dict[str, list[str]] = {}
+    for name in sorted(values):
+        if name in ros_own or name.startswith("qos_overrides."):
+            continue
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] == "observations" and spec_for(name) is not None:
+            if parts[1] not in listed:
+                orphans.setdefault(parts[1], []).append(parts[2])
+            continue
+        if spec_for(name) is None:
+            problems.append(f"unknown parameter '{name}'")
+    for src, fields in orphans.items():
+        names = ",".join(fields)
+        problems.append(f"observations.{src}.{{{names}}} set but '{src}' is not in observations.sources")
+    return problems

@@ -1,0 +1,672 @@
+"""The diffusion_controller lifecycle node: observations in, commands out at a fixed rate.
+
+A thin layer over `core.controller.ControlCore`: it turns messages into time-stamped features
+(`conversions`), parameters into a validated configuration (`config`), and a timer into `ControlCore.tick`
+calls whose commands it publishes. The policy runs in the core's inference thread, so the timer callback
+never waits for a model.
+
+Lifecycle (rclpy.lifecycle, like ros2/demos' lifecycle talker):
+  configure  read parameters, check the model card against the configuration, load + warm up the model,
+             create publishers, subscriptions and the (paused) control timer
+  activate   start ticking and publishing (from a fresh chunk)
+  deactivate stop ticking; cleanup releases everything; shutdown from any state
+`autostart:=true` walks the node to active at startup.
+
+Threads: a MultiThreadedExecutor (default) with one callback group for the control timer, one for the
+observation subscriptions and one for services, parameters and diagnostics, so none waits behind
+another; plus the core's inference thread and, during a model swap, a loader thread.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import rclpy
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    ParameterType,
+    SetParametersResult,
+)
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
+from rclpy.lifecycle import Node as LifecycleNode
+from rclpy.lifecycle import State, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from std_srvs.srv import Trigger
+
+from diffusion_controller.core.card import CardError, ModelCard, sidecar_path
+from diffusion_controller.core.controller import ConfigError as CoreConfigError
+from diffusion_controller.core.controller import ControlConfig, ControlCore, ControlState
+from diffusion_controller.core.runtime import ModelError, Policy
+from diffusion_controller.ros import config as cf
+from diffusion_controller.ros import conversions as cv
+from diffusion_controller.ros import diagnostics as dg
+
+NODE_NAME = "diffusion_controller"
+#: Codes of ControlState in the debug timing topic.
+STATE_CODES = {
+    ControlState.WAITING: 0.0,
+    ControlState.RUNNING: 1.0,
+    ControlState.SAFE: 2.0,
+    ControlState.ESTOP: 3.0,
+}
+#: Watchdog timeout standing for "never stale" (the core wants a finite number).
+NEVER_S = 1e9
+#: Commands must reach reliable controller subscriptions (a best-effort publisher cannot).
+COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+_KIND_TYPES = {
+    "bool": ParameterType.PARAMETER_BOOL,
+    "int": ParameterType.PARAMETER_INTEGER,
+    "str": ParameterType.PARAMETER_STRING,
+}
+
+
+def _descriptor(spec: cf.ParamSpec) -> ParameterDescriptor:
+    """ROS descriptor of a schema entry. Float and list parameters are dynamically typed so a YAML
+    `1` for a float is not a type error; `config.check_value` enforces the kind and range instead."""
+    text = spec.description
+    if spec.choices:
+        text += f" One of: {', '.join(spec.choices)}."
+    if not spec.live:
+        text += " Read on configure."
+    d = ParameterDescriptor(description=text)
+    if spec.kind in _KIND_TYPES:
+        d.type = _KIND_TYPES[spec.kind]
+    else:
+        d.dynamic_typing = True
+    if spec.range and spec.kind == "int":
+        d.integer_range = [IntegerRange(from_value=int(spec.range[0]), to_value=int(spec.range[1]), step=0)]
+    elif spec.range and spec.kind == "float":
+        d.floating_point_range = [
+            FloatingPointRange(from_value=float(spec.range[0]), to_value=float(spec.range[1]), step=0.0)
+        ]
+    return d
+
+
+def read_card(path: str) -> ModelCard:
+    """The card of a model file without creating a session: its metadata, else the .yaml beside it."""
+    try:
+        return ModelCard.from_onnx(path)
+    except CardError as exc:
+        side = sidecar_path(path)
+        if "has no" in str(exc) and side.exists():
+            return ModelCard.from_yaml(side)
+        raise
+
+
+class ControllerNode(LifecycleNode):
+    """Managed node running a diffusion policy at a fixed control rate."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        self._log = self.get_logger()
+        self._declare(cf.NODE_PARAMS)
+        self._declare_sources()
+        self._reverting = False
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        # Callback groups: the control timer never queues behind observations or services.
+        self._timer_group = MutuallyExclusiveCallbackGroup()
+        self._obs_group = MutuallyExclusiveCallbackGroup()
+        self._misc_group = MutuallyExclusiveCallbackGroup()
+
+        self._lock = threading.Lock()  # core/binding/readers swap vs tick and observation callbacks
+        self._cfg: cf.NodeConfig | None = None
+        self._binding: cf.Binding | None = None
+        self._policy: Any = None
+        self._core: ControlCore | None = None
+        self._readers: dict[str, cv.SourceReader] = {}
+        self._subs: list[Any] = []
+        self._pub_cmd = self._pub_traj = self._pub_dbg = None
+        self._timer = None
+        self._active = False
+        self._estop_latched = False
+        self._model_path = ""
+        self._stats = dg.LoopStats(period_s=0.02)
+        self._last_state: ControlState | None = None
+        self._last_reason = ""
+        self._last_error = ""
+        self._last_error_time = -math.inf
+        self._swap_thread: threading.Thread | None = None
+        self._swap_target = ""
+        self._swaps = 0
+        self._swap_failures = 0
+        self._faults = dg.RateLimitedLog(self._log.warning)
+        self._source_faults: dict[str, int] = {}
+        self._wall_time = not self.get_parameter("use_sim_time").value
+
+        # Always available, whatever the lifecycle state.
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self._pub_diag = self.create_publisher(dg.DiagnosticArray, "/diagnostics", 10)
+        self._diag_timer = self.create_timer(
+            float(self.get_parameter("diagnostics_period_s").value), self._publish_diagnostics,
+            callback_group=self._misc_group, clock=steady,
+        )  # fmt: skip
+        self.create_service(Trigger, "~/emergency_stop", self._on_estop, callback_group=self._misc_group)
+        self.create_service(Trigger, "~/resume", self._on_resume, callback_group=self._misc_group)
+
+    # -- parameters ---------------------------------------------------------------------------------------
+    def _declare(self, specs: tuple[cf.ParamSpec, ...]) -> None:
+        for spec in specs:
+            if not self.has_parameter(spec.name):
+                default = list(spec.default) if isinstance(spec.default, (list, tuple)) else spec.default
+                if isinstance(default, list) and not default:
+                    default = None  # an empty list has no ROS type; None = "not set" (dynamic typing)
+                self.declare_parameter(spec.name, default, _descriptor(spec))
+
+    def _declare_sources(self) -> None:
+        """Per-source parameters exist only for the names in observations.sources (ros2_control style)."""
+        for name in self.get_parameter("observations.sources").value or []:
+            if name and name.replace("_", "a").isalnum():
+                self._declare(cf.source_param_specs(name))
+
+    def _param_values(self) -> dict[str, Any]:
+        names = self.list_parameters([], 0).names
+        return {p.name: p.value for p in self.get_parameters(names)}
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Reject bad values with a reason; route model_path changes of a configured node to a swap."""
+        for p in params:
+            spec = cf.spec_for(p.name)
+            if spec is None:
+                continue
+            try:
+                value = cf.check_value(spec, p.value)
+            except cf.ConfigError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
+            if self._core is None or self._reverting:
+                continue
+            if not spec.live:
+                return SetParametersResult(
+                    successful=False,
+                    reason=f"{p.name} is read on configure: deactivate, cleanup, set it, configure again",
+                )
+            if p.name == "model_path":
+                reason = self._begin_swap(value)
+                if reason:
+                    return SetParametersResult(successful=False, reason=reason)
+        return SetParametersResult(successful=True)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def on_configure(self, state: State) -> TransitionCallbackReturn:
+        try:
+            self._declare_sources()
+            cfg = cf.NodeConfig.from_params(self._param_values())
+            for problem in cf.unknown_parameters(self._overrides(), [s.name for s in cfg.sources]):
+                self._log.warning(f"{problem}: ignored")
+            card, binding = self._check_model(cfg, cfg.model_path)
+            policy = self._load_policy(cfg, cfg.model_path)
+            core = ControlCore(policy.card, self._control_config(cfg, binding, policy.card), policy)
+        except (cf.ConfigError, CardError, ModelError, CoreConfigError, OSError) as exc:
+            self._error(f"configure failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        self._cfg, self._binding, self._policy, self._core = cfg, binding, policy, core
+        self._model_path = cfg.model_path
+        self._readers = self._make_readers(cfg, card, binding)
+        self._stats = dg.LoopStats(period_s=binding.period_s)
+        self._last_error = ""
+        if cfg.commands_enabled:
+            self._pub_cmd = self.create_lifecycle_publisher(
+                cv.Float64MultiArray, cfg.commands_topic, COMMAND_QOS
+            )
+        if cfg.trajectory_enabled:
+            self._pub_traj = self.create_lifecycle_publisher(
+                cv.JointTrajectory, cfg.trajectory_topic, COMMAND_QOS
+            )
+        if cfg.debug_enabled:
+            self._pub_dbg = self.create_lifecycle_publisher(
+                cv.Float64MultiArray,
+                cfg.debug_topic,
+                QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE),
+            )
+        for src in cfg.sources:
+            self._subs.append(
+                self.create_subscription(
+                    cv.MESSAGE_CLASSES[src.type],
+                    src.topic,
+                    self._observation_callback(src.name),
+                    qos_profile_sensor_data,
+                    callback_group=self._obs_group,
+                )
+            )
+        self._timer = self.create_timer(binding.period_s, self._on_tick, callback_group=self._timer_group)
+        self._timer.cancel()
+        self._log.info(
+            f"configured: model '{card.name}' {card.version} on {policy.provider}, K={policy.steps}, "
+            f"{1.0 / binding.period_s:.1f} Hz, sources {[s.name for s in cfg.sources]}"
+        )
+        return super().on_configure(state)
+
+    def on_activate(self, state: State) -> TransitionCallbackReturn:
+        assert self._core is not None and self._timer is not None
+        with self._lock:
+            self._core.reset()
+            if self._estop_latched:
+                self._core.estop()
+        self._stats.reset_phase()
+        self._active = True
+        ret = super().on_activate(state)
+        self._timer.reset()
+        self._log.info("active: publishing commands")
+        return ret
+
+    def on_deactivate(self, state: State) -> TransitionCallbackReturn:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._active = False
+        self._log.info("inactive: commands stopped")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: State) -> TransitionCallbackReturn:
+        self._release()
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: State) -> TransitionCallbackReturn:
+        self._release()
+        return super().on_shutdown(state)
+
+    def on_error(self, state: State) -> TransitionCallbackReturn:
+        self._error(f"error in transition from '{state.label}'; releasing resources")
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self.destroy_timer(self._timer)
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        for pub in (self._pub_cmd, self._pub_traj, self._pub_dbg):
+            if pub is not None:
+                self.destroy_lifecycle_publisher(pub)
+        with self._lock:
+            core, self._core = self._core, None
+        if core is not None:
+            core.close()
+        self._timer = self._pub_cmd = self._pub_traj = self._pub_dbg = None
+        self._subs, self._readers = [], {}
+        self._policy = self._binding = self._cfg = None
+        self._active = False
+
+    def autostart(self) -> None:
+        """configure + activate when the `autostart` parameter says so (otherwise a manager does it)."""
+        if not self.get_parameter("autostart").value:
+            self._log.info("autostart is false: waiting in 'unconfigured' for a lifecycle manager")
+            return
+        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            self.trigger_activate()
+
+    def close(self) -> None:
+        """Stop the threads the node owns (inference, loader) so the process can exit."""
+        if self._swap_thread is not None:
+            self._swap_thread.join(timeout=10.0)
+        with self._lock:
+            core, self._core = self._core, None
+        if core is not None:
+            core.close()
+
+    # -- model loading and swapping --------------------------------------------------------------------------
+    def _check_model(self, cfg: cf.NodeConfig, path: str) -> tuple[ModelCard, cf.Binding]:
+        """The cheap part, done before any loading: the file, its card, and the card vs the config."""
+        if not path:
+            raise cf.ConfigError("model_path is empty; set it to an .onnx policy with a model card")
+        if not os.path.isfile(path):
+            raise cf.ConfigError(f"model_path '{path}' does not exist")
+        card = read_card(path)
+        return card, cf.validate_against_card(cfg, card)
+
+    def _load_policy(self, cfg: cf.NodeConfig, path: str) -> Any:
+        return Policy.load(
+            path, provider=cfg.provider, threads=cfg.threads, steps=cfg.steps or None,
+            log=lambda m: self._log.info(str(m)),
+        )  # fmt: skip
+
+    def _control_config(self, cfg: cf.NodeConfig, binding: cf.Binding, card: ModelCard) -> ControlConfig:
+        """Per-source timeouts become per-feature watchdog timeouts (0 = never stale); a velocity command
+        source's timeout is the core's command timeout (0 = hold the last command)."""
+        kinds = {f.name: f.kind for f in card.features}
+        timeouts: dict[str, float] = {}
+        command_timeout: float | None = None
+        for feature, source in binding.feature_source.items():
+            timeout = next(s.timeout_s for s in cfg.sources if s.name == source)
+            if kinds.get(feature) == "velocity_command":
+                command_timeout = timeout if timeout > 0 else None
+            else:
+                timeouts[feature] = timeout if timeout > 0 else NEVER_S
+        return ControlConfig(
+            exec_latency_s=cfg.exec_latency_s,
+            execute_steps=cfg.execute_steps,
+            blend=cfg.blend,
+            crossfade_steps=cfg.crossfade_steps,
+            max_consecutive_misses=cfg.max_consecutive_misses,
+            compensate_delay=cfg.compensate_delay,
+            obs_timeouts_s=timeouts,
+            command_timeout_s=command_timeout,
+            future_tolerance_s=cfg.max_future_s,
+            safe_mode=cfg.safe_mode,
+            default_pose=binding.default_pose if cfg.safe_mode == "default_pose" else None,
+            max_step_per_tick=cfg.max_step_per_tick,
+            seed=None if cfg.seed < 0 else cfg.seed,
+        )
+
+    def _make_readers(
+        self, cfg: cf.NodeConfig, card: ModelCard, binding: cf.Binding
+    ) -> dict[str, cv.SourceReader]:
+        readers = {}
+        for src in cfg.sources:
+            decoder = cv.SourceDecoder(src, card.features, binding.rename)
+            readers[src.name] = cv.SourceReader(decoder, cfg.max_future_s, on_note=self._note)
+        return readers
+
+    def _begin_swap(self, path: str) -> str:
+        """Check a new model_path now (cheap) and load it in the background; '' or the rejection reason."""
+        cfg, binding = self._cfg, self._binding
+        if cfg is None or binding is None:
+            return ""
+        if self._swap_thread is not None:
+            return f"a model swap to '{self._swap_target}' is still loading; try again when it is done"
+        try:
+            card, new_binding = self._check_model(cfg, path)
+        except (cf.ConfigError, CardError) as exc:
+            return f"model_path rejected, the old model keeps running: {exc}"
+        if new_binding.output_joints != binding.output_joints:
+            return (
+                f"model_path rejected: its action joints {list(new_binding.output_joints)} change the "
+                f"published joints {list(binding.output_joints)}; set `joints` to pin the order"
+            )
+        if abs(new_binding.period_s - binding.period_s) > 1e-9:
+            return (
+                f"model_path rejected: control period {new_binding.period_s:.4f} s differs from the running "
+                f"{binding.period_s:.4f} s; set rate_hz or reconfigure"
+            )
+        self._swap_target = path
+        self._swap_thread = threading.Thread(
+            target=self._swap, args=(cfg, path, card, new_binding, self._model_path),
+            name="model_swap", daemon=True,
+        )  # fmt: skip
+        self._swap_thread.start()
+        self._log.info(f"model swap: loading '{path}' in the background")
+        return ""
+
+    def _swap(
+        self, cfg: cf.NodeConfig, path: str, card: ModelCard, binding: cf.Binding, old_path: str
+    ) -> None:
+        """Loader thread: load + warm up, then swap between two ticks; on failure keep the old model."""
+        try:
+            policy = self._load_policy(cfg, path)
+            readers = self._make_readers(cfg, policy.card, binding)
+            with self._lock:
+                if self._core is None:
+                    return
+                self._core.swap_policy(policy)
+                self._policy, self._binding, self._readers = policy, binding, readers
+                self._model_path = path
+            self._swaps += 1
+            self._log.info(f"model swap: now running '{card.name}' {card.version} on {policy.provider}")
+        except Exception as exc:  # any failure: the old model keeps running
+            self._swap_failures += 1
+            self._error(f"model swap to '{path}' failed, the old model keeps running: {exc}")
+            self._reverting = True
+            try:
+                self.set_parameters([Parameter("model_path", value=old_path)])
+            finally:
+                self._reverting = False
+        finally:
+            self._swap_thread = None
+
+    # -- callbacks -----------------------------------------------------------------------------------------
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _observation_callback(self, source: str):
+        def callback(msg: Any) -> None:
+            now = self._now()
+            with self._lock:
+                reader, core = self._readers.get(source), self._core
+                if reader is None or core is None:
+                    return
+                try:
+                    stamp, values = reader.read(msg, now)
+                except cv.InputError as exc:
+                    self._fault(source, exc.cause, str(exc))
+                    return
+                for feature, value in values.items():
+                    reason = core.observe(feature, stamp, value, now)
+                    if reason:
+                        self._fault(source, "rejected", f"{feature}: {reason}")
+
+        return callback
+
+    def _on_tick(self) -> None:
+        """One control period: ask the core for the command and publish it. Nothing else happens here."""
+        now = self._now()
+        with self._lock:
+            core, binding = self._core, self._binding
+            if core is None or binding is None or not self._active:
+                return
+            res = core.tick(now)
+        if res.command is not None:
+            out = binding.output_index
+            if self._pub_cmd is not None:
+                self._pub_cmd.publish(cv.command_msg(res.command[list(out)]))
+            if self._pub_traj is not None and res.trajectory is not None:
+                self._publish_trajectory(res.trajectory, binding, now)
+        if self._pub_dbg is not None:
+            self._pub_dbg.publish(cv.array_msg(self._timing_row(now, res, core)))
+        self._stats.tick(time.monotonic() if self._wall_time else now)
+        if res.state != self._last_state or (res.reason and res.reason != self._last_reason):
+            self._state_changed(res.state, res.reason)
+
+    def _publish_trajectory(self, traj: Any, binding: cf.Binding, now: float) -> None:
+        times = np.asarray(traj.times, dtype=float)
+        positions = np.asarray(traj.positions, dtype=float)[:, list(binding.output_index)]
+        # First point one tick after the start, each later one at its scheduled spacing.
+        tfs = times - times[0] + binding.period_s
+        stamp = None
+        if self._cfg is not None and self._cfg.trajectory_stamp == "absolute":
+            stamp = cv.sec_to_time(max(times[0] - binding.period_s, 0.0))
+        keep = np.concatenate([[True], np.diff(tfs) > 1e-9])  # strictly increasing, whatever the core gives
+        self._pub_traj.publish(cv.trajectory_msg(binding.output_joints, positions[keep], tfs[keep], stamp))
+
+    def _timing_row(self, now: float, res: Any, core: ControlCore) -> list[float]:
+        nan = math.nan
+        action_time = res.action_time if res.action_time is not None else nan
+        index = res.action_index if res.action_index is not None else nan
+        obs_stamp = nan
+        if res.action_time is not None and res.action_index is not None:
+            card = core.card
+            obs_stamp = res.action_time - (card.first_offset + res.action_index) * card.control_period_s
+        return [
+            now, res.t_exec, action_time, obs_stamp,
+            res.chunk_seq if res.chunk_seq is not None else nan, index,
+            STATE_CODES.get(res.state, nan), 1.0 if res.missed else 0.0,
+        ]  # fmt: skip
+
+    def _state_changed(self, state: ControlState, reason: str) -> None:
+        old = self._last_state
+        self._last_state, self._last_reason = state, reason
+        text = f"control state {old.value if old else '-'} -> {state.value}" + (
+            f": {reason}" if reason else ""
+        )
+        if state in (ControlState.SAFE, ControlState.ESTOP):
+            self._log.warning(text)
+        elif old != state:
+            self._log.info(text)
+
+    def _on_estop(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        self._estop_latched = True
+        with self._lock:
+            if self._core is not None:
+                self._core.estop()
+        self._log.warning("emergency stop: holding the last command until ~/resume")
+        response.success, response.message = True, "emergency stop latched: holding the last command"
+        return response
+
+    def _on_resume(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        was = self._estop_latched
+        self._estop_latched = False
+        with self._lock:
+            if self._core is not None:
+                self._core.resume()
+        self._log.info("resume: waiting for a fresh chunk")
+        response.success = True
+        response.message = "resumed: control restarts from a fresh chunk" if was else "was not stopped"
+        return response
+
+    # -- faults and diagnostics ----------------------------------------------------------------------------
+    def _fault(self, source: str, cause: str, message: str) -> None:
+        self._source_faults[source] = self._source_faults.get(source, 0) + 1
+        self._faults(f"{source}:{cause}", f"[{source}] {message}")
+
+    def _note(self, cause: str, message: str) -> None:
+        self._log.info(message)
+
+    def _error(self, message: str) -> None:
+        self._last_error, self._last_error_time = message, time.monotonic()
+        self._log.error(message)
+
+    def _overrides(self) -> dict[str, Any]:
+        return {name: p.value for name, p in getattr(self, "_parameter_overrides", {}).items()}
+
+    def _publish_diagnostics(self) -> None:
+        label = self._state_machine.current_state[1]
+        sections = self._diagnostic_sections(label)
+        self._pub_diag.publish(
+            dg.diagnostic_array(self.get_fully_qualified_name(), self.get_clock().now().to_msg(), sections)
+        )
+
+    def _diagnostic_sections(self, lifecycle: str) -> list[dg.Section]:
+        core, policy = self._core, self._policy
+        recent_error = time.monotonic() - self._last_error_time < 10.0
+        if core is None or policy is None:
+            level = dg.ERROR if recent_error else dg.STALE
+            msg = self._last_error if recent_error else lifecycle
+            return [
+                dg.Section(
+                    "control loop", level, msg, {"lifecycle": lifecycle, "last error": self._last_error}
+                )
+            ]
+        st = core.stats()
+        s = self._stats
+        if not self._active:
+            loop_level, loop_msg = dg.STALE, f"{lifecycle}: not publishing"
+        elif st.state == ControlState.ESTOP:
+            loop_level, loop_msg = dg.ERROR, "emergency stop (call ~/resume)"
+        elif st.state == ControlState.SAFE:
+            loop_level, loop_msg = dg.ERROR, f"safe state: {st.reason}"
+        elif st.state == ControlState.WAITING:
+            loop_level, loop_msg = dg.WARN, f"waiting: {st.reason or 'for observations and a first chunk'}"
+        else:
+            loop_level, loop_msg = dg.OK, "running"
+        period = self._binding.period_s if self._binding else math.nan
+        loop = dg.Section(
+            "control loop",
+            loop_level,
+            loop_msg,
+            {
+                "lifecycle": lifecycle,
+                "state": st.state.value,
+                "reason": st.reason,
+                "rate_hz": s.rate_hz,
+                "target_rate_hz": 1.0 / period,
+                "ticks": s.ticks,
+                "missed_ticks": s.missed_ticks,
+                "jitter_p50_ms": s.jitter_ms(50),
+                "jitter_p99_ms": s.jitter_ms(99),
+                "jitter_max_ms": 1000.0 * s.max_jitter_s,
+                "missed_steps": st.missed_steps,
+                "consecutive_misses": st.consecutive_misses,
+                "safe_entries": st.safe_entries,
+                "estops": st.estops,
+            },
+        )
+        card = core.card
+        summary = self._last_error if recent_error else f"{card.name} {card.version}"
+        pol = dg.Section(
+            "policy",
+            dg.WARN if recent_error else dg.OK,
+            summary,
+            {
+                "model": card.name,
+                "version": card.version,
+                "path": self._model_path,
+                "provider": getattr(policy, "provider", "?"),
+                "steps": getattr(policy, "steps", "?"),
+                "inference_p50_ms": 1000.0 * st.inference_p50_s,
+                "inference_p99_ms": 1000.0 * st.inference_p99_s,
+                "inference_forecast_ms": 1000.0 * st.inference_forecast_s,
+                "requests": st.requests,
+                "chunks_received": st.chunks_received,
+                "chunks_dropped": st.chunks_dropped,
+                "inference_errors": st.inference_errors,
+                "swaps": self._swaps,
+                "swap_failures": self._swap_failures,
+                "swap_loading": self._swap_target if self._swap_thread else "",
+                "last_error": self._last_error or st.last_error,
+            },
+        )
+        ages = core.ages(self._now())
+        values: dict[str, object] = {f"age_ms.{k}": 1000.0 * v for k, v in ages.items()}
+        values.update({f"rejected.{k}": v for k, v in self._source_faults.items()})
+        values["stale_events"] = st.stale_obs_events
+        values["rejected_total"] = st.rejected_observations + self._faults.total
+        timeouts = self._control_timeouts()
+        stale = [k for k, v in ages.items() if v > timeouts.get(k, math.inf)]
+        if stale:
+            obs_level, obs_msg = dg.ERROR, f"stale: {', '.join(stale)}"
+        elif self._faults.total:
+            obs_level, obs_msg = dg.WARN, f"rejected messages: {self._faults.last_message}"
+        else:
+            obs_level, obs_msg = dg.OK, "fresh"
+        return [loop, pol, dg.Section("observations", obs_level, obs_msg, values)]
+
+    def _control_timeouts(self) -> dict[str, float]:
+        core = self._core
+        return dict(core.config.obs_timeouts_s) if core is not None else {}
+
+
+def make_executor(kind: str):
+    """The executor named by the `executor` parameter."""
+    if kind == "single_threaded":
+        return SingleThreadedExecutor()
+    if kind == "events":
+        from rclpy.experimental import EventsExecutor
+
+        return EventsExecutor()
+    return MultiThreadedExecutor(num_threads=3)
+
+
+def main(args: list[str] | None = None) -> int:
+    """Console script `controller_node`; exits 0 on SIGINT/SIGTERM like ros2/demos."""
+    # Python hands the GIL over every 5 ms by default; a control loop needs it back sooner.
+    sys.setswitchinterval(0.0005)
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = ControllerNode()
+        executor = make_executor(str(node.get_parameter("executor").value))
+        executor.add_node(node)
+        node.autostart()
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
