@@ -190,8 +190,8 @@ def export_onnx(
     model = onnx.load_from_string(buf.getvalue())
     model.producer_name = "diffusion_controller.export"
     model.doc_string = f"{card.name} {card.version}: {graph} graph, DDIM K={steps}, eta={eta}"
+    onnx.checker.check_model(model, full_check=True)
     data = model.SerializeToString()
-    onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

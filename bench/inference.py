@@ -1,0 +1,337 @@
+"""Chunk latency of a DiffuseLoco-size policy: torch eager vs ONNX Runtime (per-step loop and fused graph).
+
+Not a test. For K in {1, 2, 5, 10} it times one action chunk (K denoising steps, normalization included)
+three ways on the same random weights and the same sampler: torch eager (the training network in
+inference mode with ddim_torch's loop), ORT per-step (denoiser graph, K-step loop in core/ddim.py) and
+ORT fused (the whole chain in one graph). It prints median and p99 latency, the speedup of the best ORT
+path over torch, and a FLOP-bound floor: the model's FLOPs per chunk (K full network evaluations) divided
+by the matmul peak of this CPU measured in the same run with the same thread count. `floor_min_ms` uses
+the FLOPs the fused graph really executes (observation tokens and their cross-attention K/V once per
+chunk). The machine may be shared: the load average at start and end is printed; compare runs only
+when it was low.
+
+    .venv/bin/python bench/inference.py [--quick] [--json] [--threads N] [--runs N] [--ks 1,2,5,10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion_controller.core.card import ModelCard
+from diffusion_controller.core.runtime import Policy
+from diffusion_controller.training import ddim_torch
+from diffusion_controller.training.export import export_onnx
+from diffusion_controller.training.network import DiffusionTransformer, NetworkConfig
+
+JOINTS = [f"{leg}_{j}" for leg in ("fr", "fl", "rr", "rl") for j in ("hip", "thigh", "calf")]
+
+
+def diffuseloco_card() -> ModelCard:
+    """DiffuseLoco's 45-column observation (8 rows), 12 joint targets, horizon 16."""
+    feats = [
+        {"name": "projected_gravity", "kind": "projected_gravity", "size": 3},
+        {"name": "projected_forward", "kind": "generic", "size": 3},
+        {"name": "velocity_command", "kind": "velocity_command", "size": 3},
+        {"name": "joint_position", "kind": "joint_position", "size": 12, "joints": JOINTS},
+        {"name": "joint_velocity", "kind": "joint_velocity", "size": 12, "joints": JOINTS},
+        {"name": "previous_action", "kind": "previous_action", "size": 12},
+    ]
+    return ModelCard.from_dict(
+        {
+            "format": "diffusion_controller/model_card@1",
+            "name": "bench_diffuseloco",
+            "version": "0.0.0",
+            "description": "random weights, benchmark only",
+            "control_period_s": 0.02,
+            "observation": {"history": 8, "features": feats},
+            "action": {
+                "joints": JOINTS,
+                "kind": "position",
+                "units": "rad",
+                "lower": [-1.0] * 12,
+                "upper": [1.0] * 12,
+                "horizon": 16,
+                "first_offset": 1,
+            },
+            "normalization": {
+                "observation": {"mean": [0.0] * 45, "std": [1.0] * 45},
+                "action": {"min": [-1.0] * 12, "max": [1.0] * 12},
+            },
+            "diffusion": {
+                "train_timesteps": 100,
+                "beta_schedule": "squaredcos_cap_v2",
+                "prediction_type": "epsilon",
+                "clip_sample": True,
+                "clip_sample_range": 1.0,
+                "set_alpha_to_one": True,
+                "steps_offset": 0,
+            },
+            "sampler": {"kind": "ddim", "steps": 10, "eta": 0.0},
+        },
+        require_graph=False,
+    )
+
+
+def network_flops(cfg: NetworkConfig) -> tuple[float, float, float]:
+    """(FLOPs of one full forward, FLOPs per step in the fused graph, FLOPs once per chunk there).
+
+    Counts matmuls only (2 per multiply-add): linear layers and the attention products.
+    """
+    w, h, s, ff = cfg.width, cfg.horizon, cfg.cond_tokens, cfg.ff_mult * cfg.width
+    n_obs = s - 1
+    lin = lambda rows, i, o: 2.0 * rows * i * o  # noqa: E731
+    # action tokens: input embedding, per layer self-attn (q, kv, out), cross (q, out), FF; head
+    per_layer_tokens = (
+        lin(h, w, 3 * w) + lin(h, w, w) + lin(h, w, w) + lin(h, w, w) + lin(h, w, ff) + lin(h, ff, w)
+    )
+    attn = 2.0 * (2 * h * h * w) + 2.0 * (2 * h * s * w)  # scores and weighted sums, self and cross
+    decode = lin(h, cfg.action_dim, w) + cfg.layers * (per_layer_tokens + attn) + lin(h, w, cfg.action_dim)
+    enc_token = lin(1, w, 4 * w) + lin(1, 4 * w, w)  # per cond token
+    kv_token = cfg.layers * lin(1, w, 2 * w)  # cross-attention K/V per cond token, all layers
+    obs_embed = lin(cfg.history, cfg.obs_dim, w) + (lin(cfg.history, 3, w) if cfg.command_slice else 0.0)
+    full = decode + s * (enc_token + kv_token) + obs_embed
+    per_chunk = n_obs * (enc_token + kv_token) + obs_embed  # the fused graph's hoisted part
+    return full, decode, per_chunk  # the timestep token's share is constant-folded in the fused graph
+
+
+def matmul_peak_gflops(threads: int, quick: bool) -> float:
+    """Best sgemm rate (torch, same thread count) on large square matrices."""
+    torch.set_num_threads(threads)
+    n = 768 if quick else 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(5 if quick else 15):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best / 1e9
+
+
+def timed_interleaved(
+    fns: dict[str, Callable[[], object]], runs: int, warmup: int = 3
+) -> dict[str, list[float]]:
+    """Round-robin timing, so load changes on a shared machine hit every path alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            out[k].append(time.perf_counter() - t)
+    return out
+
+
+def quantized(path: Path) -> Path:
+    """int8 dynamic quantization of the weights (changes numerics: NOT within the 1e-4 export parity)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = path.with_name(path.stem + "_int8.onnx")
+    quantize_dynamic(path, out, weight_type=QuantType.QInt8)  # keeps metadata_props, i.e. the card
+    return out
+
+
+def p50_p99(ts: list[float]) -> tuple[float, float]:
+    a = np.sort(np.array(ts)) * 1e3
+    return float(np.median(a)), float(a[min(len(a) - 1, int(np.ceil(0.99 * len(a))) - 1)])
+
+
+def torch_chunk(
+    net: DiffusionTransformer, card: ModelCard, k: int
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Eager torch: the training network, same sampler loop, normalization on both ends."""
+    plan = card.diffusion.plan(k, 0.0)
+    mean = torch.tensor(card.obs_mean, dtype=torch.float32)
+    std = torch.tensor(card.obs_std, dtype=torch.float32)
+    center = torch.tensor((card.action_max + card.action_min) / 2, dtype=torch.float32)
+    half = torch.tensor((card.action_max - card.action_min) / 2, dtype=torch.float32)
+    tsteps = {c.timestep: torch.tensor([c.timestep]) for c in plan}
+
+    def run(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            o = (torch.from_numpy(obs).float()[None] - mean) / std
+            x = ddim_torch.sample_loop(
+                lambda x, c: net(x, tsteps[c.timestep], o),
+                torch.from_numpy(noise)[None],
+                plan,
+                card.diffusion,
+            )
+            return (x[0] * half + center).numpy().astype(np.float64)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few runs, finishes in well under a minute")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and ORT (default 1)")
+    ap.add_argument(
+        "--runs", type=int, default=None, help="timed chunks per configuration (default 500, quick 15)"
+    )
+    ap.add_argument("--ks", default="1,2,5,10", help="comma-separated DDIM step counts")
+    ap.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time an int8 weight-quantized fused graph (default: on, off with --quick)",
+    )
+    a = ap.parse_args(argv)
+    runs = a.runs or (15 if a.quick else 500)
+    ks = [int(k) for k in a.ks.split(",")]
+    if a.int8 is None:
+        a.int8 = not a.quick
+    load0 = os.getloadavg()[0]
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    card = diffuseloco_card()
+    cfg = NetworkConfig()  # 6 layers, 8 heads, width 256, 45 x 8 obs, 16 x 12 actions
+    net = DiffusionTransformer(cfg).eval()
+    peak_start = matmul_peak_gflops(a.threads, a.quick)
+    full, per_step, per_chunk = network_flops(cfg)
+    rng = np.random.default_rng(0)
+    obs = rng.standard_normal((card.history, card.obs_dim))
+    noise = rng.standard_normal((card.horizon, card.action_dim)).astype(np.float32)
+
+    results = []
+    quiet = lambda _m: None  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        den_path = export_onnx(net, card, Path(tmp) / "denoiser.onnx", graph="denoiser", verify=False)
+        for k in ks:
+            fused_path = export_onnx(
+                net, card, Path(tmp) / f"fused{k}.onnx", graph="fused", steps=k, verify=False
+            )
+            fused = Policy.load(fused_path, threads=a.threads, log=quiet)
+            step = Policy.load(den_path, threads=a.threads, steps=k, log=quiet)
+            eager = torch_chunk(net, card, k)
+            fns = {
+                "torch": lambda eager=eager: eager(obs, noise),
+                "step": lambda p=step: p.predict(obs, noise=noise),
+                "fused": lambda p=fused: p.predict(obs, noise=noise),
+            }
+            if a.int8:
+                int8 = Policy.load(quantized(fused_path), threads=a.threads, log=quiet)
+                fns["int8"] = lambda p=int8: p.predict(obs, noise=noise)
+            ref = eager(obs, noise)
+            diffs = {name: float(np.abs(fn() - ref).max()) for name, fn in fns.items() if name != "torch"}
+            ts = timed_interleaved(fns, runs)
+            (tp50, tp99), (sp50, sp99), (fp50, fp99) = (p50_p99(ts[n]) for n in ("torch", "step", "fused"))
+            best = min(sp50, fp50)
+            r = {
+                "k": k,
+                "torch_ms_p50": tp50,
+                "torch_ms_p99": tp99,
+                "ort_fused_ms_p50": fp50,
+                "ort_fused_ms_p99": fp99,
+                "ort_step_ms_p50": sp50,
+                "ort_step_ms_p99": sp99,
+                "speedup_vs_torch": tp50 / best,
+                "floor_ms": 0.0,  # floors: filled in below with the best peak measured
+                "ratio_to_floor": 0.0,
+                "floor_min_ms": 0.0,
+                "ratio_to_floor_min": 0.0,
+                "provider": fused.provider,
+                "max_abs_diff_step": diffs["step"],
+                "max_abs_diff_fused": diffs["fused"],
+            }
+            if a.int8:
+                ip50, ip99 = p50_p99(ts["int8"])
+                r |= {
+                    "ort_int8_ms_p50": ip50,
+                    "ort_int8_ms_p99": ip99,
+                    "speedup_int8_vs_torch": tp50 / ip50,
+                    "max_abs_diff_int8": diffs["int8"],
+                }
+            results.append(r)
+        setup_s = time.perf_counter() - t0
+    load1 = os.getloadavg()[0]
+    # The floors were computed with the start peak; a busy start would understate the peak, so take the
+    # better of two measurements and recompute.
+    peak = max(peak_start, matmul_peak_gflops(a.threads, a.quick))
+    for r in results:
+        k, best = r["k"], min(r["ort_step_ms_p50"], r["ort_fused_ms_p50"])
+        r["floor_ms"] = k * full / (peak * 1e9) * 1e3
+        r["floor_min_ms"] = (k * per_step + per_chunk) / (peak * 1e9) * 1e3
+        r["ratio_to_floor"], r["ratio_to_floor_min"] = best / r["floor_ms"], best / r["floor_min_ms"]
+
+    print(
+        f"DiffuseLoco-size policy: {cfg.layers}x{cfg.heads}x{cfg.width}, {net.parameter_count() / 1e6:.2f}M "
+        f"params, obs {card.history}x{card.obs_dim}, chunk {card.horizon}x{card.action_dim}; "
+        f"{runs} runs each, interleaved"
+    )
+    print(
+        f"CPU {os.cpu_count()} cores, threads={a.threads}, sgemm peak {peak:.1f} GFLOP/s; forward "
+        f"{full / 1e6:.0f} MFLOP, fused step {per_step / 1e6:.0f} MFLOP + {per_chunk / 1e6:.0f} MFLOP "
+        f"per chunk; load average {load0:.2f} -> {load1:.2f} (others share this machine)"
+    )
+    cols = [
+        "K",
+        "torch p50",
+        "step p50",
+        "fused p50",
+        "fused p99",
+        "speedup",
+        "floor",
+        "ratio",
+        "floor_min",
+        "ratio",
+    ]
+    if a.int8:
+        cols += ["int8 p50", "int8 x", "int8 err"]
+    print(" ".join(f"{c:>10}" for c in cols))
+    for r in results:
+        row = [
+            f"{r['k']}",
+            f"{r['torch_ms_p50']:.2f}ms",
+            f"{r['ort_step_ms_p50']:.2f}ms",
+            f"{r['ort_fused_ms_p50']:.2f}ms",
+            f"{r['ort_fused_ms_p99']:.2f}ms",
+            f"{r['speedup_vs_torch']:.2f}x",
+            f"{r['floor_ms']:.2f}ms",
+            f"{r['ratio_to_floor']:.2f}",
+            f"{r['floor_min_ms']:.2f}ms",
+            f"{r['ratio_to_floor_min']:.2f}",
+        ]
+        if a.int8:
+            row += [
+                f"{r['ort_int8_ms_p50']:.2f}ms",
+                f"{r['speedup_int8_vs_torch']:.2f}x",
+                f"{r['max_abs_diff_int8']:.1e}",
+            ]
+        print(" ".join(f"{c:>10}" for c in row))
+    if a.json:
+        print(
+            json.dumps(
+                {
+                    "results": results,
+                    "threads": a.threads,
+                    "runs": runs,
+                    "peak_gflops": peak,
+                    "peak_gflops_start": peak_start,
+                    "forward_mflop": full / 1e6,
+                    "params": net.parameter_count(),
+                    "load_avg": [load0, load1],
+                    "setup_s": setup_s,
+                    "cpu_count": os.cpu_count(),
+                    "quick": a.quick,
+                    "int8": a.int8,
+                }
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
