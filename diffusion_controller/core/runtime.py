@@ -281,7 +281,7 @@ class Policy:
             name = self._names[role]
             is_out = role in exp_out
             if on_gpu:
-                ov = ort.OrtValue.ortvalue_from_shape_and_type(arr.shape, arr.dtype, "cuda", 0)
+                ov = ort.OrtValue.ortvalue_from_shape_and_type(arr.shape, arr.dtype.type, "cuda", 0)
                 self._device[role] = ov
                 (self._io.bind_ortvalue_output if is_out else self._io.bind_ortvalue_input)(name, ov)
             elif is_out:
