@@ -96,6 +96,9 @@ def _make_session(
                 log(f"policy: {SHORT[p]} not used: {why}")
     elif provider in PROVIDERS:
         wanted = [] if provider == "cpu" else [PROVIDERS[provider]]
+        why = None if provider == "cpu" else _gpu_provider_problem(PROVIDERS[provider])
+        if why is not None:  # fail before ORT prints its own fallback noise
+            raise ModelError(f"provider {provider!r} requested but it cannot be used here: {why}")
         if provider == "tensorrt":
             wanted.append(CUDA)
     else:
