@@ -192,12 +192,24 @@ class Ant:
     def physics_rate(self) -> float:
         return 1.0 / self.model.opt.timestep
 
-    def reset(self, randomize: bool = True, seed: int | None = None, pose: np.ndarray | None = None) -> None:
-        """Put the ant standing at the origin; with randomize: random heading, joints and position."""
+    def reset(
+        self,
+        randomize: bool = True,
+        seed: int | None = None,
+        pose: np.ndarray | None = None,
+        keep_time: bool = False,
+    ) -> None:
+        """Put the ant standing at the origin; with randomize: random heading, joints and position.
+
+        keep_time keeps the sim clock running (a ROS /clock must never jump back).
+        """
         if seed is not None:
             self.rng = np.random.default_rng(seed)
         d = self.data
+        t = d.time
         mujoco.mj_resetData(self.model, d)
+        if keep_time:
+            d.time = t
         q = np.array(STANDING_POSE if pose is None else pose, dtype=float)
         yaw = 0.0
         if randomize:
@@ -263,6 +275,12 @@ class Ant:
             linear_velocity=features.world_to_body(d.qvel[0:3], quat),
             position=d.qpos[0:3].copy(),
         )
+
+    def specific_force(self) -> np.ndarray:
+        """What an accelerometer at the base reads (body frame, m/s^2): +9.81 up when at rest."""
+        d = self.data
+        quat = features.wxyz_to_xyzw(d.qpos[3:7])
+        return features.world_to_body(d.qacc[0:3] - self.model.opt.gravity, quat)
 
     def measure(self) -> Measurement:
         """Sensors at the current time with noise."""

@@ -1,0 +1,258 @@
+"""sim_node as a real process over DDS: clock, sensor topics and rates, commands, delay, reset, exit."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import statistics
+import time
+
+import numpy as np
+import pytest
+from builtin_interfaces.msg import Duration
+from nav_msgs.msg import Odometry
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from ros_helpers import NodeProcess, Probe, console_script, ros_args, wait_until
+from rosgraph_msgs.msg import Clock
+from sensor_msgs.msg import Imu, JointState
+from std_msgs.msg import Float64MultiArray
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from diffusion_controller.sim.ant import JOINTS, STANDING_POSE
+
+pytestmark = pytest.mark.ros
+
+SIM = console_script("sim_node", "diffusion_controller.sim.sim_node")
+JOINT_RATE = 50.0  # not the default (100), so the test also shows parameters reach the node
+FWD = "/forward_position_controller/commands"
+JTC = "/joint_trajectory_controller/joint_trajectory"
+
+
+def t_of(stamp) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def positions(msg: JointState) -> np.ndarray:
+    return np.array([msg.position[list(msg.name).index(j)] for j in JOINTS])
+
+
+@pytest.fixture(scope="module")
+def sim():
+    params = {"real_time_factor": 1.0, "joint_states_rate_hz": JOINT_RATE, "seed": 3}
+    with NodeProcess(SIM + ros_args(params)) as proc, Probe("sim_probe") as probe:
+        for topic, typ in [
+            ("/clock", Clock),
+            ("/joint_states", JointState),
+            ("/imu_sensor_broadcaster/imu", Imu),
+            ("/odom", Odometry),
+            ("/sim_node/ground_truth", Odometry),
+        ]:
+            probe.subscribe(topic, typ)
+        assert probe.wait_for("/joint_states", lambda m: len(m) > 20, timeout=30), proc.output()
+        yield proc, probe
+
+
+def latest_positions(probe: Probe) -> np.ndarray:
+    return positions(probe.received("/joint_states")[-1])
+
+
+def test_clock_advances_at_real_time(sim) -> None:
+    _, probe = sim
+    timed = probe.received_timed("/clock")
+    assert len(timed) > 10
+    t0 = t_of(timed[0][1].clock)
+    assert wait_until(lambda: t_of(probe.received("/clock")[-1].clock) > t0 + 1.0, timeout=10)
+    (w0, c0), (w1, c1) = timed[0], probe.received_timed("/clock")[-1]
+    clocks = [t_of(m.clock) for _, m in probe.received_timed("/clock")]
+    assert all(b >= a for a, b in itertools.pairwise(clocks))
+    assert (t_of(c1.clock) - t_of(c0.clock)) / (w1 - w0) == pytest.approx(1.0, rel=0.3)
+
+
+def test_joint_states_carry_the_named_joints_at_the_configured_rate(sim) -> None:
+    _, probe = sim
+    msgs = probe.received("/joint_states")
+    assert all(list(m.name) == list(JOINTS) for m in msgs)
+    assert all(len(m.position) == len(m.velocity) == len(m.effort) == 8 for m in msgs)
+    stamps = [t_of(m.header.stamp) for m in msgs]
+    assert statistics.median(np.diff(stamps)) == pytest.approx(1.0 / JOINT_RATE, rel=0.05)
+    timed = probe.received_timed("/joint_states")
+    wall = timed[-1][0] - timed[0][0]
+    assert len(timed) / wall == pytest.approx(JOINT_RATE, rel=0.3)  # nothing piles up or gets dropped
+    assert np.allclose(positions(msgs[-1]), STANDING_POSE, atol=0.1)  # standing at start
+
+
+def test_imu_and_odom_follow_the_ros_conventions(sim) -> None:
+    _, probe = sim
+    assert probe.wait_for("/odom") and probe.wait_for("/imu_sensor_broadcaster/imu")
+    imu = probe.received("/imu_sensor_broadcaster/imu")[-1]
+    q = [imu.orientation.x, imu.orientation.y, imu.orientation.z, imu.orientation.w]
+    assert np.linalg.norm(q) == pytest.approx(1.0)
+    assert imu.linear_acceleration.z == pytest.approx(9.81, abs=1.0)  # accelerometer reads +g at rest
+    odom = probe.received("/odom")[-1]
+    assert (odom.header.frame_id, odom.child_frame_id) == ("odom", "base_link")
+    assert odom.pose.pose.position.z > 0.4
+    imu_stamps = [t_of(m.header.stamp) for m in probe.received("/imu_sensor_broadcaster/imu")]
+    assert statistics.median(np.diff(imu_stamps)) == pytest.approx(1.0 / 200.0, rel=0.05)
+
+
+def test_forward_command_moves_the_joints(sim) -> None:
+    _, probe = sim
+    pub = probe.publisher(FWD, Float64MultiArray)
+    assert probe.wait_for_subscriber(pub)
+    target = STANDING_POSE + np.array([0.25, 0.1, -0.25, -0.1, 0.25, -0.1, -0.25, 0.1])
+    pub.publish(Float64MultiArray(data=target.tolist()))
+    assert wait_until(lambda: np.allclose(latest_positions(probe), target, atol=0.03), timeout=5), (
+        latest_positions(probe)
+    )
+
+
+def test_wrong_size_command_is_ignored_and_node_keeps_running(sim) -> None:
+    proc, probe = sim
+    pub = probe.publisher(FWD, Float64MultiArray)
+    assert probe.wait_for_subscriber(pub)
+    pub.publish(Float64MultiArray(data=STANDING_POSE.tolist()))
+    assert wait_until(lambda: np.allclose(latest_positions(probe), STANDING_POSE, atol=0.03), timeout=5)
+    pub.publish(Float64MultiArray(data=[0.4, 0.4, 0.4]))
+    assert wait_until(lambda: "expected 8" in proc.output(), timeout=5), proc.output()
+    n = len(probe.received("/joint_states"))
+    assert probe.wait_for("/joint_states", lambda m: len(m) > n + 25, timeout=5)
+    assert proc.alive
+    assert np.allclose(latest_positions(probe), STANDING_POSE, atol=0.03)
+
+
+def test_trajectory_is_followed_by_joint_name_and_held_at_the_end(sim) -> None:
+    proc, probe = sim
+    pub = probe.publisher(JTC, JointTrajectory)
+    assert probe.wait_for_subscriber(pub)
+    goal = STANDING_POSE + np.array([-0.2, 0.15, 0.2, -0.15, -0.2, -0.15, 0.2, 0.15])
+    order = list(reversed(JOINTS))  # the controller maps by name, not by position
+    msg = JointTrajectory(joint_names=order)
+    for tfs, frac in ((0.4, 0.5), (0.8, 1.0)):
+        q = STANDING_POSE + frac * (goal - STANDING_POSE)
+        msg.points.append(
+            JointTrajectoryPoint(
+                positions=[float(q[JOINTS.index(j)]) for j in order],
+                time_from_start=Duration(sec=0, nanosec=int(tfs * 1e9)),
+            )
+        )
+    pub.publish(msg)
+    assert wait_until(lambda: np.allclose(latest_positions(probe), goal, atol=0.03), timeout=5), (
+        latest_positions(probe),
+        proc.output()[-2000:],
+    )
+    n = len(probe.received("/joint_states"))
+    assert probe.wait_for("/joint_states", lambda m: len(m) > n + 25, timeout=5)
+    assert np.allclose(latest_positions(probe), goal, atol=0.03)  # held
+
+
+def test_bad_trajectory_is_rejected(sim) -> None:
+    proc, probe = sim
+    pub = probe.publisher(JTC, JointTrajectory)
+    assert probe.wait_for_subscriber(pub)
+    msg = JointTrajectory(joint_names=["hip_1", "ankle_1"])
+    msg.points.append(JointTrajectoryPoint(positions=[0.0, 1.0], time_from_start=Duration(sec=1)))
+    pub.publish(msg)
+    assert wait_until(lambda: "trajectory rejected" in proc.output(), timeout=5), proc.output()
+    assert proc.alive
+
+
+def test_reset_service_and_ground_truth(sim) -> None:
+    _, probe = sim
+    assert probe.wait_for("/sim_node/ground_truth")
+    resp = probe.call(Trigger, "/sim_node/reset", Trigger.Request())
+    assert resp is not None and resp.success
+    assert wait_until(lambda: np.allclose(latest_positions(probe), STANDING_POSE, atol=0.03), timeout=5)
+    truth = probe.received("/sim_node/ground_truth")[-1]
+    assert abs(truth.pose.pose.position.x) < 0.05 and truth.pose.pose.position.z > 0.4
+
+
+def test_sigint_exits_zero(sim) -> None:
+    proc, _ = sim
+    assert proc.alive
+    assert proc.stop(signal.SIGINT) == 0
+
+
+def test_observation_delay() -> None:
+    """Messages keep their measurement stamp but leave obs_delay_s later (paced at real time)."""
+    delay = 0.1
+    params = {"real_time_factor": 1.0, "obs_delay_s": delay}
+    with NodeProcess(SIM + ros_args(params)) as proc, Probe("delay_probe") as probe:
+        probe.subscribe("/clock", Clock)
+        probe.subscribe("/joint_states", JointState)
+        assert probe.wait_for("/joint_states", lambda m: len(m) > 100, timeout=30), proc.output()
+        # wall receive time minus sim time: for /clock it is the transport offset, for a joint state it
+        # is that plus the delay
+        clock_offset = statistics.median(w - t_of(m.clock) for w, m in probe.received_timed("/clock"))
+        joint_offset = statistics.median(
+            w - t_of(m.header.stamp) for w, m in probe.received_timed("/joint_states")
+        )
+        assert joint_offset - clock_offset == pytest.approx(delay, abs=0.02)
+        assert proc.stop(signal.SIGINT) == 0
+
+
+def test_fast_mode_outruns_the_wall_clock_and_sigterm_exits_zero() -> None:
+    with NodeProcess(SIM + ros_args({"real_time_factor": 0.0})) as proc, Probe("fast_probe") as probe:
+        probe.subscribe("/clock", Clock, qos=QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+        assert probe.wait_for("/clock", lambda m: len(m) > 20, timeout=30), proc.output()
+        t0 = t_of(probe.received("/clock")[-1].clock)
+        time.sleep(1.0)
+        t1 = t_of(probe.received("/clock")[-1].clock)
+        assert t1 - t0 > 1.5
+        assert proc.stop(signal.SIGTERM) == 0
+
+
+def _traj(points, names=JOINTS, stamp_s: float = 0.0) -> JointTrajectory:
+    msg = JointTrajectory(joint_names=list(names))
+    msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp_s), round((stamp_s % 1) * 1e9)
+    for tfs, pos, vel in points:
+        msg.points.append(
+            JointTrajectoryPoint(
+                positions=list(map(float, pos)),
+                velocities=[] if vel is None else list(map(float, vel)),
+                time_from_start=Duration(sec=int(tfs), nanosec=round((tfs % 1) * 1e9)),
+            )
+        )
+    return msg
+
+
+def test_trajectory_interpolation_like_joint_trajectory_controller() -> None:
+    from diffusion_controller.sim.sim_node import trajectory_from_msg
+
+    start = np.zeros(8)
+    a, b = np.full(8, 1.0), np.full(8, 3.0)
+    lin = trajectory_from_msg(_traj([(1.0, a, None), (2.0, b, None)]), 10.0, start, np.zeros(8))
+    assert np.allclose(lin.sample(10.5)[0], 0.5)  # stamp 0 = start now, from the current state
+    assert np.allclose(lin.sample(11.5)[0], 2.0) and np.allclose(lin.sample(11.5)[1], 2.0)
+    assert np.allclose(lin.sample(99.0)[0], 3.0) and np.allclose(lin.sample(99.0)[1], 0.0)  # held
+    assert np.allclose(lin.sample(9.0)[0], 0.0)
+    va, vb = np.full(8, 2.0), np.zeros(8)
+    cub = trajectory_from_msg(_traj([(1.0, a, va), (2.0, b, vb)]), 0.0, start, np.zeros(8))
+    for t, pos, vel in ((1.0, a, va), (2.0, b, vb)):  # passes through points with their velocities
+        p, v = cub.sample(t - 1e-7)
+        assert np.allclose(p, pos, atol=1e-5) and np.allclose(v, vel, atol=1e-4)
+    mid = cub.sample(1.5)[0]
+    assert not np.allclose(mid, 2.0)  # cubic, not linear
+    # a stamp in the future delays the start; joints are mapped by name
+    names = list(reversed(JOINTS))
+    q = np.arange(8.0) / 10
+    later = trajectory_from_msg(_traj([(1.0, q[::-1], None)], names, stamp_s=5.0), 0.0, start, np.zeros(8))
+    assert np.allclose(later.sample(4.0)[0], 0.0)
+    assert np.allclose(later.sample(6.0)[0], q)
+
+
+@pytest.mark.parametrize(
+    "msg, why",
+    [
+        (_traj([(1.0, np.zeros(8), None)], names=JOINTS[:7]), "joint_names"),
+        (_traj([(1.0, np.zeros(8), None), (1.0, np.zeros(8), None)]), "increase"),
+        (_traj([(1.0, np.zeros(7), None)]), "positions"),
+        (_traj([(1.0, np.zeros(8), None)], stamp_s=1.0), "past"),
+        (_traj([(1.0, np.full(8, np.nan), None)]), "non-finite"),
+    ],
+)
+def test_bad_trajectories_are_rejected_with_a_reason(msg, why) -> None:
+    from diffusion_controller.sim.sim_node import trajectory_from_msg
+
+    with pytest.raises(ValueError, match=why):
+        trajectory_from_msg(msg, 5.0, np.zeros(8), np.zeros(8))
