@@ -7,3 +7,6 @@ import os
 os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+# Fast DDS' shared-memory transport leaves port lock files behind when a test kills a node, and later
+# processes then log errors about them; UDP on loopback has no such state.
+os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "UDPv4")
