@@ -93,7 +93,7 @@ def test_imu_and_odom_follow_the_ros_conventions(sim) -> None:
     assert (odom.header.frame_id, odom.child_frame_id) == ("odom", "base_link")
     assert odom.pose.pose.position.z > 0.4
     imu_stamps = [t_of(m.header.stamp) for m in probe.received("/imu_sensor_broadcaster/imu")]
-    assert statistics.median(np.diff(imu_stamps)) == pytest.approx(1.0 / 200.0, rel=0.05)
+    assert statistics.median(np.diff(imu_stamps)) == pytest.approx(1.0 / 250.0, rel=0.05)  # default
 
 
 def test_forward_command_moves_the_joints(sim) -> None:
@@ -176,18 +176,23 @@ def test_sigint_exits_zero(sim) -> None:
 def test_observation_delay() -> None:
     """Messages keep their measurement stamp but leave obs_delay_s later (paced at real time)."""
     delay = 0.1
-    params = {"real_time_factor": 1.0, "obs_delay_s": delay}
+    params = {"real_time_factor": 1.0, "obs_delay_s": delay, "clock_rate_hz": 500.0}
     with NodeProcess(SIM + ros_args(params)) as proc, Probe("delay_probe") as probe:
         probe.subscribe("/clock", Clock)
         probe.subscribe("/joint_states", JointState)
         assert probe.wait_for("/joint_states", lambda m: len(m) > 100, timeout=30), proc.output()
-        # wall receive time minus sim time: for /clock it is the transport offset, for a joint state it
-        # is that plus the delay
-        clock_offset = statistics.median(w - t_of(m.clock) for w, m in probe.received_timed("/clock"))
-        joint_offset = statistics.median(
-            w - t_of(m.header.stamp) for w, m in probe.received_timed("/joint_states")
-        )
-        assert joint_offset - clock_offset == pytest.approx(delay, abs=0.02)
+        # Lag of each joint state behind the newest /clock received before it (a clock tick leaves at
+        # every physics step): about the delay, whatever the machine's load does to the pacing.
+        clocks = probe.received_timed("/clock")
+        wall = np.array([w for w, _ in clocks])
+        sim_t = np.array([t_of(m.clock) for _, m in clocks])
+        lags = []
+        for w, m in probe.received_timed("/joint_states"):
+            i = np.searchsorted(wall, w, side="right") - 1
+            if 0 <= i < len(wall):
+                lags.append(sim_t[i] - t_of(m.header.stamp))
+        assert len(lags) > 50
+        assert statistics.median(lags) == pytest.approx(delay, abs=0.015)
         assert proc.stop(signal.SIGINT) == 0
 
 

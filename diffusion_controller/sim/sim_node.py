@@ -162,7 +162,9 @@ class SimNode(Node):
         rates = {
             "clock": p("clock_rate_hz", 250.0, "/clock publication rate in sim time."),
             "joints": p("joint_states_rate_hz", 100.0, "/joint_states rate (joint_state_broadcaster)."),
-            "imu": p("imu_rate_hz", 200.0, "/imu_sensor_broadcaster/imu rate."),
+            "imu": p(
+                "imu_rate_hz", 250.0, "/imu_sensor_broadcaster/imu rate (a divisor of the physics rate)."
+            ),
             "odom": p("odom_rate_hz", 50.0, "/odom rate."),
             "truth": p("ground_truth_rate_hz", 50.0, "~/ground_truth rate (noise- and delay-free)."),
         }
