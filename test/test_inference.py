@@ -200,3 +200,6 @@ def test_control_core_runs_a_real_exported_policy(tmp_path):
     assert running >= 50, stats
     assert stats.inference_errors == 0 and stats.missed_steps == 0, stats
     assert stats.inference_p50_s >= period
+    # the model's own compute time is reported apart from the tick-quantized delay, and is below it
+    assert 0.0 < stats.compute_p50_s <= stats.inference_p50_s
+    assert stats.compute_p50_s <= stats.compute_p99_s

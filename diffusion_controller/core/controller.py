@@ -202,6 +202,8 @@ class ControlStats:
     inference_p99_s: float
     inference_forecast_s: float
     obs_age_forecast_s: float
+    compute_p50_s: float
+    compute_p99_s: float
 
 
 @dataclass
@@ -374,6 +376,8 @@ class ControlCore:
                 inference_p99_s=f.percentile(99),
                 inference_forecast_s=f.inference_forecast(),
                 obs_age_forecast_s=f.obs_age_forecast(),
+                compute_p50_s=f.compute_percentile(50),
+                compute_p99_s=f.compute_percentile(99),
             )
 
     def close(self) -> None:
@@ -547,6 +551,7 @@ class ControlCore:
             c.last_error = result.error
             return
         self._forecaster.record_inference(now - request.t_request)
+        self._forecaster.record_compute(result.compute_s)
         c.chunks_received += 1
         if request.seq < self._min_seq:
             c.chunks_dropped += 1  # requested before a reset, a fault or a layout change

@@ -15,7 +15,10 @@ import numpy as np
 class LatencyForecaster:
     """Measured inference delays (ready - request) and observation ages (request - t_obs).
 
-    `window` recent values feed the forecast (max); `stats_window` values feed the p50/p99 diagnostics.
+    The delay is what scheduling needs: from the request until the tick that can use the chunk, so it is
+    quantized to ticks. The pure model time (`record_compute`) is kept apart for diagnostics, because it
+    says how much headroom the model leaves. `window` recent delays feed the forecast (max);
+    `stats_window` values feed the p50/p99 diagnostics.
     """
 
     def __init__(self, window: int = 10, stats_window: int = 1000) -> None:
@@ -24,6 +27,12 @@ class LatencyForecaster:
         self._recent: deque[float] = deque(maxlen=window)
         self._inference: deque[float] = deque(maxlen=stats_window)
         self._obs_age: deque[float] = deque(maxlen=window)
+        self._compute: deque[float] = deque(maxlen=stats_window)
+
+    def record_compute(self, compute_s: float) -> None:
+        """Time predict() itself took (no queueing, no waiting for a tick)."""
+        if math.isfinite(compute_s) and compute_s >= 0.0:
+            self._compute.append(float(compute_s))
 
     def record_inference(self, delay_s: float) -> None:
         if math.isfinite(delay_s) and delay_s >= 0.0:
@@ -44,11 +53,20 @@ class LatencyForecaster:
 
     def percentile(self, q: float) -> float:
         """q-th percentile (0..100) of the inference delays kept for diagnostics; nan when none."""
-        if not self._inference:
-            return math.nan
-        return float(np.percentile(np.fromiter(self._inference, float), q))
+        return _percentile(self._inference, q)
+
+    def compute_percentile(self, q: float) -> float:
+        """q-th percentile (0..100) of the model compute times; nan when none."""
+        return _percentile(self._compute, q)
 
     def clear(self) -> None:
         self._recent.clear()
         self._inference.clear()
         self._obs_age.clear()
+        self._compute.clear()
+
+
+def _percentile(values: deque[float], q: float) -> float:
+    if not values:
+        return math.nan
+    return float(np.percentile(np.fromiter(values, float), q))
