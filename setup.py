@@ -21,7 +21,9 @@ setup(
     zip_safe=True,
     maintainer="diffusion_controller developers",
     maintainer_email="diffusion-controller@example.org",
-    description="Real-time ROS 2 controller running an ONNX diffusion policy with DDIM and delay compensation.",
+    description=(
+        "Real-time ROS 2 controller running an ONNX diffusion policy with DDIM and delay compensation."
+    ),
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
