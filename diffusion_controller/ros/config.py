@@ -70,7 +70,7 @@ HAS_HEADER = frozenset({JOINT_STATE, IMU, ODOMETRY, TWIST_STAMPED})
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 SAFE_MODES = ("hold", "default_pose")
 BLEND_MODES = ("none", "crossfade", "inpaint")
-EXECUTORS = ("multi_threaded", "single_threaded", "events")
+EXECUTORS = ("single_threaded", "multi_threaded")
 STAMP_MODES = ("header", "receipt")
 TRAJECTORY_STAMPS = ("zero", "absolute")
 
@@ -145,8 +145,8 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("model_joints", [], "str_list", "For each entry of `joints`, the card joint it carries; empty "
               "= same names. Renames apply to JointState inputs too."),
     ParamSpec("autostart", True, "bool", "Configure and activate at startup."),
-    ParamSpec("executor", "multi_threaded", "str", "Executor of the node process (read at startup).",
-              choices=EXECUTORS),
+    ParamSpec("executor", "single_threaded", "str", "Executor for subscriptions, services and parameters "
+              "(read at startup); the control timer always has a thread of its own.", choices=EXECUTORS),
     ParamSpec("diagnostics_period_s", 1.0, "float", "Period of /diagnostics.", range=(0.05, 60.0)),
     ParamSpec("observations.sources", [], "str_list", "Names of observation sources; each has "
               "observations.<name>.{topic,type,features,timeout_s,stamp,frame}."),
@@ -274,7 +274,7 @@ class NodeConfig:
     joints: tuple[str, ...] = ()
     model_joints: tuple[str, ...] = ()
     autostart: bool = True
-    executor: str = "multi_threaded"
+    executor: str = "single_threaded"
     diagnostics_period_s: float = 1.0
     max_future_s: float = 0.05
     commands_enabled: bool = True

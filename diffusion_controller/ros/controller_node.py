@@ -12,13 +12,15 @@ Lifecycle (rclpy.lifecycle, like ros2/demos' lifecycle talker):
   deactivate stop ticking; cleanup releases everything; shutdown from any state
 `autostart:=true` walks the node to active at startup.
 
-Threads: a MultiThreadedExecutor (default) with one callback group for the control timer, one for the
-observation subscriptions and one for services, parameters and diagnostics, so none waits behind
-another; plus the core's inference thread and, during a model swap, a loader thread.
+Threads: the control timer runs on a thread of its own (`ControlLoop`), so neither sensor bursts nor a
+parameter call delay a tick; subscriptions, services and parameters share the main executor (single-
+threaded by default: cheapest under the GIL; callback groups keep a multi-threaded one safe too); the
+core's inference thread runs the model (ONNX Runtime releases the GIL); a loader thread runs model swaps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -104,6 +106,55 @@ def read_card(path: str) -> ModelCard:
         raise
 
 
+class ControlLoop:
+    """The fixed-rate control timer on a thread of its own.
+
+    rclpy runs all callbacks of one node in the executor that spins it, so a timer of the main node would
+    wait behind whatever that executor is doing: a burst of 500 Hz sensor callbacks, a parameter call
+    that parses a model card. The loop timer therefore lives on a small hidden helper node
+    (`_<name>_loop`, same namespace and `use_sim_time`) spun by its own single-threaded executor, which
+    waits on nothing but that timer (and /clock under sim time). The callback publishes on the main node's
+    lifecycle publishers. rcl timer semantics are kept: fixed grid, sim time, skipped (not bunched) ticks.
+    """
+
+    def __init__(self, node: rclpy.node.Node, period_s: float, callback: Any) -> None:
+        use_sim_time = bool(node.get_parameter("use_sim_time").value)
+        self.node = rclpy.create_node(
+            f"_{node.get_name()}_loop",
+            namespace=node.get_namespace(),
+            context=node.context,
+            parameter_overrides=[Parameter("use_sim_time", value=use_sim_time)],
+            start_parameter_services=False,
+            enable_rosout=False,
+        )
+        self.timer = self.node.create_timer(period_s, callback)
+        self.timer.cancel()
+        self.executor = SingleThreadedExecutor(context=node.context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self._spin, name="control_loop", daemon=True)
+        self.thread.start()
+
+    def _spin(self) -> None:
+        with contextlib.suppress(ExternalShutdownException, RuntimeError):  # context shut down
+            self.executor.spin()
+
+    def now(self) -> float:
+        """Node-clock seconds as the timer sees them (sim time under use_sim_time)."""
+        return self.node.get_clock().now().nanoseconds * 1e-9
+
+    def start(self) -> None:
+        self.timer.reset()
+
+    def stop(self) -> None:
+        self.timer.cancel()
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.executor.shutdown(timeout_sec=2.0)
+        self.thread.join(timeout=2.0)
+        self.node.destroy_node()
+
+
 class ControllerNode(LifecycleNode):
     """Managed node running a diffusion policy at a fixed control rate."""
 
@@ -116,7 +167,6 @@ class ControllerNode(LifecycleNode):
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         # Callback groups: the control timer never queues behind observations or services.
-        self._timer_group = MutuallyExclusiveCallbackGroup()
         self._obs_group = MutuallyExclusiveCallbackGroup()
         self._misc_group = MutuallyExclusiveCallbackGroup()
 
@@ -128,7 +178,7 @@ class ControllerNode(LifecycleNode):
         self._readers: dict[str, cv.SourceReader] = {}
         self._subs: list[Any] = []
         self._pub_cmd = self._pub_traj = self._pub_dbg = None
-        self._timer = None
+        self._loop: ControlLoop | None = None
         self._active = False
         self._estop_latched = False
         self._model_path = ""
@@ -141,7 +191,8 @@ class ControllerNode(LifecycleNode):
         self._swap_target = ""
         self._swaps = 0
         self._swap_failures = 0
-        self._faults = dg.RateLimitedLog(self._log.warning)
+        self._faults = dg.RateLimitedLog(self._log.warning)  # rejected input, per source and cause
+        self._events = dg.RateLimitedLog(self._log.warning)  # missed steps
         self._source_faults: dict[str, int] = {}
         self._wall_time = not self.get_parameter("use_sim_time").value
 
@@ -239,8 +290,7 @@ class ControllerNode(LifecycleNode):
                     callback_group=self._obs_group,
                 )
             )
-        self._timer = self.create_timer(binding.period_s, self._on_tick, callback_group=self._timer_group)
-        self._timer.cancel()
+        self._loop = ControlLoop(self, binding.period_s, self._on_tick)
         self._log.info(
             f"configured: model '{card.name}' {card.version} on {policy.provider}, K={policy.steps}, "
             f"{1.0 / binding.period_s:.1f} Hz, sources {[s.name for s in cfg.sources]}"
@@ -248,7 +298,7 @@ class ControllerNode(LifecycleNode):
         return super().on_configure(state)
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
-        assert self._core is not None and self._timer is not None
+        assert self._core is not None and self._loop is not None
         with self._lock:
             self._core.reset()
             if self._estop_latched:
@@ -256,13 +306,13 @@ class ControllerNode(LifecycleNode):
         self._stats.reset_phase()
         self._active = True
         ret = super().on_activate(state)
-        self._timer.reset()
+        self._loop.start()
         self._log.info("active: publishing commands")
         return ret
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._loop is not None:
+            self._loop.stop()
         self._active = False
         self._log.info("inactive: commands stopped")
         return super().on_deactivate(state)
@@ -281,9 +331,8 @@ class ControllerNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _release(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self.destroy_timer(self._timer)
+        if self._loop is not None:
+            self._loop.close()
         for sub in self._subs:
             self.destroy_subscription(sub)
         for pub in (self._pub_cmd, self._pub_traj, self._pub_dbg):
@@ -293,7 +342,7 @@ class ControllerNode(LifecycleNode):
             core, self._core = self._core, None
         if core is not None:
             core.close()
-        self._timer = self._pub_cmd = self._pub_traj = self._pub_dbg = None
+        self._loop = self._pub_cmd = self._pub_traj = self._pub_dbg = None
         self._subs, self._readers = [], {}
         self._policy = self._binding = self._cfg = None
         self._active = False
@@ -307,9 +356,13 @@ class ControllerNode(LifecycleNode):
             self.trigger_activate()
 
     def close(self) -> None:
-        """Stop the threads the node owns (inference, loader) so the process can exit."""
-        if self._swap_thread is not None:
-            self._swap_thread.join(timeout=10.0)
+        """Stop the threads the node owns (control loop, inference, loader) so the process can exit."""
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+        swap = self._swap_thread
+        if swap is not None:
+            swap.join(timeout=10.0)
         with self._lock:
             core, self._core = self._core, None
         if core is not None:
@@ -431,25 +484,28 @@ class ControllerNode(LifecycleNode):
     def _observation_callback(self, source: str):
         def callback(msg: Any) -> None:
             now = self._now()
-            with self._lock:
-                reader, core = self._readers.get(source), self._core
-                if reader is None or core is None:
-                    return
-                try:
-                    stamp, values = reader.read(msg, now)
-                except cv.InputError as exc:
-                    self._fault(source, exc.cause, str(exc))
-                    return
-                for feature, value in values.items():
-                    reason = core.observe(feature, stamp, value, now)
-                    if reason:
-                        self._fault(source, "rejected", f"{feature}: {reason}")
+            reader, core = self._readers.get(source), self._core
+            if reader is None or core is None:
+                return
+            try:
+                stamp, values = reader.read(msg, now)
+            except cv.InputError as exc:
+                self._fault(source, exc.cause, str(exc))
+                return
+            if self._readers.get(source) is not reader:
+                return  # a model swap changed the layout while this message was decoded: drop it
+            for feature, value in values.items():
+                reason = core.observe(feature, stamp, value, now)
+                if reason:
+                    self._fault(source, "rejected", f"{feature}: {reason}")
 
         return callback
 
     def _on_tick(self) -> None:
         """One control period: ask the core for the command and publish it. Nothing else happens here."""
-        now = self._now()
+        t0 = time.perf_counter()
+        loop = self._loop
+        now = loop.now() if loop is not None else self._now()
         with self._lock:
             core, binding = self._core, self._binding
             if core is None or binding is None or not self._active:
@@ -463,7 +519,9 @@ class ControllerNode(LifecycleNode):
                 self._publish_trajectory(res.trajectory, binding, now)
         if self._pub_dbg is not None:
             self._pub_dbg.publish(cv.array_msg(self._timing_row(now, res, core)))
-        self._stats.tick(time.monotonic() if self._wall_time else now)
+        self._stats.tick(time.monotonic() if self._wall_time else now, time.perf_counter() - t0)
+        if res.missed:
+            self._events("missed_step", f"missed step: {res.reason}")
         if res.state != self._last_state or (res.reason and res.reason != self._last_reason):
             self._state_changed(res.state, res.reason)
 
@@ -584,6 +642,7 @@ class ControllerNode(LifecycleNode):
                 "jitter_p50_ms": s.jitter_ms(50),
                 "jitter_p99_ms": s.jitter_ms(99),
                 "jitter_max_ms": 1000.0 * s.max_jitter_s,
+                "tick_cost_p99_ms": s.cost_ms(99),
                 "missed_steps": st.missed_steps,
                 "consecutive_misses": st.consecutive_misses,
                 "safe_entries": st.safe_entries,
@@ -637,13 +696,9 @@ class ControllerNode(LifecycleNode):
 
 def make_executor(kind: str):
     """The executor named by the `executor` parameter."""
-    if kind == "single_threaded":
-        return SingleThreadedExecutor()
-    if kind == "events":
-        from rclpy.experimental import EventsExecutor
-
-        return EventsExecutor()
-    return MultiThreadedExecutor(num_threads=3)
+    if kind == "multi_threaded":
+        return MultiThreadedExecutor(num_threads=2)
+    return SingleThreadedExecutor()
 
 
 def main(args: list[str] | None = None) -> int:

@@ -73,10 +73,15 @@ class LoopStats:
     _last: float | None = None
     _intervals: deque = field(default_factory=deque)
     _jitter: deque = field(default_factory=deque)
+    _cost: deque = field(default_factory=deque)
 
-    def tick(self, t: float) -> None:
-        """Record a tick at time `t` (seconds, monotonic or sim time)."""
+    def tick(self, t: float, cost_s: float | None = None) -> None:
+        """Record a tick at time `t` (seconds, monotonic or sim time) that took `cost_s` to run."""
         self.ticks += 1
+        if cost_s is not None:
+            self._cost.append(cost_s)
+            if len(self._cost) > self.window:
+                self._cost.popleft()
         if self._last is not None:
             dt = t - self._last
             jitter = abs(dt - self.period_s)
@@ -103,6 +108,10 @@ class LoopStats:
 
     def jitter_ms(self, q: float) -> float:
         return 1000.0 * percentile(self._jitter, q)
+
+    def cost_ms(self, q: float) -> float:
+        """Percentile of the time the tick callback itself took."""
+        return 1000.0 * percentile(self._cost, q)
 
 
 @dataclass
