@@ -6,6 +6,7 @@ import itertools
 import signal
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,33 @@ def test_bad_trajectories_are_rejected_with_a_reason(msg, why) -> None:
 
     with pytest.raises(ValueError, match=why):
         trajectory_from_msg(msg, 5.0, np.zeros(8), np.zeros(8))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_shipped_params_file_is_what_the_node_runs_with() -> None:
+    """Every key of config/sim.yaml is a declared parameter and takes effect (a typo would not)."""
+    import yaml
+    from rcl_interfaces.srv import GetParameters
+    from rclpy.parameter import parameter_value_to_python
+
+    path = Path(__file__).resolve().parents[1] / "config" / "sim.yaml"
+    params = _flatten(yaml.safe_load(path.read_text())["sim_node"]["ros__parameters"])
+    cmd = [*SIM, "--ros-args", "--params-file", str(path), "-p", "real_time_factor:=0.0"]
+    with NodeProcess(cmd) as proc, Probe("params_probe") as probe:
+        request = GetParameters.Request(names=list(params))
+        resp = probe.call(GetParameters, "/sim_node/get_parameters", request)
+        assert resp is not None, proc.output()
+        got = dict(zip(params, (parameter_value_to_python(v) for v in resp.values), strict=True))
+        expected = {**params, "real_time_factor": 0.0}
+        for name, value in expected.items():
+            assert got[name] == pytest.approx(value), name
+        assert proc.stop() == 0
