@@ -117,3 +117,36 @@ def tracking_errors(
                 "seconds": len(e) * period,
             }
     return out
+
+
+def expert_report(seconds_per_command: float = 8.0, noise_scale: float = 1.0, seed: int = 0) -> list[dict]:
+    """Expert tracking per command over the dataset's command range (stand between commands)."""
+    from diffusion_controller.sim.ant import AntConfig, SensorNoise
+    from diffusion_controller.sim.expert import Expert
+
+    commands = [(0.0, 0.0, 0.0)]
+    commands += [(s * v, 0.0, 0.0) for s in (1, -1) for v in (0.1, 0.3, 0.5)]
+    commands += [(0.0, 0.0, s * w) for s in (1, -1) for w in (0.3, 0.9, 1.5)]
+    rows = []
+    for i, cmd in enumerate(commands):
+        ant = Ant(AntConfig(noise=SensorNoise.realistic(noise_scale), seed=seed + i))
+        ant.reset(randomize=True)
+        r = rollout(ant, Expert().act, [(1.0, (0.0, 0.0, 0.0)), (seconds_per_command, cmd)])
+        err = tracking_errors(r)[skill_of(cmd)]
+        mean = r.true_velocity[round(2.0 / CONTROL_PERIOD_S) :].mean(axis=0)
+        rows.append({"command": cmd, "skill": skill_of(cmd), "fell": r.fell, "mean_velocity": mean, **err})
+    return rows
+
+
+def main() -> int:
+    """Print the expert's tracking table (``python -m diffusion_controller.sim.evaluate``)."""
+    print("command [vx, vy, wz]     skill           mean [vx, vy, wz]       |e_vx|  |e_wz|  fell")
+    for r in expert_report():
+        cmd = "[" + ", ".join(f"{c:+.1f}" for c in r["command"]) + "]"
+        mean = "[" + ", ".join(f"{c:+.2f}" for c in r["mean_velocity"]) + "]"
+        print(f"{cmd:24s} {r['skill']:15s} {mean:23s} {r['vx']:.3f}   {r['wz']:.3f}   {r['fell']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
