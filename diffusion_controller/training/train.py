@@ -147,8 +147,8 @@ def command_slice(layout: list[dict]) -> tuple[int, int] | None:
 
 
 def _settings(d: dict) -> dict:
-    """The settings that must match to resume a run (not where the run directory is)."""
-    return {k: v for k, v in d.items() if k != "out"}
+    """Settings that must match to resume a run (not where it runs, its threads or save cadence)."""
+    return {k: v for k, v in d.items() if k not in ("out", "threads", "save_every")}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
