@@ -1,7 +1,8 @@
 """The controller node as users run it: a real process, config/ant.yaml, a tiny model, DDS.
 
 One node process (module-scoped) serves the tests that leave it running; lifecycle, sim time and bad
-configurations get processes of their own. Every process is stopped in a fixture finalizer.
+configurations get processes of their own. Every process is stopped in a fixture finalizer. Processes
+and the test-side node come from ros_helpers; the sensor streams of the demo robot from SensorFeeder.
 """
 
 from __future__ import annotations
@@ -9,20 +10,26 @@ from __future__ import annotations
 import itertools
 import math
 import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import Twist
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
-from node_process import ANT_JOINTS, ROOT, Graph, NodeProcess, SensorFeeder, wait_until
-from rcl_interfaces.srv import SetParameters
+from nav_msgs.msg import Odometry
+from rcl_interfaces.srv import GetParameters, SetParameters
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile
+from ros_helpers import NodeProcess, Probe, console_script, wait_until
 from rosgraph_msgs.msg import Clock
+from sensor_msgs.msg import Imu, JointState
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
@@ -31,14 +38,165 @@ from diffusion_controller.core.card import ModelCard
 
 pytestmark = pytest.mark.ros
 
+ROOT = Path(__file__).resolve().parents[1]
 NODE = "/diffusion_controller"
 CMD = "/forward_position_controller/commands"
 TRAJ = "/joint_trajectory_controller/joint_trajectory"
 TIMING = f"{NODE}/debug/command_timing"
 PERIOD = 0.02
+ANT_JOINTS = ("hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4")
 # Timing row columns (controller_node._timing_row).
 TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED = range(8)
 WAITING, RUNNING, SAFE, ESTOP = 0.0, 1.0, 2.0, 3.0
+
+
+# -- test-side graph -------------------------------------------------------------------------------------
+
+
+class Topic:
+    """What a Probe recorded on one topic, by receipt time."""
+
+    def __init__(self, probe: Probe, topic: str) -> None:
+        self.probe, self.topic = probe, topic
+
+    def timed_since(self, t0: float) -> list[tuple[float, Any]]:
+        return [(t, m) for t, m in self.probe.received_timed(self.topic) if t >= t0]
+
+    def since(self, t0: float) -> list[Any]:
+        return [m for _, m in self.timed_since(t0)]
+
+    def last(self) -> Any:
+        msgs = self.probe.received(self.topic)
+        return msgs[-1] if msgs else None
+
+    def count(self) -> int:
+        return len(self.probe.received(self.topic))
+
+
+class Graph(Probe):
+    """A Probe whose service clients are kept: a fresh client may lose its first request while DDS is
+    still matching the reply path, so each client waits a moment after discovery, once."""
+
+    def __init__(self) -> None:
+        super().__init__("test_controller_node")
+        self._clients: dict[str, Any] = {}
+
+    def collect(self, msg_type: type, topic: str) -> Topic:
+        self.subscribe(topic, msg_type)
+        return Topic(self, topic)
+
+    def call(self, srv_type: type, name: str, request: Any, timeout: float = 10.0) -> Any:
+        client = self._clients.get(name)
+        if client is None:
+            client = self.node.create_client(srv_type, name)
+            if not client.wait_for_service(timeout_sec=timeout):
+                self.node.destroy_client(client)
+                raise TimeoutError(f"service {name} not available")
+            time.sleep(0.3)
+            self._clients[name] = client
+        future = client.call_async(request)
+        if not wait_until(future.done, timeout):
+            raise TimeoutError(f"service {name} did not answer")
+        return future.result()
+
+
+class SensorFeeder:
+    """Publishes /joint_states (200 Hz), /imu_sensor_broadcaster/imu (100 Hz), /odom (50 Hz) and /cmd_vel
+    (1 Hz), stamped with wall time. A test may pause a stream (`paused`), change its rate (`periods`) or
+    replace its message builder (`override`) to inject bad input."""
+
+    def __init__(self, probe: Probe) -> None:
+        node = probe.node
+        self.pubs = {
+            "joint_states": node.create_publisher(JointState, "/joint_states", 10),
+            "imu": node.create_publisher(Imu, "/imu_sensor_broadcaster/imu", 10),
+            "odom": node.create_publisher(Odometry, "/odom", 10),
+            "cmd_vel": node.create_publisher(Twist, "/cmd_vel", 10),
+        }
+        self.periods = {"joint_states": 1 / 200, "imu": 1 / 100, "odom": 1 / 50, "cmd_vel": 1.0}
+        self.paused: set[str] = set()
+        self.override: dict[str, Callable[[float], Any]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def stamp(msg: Any, t: float) -> None:
+        ns = round(t * 1e9)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = ns // 1_000_000_000, ns % 1_000_000_000
+
+    def joint_states(self, t: float) -> JointState:
+        msg = JointState()
+        self.stamp(msg, t)
+        msg.name = list(ANT_JOINTS)
+        msg.position = [0.1 * math.sin(t + i) for i in range(len(ANT_JOINTS))]
+        msg.velocity = [0.1 * math.cos(t + i) for i in range(len(ANT_JOINTS))]
+        return msg
+
+    def imu(self, t: float) -> Imu:
+        msg = Imu()
+        self.stamp(msg, t)
+        msg.header.frame_id = "imu_link"
+        msg.orientation.w = 1.0
+        msg.angular_velocity.z = 0.05 * math.sin(t)
+        return msg
+
+    def odom(self, t: float) -> Odometry:
+        msg = Odometry()
+        self.stamp(msg, t)
+        msg.header.frame_id, msg.child_frame_id = "odom", "base_link"
+        msg.pose.pose.orientation.w = 1.0
+        msg.twist.twist.linear.x = 0.2
+        return msg
+
+    def cmd_vel(self, t: float) -> Twist:
+        msg = Twist()
+        msg.linear.x = 0.2
+        return msg
+
+    def _run(self) -> None:
+        due = dict.fromkeys(self.pubs, time.monotonic())
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for stream, pub in self.pubs.items():
+                if now >= due[stream]:
+                    due[stream] = max(due[stream] + self.periods[stream], now)
+                    if stream not in self.paused:
+                        build = self.override.get(stream) or getattr(self, stream)
+                        pub.publish(build(time.time()))
+            time.sleep(max(0.0, min(due.values()) - time.monotonic()))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+
+
+def start(model: Path, *extra: str, config: Path | None = None, namespace: str = "") -> NodeProcess:
+    """The node with ant.yaml; in a namespace its outputs move to ~/ (apart from the main node's)."""
+    args = [
+        "--params-file",
+        str(config or ROOT / "config" / "ant.yaml"),
+        "-p",
+        f"model_path:={model}",
+        *extra,
+    ]
+    if namespace:
+        args += ["-r", f"__ns:={namespace}", "-p", "outputs.commands.topic:=~/commands",
+                 "-p", "outputs.trajectory.topic:=~/joint_trajectory"]  # fmt: skip
+    cmd = console_script("controller_node", "diffusion_controller.ros.controller_node")
+    return NodeProcess([*cmd, "--ros-args", *args], cwd=str(ROOT))
+
+
+def finish(proc: NodeProcess, sig: int) -> tuple[int, str]:
+    """Stop the node with `sig`; (exit code, its output). The log file is removed."""
+    rc = proc.stop(sig, timeout=15.0)
+    out = proc.output()
+    proc.__exit__(None, None, None)
+    return rc, out
+
+
+def wait_log(proc: NodeProcess, text: str, timeout: float = 20.0) -> bool:
+    return wait_until(lambda: text in proc.output() or not proc.alive, timeout) and text in proc.output()
 
 
 # -- fixtures ------------------------------------------------------------------------------------------
@@ -79,30 +237,13 @@ def graph():
     g.close()
 
 
-def start(
-    tmp_path: Path, name: str, model: Path, *extra: str, config: Path | None = None, namespace: str = ""
-) -> NodeProcess:
-    """The node with ant.yaml; in a namespace its outputs move to ~/ (apart from the main node's)."""
-    args = [
-        "--params-file",
-        str(config or ROOT / "config" / "ant.yaml"),
-        "-p",
-        f"model_path:={model}",
-        *extra,
-    ]
-    if namespace:
-        args += ["-r", f"__ns:={namespace}", "-p", "outputs.commands.topic:=~/commands",
-                 "-p", "outputs.trajectory.topic:=~/joint_trajectory"]  # fmt: skip
-    return NodeProcess("diffusion_controller.ros.controller_node", args, tmp_path / f"{name}.log")
-
-
 @pytest.fixture(scope="module")
 def node(models, graph, tmp_path_factory):
-    proc = start(tmp_path_factory.mktemp("logs"), "main", models["a"])
+    proc = start(models["a"])
     yield proc
-    rc = proc.stop(signal.SIGINT)
+    rc, out = finish(proc, signal.SIGINT)
     # The module's last check: SIGINT ends the node cleanly, exit code 0.
-    assert rc == 0, proc.log()[-3000:]
+    assert rc == 0, out[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +261,7 @@ def topics(graph, node, feeder):
         "timing": graph.collect(Float64MultiArray, TIMING),
         "diag": graph.collect(DiagnosticArray, "/diagnostics"),
     }
-    assert wait_until(lambda: running(t["timing"]), 40.0), node.log()[-3000:]
+    assert wait_until(lambda: running(t["timing"]), 40.0), node.output()[-3000:]
     return t
 
 
@@ -226,7 +367,7 @@ def test_diagnostics_report_the_loop_and_the_model(topics):
 
 
 def test_bad_input_is_rejected_and_control_goes_on(topics, feeder, node, models):
-    good_joint, good_imu = feeder._joint_states, feeder._imu
+    good_joint, good_imu = feeder.joint_states, feeder.imu
 
     def nan_joints(t):
         msg = good_joint(t)
@@ -262,9 +403,9 @@ def test_bad_input_is_rejected_and_control_goes_on(topics, feeder, node, models)
         )
         time.sleep(0.6)
         feeder.override.pop(stream)
-    assert node.alive()
+    assert node.alive
     assert_commands_ok(topics["cmd"].since(t0), models)
-    log = node.log()
+    log = node.output()
     expected = [
         "contains NaN/Inf",
         "position values",
@@ -285,7 +426,7 @@ def test_flooding_does_not_delay_the_loop(topics, feeder, node):
         rows = rows_for(topics["timing"], 2.0)
     finally:
         feeder.periods["joint_states"] = 1 / 200.0
-    assert node.alive()
+    assert node.alive
     assert len(rows) > 70
     assert np.median(np.diff(rows[:, TICK])) == pytest.approx(PERIOD, rel=0.1)
     assert (rows[:, STATE] == RUNNING).mean() > 0.8
@@ -330,7 +471,7 @@ def test_model_swap_without_missing_a_tick(graph, topics, node, models):
     # The model loads beside the loop: ticks go on. (A shared 2-core test machine may still delay one by
     # a few periods; bench/control_loop.py measures missed ticks across swaps strictly.)
     assert len(rows) > 10 and gaps.max() < 5 * PERIOD, gaps.max()
-    assert "now running 'tiny_b'" in node.log()
+    assert "now running 'tiny_b'" in node.output()
 
 
 @pytest.mark.parametrize(
@@ -356,14 +497,12 @@ def test_swap_that_fails_while_loading_keeps_the_old_model(graph, topics, node, 
     before = diag_values(topics["diag"], "policy")["model"]
     results = set_params(graph, model_path=str(models["stale_yaml"]))
     assert results[0].successful  # the card in the metadata fits; only the full load sees the .yaml
-    assert node.wait_log("model swap to", 20.0)
-    assert "differ" in node.log()
+    assert wait_log(node, "model swap to", 20.0)
+    assert "differ" in node.output()
     assert wait_until(lambda: diag_values(topics["diag"], "policy").get("swap_failures") == "1", 5.0)
     pol = diag_values(topics["diag"], "policy")
     assert pol["model"] == before and "differ" in pol["last_error"]
     # The parameter is put back so it names the model that runs.
-    from rcl_interfaces.srv import GetParameters
-
     got = graph.call(GetParameters, f"{NODE}/get_parameters", GetParameters.Request(names=["model_path"]))
     assert got.values[0].string_value == pol["path"]
     assert running(topics["timing"])
@@ -395,10 +534,10 @@ def change_state(graph, node: str, transition: int) -> bool:
 
 def test_lifecycle_transitions_and_sigterm(graph, feeder, models, tmp_path):
     name = "/lc/diffusion_controller"
-    proc = start(tmp_path, "lc", models["a"], "-p", "autostart:=false", namespace="/lc")
+    proc = start(models["a"], "-p", "autostart:=false", namespace="/lc")
     try:
         cmds = graph.collect(Float64MultiArray, f"{name}/commands")
-        assert _wait_state(graph, name, "unconfigured"), proc.log()
+        assert _wait_state(graph, name, "unconfigured"), proc.output()
         assert change_state(graph, name, Transition.TRANSITION_CONFIGURE)
         assert lifecycle_state(graph, name) == "inactive"
         time.sleep(0.5)
@@ -417,8 +556,8 @@ def test_lifecycle_transitions_and_sigterm(graph, feeder, models, tmp_path):
         assert change_state(graph, name, Transition.TRANSITION_ACTIVATE)
         assert lifecycle_state(graph, name) == "active"
     finally:
-        rc = proc.stop(signal.SIGTERM)
-    assert rc == 0, proc.log()[-3000:]
+        rc, out = finish(proc, signal.SIGTERM)
+    assert rc == 0, out[-3000:]
 
 
 def _safe_state(graph, name: str) -> str:
@@ -435,11 +574,11 @@ def test_bad_configuration_is_reported_and_can_be_fixed(graph, models, tmp_path)
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(params))
     name = "/bad/diffusion_controller"
-    proc = start(tmp_path, "bad", models["a"], config=config, namespace="/bad")
+    proc = start(models["a"], config=config, namespace="/bad")
     try:
-        assert proc.wait_log("configure failed", 30.0), proc.log()
-        assert "'base_linear_velocity' (kind base_linear_velocity, size 3) is filled by no" in proc.log()
-        assert proc.alive() and _wait_state(graph, name, "unconfigured")
+        assert wait_log(proc, "configure failed", 30.0), proc.output()
+        assert "'base_linear_velocity' (kind base_linear_velocity, size 3) is filled by no" in proc.output()
+        assert proc.alive and _wait_state(graph, name, "unconfigured")
 
         def set_param(**values):
             req = SetParameters.Request()
@@ -450,13 +589,13 @@ def test_bad_configuration_is_reported_and_can_be_fixed(graph, models, tmp_path)
         assert set_param(**{"observations.sources": ["joint_states", "imu", "odom", "cmd_vel"]}).successful
         assert set_param(model_path=str(tmp_path / "missing.onnx")).successful
         assert not change_state(graph, name, Transition.TRANSITION_CONFIGURE)
-        assert "missing.onnx' does not exist" in proc.log()
+        assert "missing.onnx' does not exist" in proc.output()
         assert set_param(model_path=str(models["a"])).successful
         assert change_state(graph, name, Transition.TRANSITION_CONFIGURE)
         assert lifecycle_state(graph, name) == "inactive"
     finally:
-        rc = proc.stop(signal.SIGINT)
-    assert rc == 0
+        rc, out = finish(proc, signal.SIGINT)
+    assert rc == 0, out[-3000:]
 
 
 def _wait_state(graph, name: str, label: str) -> bool:
@@ -468,10 +607,10 @@ def test_use_sim_time_follows_clock(graph, models, tmp_path):
     sim = {"t": 100.0}
     clock_pub = graph.node.create_publisher(Clock, "/clock", QoSProfile(depth=10))
     name = "/simt/diffusion_controller"
-    proc = start(tmp_path, "simt", models["a"], "-p", "use_sim_time:=true", namespace="/simt")
+    proc = start(models["a"], "-p", "use_sim_time:=true", namespace="/simt")
     timing = graph.collect(Float64MultiArray, f"{name}/debug/command_timing")
     try:
-        assert proc.wait_log("active: publishing commands", 30.0), proc.log()
+        assert wait_log(proc, "active: publishing commands", 30.0), proc.output()
 
         def advance(seconds: float, rate: float = 0.5) -> None:
             """Sim time at `rate` x real time, published every 5 ms of sim time."""
@@ -497,6 +636,6 @@ def test_use_sim_time_follows_clock(graph, models, tmp_path):
         time.sleep(0.5)
         assert timing.count() == n
     finally:
-        rc = proc.stop(signal.SIGINT)
+        rc, out = finish(proc, signal.SIGINT)
         graph.node.destroy_publisher(clock_pub)
-    assert rc == 0
+    assert rc == 0, out[-3000:]
