@@ -715,6 +715,11 @@ def main(args: list[str] | None = None) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        # A signal can shut the context down between the executor's ok() check and its next wait set:
+        # that surfaces as an RCL error, but it is the same clean shutdown.
+        if rclpy.ok():
+            raise
     finally:
         if node is not None:
             node.close()
