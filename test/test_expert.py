@@ -134,3 +134,39 @@ def test_generated_file_has_the_documented_format(tmp_path) -> None:
         assert np.allclose(prev[start], STANDING_POSE)
         assert np.array_equal(prev[start + 1 : end], d["action"][start : end - 1])
     assert np.array_equal(d["obs"][:, OBS["velocity_command"]], d["command"])
+
+
+def test_dart_perturbation_keeps_labels_clean_and_previous_action_executed() -> None:
+    """With DART noise the ant executes a perturbed target, the label is the expert's own target, and the
+    next row's previous_action is what was executed (as the node's previous_action is what it sent)."""
+    ant = Ant(AntConfig(seed=3))
+    ant.reset(randomize=False)
+    expert = Expert()
+    targets: list[np.ndarray] = []
+    executed: list[np.ndarray] = []
+
+    def policy(o: np.ndarray) -> np.ndarray:
+        targets.append(np.clip(expert.act(o), ant.joint_lower, ant.joint_upper))
+        return targets[-1]
+
+    noise = dataset.LowPassNoise(np.random.default_rng(0), std=0.1)
+
+    def perturb(t: np.ndarray) -> np.ndarray:
+        executed.append(np.clip(noise(t), ant.joint_lower, ant.joint_upper))
+        return executed[-1]
+
+    r = rollout(ant, policy, [(2.0, [0.3, 0.0, 0.0])], perturb=perturb)
+    np.testing.assert_allclose(r.action, np.array(targets), atol=1e-12)
+    prev = r.obs[1:, OBS["previous_action"]]
+    np.testing.assert_allclose(prev, np.array(executed)[:-1], atol=1e-12)
+    assert np.abs(np.array(executed) - np.array(targets)).mean() > 0.01  # the noise did move the targets
+
+
+def test_low_pass_noise_has_the_requested_spread() -> None:
+    noise = dataset.LowPassNoise(np.random.default_rng(1), std=0.1)
+    samples = np.array([noise(np.zeros(8)) for _ in range(20000)])
+    assert 0.08 < samples.std() < 0.12
+    # correlated over ~tau: neighbouring steps are close, far-apart ones are not
+    corr1 = np.corrcoef(samples[:-1, 0], samples[1:, 0])[0, 1]
+    corr50 = np.corrcoef(samples[:-50, 0], samples[50:, 0])[0, 1]
+    assert corr1 > 0.7 and abs(corr50) < 0.2

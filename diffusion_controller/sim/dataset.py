@@ -11,8 +11,10 @@ File format: one ``.npz`` (``numpy.load(path)``), N rows over E episodes, concat
   joint_position 8, joint_velocity 8, previous_action 8; joints hip_1, ankle_1, ..., hip_4, ankle_4).
   Row k is the observation at control step k's time t_k, taken BEFORE action k is applied (with
   ``--obs-delay d`` the sensors in it were measured at t_k - d). ``previous_action`` in row k is
-  ``action[k-1]``; at an episode's first row it is the standing pose.
-- ``action`` (N, 8) float32: the joint position target (rad) applied from t_k to t_k + period.
+  the target executed at step k-1 (``action[k-1]`` unless ``--action-noise`` perturbed it); at an
+  episode's first row it is the standing pose.
+- ``action`` (N, 8) float32: the expert's joint position target (rad) for t_k to t_k + period. With
+  ``--action-noise`` (DART) the ant executed a perturbed target, but the label is the expert's own.
 - ``command`` (N, 3) float32: the velocity command [vx, vy, wz] at t_k (also inside ``obs``).
 - ``true_velocity`` (N, 3) float32: ground-truth body-frame [vx, vy, wz] at t_k, for evaluation.
 - ``episode_ends`` (E,) int64: cumulative end index (exclusive) of each episode.
@@ -93,6 +95,27 @@ class EpisodeSpec:
     seconds: float
     obs_delay_s: float
     noise_scale: float
+    action_noise: float = 0.0  # max std (rad) of DART noise on the executed targets; per episode U(0, max)
+
+
+class LowPassNoise:
+    """Temporally correlated (first-order low-pass) Gaussian noise added to the executed joint targets.
+
+    White noise at 50 Hz is mostly filtered out by the joint PD; correlated noise over ~0.1 s actually
+    pushes the body off the expert's path, which is what the policy must learn to recover from.
+    """
+
+    def __init__(
+        self, rng: np.random.Generator, std: float, tau_s: float = 0.1, period: float = CONTROL_PERIOD_S
+    ):
+        self.rng, self.std = rng, std
+        self.a = float(np.exp(-period / tau_s))
+        self.state = np.zeros(len(JOINTS))
+
+    def __call__(self, target: np.ndarray) -> np.ndarray:
+        w = self.rng.normal(0.0, self.std * np.sqrt(1 - self.a**2), self.state.shape)
+        self.state = self.a * self.state + w
+        return target + self.state
 
 
 def run_episode(spec: EpisodeSpec) -> dict:
@@ -109,7 +132,9 @@ def run_episode(spec: EpisodeSpec) -> dict:
     expert = Expert()
     expert.reset(phase=float(rng.uniform()))
     schedule = random_schedule(rng, spec.seconds)
-    r = rollout(ant, expert.act, schedule)
+    std = float(rng.uniform(0.0, spec.action_noise)) if spec.action_noise > 0 else 0.0
+    perturb = LowPassNoise(np.random.default_rng(int(rng.integers(2**31))), std) if std > 0 else None
+    r = rollout(ant, expert.act, schedule, perturb=perturb)
     return {
         "obs": r.obs.astype(np.float32),
         "action": r.action.astype(np.float32),
@@ -141,6 +166,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default="data/ant_skills.npz")
     ap.add_argument("--obs-delay", type=float, default=0.0, help="sensor delay in seconds seen by the expert")
     ap.add_argument("--noise-scale", type=float, default=1.0, help="x SensorNoise.realistic(); 0 = no noise")
+    ap.add_argument(
+        "--action-noise",
+        type=float,
+        default=0.0,
+        help="DART: max std (rad) of low-pass noise on executed targets, per episode U(0, max)",
+    )
     ap.add_argument("--workers", type=int, default=1)
     return ap.parse_args(argv)
 
@@ -148,7 +179,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seeds = np.random.SeedSequence(args.seed).generate_state(args.episodes)
-    specs = [EpisodeSpec(int(s), args.episode_seconds, args.obs_delay, args.noise_scale) for s in seeds]
+    specs = [
+        EpisodeSpec(int(s), args.episode_seconds, args.obs_delay, args.noise_scale, args.action_noise)
+        for s in seeds
+    ]
     t0 = time.monotonic()
     results = []
     if args.workers > 1:

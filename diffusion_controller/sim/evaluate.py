@@ -46,10 +46,14 @@ def rollout(
     schedule: Schedule,
     period: float = CONTROL_PERIOD_S,
     stop_on_fall: bool = True,
+    perturb: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Rollout:
     """Run ``policy(obs_row) -> targets`` on the ant through the command schedule.
 
-    Row k: observation at t_k (before action k), previous_action = action k-1 (standing pose at k=0).
+    Row k: observation at t_k (before action k), previous_action = the target applied at step k-1
+    (standing pose at k=0). With ``perturb`` (DART-style data collection), the ant executes
+    ``perturb(target)`` while the recorded action stays the policy's own target: the data then shows how
+    the expert recovers from states its clean execution would never reach.
     """
     n = round(sum(d for d, _ in schedule) / period)
     commands = np.concatenate([np.tile(np.asarray(c, float), (round(d / period), 1)) for d, c in schedule])[
@@ -65,8 +69,10 @@ def rollout(
     for k in range(n):
         o = card_observation(ant.observe(), commands[k], prev)
         gt = ant.ground_truth()
-        a = ant.set_target(policy(o))
-        obs[k], act[k], times[k] = o, a, ant.time
+        target = policy(o)
+        a = ant.set_target(target if perturb is None else perturb(target))
+        obs[k], times[k] = o, ant.time
+        act[k] = a if perturb is None else np.clip(target, ant.joint_lower, ant.joint_upper)
         vel[k] = [gt.linear_velocity[0], gt.linear_velocity[1], gt.angular_velocity[2]]
         ant.step(period)
         prev = a
