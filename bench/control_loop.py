@@ -147,6 +147,8 @@ def analyse(rows: np.ndarray, swap_windows: list[tuple[float, float]]) -> dict:
         "running_fraction": len(run) / len(rows),
         "missed_steps": int((rows[:, MISSED] == 1).sum()),
         "swap_missed_ticks": int(missed[in_swap].sum()),
+        "jitter_ms_p99_outside_swaps": percentile(jitter_ms[~in_swap], 99),
+        "jitter_ms_max_outside_swaps": float(jitter_ms[~in_swap].max()) if (~in_swap).any() else math.nan,
     }
 
 
@@ -277,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                 p.send_signal(signal.SIGINT)
         rc = node_proc.wait(20)
         sensors.wait(10)
-        ex.shutdown()
+        ex.shutdown(timeout_sec=2.0)
+        spin.join(2.0)
         obs.destroy_node()
         rclpy.try_shutdown()
         log.close()

@@ -145,6 +145,10 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("model_joints", [], "str_list", "For each entry of `joints`, the card joint it carries; empty "
               "= same names. Renames apply to JointState inputs too."),
     ParamSpec("autostart", True, "bool", "Configure and activate at startup."),
+    ParamSpec("loop_priority", 50, "int", "SCHED_FIFO priority of the control-loop thread (like "
+              "ros2_control's controller_manager; needs rtprio rights, else a warning and normal priority); "
+              "0 = normal.",
+              range=(0, 99)),
     ParamSpec("executor", "single_threaded", "str", "Executor for subscriptions, services and parameters "
               "(read at startup); the control timer always has a thread of its own.", choices=EXECUTORS),
     ParamSpec("diagnostics_period_s", 1.0, "float", "Period of /diagnostics.", range=(0.05, 60.0)),
@@ -274,6 +278,7 @@ class NodeConfig:
     joints: tuple[str, ...] = ()
     model_joints: tuple[str, ...] = ()
     autostart: bool = True
+    loop_priority: int = 50
     executor: str = "single_threaded"
     diagnostics_period_s: float = 1.0
     max_future_s: float = 0.05
@@ -360,6 +365,7 @@ class NodeConfig:
             joints=v["joints"],
             model_joints=v["model_joints"],
             autostart=v["autostart"],
+            loop_priority=v["loop_priority"],
             executor=v["executor"],
             diagnostics_period_s=v["diagnostics_period_s"],
             max_future_s=v["observations.max_future_s"],

@@ -21,6 +21,7 @@ core's inference thread runs the model (ONNX Runtime releases the GIL); a loader
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import sys
@@ -117,7 +118,7 @@ class ControlLoop:
     lifecycle publishers. rcl timer semantics are kept: fixed grid, sim time, skipped (not bunched) ticks.
     """
 
-    def __init__(self, node: rclpy.node.Node, period_s: float, callback: Any) -> None:
+    def __init__(self, node: rclpy.node.Node, period_s: float, callback: Any, priority: int = 0) -> None:
         use_sim_time = bool(node.get_parameter("use_sim_time").value)
         self.node = rclpy.create_node(
             f"_{node.get_name()}_loop",
@@ -131,12 +132,29 @@ class ControlLoop:
         self.timer.cancel()
         self.executor = SingleThreadedExecutor(context=node.context)
         self.executor.add_node(self.node)
+        self._log = node.get_logger()
+        self._priority = priority
         self.thread = threading.Thread(target=self._spin, name="control_loop", daemon=True)
         self.thread.start()
 
     def _spin(self) -> None:
+        self._set_priority()
         with contextlib.suppress(ExternalShutdownException, RuntimeError):  # context shut down
             self.executor.spin()
+
+    def _set_priority(self) -> None:
+        """Real-time (SCHED_FIFO) scheduling for this thread only, like ros2_control's update thread: the
+        tick then preempts sensor processing and other programs the moment its timer is due."""
+        if self._priority <= 0:
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self._priority))
+            self._log.info(f"control loop thread: SCHED_FIFO priority {self._priority}")
+        except (OSError, AttributeError) as exc:
+            self._log.warning(
+                f"control loop thread: no real-time priority ({exc}); running at normal priority. Allow it "
+                "with rtprio limits (e.g. limits.conf '@realtime - rtprio 99') or set loop_priority:=0"
+            )
 
     def now(self) -> float:
         """Node-clock seconds as the timer sees them (sim time under use_sim_time)."""
@@ -184,13 +202,13 @@ class ControllerNode(LifecycleNode):
         self._model_path = ""
         self._stats = dg.LoopStats(period_s=0.02)
         self._last_state: ControlState | None = None
-        self._last_reason = ""
         self._last_error = ""
         self._last_error_time = -math.inf
         self._swap_thread: threading.Thread | None = None
         self._swap_target = ""
         self._swaps = 0
         self._swap_failures = 0
+        self._retired: list[Any] = []  # replaced policies, freed right after a tick (see _free_retired)
         self._faults = dg.RateLimitedLog(self._log.warning)  # rejected input, per source and cause
         self._events = dg.RateLimitedLog(self._log.warning)  # missed steps
         self._source_faults: dict[str, int] = {}
@@ -290,7 +308,11 @@ class ControllerNode(LifecycleNode):
                     callback_group=self._obs_group,
                 )
             )
-        self._loop = ControlLoop(self, binding.period_s, self._on_tick)
+        self._loop = ControlLoop(self, binding.period_s, self._on_tick, cfg.loop_priority)
+        # Everything loaded so far lives as long as the node: take it out of the cyclic garbage collector's
+        # view, so a full collection (~20 ms with rclpy + ONNX Runtime loaded) never pauses a tick.
+        gc.collect()
+        gc.freeze()
         self._log.info(
             f"configured: model '{card.name}' {card.version} on {policy.provider}, K={policy.steps}, "
             f"{1.0 / binding.period_s:.1f} Hz, sources {[s.name for s in cfg.sources]}"
@@ -343,7 +365,7 @@ class ControllerNode(LifecycleNode):
         if core is not None:
             core.close()
         self._loop = self._pub_cmd = self._pub_traj = self._pub_dbg = None
-        self._subs, self._readers = [], {}
+        self._subs, self._readers, self._retired = [], {}, []
         self._policy = self._binding = self._cfg = None
         self._active = False
 
@@ -462,8 +484,10 @@ class ControllerNode(LifecycleNode):
                 if self._core is None:
                     return
                 self._core.swap_policy(policy)
+                self._retired.append(self._policy)
                 self._policy, self._binding, self._readers = policy, binding, readers
                 self._model_path = path
+            gc.freeze()  # the new model's objects are long-lived too (see on_configure)
             self._swaps += 1
             self._log.info(f"model swap: now running '{card.name}' {card.version} on {policy.provider}")
         except Exception as exc:  # any failure: the old model keeps running
@@ -522,8 +546,21 @@ class ControllerNode(LifecycleNode):
         self._stats.tick(time.monotonic() if self._wall_time else now, time.perf_counter() - t0)
         if res.missed:
             self._events("missed_step", f"missed step: {res.reason}")
-        if res.state != self._last_state or (res.reason and res.reason != self._last_reason):
+        if self._retired:
+            self._free_retired()
+        if res.state != self._last_state:
             self._state_changed(res.state, res.reason)
+
+    def _free_retired(self) -> None:
+        """Free a policy replaced by a swap, here, right after a tick has published. Destroying an ONNX
+        Runtime session holds the GIL (~10 ms for a DiffuseLoco-size model); here that falls into the
+        slack before the next tick instead of delaying one. Waits while anything else still holds it
+        (a predict in flight, a result not yet taken)."""
+        obj = self._retired[0]
+        if sys.getrefcount(obj) > 3:  # the list, `obj`, getrefcount's argument
+            return
+        self._retired.pop(0)
+        del obj
 
     def _publish_trajectory(self, traj: Any, binding: cf.Binding, now: float) -> None:
         times = np.asarray(traj.times, dtype=float)
@@ -551,14 +588,14 @@ class ControllerNode(LifecycleNode):
         ]  # fmt: skip
 
     def _state_changed(self, state: ControlState, reason: str) -> None:
+        """One log line per state change (the reason as it was then; /diagnostics has the current one)."""
         old = self._last_state
-        self._last_state, self._last_reason = state, reason
-        text = f"control state {old.value if old else '-'} -> {state.value}" + (
-            f": {reason}" if reason else ""
-        )
+        self._last_state = state
+        text = f"control state {old.value if old else '-'} -> {state.value}"
+        text += f": {reason}" if reason else ""
         if state in (ControlState.SAFE, ControlState.ESTOP):
             self._log.warning(text)
-        elif old != state:
+        else:
             self._log.info(text)
 
     def _on_estop(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
