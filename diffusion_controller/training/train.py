@@ -57,7 +57,7 @@ class TrainConfig:
     train_timesteps: int = 100
     sampler_steps: int = 5
     val_fraction: float = 0.05
-    threads: int = 2
+    threads: int = 1  # a 2nd OpenMP thread spin-waits whenever another process holds a core
     save_every: int = 1000
 
 
