@@ -28,6 +28,7 @@ def generate_launch_description() -> LaunchDescription:
     ]
     sim = IncludeLaunchDescription(
         PythonLaunchDescriptionSource(PathJoinSubstitution([share, "launch", "sim.launch.py"])),
+        launch_arguments={"log_level": LaunchConfiguration("log_level")}.items(),
     )
     controller = IncludeLaunchDescription(
         PythonLaunchDescriptionSource(

@@ -24,6 +24,7 @@ import contextlib
 import gc
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -125,6 +126,9 @@ class ControlLoop:
             namespace=node.get_namespace(),
             context=node.context,
             parameter_overrides=[Parameter("use_sim_time", value=use_sim_time)],
+            # Not the process' --ros-args: a `-r __node:=...` meant for the main node would rename this
+            # one too (two nodes, one name).
+            use_global_arguments=False,
             start_parameter_services=False,
             enable_rosout=False,
         )
@@ -698,6 +702,8 @@ class ControllerNode(LifecycleNode):
                 "path": self._model_path,
                 "provider": getattr(policy, "provider", "?"),
                 "steps": getattr(policy, "steps", "?"),
+                "compute_p50_ms": 1000.0 * st.compute_p50_s,
+                "compute_p99_ms": 1000.0 * st.compute_p99_s,
                 "inference_p50_ms": 1000.0 * st.inference_p50_s,
                 "inference_p99_ms": 1000.0 * st.inference_p99_s,
                 "inference_forecast_ms": 1000.0 * st.inference_forecast_s,
@@ -738,12 +744,20 @@ def make_executor(kind: str):
     return SingleThreadedExecutor()
 
 
+def _ignore_signals() -> None:
+    """From here on the process is shutting down: a late or second SIGINT/SIGTERM must not interrupt the
+    cleanup (rclpy's handler re-raises SIGINT as KeyboardInterrupt wherever the main thread is)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def main(args: list[str] | None = None) -> int:
     """Console script `controller_node`; exits 0 on SIGINT/SIGTERM like ros2/demos."""
     # Python hands the GIL over every 5 ms by default; a control loop needs it back sooner.
     sys.setswitchinterval(0.0005)
     rclpy.init(args=args)
-    node = None
+    node = executor = None
     try:
         node = ControllerNode()
         executor = make_executor(str(node.get_parameter("executor").value))
@@ -758,6 +772,9 @@ def main(args: list[str] | None = None) -> int:
         if rclpy.ok():
             raise
     finally:
+        _ignore_signals()
+        if executor is not None:
+            executor.shutdown(timeout_sec=5.0)  # no callback may run while the node is torn down
         if node is not None:
             node.close()
             node.destroy_node()
