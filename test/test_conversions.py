@@ -199,6 +199,18 @@ def test_future_and_backwards_stamps_rejected():
     assert stamp == pytest.approx(9.05)
 
 
+def test_clock_reset_starts_a_new_timeline():
+    """A simulation reset sends sim time (and stamps) back to 0: not 'stamps going backwards'."""
+    r = reader(cf.JOINT_STATE, ("joint_position",))
+    r.read(joint_state(JOINTS, [0] * 4, t=50.0), now=50.0)
+    with pytest.raises(cv.InputError):
+        r.read(joint_state(JOINTS, [0] * 4, t=49.0), now=50.01)  # same clock: really backwards
+    stamp, _ = r.read(joint_state(JOINTS, [0] * 4, t=0.01), now=0.02)  # clock went back to 0
+    assert stamp == pytest.approx(0.01)
+    with pytest.raises(cv.InputError):
+        r.read(joint_state(JOINTS, [0] * 4, t=0.005), now=0.03)
+
+
 def test_frame_check_on_headers():
     r = reader(cf.IMU, ("base_angular_velocity",), frame="imu_link")
     msg = Imu()

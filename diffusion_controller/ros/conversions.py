@@ -178,7 +178,8 @@ class SourceReader:
     Header stamp by default (the time the sensor saw it, what delay compensation needs); receipt time for
     types without a header, for `stamp: receipt`, and for stamp 0 (a publisher that does not stamp --
     reported once as cause `zero_stamp`). Stamps more than `max_future_s` ahead of the node's clock, or
-    older than the source's newest accepted stamp, are rejected.
+    older than the source's newest accepted stamp, are rejected -- unless the node's clock itself went
+    back behind that stamp (a simulation reset), which starts a new timeline.
     """
 
     def __init__(self, decoder: SourceDecoder, max_future_s: float,
@@ -215,6 +216,8 @@ class SourceReader:
             ahead = stamp - now
             raise InputError("future_stamp",
                              f"stamp {stamp:.3f} s is {ahead:.3f} s ahead of the node clock; message ignored")
+        if self.last_stamp is not None and self.last_stamp > now + self.max_future_s:
+            self.last_stamp = None  # the clock itself went back (a simulation reset): a new timeline
         if self.last_stamp is not None and stamp < self.last_stamp:
             raise InputError("stamp_backwards", f"stamp {stamp:.3f} s is older than the previous "
                              f"{self.last_stamp:.3f} s; message ignored")
