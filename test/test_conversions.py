@@ -74,6 +74,18 @@ def test_joint_state_missing_joint_is_a_clear_error():
     assert exc.value.cause == "missing_joints" and "ankle_2" in str(exc.value)
 
 
+def test_joint_state_with_a_needed_joint_named_twice_is_rejected():
+    """Two values for one joint: the decoder must not silently take either (a driver merging two buses)."""
+    r = reader(cf.JOINT_STATE, ("joint_position",))
+    names = [*JOINTS, "extra", JOINTS[1]]
+    with pytest.raises(cv.InputError) as exc:
+        r.read(joint_state(names, [1.0, 2.0, 3.0, 4.0, 0.0, 9.0]), now=1.0)
+    assert exc.value.cause == "duplicate_joints" and JOINTS[1] in str(exc.value)
+    # A repeated joint the model does not use is harmless.
+    _, vals = r.read(joint_state([*JOINTS, "extra", "extra"], [1.0, 2.0, 3.0, 4.0, 0.0, 9.0], t=1.1), now=1.1)
+    np.testing.assert_allclose(vals["joint_position"], [1, 2, 3, 4])
+
+
 def test_joint_state_size_mismatch_and_non_finite():
     r = reader(cf.JOINT_STATE, ("joint_position", "joint_velocity"))
     msg = joint_state(JOINTS, [0, 0, 0, 0])

@@ -106,6 +106,11 @@ class SourceDecoder:
             if missing:
                 raise InputError("missing_joints",
                                  f"JointState lacks joints {missing} needed for '{f.name}'; message ignored")
+            # A joint named twice has two values and no way to tell which is right: never pick one.
+            twice = sorted({j for j in wanted if key.count(j) > 1})
+            if twice:
+                raise InputError("duplicate_joints",
+                                 f"JointState names joints {twice} more than once; message ignored")
             result[f.name] = np.array([pos[j] for j in wanted], dtype=int)
         self._index_cache = (key, result)
         return result
