@@ -472,6 +472,10 @@ def test_model_swap_without_missing_a_tick(graph, topics, node, models):
     # a few periods; bench/control_loop.py measures missed ticks across swaps strictly.)
     assert len(rows) > 10 and gaps.max() < 5 * PERIOD, gaps.max()
     assert "now running 'tiny_b'" in node.output()
+    # The replaced model is freed (right after a tick) once nothing uses it any more.
+    assert wait_until(
+        lambda: diag_values(topics["diag"], "policy").get("replaced_models_not_freed") == "0", 5.0
+    )
 
 
 @pytest.mark.parametrize(

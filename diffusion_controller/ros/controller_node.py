@@ -713,6 +713,7 @@ class ControllerNode(LifecycleNode):
                 "inference_errors": st.inference_errors,
                 "swaps": self._swaps,
                 "swap_failures": self._swap_failures,
+                "replaced_models_not_freed": len(self._retired),
                 "swap_loading": self._swap_target if self._swap_thread else "",
                 "last_error": self._last_error or st.last_error,
             },
