@@ -283,9 +283,12 @@ class ControllerNode(LifecycleNode):
         except (cf.ConfigError, CardError, ModelError, CoreConfigError, OSError) as exc:
             self._error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
+        except Exception as exc:  # anything else: still a clear line instead of rclpy's silent ERROR
+            self._error(f"configure failed: {type(exc).__name__}: {exc}")
+            return TransitionCallbackReturn.FAILURE
         self._cfg, self._binding, self._policy, self._core = cfg, binding, policy, core
         self._model_path = cfg.model_path
-        self._readers = self._make_readers(cfg, card, binding)
+        self._readers = self._make_readers(cfg, policy.card, binding)
         self._stats = dg.LoopStats(period_s=binding.period_s)
         self._last_error = ""
         if cfg.commands_enabled:
