@@ -303,6 +303,21 @@ def test_predict_in_a_worker_while_another_policy_loads(models):
     np.testing.assert_array_equal(loaded[-1].predict(obs, seed=1), want)
 
 
+def test_a_model_that_outputs_nan_is_refused_at_load(models, tmp_path):
+    """Valid file, valid card, broken graph (output x NaN): refused while loading, not at the first tick."""
+    path = copy_model(models["fused"], tmp_path, "nan")
+    m = onnx.load(str(path))
+    out = m.graph.output[0].name
+    for node in m.graph.node:
+        node.output[:] = [o + "_raw" if o == out else o for o in node.output]
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(np.nan, dtype=np.float32), "nan"))
+    m.graph.node.append(onnx.helper.make_node("Mul", [out + "_raw", "nan"], [out]))
+    onnx.save(m, str(path))
+    with pytest.raises(ModelError, match="non-finite actions on its warm-up input"):
+        load(path)
+    assert np.isnan(load(path, warmup=0).predict(obs_of(ModelCard.from_onnx(path)))).all()  # no warm-up
+
+
 def test_policy_cannot_be_constructed_directly():
     with pytest.raises(TypeError, match=r"Policy\.load"):
         Policy()

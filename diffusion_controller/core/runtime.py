@@ -212,7 +212,14 @@ class Policy:
         self._rng = np.random.default_rng()
         self._setup(fused)
         for i in range(warmup):
-            self.predict(np.broadcast_to(card.obs_mean, (card.history, card.obs_dim)), seed=i)
+            actions = self.predict(np.broadcast_to(card.obs_mean, (card.history, card.obs_dim)), seed=i)
+            if not np.all(np.isfinite(actions)):
+                # A model that fails on the most ordinary input would only ever feed the safety filter
+                # rejects: refuse it here, where a swap can still keep the running model.
+                raise ModelError(
+                    f"model {path}: non-finite actions on its warm-up input (the observation mean); "
+                    "the graph or its weights are broken"
+                )
         self.load_time_s = time.perf_counter() - t0
         log(
             f"policy: loaded {card.name} {card.version} from {path}: {card.graph.kind} graph, K={steps}, "
