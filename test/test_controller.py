@@ -116,12 +116,28 @@ def test_late_inference_holds_counts_misses_then_goes_safe_and_recovers_with_a_f
         np.testing.assert_array_equal(r.command, previous)  # hold the last command
     safe = results[first_miss + 2]
     assert safe.state is ControlState.SAFE and "3 consecutive" in safe.reason
+    assert "inference requested" in safe.reason and "has not answered" in safe.reason  # the stall
     stats = rig.core.stats()
     assert stats.missed_steps - before.missed_steps == 3 and stats.safe_entries == 1
     # The stalled chunk (requested before the fault) arrives late and is dropped; a fresh one resumes.
     r = rig.until(ControlState.RUNNING, limit=100)
     assert r.chunk_seq > 3
     assert rig.core.stats().chunks_dropped >= 1
+
+
+def test_chunks_that_arrive_stale_name_the_cause_in_the_safe_reason():
+    """Inference slower than the whole horizon: every chunk is stale on arrival, and SAFE says so."""
+    card = clock_card(horizon=4)
+    rig = Rig(ControlConfig(max_consecutive_misses=3, **WIDE), card=card)
+    rig.until(ControlState.RUNNING)
+    rig.worker.latency = lambda seq: 0.2  # 10 periods > horizon 4 + first_offset
+    safe = rig.until(ControlState.SAFE)
+    assert "3 consecutive missed steps (limit 3): inference requested" in safe.reason, safe.reason
+    # Logged once at the change; the current reason (/diagnostics) follows the chunks that come in stale.
+    rig.run(20)
+    reason = rig.core.stats().reason
+    assert rig.core.state is ControlState.SAFE
+    assert reason.startswith("3 consecutive missed steps (limit 3): chunk dropped: stale on arrival"), reason
 
 
 def test_watchdog_goes_safe_naming_the_feature_then_recovers_with_a_fresh_history():
@@ -272,6 +288,9 @@ def test_model_errors_and_non_finite_chunks_never_reach_the_command():
     results = rig.run(30)
     assert all(np.all(np.isfinite(r.command)) for r in results)
     assert results[-1].state is ControlState.SAFE
+    # The reason (and so the node's one log line for the state change) names the cause.
+    entered = next(r for r in results if r.state is ControlState.SAFE)
+    assert "inference failed: non-finite actions" in entered.reason, entered.reason
     assert rig.core.stats().inference_errors > 0 and "non-finite" in rig.core.stats().last_error
     rig.policy.nan = False
     rig.policy.error = RuntimeError("cuda exploded")

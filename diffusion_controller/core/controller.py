@@ -251,6 +251,9 @@ class ControlCore:
         self._state = ControlState.WAITING
         self._reason = "waiting for observations"
         self._last_drop = ""
+        self._miss_cause = ""  # why the newest chunk did not arrive usable (error, rejected, stale)
+        self._safe_misses = ""  # "n consecutive missed steps (limit m)" while SAFE for that reason
+        self._last_request_now = -math.inf
         self._wait_cause = ""  # why the core last restarted, kept in the reason while WAITING
         self._scheduler: ChunkScheduler | None = None
         self._build(card)
@@ -412,6 +415,7 @@ class ControlCore:
         self._scheduler.clear()
         self._require_fresh_chunk()
         self._counters.consecutive_misses = 0
+        self._miss_cause = self._safe_misses = ""
         if clear_history:
             self._watchdog.healthy = False
         self._wait_cause = reason
@@ -437,6 +441,15 @@ class ControlCore:
         if self._state is not ControlState.SAFE:
             self._counters.safe_entries += 1
         self._state, self._reason = ControlState.SAFE, reason
+        self._safe_misses = ""
+
+    def _why_no_chunk(self, now: float) -> str:
+        """Why no usable action is there: the last chunk's fate, or the inference still running."""
+        if self._miss_cause:
+            return self._miss_cause
+        if self._worker.busy:
+            return f"inference requested {now - self._last_request_now:.3f} s ago has not answered"
+        return "no new chunk in time"
 
     def _tick(self, now: float) -> TickResult:
         if not math.isfinite(now):
@@ -483,6 +496,7 @@ class ControlCore:
             command, accepted = self._safety.apply(selection.action)
             if accepted:
                 self._state, self._reason, self._wait_cause = ControlState.RUNNING, "", ""
+                self._safe_misses = ""
                 c.consecutive_misses = 0
                 times = selection.chunk.times()[selection.index :]
                 rest = self._safety.preview(selection.chunk.actions[selection.index + 1 :], command)
@@ -502,14 +516,19 @@ class ControlCore:
             c.missed_steps += 1
             c.consecutive_misses += 1
             n, limit = c.consecutive_misses, self.config.max_consecutive_misses
+            # The cause goes into the reason, so the one log line of the state change says it.
+            cause = self._why_no_chunk(now)
             if n >= limit:
                 self._scheduler.clear()
                 self._require_fresh_chunk()
-                self._enter_safe(f"{n} consecutive missed steps (limit {limit})")
+                self._enter_safe(f"{n} consecutive missed steps (limit {limit}): {cause}")
+                self._safe_misses = f"{n} consecutive missed steps (limit {limit})"
                 return self._hold_result(t_exec, self._safety.safe_command(), missed=True)
-            self._reason = f"no valid action: missed step {n} of {limit}"
+            self._reason = f"no valid action: missed step {n} of {limit} ({cause})"
             return self._hold_result(t_exec, self._safety.hold(), missed=True)
         if self._state is ControlState.SAFE:
+            if self._safe_misses:  # keep saying why no chunk is usable (the entry reason was logged)
+                self._reason = f"{self._safe_misses}: {self._why_no_chunk(now)}"
             return self._hold_result(t_exec, self._safety.safe_command())
         self._state, self._reason = ControlState.WAITING, self._waiting_reason(status)
         return self._hold_result(t_exec, self._waiting_command())
@@ -549,6 +568,7 @@ class ControlCore:
         if result.error is not None:
             c.inference_errors += 1
             c.last_error = result.error
+            self._miss_cause = f"inference failed: {result.error}"
             return
         self._forecaster.record_inference(now - request.t_request)
         self._forecaster.record_compute(result.compute_s)
@@ -563,6 +583,7 @@ class ControlCore:
         if actions is None:
             c.chunks_dropped += 1
             c.last_error = error or ""
+            self._miss_cause = f"chunk rejected: {error}"
             return
         offset = int(self.card.first_offset)
         chunk = Chunk(actions, request.t_obs, self._period, offset, request.seq, request.t_request, now)
@@ -570,6 +591,7 @@ class ControlCore:
         if why is not None:
             c.chunks_dropped += 1
         self._last_drop = why or ""
+        self._miss_cause = f"chunk dropped: {why}" if why else ""
 
     def _maybe_request(self, now: float, status: WatchdogStatus) -> None:
         """Hand the worker a new request when it is free and the schedule calls for one."""
@@ -598,4 +620,5 @@ class ControlCore:
         self._worker.submit(InferenceRequest(seq, stamp, now, obs, prefix, mask, seed))
         self._forecaster.record_obs_age(now - t_obs)
         self._last_request_t_obs = t_obs
+        self._last_request_now = now
         self._counters.requests += 1
