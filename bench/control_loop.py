@@ -3,8 +3,9 @@
 Not a test. Three processes talk over DDS on this machine: the controller node (config/ant.yaml, a
 DiffuseLoco-size policy -- 6 layers, 8 heads, width 256, history 8, horizon 16 -- on the CPU with one ORT
 thread), a sensor process publishing joint states at 500 Hz, IMU at 200 Hz, odometry at 50 Hz and a
-velocity command at 1 Hz, and this process, which records the node's per-tick timing topic, swaps the
-model every 10 s through the `model_path` parameter and reads /diagnostics.
+velocity command at 1 Hz (SCHED_FIFO 45 where allowed, as a robot's drivers run), and this process,
+which records the node's per-tick timing topic, swaps the model every 10 s through the `model_path`
+parameter and reads /diagnostics.
 
 From the timing topic ([tick_time, exec_time, action_time, obs_stamp, chunk_seq, index, state, missed]):
 tick jitter = |tick interval - period|; missed ticks = timer ticks that did not happen (an interval of
@@ -20,6 +21,7 @@ Models are generated once (torch export, about a minute) into --model-dir and re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -69,6 +71,8 @@ def run_sensors(duration: float) -> int:
     from nav_msgs.msg import Odometry
     from sensor_msgs.msg import Imu, JointState
 
+    with contextlib.suppress(OSError, AttributeError):  # like a robot's drivers: real-time where allowed
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(45))
     rclpy.init()
     node = rclpy.create_node("bench_sensors")
     pubs = {

@@ -149,6 +149,10 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
               "ros2_control's controller_manager; needs rtprio rights, else a warning and normal priority); "
               "0 = normal.",
               range=(0, 99)),
+    ParamSpec("executor_priority", 49, "int", "SCHED_FIFO priority of the main executor thread (sensor "
+              "messages, services, parameters; read at startup); below loop_priority. Under CPU load a "
+              "normal-priority thread holding Python's GIL would stall the loop thread; 0 = normal.",
+              range=(0, 99)),
     ParamSpec("executor", "single_threaded", "str", "Executor for subscriptions, services and parameters "
               "(read at startup); the control timer always has a thread of its own.", choices=EXECUTORS),
     ParamSpec("diagnostics_period_s", 1.0, "float", "Period of /diagnostics.", range=(0.05, 60.0)),
@@ -279,6 +283,7 @@ class NodeConfig:
     model_joints: tuple[str, ...] = ()
     autostart: bool = True
     loop_priority: int = 50
+    executor_priority: int = 49
     executor: str = "single_threaded"
     diagnostics_period_s: float = 1.0
     max_future_s: float = 0.05
@@ -366,6 +371,7 @@ class NodeConfig:
             model_joints=v["model_joints"],
             autostart=v["autostart"],
             loop_priority=v["loop_priority"],
+            executor_priority=v["executor_priority"],
             executor=v["executor"],
             diagnostics_period_s=v["diagnostics_period_s"],
             max_future_s=v["observations.max_future_s"],

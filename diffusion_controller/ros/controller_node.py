@@ -46,6 +46,7 @@ from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.signals import SignalHandlerOptions
 from std_srvs.srv import Trigger
 
 from diffusion_controller.core.card import CardError, ModelCard, sidecar_path
@@ -97,6 +98,39 @@ def _descriptor(spec: cf.ParamSpec) -> ParameterDescriptor:
     return d
 
 
+def set_thread_priority(priority: int) -> str | None:
+    """SCHED_FIFO at `priority` (> 0) or normal scheduling (0) for the calling thread only (threads it
+    starts later inherit it); None when done, else why not (no rtprio rights, not Linux)."""
+    try:
+        if priority > 0:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        else:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except (OSError, AttributeError) as exc:
+        return str(exc)
+    return None
+
+
+@contextlib.contextmanager
+def normal_priority():
+    """Run a block at normal priority, and so the threads it starts (the inference worker): loading and
+    running a model must never be real-time work."""
+    try:
+        policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    except (OSError, AttributeError):
+        yield
+        return
+    if policy == os.SCHED_OTHER:
+        yield
+        return
+    set_thread_priority(0)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, policy, param)
+
+
 def read_card(path: str) -> ModelCard:
     """The card of a model file without creating a session: its metadata, else the .yaml beside it."""
     try:
@@ -138,25 +172,29 @@ class ControlLoop:
         self.executor.add_node(self.node)
         self._log = node.get_logger()
         self._priority = priority
+        self._stop = threading.Event()
         self.thread = threading.Thread(target=self._spin, name="control_loop", daemon=True)
         self.thread.start()
 
     def _spin(self) -> None:
+        """Spin until close(): the thread leaves the executor by itself, so nothing it waits on is ever
+        destroyed under it (shutting an executor down from another thread can)."""
         self._set_priority()
         with contextlib.suppress(ExternalShutdownException, RuntimeError):  # context shut down
-            self.executor.spin()
+            while not self._stop.is_set() and self.node.context.ok():
+                self.executor.spin_once(timeout_sec=0.1)
 
     def _set_priority(self) -> None:
         """Real-time (SCHED_FIFO) scheduling for this thread only, like ros2_control's update thread: the
         tick then preempts sensor processing and other programs the moment its timer is due."""
         if self._priority <= 0:
             return
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self._priority))
+        why = set_thread_priority(self._priority)
+        if why is None:
             self._log.info(f"control loop thread: SCHED_FIFO priority {self._priority}")
-        except (OSError, AttributeError) as exc:
+        else:
             self._log.warning(
-                f"control loop thread: no real-time priority ({exc}); running at normal priority. Allow it "
+                f"control loop thread: no real-time priority ({why}); running at normal priority. Allow it "
                 "with rtprio limits (e.g. limits.conf '@realtime - rtprio 99') or set loop_priority:=0"
             )
 
@@ -172,8 +210,9 @@ class ControlLoop:
 
     def close(self) -> None:
         self.timer.cancel()
+        self._stop.set()
+        self.thread.join()  # within one spin_once timeout
         self.executor.shutdown(timeout_sec=2.0)
-        self.thread.join(timeout=2.0)
         self.node.destroy_node()
 
 
@@ -272,6 +311,10 @@ class ControllerNode(LifecycleNode):
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def on_configure(self, state: State) -> TransitionCallbackReturn:
+        with normal_priority():
+            return self._configure(state)
+
+    def _configure(self, state: State) -> TransitionCallbackReturn:
         try:
             self._declare_sources()
             cfg = cf.NodeConfig.from_params(self._param_values())
@@ -484,6 +527,7 @@ class ControllerNode(LifecycleNode):
         self, cfg: cf.NodeConfig, path: str, card: ModelCard, binding: cf.Binding, old_path: str
     ) -> None:
         """Loader thread: load + warm up, then swap between two ticks; on failure keep the old model."""
+        set_thread_priority(0)  # started from a real-time executor thread: loading is not real-time work
         try:
             policy = self._load_policy(cfg, path)
             readers = self._make_readers(cfg, policy.card, binding)
@@ -748,39 +792,45 @@ def make_executor(kind: str):
     return SingleThreadedExecutor()
 
 
-def _ignore_signals() -> None:
-    """From here on the process is shutting down: a late or second SIGINT/SIGTERM must not interrupt the
-    cleanup (rclpy's handler re-raises SIGINT as KeyboardInterrupt wherever the main thread is)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, OSError):
-            signal.signal(sig, signal.SIG_IGN)
-
-
 def main(args: list[str] | None = None) -> int:
-    """Console script `controller_node`; exits 0 on SIGINT/SIGTERM like ros2/demos."""
+    """Console script `controller_node`; exits 0 on SIGINT/SIGTERM like ros2/demos.
+
+    The process handles the signals itself instead of rclpy's handler: that one shuts the context down
+    from the signal, while the control-loop thread may be inside a wait on it (a crash on exit). Here a
+    signal only sets a flag; the main loop sees it within 0.1 s and tears down in order: loop thread,
+    inference thread, executor, node, context.
+    """
     # Python hands the GIL over every 5 ms by default; a control loop needs it back sooner.
     sys.setswitchinterval(0.0005)
-    rclpy.init(args=args)
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     node = executor = None
     try:
         node = ControllerNode()
         executor = make_executor(str(node.get_parameter("executor").value))
         executor.add_node(node)
         node.autostart()
-        executor.spin()
+        priority = int(node.get_parameter("executor_priority").value)
+        if priority > 0:
+            why = set_thread_priority(priority)
+            if why is None:
+                node.get_logger().info(f"executor thread: SCHED_FIFO priority {priority}")
+            else:
+                node.get_logger().warning(f"executor thread: no real-time priority ({why}); normal priority")
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except Exception:
-        # A signal can shut the context down between the executor's ok() check and its next wait set:
-        # that surfaces as an RCL error, but it is the same clean shutdown.
-        if rclpy.ok():
-            raise
     finally:
-        _ignore_signals()
-        if executor is not None:
-            executor.shutdown(timeout_sec=5.0)  # no callback may run while the node is torn down
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not interrupt the cleanup
+            signal.signal(sig, signal.SIG_IGN)
         if node is not None:
             node.close()
+        if executor is not None:
+            executor.shutdown(timeout_sec=5.0)
+        if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
