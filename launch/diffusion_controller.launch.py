@@ -7,13 +7,12 @@ With autostart:=true (default) the node configures and activates itself; with fa
 `unconfigured` for a lifecycle manager (`ros2 lifecycle set /diffusion_controller configure`).
 """
 
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import LifecycleNode
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
-
-from launch import LaunchDescription
 
 
 def generate_launch_description() -> LaunchDescription:

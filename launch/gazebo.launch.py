@@ -32,6 +32,7 @@ as in gymnasium's ant.xml), an IMU sensor named ``imu_sensor`` on base_link, the
 and a ``gz-sim-odometry-publisher-system`` (dimensions 3) for /odom.
 """
 
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, RegisterEventHandler
 from launch.event_handlers import OnProcessExit
 from launch.launch_description_sources import PythonLaunchDescriptionSource
@@ -39,8 +40,6 @@ from launch.substitutions import Command, LaunchConfiguration, PathJoinSubstitut
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
-
-from launch import LaunchDescription
 
 CONTROLLERS = ("joint_state_broadcaster", "imu_sensor_broadcaster", "forward_position_controller")
 

@@ -7,13 +7,12 @@ listens on /forward_position_controller/commands and /joint_trajectory_controlle
 service /sim_node/reset. The node stamps with its own sim time; use_sim_time only affects its logs.
 """
 
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
-
-from launch import LaunchDescription
 
 
 def generate_launch_description() -> LaunchDescription:

@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("launch_testing")
 pytest.importorskip("launch_ros")
 
+import launch
 import launch_testing.actions
 import launch_testing.asserts
 import rclpy
@@ -28,8 +29,6 @@ from lifecycle_msgs.srv import GetState
 from nav_msgs.msg import Odometry
 from sensor_msgs.msg import Imu, JointState
 from std_msgs.msg import Float64MultiArray
-
-import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 JOINTS = ["hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4"]
