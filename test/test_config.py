@@ -312,3 +312,13 @@ def test_demo_launch_runs_sim_and_controller_on_sim_time():
     ast.parse(text)
     assert "sim.launch.py" in text and "diffusion_controller.launch.py" in text
     assert '"use_sim_time": "true"' in text
+
+
+def test_every_shipped_model_fits_the_demo_config(ant_params):
+    """models/*.onnx are what the launch files default to: each must configure with config/ant.yaml."""
+    from diffusion_controller.ros.controller_node import read_card
+
+    cfg = cf.NodeConfig.from_params(ant_params)
+    for path in sorted((ROOT / "models").glob("*.onnx")):
+        binding = cf.validate_against_card(cfg, read_card(str(path)))
+        assert binding.output_joints == tuple(JOINTS), path
