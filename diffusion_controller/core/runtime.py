@@ -82,10 +82,13 @@ def _provider_entry(name: str, cuda_graph: bool):
     return name
 
 
-def _make_session(
-    model: bytes, path: Path, provider: str, threads: int, log
-) -> tuple[ort.InferenceSession, bool]:
-    """Create the session on the requested (or best available) provider; returns (session, cuda_graph)."""
+def _make_session(path: Path, provider: str, threads: int, log) -> tuple[ort.InferenceSession, bool]:
+    """Create the session on the requested (or best available) provider; returns (session, cuda_graph).
+
+    The session is made from the path, not from bytes in memory: ONNX Runtime parses a bytes model while
+    holding the GIL (~90 ms for a DiffuseLoco-size file), which would stall the control loop during a
+    model swap; from a path it releases the GIL.
+    """
     if provider == "auto":
         wanted = []
         for p in (TRT, CUDA):
@@ -109,7 +112,7 @@ def _make_session(
     for cuda_graph in (True, False) if wanted else (False,):
         entries = [_provider_entry(p, cuda_graph) for p in wanted] + [CPU]
         try:
-            sess = ort.InferenceSession(model, so, providers=entries)
+            sess = ort.InferenceSession(str(path), so, providers=entries)
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             errors.append(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
             if cuda_graph:
@@ -200,7 +203,7 @@ class Policy:
         except ValueError as e:
             raise ModelError(str(e)) from e
 
-        sess, cuda_graph = _make_session(model, path, provider, threads, log)
+        sess, cuda_graph = _make_session(path, provider, threads, log)
         self = object.__new__(cls)
         self.path, self.card, self.steps, self.threads = path, card, steps, threads
         self.session, self.cuda_graph = sess, cuda_graph
