@@ -157,3 +157,81 @@ def test_control_core_commands_are_always_safe(
         previous = r.command if r.command is not None else previous
         running = running or (r.state is ControlState.RUNNING and not r.missed)
     event("reached RUNNING" if running else "never RUNNING")
+
+
+# Operator and environment events the core must survive between ticks, with the same guarantees.
+EVENTS = st.sampled_from(
+    ["tick", "tick", "tick", "tick", "clock_back", "estop", "resume", "swap", "swap_narrow", "bad_obs"]
+)
+NARROW = (LOWER + 0.4, UPPER - 0.4)  # a model swapped in at 3 a.m. with tighter joint limits
+
+
+def outside(cmd: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Per joint, how far a command is outside [lower, upper] (0 inside)."""
+    return np.maximum(np.maximum(lower - cmd, cmd - upper), 0.0)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(EVENTS, min_size=30, max_size=80),
+    chunks=st.lists(ACTIONS, min_size=1, max_size=4),
+    latency=st.floats(0.0, 0.1),
+    step=st.floats(0.01, 0.5),
+    jump=st.floats(0.05, 5.0),
+)
+def test_commands_stay_safe_across_clock_jumps_estops_swaps_and_bad_observations(
+    events, chunks, latency, step, jump
+):
+    """A sim reset (clock back), e-stop and resume, model swaps (some with tighter limits) and NaN/Inf
+    observations between ticks: every command finite and within max_step of the previous one (except the
+    first after a clock jump: a new episode, DESIGN.md), never a stale action, the e-stop holds, and the
+    command is inside the current model's limits -- or, after a swap tightened them, never farther outside
+    than the command before (it converges at max_step instead of jumping)."""
+    card = clock_card(horizon=H, action_lower=LOWER, action_upper=UPPER)
+    narrow = clock_card(horizon=H, action_lower=NARROW[0], action_upper=NARROW[1])
+    clock = FakeClock()
+    worker = SimWorker(clock, latency=lambda seq: latency)
+    config = ControlConfig(max_step_per_tick=step, obs_timeout_s=0.1, max_consecutive_misses=3)
+    core = ControlCore(card, config, ScriptedPolicy(card, chunks), worker=worker)
+    limits = (LOWER, UPPER)
+    previous, now, new_episode, estopped, narrowed = None, 0.0, True, False, False
+    for ev in events:
+        if ev == "clock_back":
+            now = max(now - jump, 0.0)
+            new_episode = True
+        elif ev == "estop":
+            core.estop()
+            estopped = True
+        elif ev == "resume":
+            core.resume()
+            estopped = False
+        elif ev in ("swap", "swap_narrow"):
+            new = narrow if ev == "swap_narrow" else card
+            core.swap_policy(ScriptedPolicy(new, chunks[::-1]))
+            narrowed = narrowed or limits[0][0] < new.action_lower[0]
+            limits = (new.action_lower, new.action_upper)
+        now += P
+        clock.t = now
+        stamp = now - 0.01
+        joints = [math.nan, 0.0, math.inf] if ev == "bad_obs" else [0.3, -0.2, 0.0]
+        core.observe("clock", stamp, [stamp], now=now)
+        core.observe("joint_position", stamp, joints, now=now)  # rejected when non-finite
+        r = core.tick(now)
+        if r.command is None:
+            assert previous is None or new_episode, "a command once given is only withdrawn by a clock jump"
+            continue
+        assert r.command.shape == (2,) and np.all(np.isfinite(r.command))
+        out = outside(r.command, *limits)
+        if previous is None or new_episode:
+            assert np.all(out == 0.0)  # a new episode starts inside the limits
+            narrowed = False
+        else:
+            assert np.all(np.abs(r.command - previous) <= step * (1 + 1e-9))
+            assert np.all(out <= outside(previous, *limits) + 1e-12), "moved away from the limits"
+            assert narrowed or np.all(out == 0.0), "outside the limits without a swap that tightened them"
+        if estopped and previous is not None and not new_episode:
+            assert r.state is ControlState.ESTOP
+            np.testing.assert_array_equal(r.command, previous)
+        if r.state is ControlState.RUNNING and not r.missed:
+            assert not is_stale(r.action_time, r.t_exec, P)
+        previous, new_episode = r.command, False

@@ -63,6 +63,17 @@ def test_default_pose_is_approached_gently_and_clamped():
     np.testing.assert_allclose(previous, np.clip(pose, LOWER, UPPER))
 
 
+def test_a_command_outside_narrowed_limits_converges_at_max_step_instead_of_jumping():
+    """A swap to a model with tighter limits while the command sits outside them (DESIGN.md)."""
+    f = SafetyFilter(np.array([-0.5, -0.5]), np.array([0.5, 0.5]), max_step=0.1)
+    f.reset(np.array([0.9, 0.2]), clamp=False)
+    cmds = [f.apply(np.array([0.9, 0.2]))[0] for _ in range(6)]
+    np.testing.assert_allclose([c[0] for c in cmds], [0.8, 0.7, 0.6, 0.5, 0.5, 0.5])
+    assert all(c[1] == 0.2 for c in cmds)
+    f.reset(np.array([0.9, 0.2]))  # the default still clamps (a measured pose, no command sent yet)
+    np.testing.assert_allclose(f.hold(), [0.5, 0.2])
+
+
 def test_hold_mode_safe_command_holds():
     f = make()
     f.reset([0.2, 0.2, 0.2])

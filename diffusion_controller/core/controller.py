@@ -339,13 +339,14 @@ class ControlCore:
             self._worker.set_policy(policy)
             if layout_of(card) == self._layout:
                 last = self._safety.last
-                self.card = card  # limits may differ: a new filter, continuing from the last command
+                self.card = card  # limits may differ: a new filter, continuing from the last command (never
+                # snapped into narrower limits in one tick: it converges at max_step, see SafetyFilter)
                 self._build_safety_from(card, last)
                 return
             last, joints = self._safety.last, tuple(self.card.action_joints)
             self._build(card)
             if tuple(card.action_joints) == joints:
-                self._safety.reset(last)
+                self._safety.reset(last, clamp=False)
             self._scheduler.clear()
             self._require_fresh_chunk()
             self._wait_cause = "new model layout"
@@ -400,7 +401,7 @@ class ControlCore:
         pose = None if cfg.default_pose is None else np.asarray(cfg.default_pose)
         limits = (card.action_lower, card.action_upper)
         self._safety = SafetyFilter(*limits, cfg.max_step_per_tick, cfg.safe_mode, pose)
-        self._safety.reset(last)
+        self._safety.reset(last, clamp=False)
         if self._estopped:
             self._safety.estop()
 

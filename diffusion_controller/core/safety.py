@@ -21,6 +21,8 @@ class SafetyFilter:
 
     The invariant it keeps: `last` is None or finite, within [lower, upper], and each new output differs
     from the previous output by at most `max_step` per joint. A rejected action holds the last command.
+    After a model swap narrowed the limits (`reset(last, clamp=False)`), a last command outside them is
+    not snapped inside in one tick: commands move toward the limits by `max_step` per tick instead.
     """
 
     def __init__(
@@ -68,8 +70,10 @@ class SafetyFilter:
         cmd = np.minimum(np.maximum(target, self.lower), self.upper)
         if previous is not None:
             np.minimum(np.maximum(cmd, previous - self.max_step, out=cmd), previous + self.max_step, out=cmd)
-            # previous is inside the limits, so this stays inside them; clamp again against rounding.
-            np.minimum(np.maximum(cmd, self.lower, out=cmd), self.upper, out=cmd)
+            # A previous inside the limits keeps this inside them; clamp again against rounding. One outside
+            # (limits narrowed by a swap) is left to converge at max_step rather than jump.
+            inside = (previous >= self.lower) & (previous <= self.upper)
+            cmd = np.where(inside, np.minimum(np.maximum(cmd, self.lower), self.upper), cmd)
         return cmd
 
     def apply(self, action) -> tuple[np.ndarray | None, bool]:
@@ -112,12 +116,14 @@ class SafetyFilter:
             out[k] = previous
         return out
 
-    def reset(self, anchor: np.ndarray | None = None) -> None:
-        """Start over from `anchor` (clamped). None: no previous command, the next is not rate-limited."""
+    def reset(self, anchor: np.ndarray | None = None, clamp: bool = True) -> None:
+        """Start over from `anchor` (clamped to the limits unless `clamp` is False: a command already sent,
+        which later commands must not jump away from). None: no previous, the next is not rate-limited."""
         if anchor is None or not self.valid(anchor):
             self.last = None
         else:
-            self.last = np.clip(np.asarray(anchor, dtype=float), self.lower, self.upper)
+            anchor = np.asarray(anchor, dtype=float)
+            self.last = np.clip(anchor, self.lower, self.upper) if clamp else anchor.copy()
 
     def estop(self) -> None:
         """Latch: every command holds the last one until resume()."""
