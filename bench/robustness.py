@@ -1,0 +1,180 @@
+"""Robustness benchmark: faults, bad input and load against the controller node as a real process.
+
+Not a test, but the same scenarios as test/test_hardening_*.py (test/hardening.py holds them: setup ->
+inject -> observe -> verdict), run in one go with the load at full length, held to zero missed ticks,
+and summarized. Processes: the controller node(s) (config/ant.yaml, a tiny random policy, CPU, nice -10
+by default as a controller is deployed beside other work; its control loop thread is SCHED_FIFO by
+itself), a sensor process (SCHED_FIFO 20 where allowed, so the streams are not what starves) and this one,
+which records every command, trajectory, timing row and /diagnostics message of the nodes.
+
+Every command and trajectory point is checked against the card's limits and max_step_per_tick, every
+RUNNING timing row against the stale rule (action_time < exec_time - period/2), tick gaps on the node's
+clock count missed ticks, /proc gives resident memory. Figures are of this machine under whatever else
+runs on it: the load average is printed beside them.
+
+    .venv/bin/python bench/robustness.py [--quick] [--json] [--load-seconds 60] [--only NAME ...]
+
+--quick: the load scenarios at 10 s / 5 s and one bad input per topic (about 3 minutes); default: every
+scenario, sensor_load 60 s and flood_10x 20 s (about 7 minutes). --json: one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "test"))  # the scenarios and ROS helpers shared with the test suite
+
+#: One bad input per topic and the replace-mode ones (--quick).
+QUICK_INPUT = {
+    "joint_states_duplicated_joint",
+    "imu_zero_quaternion",
+    "odom_nan_twist",
+    "cmd_vel_nan",
+    "joint_states_nan_effort_unused",
+    "joint_states_garbage_only",
+    "imu_garbage_only",
+    "odom_garbage_only",
+    "wrong_message_types",
+}
+
+
+def fmt(v: object) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.3g}"
+    return str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short load, one bad input per topic")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    ap.add_argument("--load-seconds", type=float, default=None, help="sensor_load duration (default 60)")
+    ap.add_argument("--only", nargs="*", default=None, help="scenario names or groups (input, faults, load)")
+    ap.add_argument("--node-nice", type=int, default=-10, help="nice value of the nodes (0 = normal)")
+    ap.add_argument("--model-dir", type=Path, default=None, help="where the scenario models go")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("ROS_DOMAIN_ID", str(60 + os.getpid() % 40))
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "UDPv4")
+
+    import hardening as hd
+
+    load_s = args.load_seconds or (10.0 if args.quick else 60.0)
+    hd.LOAD_SECONDS.update(baseline=min(load_s, 20.0), sensor_load=load_s, flood_10x=max(load_s / 3, 5.0))
+    selected = [
+        s.name
+        for s in hd.SCENARIOS.values()
+        if (args.only is None or s.name in args.only or s.group in args.only)
+        and not (args.quick and args.only is None and s.group == "input" and s.name not in QUICK_INPUT)
+    ]
+    model_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="robustness_models_"))
+    load0, t_start = os.getloadavg(), time.monotonic()
+    results: list[hd.Result] = []
+    main_exit = None
+    with hd.Harness(hd.Models(model_dir), node_nice=args.node_nice, missed_tick_budget=0.0) as h:
+        for name in selected:
+            sc = hd.SCENARIOS[name]
+            print(f"[robustness] {sc.group:6s} {name} ...", file=sys.stderr, flush=True)
+            r = hd.run(h, name)
+            results.append(r)
+            if not r.passed:
+                print("  " + r.report().replace("\n", "\n  "), file=sys.stderr, flush=True)
+        main_node = h._main
+        rss = [m for _, m in main_node.rss] if main_node is not None else []
+        if main_node is not None:
+            main_exit = main_node.stop()
+        calib = dict(h.models.figures)
+    load1 = os.getloadavg()
+
+    print(
+        f"robustness: {len(results)} scenarios, {os.cpu_count()} cores, node nice {args.node_nice}, "
+        f"load avg {load0[0]:.2f} -> {load1[0]:.2f}, {time.monotonic() - t_start:.0f} s"
+    )
+    header = (
+        f"  {'scenario':34s} {'group':6s} {'result':6s} {'ticks':>6s} {'missed':>6s} {'unsafe':>6s} "
+        f"{'lost':>5s}  figures"
+    )
+    print(header)
+    keys = (
+        "rejected",
+        "log_lines",
+        "time_to_safe_s",
+        "recovery_s",
+        "compute_p50_ms",
+        "median_index",
+        "exit_s",
+        "obs_to_cmd_p50_ms",
+        "obs_to_cmd_p99_ms",
+        "jitter_p99_ms",
+        "tick_cost_p99_ms",
+        "rate_joint_states_hz",
+        "rate_imu_hz",
+        "cmd_gap_max_ms",
+    )
+    for r in results:
+        figs = " ".join(f"{k}={fmt(r.figures[k])}" for k in keys if k in r.figures)
+        if not math.isnan(r.rss_growth_mb):
+            figs += f" rss_growth_mb={r.rss_growth_mb:.2f}"
+        unsafe = sum(r.unsafe.values())
+        print(
+            f"  {r.name:34s} {hd.SCENARIOS[r.name].group:6s} {'pass' if r.passed else 'FAIL':6s} "
+            f"{r.ticks:6d} {r.missed_ticks:6d} {unsafe:6d} {r.lost_messages:5d}  {figs}"
+        )
+    for r in results:
+        if not r.passed:
+            print(r.report())
+
+    growth = [r.rss_growth_mb for r in results if not math.isnan(r.rss_growth_mb)]
+    unsafe_by_kind: dict[str, int] = {}
+    for r in results:
+        for k, v in r.unsafe.items():
+            unsafe_by_kind[k] = unsafe_by_kind.get(k, 0) + v
+    summary = {
+        "scenarios": len(results),
+        "passed": sum(r.passed for r in results),
+        "failed": [r.name for r in results if not r.passed],
+        "unsafe_commands": sum(unsafe_by_kind.values()),
+        "unsafe_by_kind": unsafe_by_kind,
+        "missed_ticks": sum(r.missed_ticks for r in results),
+        "crashes": sum(r.crashes for r in results) + int(main_exit not in (0, None)),
+        "rss_growth_mb": max(growth) if growth else math.nan,
+        "main_node_rss_mb": {"first": rss[0], "last": rss[-1], "max": max(rss)} if rss else {},
+        "main_node_exit_code": main_exit,
+        "lost_messages": sum(r.lost_messages for r in results),
+        "ticks": sum(r.ticks for r in results),
+        "load": {
+            r.name: {k: v for k, v in r.figures.items()} | {"rss_growth_mb": r.rss_growth_mb}
+            for r in results
+            if hd.SCENARIOS[r.name].group == "load"
+        },
+        "models": calib,
+        "machine": {
+            "cores": os.cpu_count(),
+            "loadavg_start": load0[0],
+            "loadavg_end": load1[0],
+            "node_nice": args.node_nice,
+        },
+        "load_seconds": dict(hd.LOAD_SECONDS),
+        "duration_s": time.monotonic() - t_start,
+    }
+    print(
+        f"targets: unsafe_commands 0 (got {summary['unsafe_commands']}), "
+        f"crashes 0 (got {summary['crashes']}), missed_ticks 0 (got {summary['missed_ticks']}), "
+        f"every scenario passes ({summary['passed']}/{summary['scenarios']})"
+    )
+    if args.json:
+        print(json.dumps(summary, default=float))
+    return 0 if summary["passed"] == summary["scenarios"] and summary["crashes"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Bad input against the running node: every observation topic of config/ant.yaml gets malformed messages
+(wrong sizes, missing and duplicated joints, NaN/Inf, zero quaternions, future/backward/zero stamps, empty
+messages, wrong message types). Scenarios and verdicts live in hardening.py (shared with
+bench/robustness.py); each scenario is one test here."""
+
+from __future__ import annotations
+
+import pytest
+from hardening import Harness, Models, names, run
+
+pytestmark = pytest.mark.ros
+
+#: Fraction of ticks a scenario may miss here: CI and developer machines are shared, so a tick or two may
+#: be lost to other programs; bench/robustness.py holds the node to zero and reports the count.
+MISSED_TICK_BUDGET = 0.02
+
+
+@pytest.fixture(scope="module")
+def h(tmp_path_factory):
+    with Harness(Models(tmp_path_factory.mktemp("models")), missed_tick_budget=MISSED_TICK_BUDGET) as harness:
+        yield harness
+        rc = harness.main.stop()
+    assert rc == 0, "SIGINT must end the node cleanly (exit code 0)"
+
+
+@pytest.mark.parametrize("name", names("input"))
+def test_bad_input(h, name):
+    result = run(h, name)
+    assert result.passed, result.report()
