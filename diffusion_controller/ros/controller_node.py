@@ -255,6 +255,7 @@ class ControllerNode(LifecycleNode):
         self._faults = dg.RateLimitedLog(self._log.warning)  # rejected input, per source and cause
         self._events = dg.RateLimitedLog(self._log.warning)  # missed steps
         self._source_faults: dict[str, int] = {}
+        self._wrong_types: dict[str, str] = {}  # source topic -> publishers of another type on it
         self._wall_time = not self.get_parameter("use_sim_time").value
 
         # Always available, whatever the lifecycle state.
@@ -684,7 +685,27 @@ class ControllerNode(LifecycleNode):
     def _overrides(self) -> dict[str, Any]:
         return {name: p.value for name, p in getattr(self, "_parameter_overrides", {}).items()}
 
+    def _check_topic_types(self) -> None:
+        """A publisher of another message type on a source topic never reaches this node (DDS does not
+        match the two, and this rmw raises no incompatible-type event): find it in the graph, log it once,
+        and keep it on /diagnostics while it is there."""
+        cfg, found = self._cfg, {}
+        for src in cfg.sources if cfg is not None else ():
+            topic = self.resolve_topic_name(src.topic)
+            others = sorted({f"{i.topic_type} from {i.node_namespace.rstrip('/')}/{i.node_name}"
+                             for i in self.get_publishers_info_by_topic(topic) if i.topic_type != src.type})
+            if others:
+                found[topic] = ", ".join(others)
+                if self._wrong_types.get(topic) != found[topic]:
+                    self._log.warning(
+                        f"[{src.name}] {topic} also has publishers of another type ({found[topic]}); this "
+                        f"node reads {src.type}: their messages never arrive"
+                    )
+        self._wrong_types = found
+
     def _publish_diagnostics(self) -> None:
+        with contextlib.suppress(Exception):  # a graph query must never cost the diagnostics
+            self._check_topic_types()
         label = self._state_machine.current_state[1]
         sections = self._diagnostic_sections(label)
         self._pub_diag.publish(
@@ -768,12 +789,15 @@ class ControllerNode(LifecycleNode):
         ages = core.ages(self._now())
         values: dict[str, object] = {f"age_ms.{k}": 1000.0 * v for k, v in ages.items()}
         values.update({f"rejected.{k}": v for k, v in self._source_faults.items()})
+        values.update({f"wrong_type.{k}": v for k, v in self._wrong_types.items()})
         values["stale_events"] = st.stale_obs_events
         values["rejected_total"] = st.rejected_observations + self._faults.total
         timeouts = self._control_timeouts()
         stale = [k for k, v in ages.items() if v > timeouts.get(k, math.inf)]
         if stale:
             obs_level, obs_msg = dg.ERROR, f"stale: {', '.join(stale)}"
+        elif self._wrong_types:
+            obs_level, obs_msg = dg.WARN, "publishers of the wrong type on " + ", ".join(self._wrong_types)
         elif self._faults.total:
             obs_level, obs_msg = dg.WARN, f"rejected messages: {self._faults.last_message}"
         else:
