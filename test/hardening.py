@@ -1160,26 +1160,36 @@ scenario("input", "odom_garbage_only")(_garbage_only("odom_wrong_frame_only", "b
 
 @scenario("input")
 def wrong_message_types(h: Harness, r: Result) -> None:
-    """Publishers of the wrong type on /joint_states (String) and /cmd_vel (TwistStamped): the node never
-    takes them for its own type and keeps running on the real streams."""
+    """Publishers of the wrong type on /joint_states (String) and /cmd_vel (TwistStamped, the Jazzy-era
+    mix-up): DDS never delivers them, the node keeps running on the real streams, and it says once in the
+    log and on /diagnostics (while they exist) that they are there."""
     node = h.main
     r.check(node.wait_state(RUNNING, 10.0), f"not RUNNING before the scenario (state {node.state()})")
     w = Watch(node)
-    other = Probe("wrong_types")  # a separate participant: one participant cannot have both types on a topic
+    # A process of its own, like a misconfigured driver (a second participant in this one is not found
+    # reliably by discovery on localhost).
+    other = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--wrong-types", "4.0"])
     try:
-        pubs = [
-            other.publisher(TOPICS["joint_states"], String),
-            other.publisher(TOPICS["cmd_vel"], TwistStamped),
-        ]
-        for _ in range(200):
-            pubs[0].publish(String(data="not a joint state"))
-            pubs[1].publish(TwistStamped())
-            time.sleep(0.005)
+        time.sleep(3.0)
+        obs = node.diag("observations", after=time.monotonic())
     finally:
-        other.close()
+        other.wait(10.0)
     a = w.verdict(r)
     r.check(a.states["running"] == a.ticks, f"control left RUNNING: {dict(a.states)}")
-    r.figures["type_warnings"] = w.lines("type")
+    text = str(obs.get("_message", ""))
+    r.check("wrong type" in text and obs.get("_level") == 1, f"/diagnostics observations: {obs}")
+    for topic, wrong in (
+        (TOPICS["joint_states"], "std_msgs/msg/String"),
+        (TOPICS["cmd_vel"], "TwistStamped"),
+    ):
+        r.check(
+            wrong in str(obs.get(f"wrong_type.{topic}", "")), f"/diagnostics does not name {wrong}: {obs}"
+        )
+        lines = w.lines(f"{topic} also has publishers of another type")
+        r.check(lines == 1, f"{lines} log lines about the wrong type on {topic} (want 1)")
+    # Gone with the publishers: /diagnostics no longer warns about them.
+    gone = wait_until(lambda: "wrong_type" not in str(node.diag("observations", after=time.monotonic())), 5.0)
+    r.check(gone, "/diagnostics still reports the wrong-type publishers after they left")
 
 
 # -- faults --------------------------------------------------------------------------------------------------
@@ -1535,6 +1545,26 @@ scenario("load", "sensor_load", "joint states at 2 kHz and IMU at 1 kHz")(_load(
 scenario("load", "flood_10x", "every observation topic at 10x its normal rate")(_load("flood_10x"))
 
 
+def wrong_types_main(seconds: float) -> int:
+    """Publish String on /joint_states and TwistStamped on /cmd_vel for `seconds` (wrong_message_types)."""
+    import rclpy
+
+    rclpy.init()
+    node = rclpy.create_node("wrong_type_driver")
+    pubs = [node.create_publisher(String, TOPICS["joint_states"], 10),
+            node.create_publisher(TwistStamped, TOPICS["cmd_vel"], 10)]  # fmt: skip
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pubs[0].publish(String(data="not a joint state"))
+        pubs[1].publish(TwistStamped())
+        time.sleep(0.005)
+    node.destroy_node()
+    rclpy.try_shutdown()
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--feeder":
         sys.exit(feeder_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--wrong-types":
+        sys.exit(wrong_types_main(float(sys.argv[2])))
