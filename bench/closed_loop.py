@@ -519,6 +519,16 @@ def main(argv: list[str] | None = None) -> int:
             "\nper skill (policy): "
             + ", ".join(f"{k} {v['vx'] + v['vy'] + v['wz']:.3f}" for k, v in r["per_skill"].items())
         )
+    if args.demo:
+        r = rows[0]
+        print(
+            f"\nThe diffusion policy ({args.model.name}) drove the simulated ant through ROS for "
+            f"{args.seconds:.0f} s of stand/walk/turn commands with {r['obs_delay_s'] * 1000:.0f} ms sensor "
+            f"delay: {'no fall' if r['falls'] == 0 else 'it FELL'}, "
+            f"velocity-tracking error {r['policy_vel_err']:.3f} "
+            f"(the expert gait: {r['expert_vel_err']:.3f}), {r['stale_actions_published']} stale actions, "
+            f"model {r['compute_ms_p50']:.1f} ms per chunk on {r['provider']}."
+        )
     summary = {
         "episodes": sum(r["episodes"] for r in rows),
         "falls": sum(r["falls"] for r in rows),
