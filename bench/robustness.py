@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "log_lines",
         "time_to_safe_s",
         "recovery_s",
-        "compute_p50_ms",
+        "chunk_interval_ms",
         "median_index",
         "exit_s",
         "obs_to_cmd_p50_ms",
