@@ -6,27 +6,12 @@ latency and jitter bounded, memory flat. Short here (hardening.LOAD_SECONDS); be
 from __future__ import annotations
 
 import pytest
-from hardening import Harness, Models, names, run
+from hardening import names, run
 
 pytestmark = pytest.mark.ros
 
-#: Ticks a scenario may miss here (2% of them, at least 2): CI and developer machines are shared, so a
-#: tick or two may be lost to other programs; bench/robustness.py holds the node to zero and reports it.
-MISSED_TICK_BUDGET, MISSED_TICK_FLOOR = 0.02, 2
-
-
-@pytest.fixture(scope="module")
-def h(tmp_path_factory):
-    models = Models(tmp_path_factory.mktemp("models"))
-    with Harness(
-        models, missed_tick_budget=MISSED_TICK_BUDGET, missed_tick_floor=MISSED_TICK_FLOOR
-    ) as harness:
-        yield harness
-        rc = harness.main.stop()
-    assert rc == 0, "SIGINT must end the node cleanly (exit code 0)"
-
 
 @pytest.mark.parametrize("name", names("load"))
-def test_load(h, name):
-    result = run(h, name)
+def test_load(hardening_harness, name):
+    result = run(hardening_harness, name)
     assert result.passed, result.report()
