@@ -256,6 +256,7 @@ class ControllerNode(LifecycleNode):
         self._events = dg.RateLimitedLog(self._log.warning)  # missed steps
         self._source_faults: dict[str, int] = {}
         self._wrong_types: dict[str, str] = {}  # source topic -> publishers of another type on it
+        self._wrong_types_logged: set[tuple[str, str]] = set()  # reported once, even if the graph flaps
         self._wall_time = not self.get_parameter("use_sim_time").value
 
         # Always available, whatever the lifecycle state.
@@ -696,7 +697,8 @@ class ControllerNode(LifecycleNode):
                              for i in self.get_publishers_info_by_topic(topic) if i.topic_type != src.type})
             if others:
                 found[topic] = ", ".join(others)
-                if self._wrong_types.get(topic) != found[topic]:
+                if (topic, found[topic]) not in self._wrong_types_logged:
+                    self._wrong_types_logged.add((topic, found[topic]))
                     self._log.warning(
                         f"[{src.name}] {topic} also has publishers of another type ({found[topic]}); this "
                         f"node reads {src.type}: their messages never arrive"
