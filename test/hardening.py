@@ -253,21 +253,21 @@ class Models:
         path.write_bytes(data[: len(data) // 2])  # a copy interrupted half way
         return path
 
-    def _make_period(self) -> Path:
-        """A valid ONNX whose card says 100 Hz: it does not fit the running 50 Hz configuration."""
-        path = self.root / "period" / "tiny_100hz.onnx"
+    def _recarded(self, folder: str, name: str, **card_changes) -> Path:
+        """A copy of the base model whose card has `card_changes` (and the name `name`)."""
+        path = self.root / folder / f"{name}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(self["a"].read_bytes())
-        ModelCard.from_onnx(path).replace(name="tiny_100hz", control_period_s=0.01).to_onnx(path)
+        ModelCard.from_onnx(path).replace(name=name, **card_changes).to_onnx(path)
         return path
+
+    def _make_period(self) -> Path:
+        """A valid ONNX whose card says 100 Hz: it does not fit the running 50 Hz configuration."""
+        return self._recarded("period", "tiny_100hz", control_period_s=0.01)
 
     def _make_graph_mismatch(self) -> Path:
         """A card that fits the configuration but not its own graph (history 6 vs the graph's 4)."""
-        path = self.root / "graph_mismatch" / "tiny_history6.onnx"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self["a"].read_bytes())
-        ModelCard.from_onnx(path).replace(name="tiny_history6", history=6).to_onnx(path)
-        return path
+        return self._recarded("graph_mismatch", "tiny_history6", history=6)
 
     def _make_nan(self) -> Path:
         return nan_model(self["a"], self.root / "nan" / "tiny_nan.onnx")
