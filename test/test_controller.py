@@ -140,6 +140,24 @@ def test_chunks_that_arrive_stale_name_the_cause_in_the_safe_reason():
     assert reason.startswith("3 consecutive missed steps (limit 3): chunk dropped: stale on arrival"), reason
 
 
+def test_safe_reason_follows_the_cause_once_observations_are_fresh_again():
+    """SAFE entered on stale observations, then the observations recover while every chunk arrives stale:
+    the reason must say the chunks are the problem now, not keep the old observation ages."""
+    card = clock_card(horizon=4)
+    rig = Rig(ControlConfig(obs_timeout_s=0.1, max_consecutive_misses=3, **WIDE), card=card)
+    rig.until(ControlState.RUNNING)
+    rig.worker.latency = lambda seq: 0.2  # every chunk from now on is stale on arrival
+    rig.feeding.discard("joint_position")
+    r = rig.until(ControlState.SAFE, limit=10)
+    assert "stale observation" in r.reason and "joint_position" in r.reason, r.reason
+    rig.feeding.add("joint_position")
+    results = rig.run(40)
+    assert all(x.state is ControlState.SAFE for x in results)
+    reason = rig.core.stats().reason
+    assert "stale observation" not in reason, reason
+    assert reason.startswith("observations fresh again, no usable chunk yet: chunk dropped: stale on arrival"), reason
+
+
 def test_watchdog_goes_safe_naming_the_feature_then_recovers_with_a_fresh_history():
     rig = Rig(ControlConfig(obs_timeout_s=0.1, **WIDE))
     rig.until(ControlState.RUNNING)

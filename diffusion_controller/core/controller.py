@@ -252,7 +252,7 @@ class ControlCore:
         self._reason = "waiting for observations"
         self._last_drop = ""
         self._miss_cause = ""  # why the newest chunk did not arrive usable (error, rejected, stale)
-        self._safe_misses = ""  # "n consecutive missed steps (limit m)" while SAFE for that reason
+        self._safe_why = ""  # the standing part of the SAFE reason; the current cause of no chunk follows it
         self._last_request_now = -math.inf
         self._wait_cause = ""  # why the core last restarted, kept in the reason while WAITING
         self._scheduler: ChunkScheduler | None = None
@@ -416,7 +416,7 @@ class ControlCore:
         self._scheduler.clear()
         self._require_fresh_chunk()
         self._counters.consecutive_misses = 0
-        self._miss_cause = self._safe_misses = ""
+        self._miss_cause = self._safe_why = ""
         if clear_history:
             self._watchdog.healthy = False
         self._wait_cause = reason
@@ -442,7 +442,7 @@ class ControlCore:
         if self._state is not ControlState.SAFE:
             self._counters.safe_entries += 1
         self._state, self._reason = ControlState.SAFE, reason
-        self._safe_misses = ""
+        self._safe_why = ""
 
     def _why_no_chunk(self, now: float) -> str:
         """Why no usable action is there: the last chunk's fate, or the inference still running."""
@@ -476,6 +476,9 @@ class ControlCore:
         if status.healthy:
             # Fresh again: restart the history at the newest samples so no row mixes the gap in.
             self._history.reset(keep_newest=True)
+            self._miss_cause = ""  # belongs to a chunk from before the gap
+            if self._state is ControlState.SAFE:  # the stale-observation reason no longer holds
+                self._safe_why = "observations fresh again, no usable chunk yet"
         else:
             self._counters.stale_obs_events += 1
 
@@ -497,7 +500,7 @@ class ControlCore:
             command, accepted = self._safety.apply(selection.action)
             if accepted:
                 self._state, self._reason, self._wait_cause = ControlState.RUNNING, "", ""
-                self._safe_misses = ""
+                self._safe_why = ""
                 c.consecutive_misses = 0
                 times = selection.chunk.times()[selection.index :]
                 rest = self._safety.preview(selection.chunk.actions[selection.index + 1 :], command)
@@ -523,13 +526,13 @@ class ControlCore:
                 self._scheduler.clear()
                 self._require_fresh_chunk()
                 self._enter_safe(f"{n} consecutive missed steps (limit {limit}): {cause}")
-                self._safe_misses = f"{n} consecutive missed steps (limit {limit})"
+                self._safe_why = f"{n} consecutive missed steps (limit {limit})"
                 return self._hold_result(t_exec, self._safety.safe_command(), missed=True)
             self._reason = f"no valid action: missed step {n} of {limit} ({cause})"
             return self._hold_result(t_exec, self._safety.hold(), missed=True)
         if self._state is ControlState.SAFE:
-            if self._safe_misses:  # keep saying why no chunk is usable (the entry reason was logged)
-                self._reason = f"{self._safe_misses}: {self._why_no_chunk(now)}"
+            if self._safe_why:  # keep saying why no chunk is usable (the entry reason was logged)
+                self._reason = f"{self._safe_why}: {self._why_no_chunk(now)}"
             return self._hold_result(t_exec, self._safety.safe_command())
         self._state, self._reason = ControlState.WAITING, self._waiting_reason(status)
         return self._hold_result(t_exec, self._waiting_command())
