@@ -155,7 +155,8 @@ def test_safe_reason_follows_the_cause_once_observations_are_fresh_again():
     assert all(x.state is ControlState.SAFE for x in results)
     reason = rig.core.stats().reason
     assert "stale observation" not in reason, reason
-    assert reason.startswith("observations fresh again, no usable chunk yet: chunk dropped: stale on arrival"), reason
+    expected = "observations fresh again, no usable chunk yet: chunk dropped: stale on arrival"
+    assert reason.startswith(expected), reason
 
 
 def test_watchdog_goes_safe_naming_the_feature_then_recovers_with_a_fresh_history():
