@@ -269,6 +269,18 @@ class Models:
         """A card that fits the configuration but not its own graph (history 6 vs the graph's 4)."""
         return self._recarded("graph_mismatch", "tiny_history6", history=6)
 
+    def _make_reordered(self) -> Path:
+        """The same model with its action joints listed in another order: the published joint order would
+        change under a joint_trajectory_controller that is already running."""
+        card = ModelCard.from_onnx(self["a"])
+        order = list(reversed(range(card.action_dim)))
+        return self._recarded(
+            "reordered", "tiny_reordered",
+            action_joints=tuple(card.action_joints[i] for i in order),
+            action_lower=card.action_lower[order], action_upper=card.action_upper[order],
+            action_min=card.action_min[order], action_max=card.action_max[order],
+        )  # fmt: skip
+
     def _make_nan(self) -> Path:
         return nan_model(self["a"], self.root / "nan" / "tiny_nan.onnx")
 
@@ -1290,7 +1302,7 @@ def _swap_rejected(model_key: str | None, fragment: str, at_load: bool) -> Calla
     def body(h: Harness, r: Result) -> None:
         node = h.main
         r.check(node.wait_state(RUNNING, 10.0), f"not RUNNING before the scenario (state {node.state()})")
-        before = node.diag("policy")
+        before = node.diag("policy", after=-math.inf)  # at least one report, also right after the start
         path = str(h.models.root / "no_such_model.onnx") if model_key is None else str(h.models[model_key])
         w = Watch(node)
         res = node.set_params(model_path=path)[0]
@@ -1305,6 +1317,8 @@ def _swap_rejected(model_key: str | None, fragment: str, at_load: bool) -> Calla
         a = w.verdict(r)
         text = (res.reason or "") + node.log()[w.log_offset :] + str(pol.get("last_error", ""))
         r.check(fragment in text, f"{fragment!r} not in the reason/log/diagnostics: {res.reason}")
+        said = res.reason if not at_load else node.log()[w.log_offset :]
+        r.check("the old model keeps running" in said, f"does not say the old model keeps running: {said}")
         r.check(pol.get("model") == before.get("model") == "tiny_a", f"model now {pol.get('model')}")
         r.check(pol.get("path") == str(h.models["a"]), f"diagnostics path {pol.get('path')}")
         param = node.get_param("model_path")
@@ -1329,6 +1343,9 @@ scenario("faults", "swap_truncated_file", "model_path set to an ONNX file cut in
 )
 scenario("faults", "swap_card_mismatch", "a valid ONNX whose card says 100 Hz (the node runs 50 Hz)")(
     _swap_rejected("period", "control period", at_load=False)
+)
+scenario("faults", "swap_reorders_joints", "a model whose action joints come in another order")(
+    _swap_rejected("reordered", "change the published joints", at_load=False)
 )
 scenario("faults", "swap_card_graph_mismatch", "a card that fits the config but not its own graph")(
     _swap_rejected("graph_mismatch", "does not match its card", at_load=True)

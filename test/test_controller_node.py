@@ -643,3 +643,29 @@ def test_use_sim_time_follows_clock(graph, models, tmp_path):
         rc, out = finish(proc, signal.SIGINT)
         graph.node.destroy_publisher(clock_pub)
     assert rc == 0, out[-3000:]
+
+
+def test_loader_warm_up_runs_nicer_and_the_thread_gets_its_priority_back():
+    """A model-swap loader warms up nicer than the node; other threads keep their priority."""
+    import os
+
+    from diffusion_controller.ros.controller_node import nicer_thread
+
+    seen: dict[str, int] = {}
+
+    def loader() -> None:
+        tid = threading.get_native_id()
+        seen["before"] = os.getpriority(os.PRIO_PROCESS, tid)
+        with nicer_thread(5):
+            seen["inside"] = os.getpriority(os.PRIO_PROCESS, tid)
+            seen["main"] = os.getpriority(os.PRIO_PROCESS, main_tid)
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    main_tid = threading.get_native_id()
+    main_before = os.getpriority(os.PRIO_PROCESS, main_tid)
+    t = threading.Thread(target=loader)
+    t.start()
+    t.join()
+    assert seen["inside"] == min(19, seen["before"] + 5)
+    assert seen["main"] == main_before
+    assert seen["after"] == seen["before"]  # root here: going back is allowed

@@ -214,15 +214,7 @@ class Policy:
         self._lock = threading.Lock()
         self._rng = np.random.default_rng()
         self._setup(fused)
-        for i in range(warmup):
-            actions = self.predict(np.broadcast_to(card.obs_mean, (card.history, card.obs_dim)), seed=i)
-            if not np.all(np.isfinite(actions)):
-                # A model that fails on the most ordinary input would only ever feed the safety filter
-                # rejects: refuse it here, where a swap can still keep the running model.
-                raise ModelError(
-                    f"model {path}: non-finite actions on its warm-up input (the observation mean); "
-                    "the graph or its weights are broken"
-                )
+        self.warm_up(warmup)
         self.load_time_s = time.perf_counter() - t0
         log(
             f"policy: loaded {card.name} {card.version} from {path}: {card.graph.kind} graph, K={steps}, "
@@ -230,6 +222,20 @@ class Policy:
             f"{self.load_time_s * 1000:.0f} ms"
         )
         return self
+
+    def warm_up(self, n: int = 3) -> None:
+        """Run `n` predicts on the observation mean (first runs allocate and tune); raises ModelError when
+        the actions are not finite. Separate from load() so a caller can run it at another priority."""
+        card = self.card
+        for i in range(n):
+            actions = self.predict(np.broadcast_to(card.obs_mean, (card.history, card.obs_dim)), seed=i)
+            if not np.all(np.isfinite(actions)):
+                # A model that fails on the most ordinary input would only ever feed the safety filter
+                # rejects: refuse it here, where a swap can still keep the running model.
+                raise ModelError(
+                    f"model {self.path}: non-finite actions on its warm-up input (the observation mean); "
+                    "the graph or its weights are broken"
+                )
 
     def _expected_tensors(self, fused: bool) -> tuple[dict, dict]:
         """role -> (shape, dtype) of every input and output the card implies."""
