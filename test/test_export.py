@@ -178,6 +178,10 @@ def test_checkpoint_round_trip_and_cli(tmp_path, capsys):
     assert sidecar_path(out).exists()
     assert main([str(ckpt), str(tmp_path / "f.onnx")]) == 0
     assert ModelCard.from_onnx(tmp_path / "f.onnx").graph.kind == "fused"
+    capsys.readouterr()
+    assert main([str(ckpt), str(tmp_path / "q.onnx"), "--weights", "int8"]) == 0
+    assert "int8 weights: max output change" in capsys.readouterr().out
+    assert ModelCard.from_onnx(tmp_path / "q.onnx").network["weights"] == "int8"
 
     capsys.readouterr()
     assert main([str(tmp_path / "absent.pt"), str(tmp_path / "x.onnx")]) == 1
