@@ -92,6 +92,20 @@ def test_int8_fused_graph_stays_close_to_the_float_graph_and_says_so(tmp_path):
         assert 0 < np.max(np.abs(got - want)) <= 0.05 * span  # rounded, not broken
 
 
+def test_int8_denoiser_graph_runs_with_k_chosen_at_run_time(tmp_path):
+    from diffusion_controller.core.runtime import Policy
+
+    card = tiny_card(steps=3, horizon=6, history=3)
+    net = tiny_network(card, layers=2, heads=2, width=64, seed=1)
+    f32 = export_onnx(net, card, tmp_path / "d.onnx", graph="denoiser")
+    i8 = export_onnx(net, card, tmp_path / "dq.onnx", graph="denoiser", weights="int8")
+    assert ModelCard.from_onnx(i8).network["weights"] == "int8"
+    a, b = (Policy.load(p, steps=4, log=lambda _m: None) for p in (f32, i8))
+    obs = np.broadcast_to(card.obs_mean, (card.history, card.obs_dim))
+    diff = np.abs(a.predict(obs, seed=1) - b.predict(obs, seed=1)).max()
+    assert 0 < diff <= 0.05 * np.max(card.action_max - card.action_min)
+
+
 def test_int8_export_that_moves_the_actions_too_far_is_refused(tmp_path, monkeypatch):
     card = tiny_card(steps=2, horizon=6, history=3)
     monkeypatch.setattr(export_mod, "INT8_MAX_RANGE_FRACTION", 0.0)
