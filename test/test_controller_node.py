@@ -339,6 +339,16 @@ def test_outputs_at_the_configured_rate(topics, models):
     assert running_trajs, "a running chunk gives a multi-point trajectory"
 
 
+def test_main_executor_is_the_events_executor_where_rclpy_has_it(node):
+    try:
+        from rclpy.experimental import EventsExecutor  # noqa: F401
+    except ImportError:
+        expected = "main executor: single_threaded"
+    else:
+        expected = "main executor: events"
+    assert expected in node.output(), node.output()[-3000:]
+
+
 def test_no_stale_action_is_ever_published(topics):
     rows = rows_for(topics["timing"], 2.0)
     assert len(rows) > 60
