@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_controller.ros.config import EXECUTORS
+
 ROOT = Path(__file__).resolve().parents[1]
 NODE = "/diffusion_controller"
 PERIOD = 0.02
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="DDIM steps K of the fused graph (default 3)")
     ap.add_argument("--swap-every", type=float, default=10.0, help="seconds between model swaps")
     ap.add_argument(
-        "--executor", default="single_threaded", choices=["single_threaded", "multi_threaded"]
+        "--executor", default="auto", choices=list(EXECUTORS), help="the node's main executor (default auto)"
     )
     ap.add_argument(
         "--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "diffusion_controller_bench"
