@@ -851,9 +851,12 @@ def make_executor(kind: str) -> tuple[Any, str]:
     if kind in ("auto", "events"):
         try:
             from rclpy.experimental import EventsExecutor
-        except ImportError:  # rclpy before Kilted
+        except ImportError as exc:  # rclpy before Kilted
             if kind == "events":
-                raise
+                raise SystemExit(
+                    f"executor:=events needs rclpy's EventsExecutor (ROS 2 Kilted or newer): {exc}; "
+                    "use executor:=auto or single_threaded"
+                ) from exc
         else:
             return EventsExecutor(), "events"
     return SingleThreadedExecutor(), "single_threaded"
