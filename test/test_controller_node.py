@@ -679,3 +679,18 @@ def test_loader_warm_up_runs_nicer_and_the_thread_gets_its_priority_back():
     assert seen["inside"] == min(19, seen["before"] + 5)
     assert seen["main"] == main_before
     assert seen["after"] == seen["before"]  # root here: going back is allowed
+
+
+def test_executor_choice_falls_back_or_fails_clearly_without_the_events_executor(monkeypatch):
+    import sys
+
+    from rclpy.executors import SingleThreadedExecutor
+
+    from diffusion_controller.ros.controller_node import make_executor
+
+    monkeypatch.setitem(sys.modules, "rclpy.experimental", None)  # an rclpy before Kilted
+    executor, kind = make_executor("auto")
+    assert kind == "single_threaded" and isinstance(executor, SingleThreadedExecutor)
+    executor.shutdown()
+    with pytest.raises(SystemExit, match="executor:=events needs rclpy's EventsExecutor"):
+        make_executor("events")
