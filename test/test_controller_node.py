@@ -346,7 +346,7 @@ def test_main_executor_is_the_events_executor_where_rclpy_has_it(node):
         expected = "main executor: single_threaded"
     else:
         expected = "main executor: events"
-    assert expected in node.output(), node.output()[-3000:]
+    assert wait_until(lambda: expected in node.output(), 30.0), node.output()[-3000:]
 
 
 def test_no_stale_action_is_ever_published(topics):
@@ -684,13 +684,19 @@ def test_loader_warm_up_runs_nicer_and_the_thread_gets_its_priority_back():
 def test_executor_choice_falls_back_or_fails_clearly_without_the_events_executor(monkeypatch):
     import sys
 
+    import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
     from diffusion_controller.ros.controller_node import make_executor
 
-    monkeypatch.setitem(sys.modules, "rclpy.experimental", None)  # an rclpy before Kilted
-    executor, kind = make_executor("auto")
-    assert kind == "single_threaded" and isinstance(executor, SingleThreadedExecutor)
-    executor.shutdown()
-    with pytest.raises(SystemExit, match="executor:=events needs rclpy's EventsExecutor"):
-        make_executor("events")
+    context = rclpy.Context()
+    context.init()
+    try:
+        monkeypatch.setitem(sys.modules, "rclpy.experimental", None)  # an rclpy before Kilted
+        executor, kind = make_executor("auto", context)
+        assert kind == "single_threaded" and isinstance(executor, SingleThreadedExecutor)
+        executor.shutdown()
+        with pytest.raises(SystemExit, match="executor:=events needs rclpy's EventsExecutor"):
+            make_executor("events", context)
+    finally:
+        context.try_shutdown()

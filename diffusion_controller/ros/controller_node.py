@@ -839,7 +839,7 @@ class ControllerNode(LifecycleNode):
         return dict(core.config.obs_timeouts_s) if core is not None else {}
 
 
-def make_executor(kind: str) -> tuple[Any, str]:
+def make_executor(kind: str, context: Any = None) -> tuple[Any, str]:
     """The executor named by the `executor` parameter and what it is.
 
     Under sensor load the main executor is the node's biggest CPU user: at 3 kHz of observations the
@@ -847,7 +847,7 @@ def make_executor(kind: str) -> tuple[Any, str]:
     thread, a saturated executor gets the CPU's real-time runqueue throttled and the control loop with it.
     """
     if kind == "multi_threaded":
-        return MultiThreadedExecutor(num_threads=2), "multi_threaded"
+        return MultiThreadedExecutor(num_threads=2, context=context), "multi_threaded"
     if kind in ("auto", "events"):
         try:
             from rclpy.experimental import EventsExecutor
@@ -858,8 +858,8 @@ def make_executor(kind: str) -> tuple[Any, str]:
                     "use executor:=auto or single_threaded"
                 ) from exc
         else:
-            return EventsExecutor(), "events"
-    return SingleThreadedExecutor(), "single_threaded"
+            return EventsExecutor(context=context), "events"
+    return SingleThreadedExecutor(context=context), "single_threaded"
 
 
 def main(args: list[str] | None = None) -> int:
