@@ -111,6 +111,8 @@ def set_thread_priority(priority: int) -> str | None:
     return None
 
 
+#: A wrong-type publisher not seen for this long is reported again when it reappears.
+WRONG_TYPE_FORGET_S = 10.0
 #: How much nicer than the node a model-swap loader thread runs: its warm-up predicts share the CPU with
 #: the inference of the model that is still driving the robot, which must win.
 LOADER_NICE_INCREMENT = 10
@@ -280,7 +282,7 @@ class ControllerNode(LifecycleNode):
         self._events = dg.RateLimitedLog(self._log.warning)  # missed steps
         self._source_faults: dict[str, int] = {}
         self._wrong_types: dict[str, str] = {}  # source topic -> publishers of another type on it
-        self._wrong_types_logged: set[tuple[str, str]] = set()  # reported once, even if the graph flaps
+        self._wrong_types_logged: dict[tuple[str, str], float] = {}  # (topic, types) -> last seen (s)
         self._wall_time = not self.get_parameter("use_sim_time").value
 
         # Always available, whatever the lifecycle state.
@@ -718,19 +720,26 @@ class ControllerNode(LifecycleNode):
         """A publisher of another message type on a source topic never reaches this node (DDS does not
         match the two, and this rmw raises no incompatible-type event): find it in the graph, log it once,
         and keep it on /diagnostics while it is there."""
-        cfg, found = self._cfg, {}
+        cfg, found, now = self._cfg, {}, time.monotonic()
         for src in cfg.sources if cfg is not None else ():
             topic = self.resolve_topic_name(src.topic)
-            others = sorted({f"{i.topic_type} from {i.node_namespace.rstrip('/')}/{i.node_name}"
-                             for i in self.get_publishers_info_by_topic(topic) if i.topic_type != src.type})
-            if others:
-                found[topic] = ", ".join(others)
-                if (topic, found[topic]) not in self._wrong_types_logged:
-                    self._wrong_types_logged.add((topic, found[topic]))
+            infos = [i for i in self.get_publishers_info_by_topic(topic) if i.topic_type != src.type]
+            if infos:
+                names = {f"{i.topic_type} from {i.node_namespace.rstrip('/')}/{i.node_name}" for i in infos}
+                found[topic] = ", ".join(sorted(names))
+                # Keyed by the types only: a publisher's node name can arrive after its endpoint is
+                # discovered, and a graph query can miss it for a poll; neither is a new publisher.
+                key = (topic, ", ".join(sorted({i.topic_type for i in infos})))
+                if key not in self._wrong_types_logged:
                     self._log.warning(
                         f"[{src.name}] {topic} also has publishers of another type ({found[topic]}); this "
                         f"node reads {src.type}: their messages never arrive"
                     )
+                self._wrong_types_logged[key] = now
+        # Forgotten once gone for a while: a wrong publisher that comes back later is a new incident.
+        for key, seen in list(self._wrong_types_logged.items()):
+            if now - seen > WRONG_TYPE_FORGET_S:
+                del self._wrong_types_logged[key]
         self._wrong_types = found
 
     def _publish_diagnostics(self) -> None:
