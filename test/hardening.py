@@ -1480,6 +1480,10 @@ scenario("faults", "sigint_during_inference", "SIGINT while a slow inference is 
 )
 
 
+#: Seconds a freshly started node and sensor process get before a scenario that started them measures.
+STARTUP_SETTLE_S = 4.0
+
+
 @scenario("faults")
 def sim_clock_jumps_back(h: Harness, r: Result) -> None:
     """use_sim_time, /clock from the sensor process; the clock jumps back 30 s (a simulator reset): the node
@@ -1489,6 +1493,10 @@ def sim_clock_jumps_back(h: Harness, r: Result) -> None:
     node = h.start(h.models["a"], "/simt", params={"use_sim_time": "true"}, sensor_prefix="/simt")
     try:
         r.check(node.wait_state(RUNNING, 60.0), f"sim-time node never RUNNING: {node.log()[-2000:]}")
+        # Measure the jump, not the start: in about 1 run in 6 a node stalls once for ~350 ms within its
+        # first seconds while DDS discovery of the new processes settles (0 in 8 runs after this wait);
+        # an open issue of its own (README, robustness).
+        time.sleep(STARTUP_SETTLE_S)
         w = Watch(node)
         time.sleep(1.0)
         sensors.jump(-30.0)
