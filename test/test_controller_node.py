@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import rclpy
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Twist
@@ -25,6 +28,7 @@ from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from nav_msgs.msg import Odometry
 from rcl_interfaces.srv import GetParameters, SetParameters
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile
 from ros_helpers import NodeProcess, Probe, console_script, wait_until
@@ -35,6 +39,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from diffusion_controller.core.card import ModelCard
+from diffusion_controller.ros.controller_node import make_executor, nicer_thread
 
 pytestmark = pytest.mark.ros
 
@@ -657,10 +662,6 @@ def test_use_sim_time_follows_clock(graph, models, tmp_path):
 
 def test_loader_warm_up_runs_nicer_and_the_thread_gets_its_priority_back():
     """A model-swap loader warms up nicer than the node; other threads keep their priority."""
-    import os
-
-    from diffusion_controller.ros.controller_node import nicer_thread
-
     seen: dict[str, int] = {}
 
     def loader() -> None:
@@ -682,13 +683,6 @@ def test_loader_warm_up_runs_nicer_and_the_thread_gets_its_priority_back():
 
 
 def test_executor_choice_falls_back_or_fails_clearly_without_the_events_executor(monkeypatch):
-    import sys
-
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-
-    from diffusion_controller.ros.controller_node import make_executor
-
     context = rclpy.Context()
     context.init()
     try:
