@@ -3,7 +3,15 @@
 import time
 
 import numpy as np
-from hardening import STALL_MIN_S, SensorStreams, _feeder_command, count_missed
+from hardening import (
+    RUNNING,
+    SAFE,
+    STALL_MIN_S,
+    SensorStreams,
+    _feeder_command,
+    count_missed,
+    count_stall_safe,
+)
 
 PERIOD = 0.02
 
@@ -80,3 +88,21 @@ def test_the_sensor_process_records_its_late_wake_ups_and_forgets_them_on_reset(
     assert abs(end - time.time()) < 1.0  # in the stamp clock (wall time here), comparable to node ticks
     _feeder_command({"reset_gaps": True}, streams, {"t": 0.0})
     assert streams.stalls == []
+
+
+def test_safe_ticks_right_after_a_long_machine_stall_are_excused():
+    t = 100.0 + PERIOD * np.arange(100)
+    states = np.full(100, RUNNING)
+    states[40:48] = SAFE  # SAFE for 8 ticks once the machine ran the node again
+    long_stall = [(t[38], t[38] + 0.15)]  # longer than the observation timeouts
+    assert count_stall_safe(t, states, long_stall) == 8
+
+
+def test_safe_ticks_are_the_nodes_after_a_short_stall_or_long_after_one():
+    t = 100.0 + PERIOD * np.arange(200)
+    states = np.full(200, RUNNING)
+    states[40:48] = SAFE
+    short_stall = [(t[38], t[38] + 0.04)]  # observations were never stale: the node had no reason
+    assert count_stall_safe(t, states, short_stall) == 0
+    long_ago = [(t[38] - 3.0, t[38] - 2.85)]
+    assert count_stall_safe(t, states, long_ago) == 0
