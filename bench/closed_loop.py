@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffusion_controller.core.features import projected_gravity  # noqa: E402
+from diffusion_controller.core.scheduler import BLEND_MODES  # noqa: E402
 from diffusion_controller.sim.ant import Ant, AntConfig, SensorNoise  # noqa: E402
 from diffusion_controller.sim.evaluate import Rollout, rollout, tracking_errors  # noqa: E402
 from diffusion_controller.sim.expert import Expert  # noqa: E402
@@ -457,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--sweep-episodes", type=int, default=2)
     p.add_argument("--obs-delay", type=float, default=0.04)
+    p.add_argument("--blend", choices=BLEND_MODES, default="none", help="the node's blend (sweeps vary it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--model", type=Path, default=MODEL, help="fused .onnx to evaluate")
@@ -479,13 +481,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
     log_dir = Path(tempfile.mkdtemp(prefix="closed_loop_"))
 
-    settings = [Setting(obs_delay_s=args.obs_delay)]
+    settings = [Setting(obs_delay_s=args.obs_delay, blend=args.blend)]
     if args.sweep:
-        settings = [Setting(steps=k, obs_delay_s=args.obs_delay) for k in (1, 2, 5, 10)]
+        settings = [Setting(steps=k, obs_delay_s=args.obs_delay, blend=args.blend) for k in (1, 2, 5, 10)]
         settings += [
-            Setting(obs_delay_s=d, compensate_delay=c) for d in (0.0, 0.02, 0.04, 0.08) for c in (True, False)
+            Setting(obs_delay_s=d, compensate_delay=c, blend=args.blend)
+            for d in (0.0, 0.02, 0.04, 0.08)
+            for c in (True, False)
         ]
-        settings += [Setting(obs_delay_s=args.obs_delay, blend=b) for b in ("none", "crossfade", "inpaint")]
+        settings += [Setting(obs_delay_s=args.obs_delay, blend=b) for b in BLEND_MODES]
     episodes = args.sweep_episodes if args.sweep else args.episodes
 
     rows = []

@@ -385,6 +385,7 @@ def test_rejected_observations_return_the_reason_and_are_counted():
         ("execute_steps", 1.5),
         ("blend", "average"),
         ("crossfade_steps", -1),
+        ("ensemble_chunks", 0),
         ("max_consecutive_misses", 0),
         ("compensate_delay", "yes"),
         ("obs_timeout_s", 0.0),

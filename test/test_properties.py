@@ -61,15 +61,16 @@ arrival = st.fixed_dictionaries(
 @given(
     blend=st.sampled_from(BLEND_MODES),
     crossfade_steps=st.integers(0, 4),
+    ensemble_chunks=st.integers(1, 4),
     exec_latency=st.floats(0.0, 0.03),
     step=st.floats(0.01, 0.5),
     jitter=st.lists(st.floats(-0.3, 0.3), min_size=40, max_size=40),
     arrivals=st.lists(st.one_of(st.none(), st.none(), arrival), min_size=40, max_size=40),
 )
 def test_scheduler_and_safety_filter_commands_are_always_safe(
-    blend, crossfade_steps, exec_latency, step, jitter, arrivals
+    blend, crossfade_steps, ensemble_chunks, exec_latency, step, jitter, arrivals
 ):
-    scheduler = ChunkScheduler(P, exec_latency, blend, crossfade_steps)
+    scheduler = ChunkScheduler(P, exec_latency, blend, crossfade_steps, ensemble_chunks)
     safety = SafetyFilter(LOWER, UPPER, step)
     seq, previous, now = 0, None, -math.inf
     for k, (j, a) in enumerate(zip(jitter, arrivals, strict=True)):

@@ -114,6 +114,48 @@ def test_mode_none_replaces_and_crossfade_zero_steps_is_none():
         np.testing.assert_allclose(s.current.actions, 1.0)
 
 
+def test_ensemble_executes_the_mean_of_the_last_chunks_for_the_slot():
+    for n, expected in ((3, 3.0), (2, 4.5), (1, 6.0)):
+        s = ChunkScheduler(P, blend="ensemble", ensemble_chunks=n)
+        for k, value in enumerate((0.0, 3.0, 6.0)):  # one chunk per tick
+            s.offer(const_chunk(k * P, k + 1, value), k * P)
+        np.testing.assert_allclose(s.select(2 * P).action, expected)
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.004, -0.007])
+def test_ensemble_averages_each_chunks_action_for_the_same_slot(jitter):
+    s = ChunkScheduler(P, blend="ensemble", ensemble_chunks=4)
+    for k in range(4):  # observation stamps off the tick grid by up to `jitter`
+        t_obs = 1.0 + k * P + (jitter if k % 2 else 0.0)
+        s.offer(timed_chunk(t_obs, k + 1), t_obs)
+    now = 1.0 + 5 * P
+    sel = s.select(now)
+    # Every chunk contributes its action for this slot (its own time within half a period), never its
+    # first action: the mean stays within half a period of the slot's time.
+    assert abs(sel.action[0] - sel.action_time) <= abs(jitter) / 2 + 1e-12
+    assert not is_stale(sel.action_time, now, P)
+
+
+def test_ensemble_leaves_out_chunks_without_a_finite_action_for_the_slot_and_forgets_on_clear():
+    s = ChunkScheduler(P, blend="ensemble", ensemble_chunks=4)
+    s.offer(const_chunk(0.0, 1, 100.0), 0.0)  # runs out before the slot below
+    late = (H + 2) * P
+    nan = const_chunk(late - 2 * P, 2, 0.0)
+    nan.actions[:] = np.nan
+    s.offer(nan, late - 2 * P)
+    s.offer(const_chunk(late - P, 3, 2.0), late - P)
+    s.offer(const_chunk(late, 4, 4.0), late)
+    np.testing.assert_allclose(s.select(late).action, 3.0)  # 2 and 4; not 100, not NaN
+    s.clear()
+    s.offer(const_chunk(late + P, 5, 8.0), late + P)
+    np.testing.assert_allclose(s.select(late + P).action, 8.0)
+
+
+def test_ensemble_config_is_checked():
+    with pytest.raises(ValueError, match="ensemble_chunks"):
+        ChunkScheduler(P, blend="ensemble", ensemble_chunks=0)
+
+
 @pytest.mark.parametrize("grid_shift", [0.0, 0.004, -0.007])
 def test_inpaint_prefix_freezes_the_slots_that_run_before_the_new_chunk_arrives(grid_shift):
     s = ChunkScheduler(P, blend="inpaint")

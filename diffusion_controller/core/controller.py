@@ -54,6 +54,7 @@ class ControlConfig:
     execute_steps: int = 1
     blend: str = "none"
     crossfade_steps: int = 4
+    ensemble_chunks: int = 4
     max_consecutive_misses: int = 5
     compensate_delay: bool = True
     obs_timeout_s: float = 0.1
@@ -88,6 +89,7 @@ class ControlConfig:
         integer("execute_steps", 1)
         choice("blend", BLEND_MODES)
         integer("crossfade_steps", 0)
+        integer("ensemble_chunks", 1)
         integer("max_consecutive_misses", 1)
         if not isinstance(self.compensate_delay, bool):
             raise ConfigError("compensate_delay", f"expected true or false, got {self.compensate_delay!r}")
@@ -272,7 +274,9 @@ class ControlCore:
         self._watchdog = Watchdog(timeouts)
         self._watchdog.healthy = False  # unhealthy until every required feature has been seen
         newest_seq = self._scheduler.newest_seq if self._scheduler is not None else None
-        self._scheduler = ChunkScheduler(self._period, cfg.exec_latency_s, cfg.blend, cfg.crossfade_steps)
+        self._scheduler = ChunkScheduler(
+            self._period, cfg.exec_latency_s, cfg.blend, cfg.crossfade_steps, cfg.ensemble_chunks
+        )
         self._scheduler.newest_seq = newest_seq
         self._build_safety_from(card, None)
 

@@ -10,18 +10,24 @@ order or entirely stale, and blends a new chunk into the running one by the conf
 - inpaint: real-time chunking with a forward-only graph: the request freezes (prefix/prefix_mask) the
   slots that will execute from the old chunk before the new one can arrive, so the new chunk continues
   what the robot is doing; on arrival it simply replaces the old chunk.
+- ensemble: ACT's temporal ensembling over the last `ensemble_chunks` chunks: every tick executes the
+  mean of what each of them predicted for that slot. Each chunk is one draw of a stochastic sampler
+  from a slightly different observation; the mean keeps the draws' common motion and cancels their
+  independent noise, at no inference cost. A long window lags (older observations), so keep it short:
+  at one chunk per tick, N chunks are N ticks of observation age.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import NamedTuple
 
 import numpy as np
 
 from .chunk import Chunk, is_stale
 
-BLEND_MODES = ("none", "crossfade", "inpaint")
+BLEND_MODES = ("none", "crossfade", "inpaint", "ensemble")
 
 
 class Selection(NamedTuple):
@@ -37,12 +43,19 @@ class ChunkScheduler:
     """Holds the running chunk and selects an action per tick; time enters only through `now`."""
 
     def __init__(
-        self, period: float, exec_latency: float = 0.0, blend: str = "none", crossfade_steps: int = 4
+        self,
+        period: float,
+        exec_latency: float = 0.0,
+        blend: str = "none",
+        crossfade_steps: int = 4,
+        ensemble_chunks: int = 4,
     ) -> None:
         if blend not in BLEND_MODES:
             raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
         if crossfade_steps < 0:
             raise ValueError(f"crossfade_steps must be >= 0, got {crossfade_steps}")
+        if ensemble_chunks < 1:
+            raise ValueError(f"ensemble_chunks must be >= 1, got {ensemble_chunks}")
         if not (period > 0 and exec_latency >= 0):
             raise ValueError(f"need period > 0 and exec_latency >= 0, got {period}, {exec_latency}")
         self.period = float(period)
@@ -50,12 +63,15 @@ class ChunkScheduler:
         self.blend = blend
         self.crossfade_steps = int(crossfade_steps)
         self.current: Chunk | None = None
+        # The newest chunks, newest last; the running one is the last (blend "ensemble" only).
+        self.recent: deque[Chunk] = deque(maxlen=int(ensemble_chunks) if blend == "ensemble" else 1)
         self.newest_seq: int | None = None  # seq of the newest chunk applied (kept across clear())
         self._first_exec_time: float | None = None
 
     def clear(self) -> None:
         """Drop the running chunk (reset, safe state); older chunks stay rejected as out of order."""
         self.current = None
+        self.recent.clear()
         self._first_exec_time = None
 
     # -- arrivals ----------------------------------------------------------------------------------------
@@ -71,6 +87,7 @@ class ChunkScheduler:
         if self.blend == "crossfade" and self.current is not None and self.crossfade_steps > 0:
             chunk = self._crossfade(chunk, first)
         self.current = chunk
+        self.recent.append(chunk)
         self.newest_seq = chunk.seq
         self._first_exec_time = None
         return None
@@ -103,7 +120,21 @@ class ChunkScheduler:
         t_i = chunk.action_time(i)
         if self._first_exec_time is None:
             self._first_exec_time = t_i
-        return Selection(chunk.actions[i], t_i, i, chunk)
+        action = chunk.actions[i]
+        if len(self.recent) > 1:
+            action = self._ensemble(action, t_i)
+        return Selection(action, t_i, i, chunk)
+
+    def _ensemble(self, newest: np.ndarray, t_slot: float) -> np.ndarray:
+        """Mean of the running chunk's action for `t_slot` and the older chunks' actions for that slot
+        (those that have one, finite)."""
+        total, n = np.array(newest, dtype=float, copy=True), 1
+        for old in list(self.recent)[:-1]:
+            j = old.action_for_slot(t_slot)
+            if j is not None and np.all(np.isfinite(old.actions[j])):
+                total += old.actions[j]
+                n += 1
+        return total / n
 
     def handover_time(self, now: float, execute_steps: int) -> float:
         """Action time from which the next chunk should be running (-inf: needed now).

@@ -30,6 +30,9 @@ from typing import Any
 
 import yaml
 
+from diffusion_controller.core.safety import SAFE_MODES
+from diffusion_controller.core.scheduler import BLEND_MODES
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the parameter or feature and what was expected."""
@@ -68,8 +71,6 @@ KINDS_BY_TYPE: dict[str, frozenset[str]] = {
 HAS_HEADER = frozenset({JOINT_STATE, IMU, ODOMETRY, TWIST_STAMPED})
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
-SAFE_MODES = ("hold", "default_pose")
-BLEND_MODES = ("none", "crossfade", "inpaint")
 EXECUTORS = ("auto", "events", "single_threaded", "multi_threaded")
 STAMP_MODES = ("header", "receipt")
 TRAJECTORY_STAMPS = ("zero", "absolute")
@@ -127,10 +128,13 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("execute_steps", 1, "int", "Actions executed from a chunk before the next inference starts.",
               range=(1, 1024)),
     ParamSpec("blend", "none", "str", "How a new chunk joins the running one: none (replace), crossfade, "
-              "or inpaint (the new chunk's first actions frozen to the old one; needs a fused graph).",
+              "inpaint (the new chunk's first actions frozen to the old one; needs a fused graph), or "
+              "ensemble (each tick runs the mean of the last ensemble_chunks chunks' actions for it).",
               choices=BLEND_MODES),
     ParamSpec("crossfade_steps", 4, "int", "Actions over which crossfade ramps old -> new (0 = replace).",
               range=(0, 1024)),
+    ParamSpec("ensemble_chunks", 4, "int", "Chunks averaged by blend ensemble (1 = replace); at one chunk "
+              "per tick, also the ticks of observation age the mean reaches back.", range=(1, 1024)),
     ParamSpec("compensate_delay", True, "bool", "Stamp chunks with the observation time (true) or the "
               "inference start (false, delay ignored: for comparisons)."),
     ParamSpec("max_consecutive_misses", 5, "int", "Ticks without a valid action before the safe state.",
@@ -276,6 +280,7 @@ class NodeConfig:
     execute_steps: int = 1
     blend: str = "none"
     crossfade_steps: int = 4
+    ensemble_chunks: int = 4
     compensate_delay: bool = True
     max_consecutive_misses: int = 5
     safe_mode: str = "hold"
@@ -364,6 +369,7 @@ class NodeConfig:
             execute_steps=v["execute_steps"],
             blend=v["blend"],
             crossfade_steps=v["crossfade_steps"],
+            ensemble_chunks=v["ensemble_chunks"],
             compensate_delay=v["compensate_delay"],
             max_consecutive_misses=v["max_consecutive_misses"],
             safe_mode=v["safe_mode"],

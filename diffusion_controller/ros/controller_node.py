@@ -501,6 +501,7 @@ class ControllerNode(LifecycleNode):
             execute_steps=cfg.execute_steps,
             blend=cfg.blend,
             crossfade_steps=cfg.crossfade_steps,
+            ensemble_chunks=cfg.ensemble_chunks,
             max_consecutive_misses=cfg.max_consecutive_misses,
             compensate_delay=cfg.compensate_delay,
             obs_timeouts_s=timeouts,
