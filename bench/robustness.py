@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "rate_imu_hz",
         "cmd_gap_max_ms",
         "sensor_stall_max_ms",
+        "wrong_type_named_s",
     )
     for r in results:
         figs = " ".join(f"{k}={fmt(r.figures[k])}" for k in keys if k in r.figures)
