@@ -610,11 +610,6 @@ class Analysis:
     stall_safe_ticks: int = 0  # ticks not RUNNING during or just after a stall that made observations stale
 
     @property
-    def running_or_stalled(self) -> bool:
-        """Every tick RUNNING, but for those a machine stall made SAFE (`count_stall_safe`)."""
-        return self.states["running"] + self.stall_safe_ticks == self.ticks
-
-    @property
     def unsafe_total(self) -> int:
         return sum(self.unsafe.values())
 
@@ -909,6 +904,14 @@ class Result:
 
     def report(self) -> str:
         return f"{self.name}: " + ("passed" if self.passed else "FAILED\n  " + "\n  ".join(self.failures))
+
+
+def check_running(r: Result, a: Analysis, during: str = "") -> None:
+    """Every tick of `a` RUNNING, but for those a machine stall rightly made SAFE (`count_stall_safe`)."""
+    r.check(
+        a.states["running"] + a.stall_safe_ticks == a.ticks,
+        f"control left RUNNING{during}: {dict(a.states)}, {a.stall_safe_ticks} in machine stalls",
+    )
 
 
 class Watch:
@@ -1283,10 +1286,7 @@ def wrong_message_types(h: Harness, r: Result) -> None:
         other.stdin.close()  # the publishers go away
         other.wait(10.0)
     a = w.verdict(r)
-    r.check(
-        a.running_or_stalled,
-        f"control left RUNNING: {dict(a.states)}, {a.stall_safe_ticks} in machine stalls",
-    )
+    check_running(r, a)
     text = str(obs.get("_message", ""))
     r.check("wrong type" in text and obs.get("_level") == 1, f"/diagnostics observations: {obs}")
     for topic, wrong_type in wrong:
@@ -1411,10 +1411,7 @@ def _swap_rejected(model_key: str | None, fragment: str, at_load: bool) -> Calla
         r.check(
             param == str(h.models["a"]), f"model_path parameter {param!r} does not name the running model"
         )
-        r.check(
-            a.running_or_stalled,
-            f"control left RUNNING: {dict(a.states)}, {a.stall_safe_ticks} in machine stalls",
-        )
+        check_running(r, a)
         r.check(w.lines("model swap to") <= 1, "more than one log line for one failed swap")
         if pol.get("model") != "tiny_a":  # the swap went through: put the main node back for what follows
             node.set_params(model_path=str(h.models["a"]))
@@ -1659,10 +1656,7 @@ def load_scenario(rates: dict[str, float], seconds: float) -> Callable[[Harness,
             f"/diagnostics counted {diag_missed} missed ticks, {a.stall_ticks} of them in a machine stall "
             f"(allowed {allowed} more)",
         )
-        r.check(
-            a.running_or_stalled,
-            f"control left RUNNING under load: {dict(a.states)}, {a.stall_safe_ticks} in machine stalls",
-        )
+        check_running(r, a, " under load")
         r.check(p99 <= OBS_TO_CMD_P99_MS, f"obs->command p99 {p99:.1f} ms > {OBS_TO_CMD_P99_MS}")
         r.check(jit <= JITTER_P99_MS, f"tick jitter p99 {jit:.2f} ms > {JITTER_P99_MS}")
         r.check(not (r.rss_growth_mb > RSS_GROWTH_MB), f"RSS grew {r.rss_growth_mb:.1f} MB")
