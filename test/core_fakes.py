@@ -20,6 +20,7 @@ class FakeFeature:
     kind: str
     size: int
     joints: tuple[str, ...] | None = None
+    frequency_hz: float | None = None
 
 
 @dataclass(frozen=True)

@@ -195,3 +195,43 @@ def test_graph_is_optional_only_when_asked():
     card = ModelCard.from_dict(d, require_graph=False)
     assert card.graph is None and "graph" not in card.to_dict()
     assert card.to_dict()["format"] == FORMAT
+
+
+def with_gait_clock(**feature) -> dict:
+    """The full card with a gait_clock feature appended (normalization extended to match)."""
+    d = full_dict()
+    d["observation"]["features"].append({"name": "gait_clock", "kind": "gait_clock", "size": 2, **feature})
+    d["normalization"]["observation"]["mean"] += [0.0, 0.0]
+    d["normalization"]["observation"]["std"] += [0.7, 0.7]
+    return d
+
+
+def test_gait_clock_feature_keeps_its_frequency_through_yaml():
+    card = ModelCard.from_dict(with_gait_clock(frequency_hz=1.5))
+    f = card.features[-1]
+    assert (f.kind, f.size, f.frequency_hz) == ("gait_clock", 2, 1.5)
+    assert card.obs_dim == 38
+    assert ModelCard.from_yaml_text(card.to_yaml_text()).to_dict() == card.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("feature", "expected"),
+    [
+        ({}, "frequency_hz: missing"),
+        ({"frequency_hz": 0.0}, "> 0"),
+        ({"frequency_hz": "fast"}, "finite number"),
+        ({"frequency_hz": 1.5, "size": 3}, "expected 2 for kind 'gait_clock'"),
+    ],
+)
+def test_bad_gait_clock_is_named(feature, expected):
+    with pytest.raises(CardError) as info:
+        ModelCard.from_dict(with_gait_clock(**feature))
+    msg = str(info.value)
+    assert "observation.features[7]" in msg and expected in msg, msg
+
+
+def test_frequency_on_another_kind_is_rejected():
+    d = full_dict()
+    d["observation"]["features"][0]["frequency_hz"] = 1.5
+    with pytest.raises(CardError, match=r"features\[0\]\.frequency_hz: expected no frequency_hz"):
+        ModelCard.from_dict(d)

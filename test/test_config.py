@@ -24,6 +24,7 @@ def ant_card(**action_overrides) -> ModelCard:
         {"name": "joint_position", "kind": "joint_position", "size": 8, "joints": JOINTS},
         {"name": "joint_velocity", "kind": "joint_velocity", "size": 8, "joints": JOINTS},
         {"name": "previous_action", "kind": "previous_action", "size": 8},
+        {"name": "gait_clock", "kind": "gait_clock", "size": 2, "frequency_hz": 1.5},
     ]
     obs_dim = sum(f["size"] for f in feats)
     action = {
@@ -147,6 +148,11 @@ def test_type_that_cannot_fill_the_kind(ant_params):
 def test_previous_action_is_not_a_source_feature(ant_params):
     ant_params["observations.joint_states.features"] = ["joint_position", "joint_velocity", "previous_action"]
     assert "previous action" in errors_of(ant_params)
+
+
+def test_gait_clock_is_not_a_source_feature(ant_params):
+    ant_params["observations.imu.features"] = ["projected_gravity", "base_angular_velocity", "gait_clock"]
+    assert "'gait_clock' is the node's gait clock (from time); no source may fill it" in errors_of(ant_params)
 
 
 def test_all_problems_reported_at_once(ant_params):

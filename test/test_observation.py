@@ -1,11 +1,13 @@
 """ObservationHistory: zero-order hold on the grid, input rejection, previous_action, bounded memory."""
 
+import dataclasses
 import time
 
 import numpy as np
 import pytest
-from core_fakes import clock_card
+from core_fakes import FakeFeature, clock_card
 
+from diffusion_controller.core.features import gait_clock, gait_phase
 from diffusion_controller.core.observation import ObservationError, ObservationHistory
 
 P = 0.02
@@ -165,3 +167,23 @@ def test_flooding_keeps_memory_bounded_and_history_correct():
     grid = stamps[-1] - (h.history - 1 - np.arange(h.history)) * P
     assert np.all(rows <= grid + 1e-12) and np.all(grid - rows < P / 10)
     assert per_push < 100e-6, f"{per_push * 1e6:.1f} us per push"
+
+
+def test_gait_clock_is_computed_from_each_row_time_and_needs_no_source():
+    base = clock_card()
+    gait = FakeFeature("gait", "gait_clock", 2, frequency_hz=1.5)
+    card = dataclasses.replace(base, features=(*base.features, gait))
+    h = ObservationHistory(card)
+    assert "gait" not in h.required and "gait" not in h.ages(0.0)
+    with pytest.raises(ObservationError, match="computed from the observation time"):
+        h.push("gait", 0.0, [0.0, 1.0])
+    t0 = 1_763_700_000.0  # a wall-clock stamp: the phase must not lose precision
+    h.push("clock", t0, [0.0])
+    h.push("joint_position", t0, [0, 0, 0])
+    rows = h.sample(t0)[:, card.feature_slice("gait")]
+    grid = h.grid(t0)
+    np.testing.assert_allclose(rows, gait_clock(grid, 1.5), atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0)
+    # consecutive rows advance by f * period of a cycle
+    phases = np.array([gait_phase(r) for r in rows])
+    np.testing.assert_allclose(np.mod(np.diff(phases), 1.0), 1.5 * P, atol=1e-6)

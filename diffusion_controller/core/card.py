@@ -32,6 +32,7 @@ FEATURE_SIZES: dict[str, int | None] = {
     "joint_position": None,
     "joint_velocity": None,
     "previous_action": None,
+    "gait_clock": 2,
     "generic": None,
 }
 JOINT_FEATURE_KINDS = ("joint_position", "joint_velocity")
@@ -64,6 +65,7 @@ class Feature:
     kind: str
     size: int
     joints: tuple[str, ...] | None = None
+    frequency_hz: float | None = None  # gait_clock only
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,8 @@ class ModelCard:
             fd: dict[str, Any] = {"name": f.name, "kind": f.kind, "size": f.size}
             if f.joints is not None:
                 fd["joints"] = list(f.joints)
+            if f.frequency_hz is not None:
+                fd["frequency_hz"] = float(f.frequency_hz)
             feats.append(fd)
         dif = self.diffusion
         d: dict[str, Any] = {
@@ -502,10 +506,10 @@ class _Parser:
         for i, fd in enumerate(fl):
             fp = f"{p}.features[{i}]"
             if not isinstance(fd, dict):
-                self.err(fp, f"expected a mapping {{name, kind, size[, joints]}}, got {fd!r}")
+                self.err(fp, f"expected a mapping {{name, kind, size[, joints | frequency_hz]}}, got {fd!r}")
                 ok = False
                 continue
-            self.unknown(fd, fp, ("name", "kind", "size", "joints"))
+            self.unknown(fd, fp, ("name", "kind", "size", "joints", "frequency_hz"))
             n0 = len(self.errors)
             fname = self.string(fd, "name", fp)
             kind = self.string(fd, "kind", fp, choices=tuple(FEATURE_SIZES))
@@ -520,6 +524,11 @@ class _Parser:
                         self.err(f"{fp}.size", f"expected {len(joints)} (= len(joints)), got {size}")
             elif "joints" in fd:
                 self.err(f"{fp}.joints", f"expected no joints for kind {kind!r}")
+            frequency = None
+            if kind == "gait_clock":
+                frequency = self.number(fd, "frequency_hz", fp, positive=True)
+            elif "frequency_hz" in fd:
+                self.err(f"{fp}.frequency_hz", f"expected no frequency_hz for kind {kind!r}")
             fixed = FEATURE_SIZES.get(kind)
             if fixed is not None and size != fixed:
                 self.err(f"{fp}.size", f"expected {fixed} for kind {kind!r}, got {size}")
@@ -529,7 +538,7 @@ class _Parser:
                 )
             if len(self.errors) > n0:
                 ok = False
-            feats.append(Feature(fname, kind, size, joints))
+            feats.append(Feature(fname, kind, size, joints, frequency))
         names = [f.name for f in feats]
         dup = sorted({x for x in names if names.count(x) > 1})
         if dup:

@@ -49,3 +49,22 @@ def wxyz_to_xyzw(q_wxyz: np.ndarray) -> np.ndarray:
     """MuJoCo stores quaternions (w, x, y, z); ROS messages use (x, y, z, w)."""
     q = np.asarray(q_wxyz, dtype=float)
     return np.array([q[1], q[2], q[3], q[0]])
+
+
+def gait_clock(t: np.ndarray | float, frequency_hz: float) -> np.ndarray:
+    """[sin, cos] of the gait phase 2 pi f t at time(s) t, shape (..., 2).
+
+    A periodic gait's phase is hidden state of the controller that produced the data; with only a few
+    rows of history a policy must guess it, and for small strides it cannot (it stops stepping). A clock
+    input, as in "Walk These Ways" (Margolis & Agrawal 2022), makes the phase observable. It depends on
+    time only, so the node and the dataset compute it identically; the absolute offset does not matter.
+    The phase is reduced modulo one period in float64 before the trigonometry, so wall-clock stamps
+    (~1.7e9 s) lose no precision.
+    """
+    phase = np.mod(np.asarray(t, dtype=float) * float(frequency_hz), 1.0)
+    return np.stack([np.sin(2 * np.pi * phase), np.cos(2 * np.pi * phase)], axis=-1)
+
+
+def gait_phase(clock: np.ndarray) -> float:
+    """The phase in [0, 1) of one [sin, cos] clock value (inverse of `gait_clock`)."""
+    return float(np.mod(np.arctan2(clock[0], clock[1]) / (2 * np.pi), 1.0))

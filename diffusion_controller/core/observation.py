@@ -13,12 +13,18 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from diffusion_controller.core.features import gait_clock
+
 PREVIOUS_ACTION = "previous_action"
+GAIT_CLOCK = "gait_clock"
 VELOCITY_COMMAND = "velocity_command"
 JOINT_POSITION = "joint_position"
-#: Kinds that never make the controller wait or go unhealthy: the core writes previous_action itself, and a
-#: velocity command is an operator input (zeros until the first one), not a sensor.
-NOT_REQUIRED_KINDS = frozenset({PREVIOUS_ACTION, VELOCITY_COMMAND})
+#: Kinds the core computes itself (previous_action from its own commands, gait_clock from the row's time):
+#: no source fills them and no buffer holds them.
+COMPUTED_KINDS = frozenset({PREVIOUS_ACTION, GAIT_CLOCK})
+#: Kinds that never make the controller wait or go unhealthy: the computed ones, and a velocity command is
+#: an operator input (zeros until the first one), not a sensor.
+NOT_REQUIRED_KINDS = COMPUTED_KINDS | {VELOCITY_COMMAND}
 
 
 class ObservationError(ValueError):
@@ -96,7 +102,8 @@ class ObservationHistory:
     """Per-feature stamped buffers of one model card's observation layout.
 
     `push` validates and stores sensor samples, `record_command` stores the controller's own published
-    commands (the previous_action feature), `sample(t_obs)` builds the (history, obs_dim) input.
+    commands (the previous_action feature), `sample(t_obs)` builds the (history, obs_dim) input; a
+    gait_clock feature is computed from each row's time.
     """
 
     def __init__(
@@ -125,11 +132,12 @@ class ObservationHistory:
         self.obs_dim = offset
         self._kinds = {f.name: f.kind for f in self._features}
         self._sizes = {f.name: int(f.size) for f in self._features}
+        self._frequencies = {f.name: f.frequency_hz for f in self._features if f.kind == GAIT_CLOCK}
         self.required = tuple(f.name for f in self._features if f.kind not in NOT_REQUIRED_KINDS)
         self._buffers = {
             f.name: _StampedBuffer(int(f.size), capacity, spacing)
             for f in self._features
-            if f.kind != PREVIOUS_ACTION
+            if f.kind not in COMPUTED_KINDS
         }
         self._commands = _StampedBuffer(self.action_dim, capacity, spacing)
         self._joint_map = self._action_joint_map(card)
@@ -157,6 +165,8 @@ class ObservationHistory:
         if buffer is None:
             if self._kinds.get(feature) == PREVIOUS_ACTION:
                 raise ObservationError(f"{feature}: recorded from the controller's own commands")
+            if self._kinds.get(feature) == GAIT_CLOCK:
+                raise ObservationError(f"{feature}: computed from the observation time")
             raise ObservationError(f"{feature}: not a feature of this model ({', '.join(self._kinds)})")
         stamp = float(stamp)
         if not math.isfinite(stamp):
@@ -233,6 +243,9 @@ class ObservationHistory:
             sl = self._slices[f.name]
             if f.kind == PREVIOUS_ACTION:
                 out[:, sl] = self._previous_actions(times)
+                continue
+            if f.kind == GAIT_CLOCK:
+                out[:, sl] = gait_clock(times, self._frequencies[f.name])
                 continue
             buffer = self._buffers[f.name]
             if len(buffer) == 0:

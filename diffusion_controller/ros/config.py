@@ -17,8 +17,9 @@ of a name list plus per-name parameters:
         stamp: header                       # header | receipt
         frame: ""                           # expected header.frame_id / Odometry child_frame_id ("" = any)
 
-Every card feature except `previous_action` (the node's own last command) must be filled by exactly one
-source; `validate_against_card` names every violation at once so a user fixes a config in one pass.
+Every card feature except `previous_action` (the node's own last command) and `gait_clock` (computed from
+the observation time) must be filled by exactly one source; `validate_against_card` names every violation
+at once so a user fixes a config in one pass.
 """
 
 from __future__ import annotations
@@ -56,9 +57,12 @@ ALL_KINDS = frozenset(
         "joint_position",
         "joint_velocity",
         "previous_action",
+        "gait_clock",
         "generic",
     }
 )
+#: Kinds the node computes itself; no source may fill them.
+COMPUTED_KINDS = frozenset({"previous_action", "gait_clock"})
 KINDS_BY_TYPE: dict[str, frozenset[str]] = {
     JOINT_STATE: frozenset({"joint_position", "joint_velocity"}),
     IMU: frozenset({"projected_gravity", "base_angular_velocity"}),
@@ -66,7 +70,7 @@ KINDS_BY_TYPE: dict[str, frozenset[str]] = {
     TWIST: frozenset({"velocity_command"}),
     TWIST_STAMPED: frozenset({"velocity_command"}),
     # A raw vector may stand in for any feature (the values are taken as they come, size-checked).
-    FLOAT64_ARRAY: ALL_KINDS - {"previous_action"},
+    FLOAT64_ARRAY: ALL_KINDS - COMPUTED_KINDS,
 }
 HAS_HEADER = frozenset({JOINT_STATE, IMU, ODOMETRY, TWIST_STAMPED})
 
@@ -422,10 +426,10 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
                     f"'{card.name}' (card features: {', '.join(features)})"
                 )
                 continue
-            if feat.kind == "previous_action":
+            if feat.kind in COMPUTED_KINDS:
+                what = "own previous action" if feat.kind == "previous_action" else "gait clock (from time)"
                 errors.append(
-                    f"observations.{src.name}.features: '{name}' is the node's own previous action; "
-                    "no source may fill it"
+                    f"observations.{src.name}.features: '{name}' is the node's {what}; no source may fill it"
                 )
                 continue
             if src.type and feat.kind not in allowed:
@@ -439,6 +443,8 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
             if feat.size != card.action_dim:
                 errors.append(f"card feature '{name}': previous_action size {feat.size} != action_dim "
                               f"{card.action_dim}")
+            continue
+        if feat.kind == "gait_clock":
             continue
         srcs = owner.get(name, [])
         if not srcs:
