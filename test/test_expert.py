@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from diffusion_controller.core.features import gait_clock, gait_phase
 from diffusion_controller.sim import dataset
 from diffusion_controller.sim.ant import OBS, OBS_DIM, STANDING_POSE, Ant, AntConfig, SensorNoise
 from diffusion_controller.sim.evaluate import rollout, skill_of, tracking_errors
@@ -93,6 +94,24 @@ def test_expert_reads_only_the_observation_row() -> None:
     assert not np.allclose(out_a[-1], STANDING_POSE)
 
 
+def test_expert_trot_follows_the_gait_clock() -> None:
+    """The phase is the row's clock, so a policy given the same clock can know where in the stride it is."""
+    row = np.zeros(OBS_DIM)
+    row[OBS["joint_position"]] = STANDING_POSE
+    row[OBS["velocity_command"]] = [0.3, 0.0, 0.0]
+    e = Expert()
+    for k in range(120):  # fade the gait in; the velocity integrator (nothing moves) saturates
+        row[OBS["gait_clock"]] = gait_clock(k * 0.02, 1.5)
+        e.act(row)
+    out = {}
+    for t in (10.0, 10.0 + 1 / 1.5, 10.0 + 0.5 / 1.5):  # same phase, one cycle later, half a cycle later
+        row[OBS["gait_clock"]] = gait_clock(t, 1.5)
+        out[t] = e.act(row)
+    a, b, c = out.values()
+    np.testing.assert_allclose(a, b, atol=1e-9)
+    assert np.abs(a - c).max() > 0.1
+
+
 def test_skill_labels() -> None:
     assert skill_of((0, 0, 0)) == "stand"
     assert skill_of((-0.2, 0, 0)) == "walk_backward"
@@ -114,7 +133,7 @@ def test_generated_file_has_the_documented_format(tmp_path) -> None:
     assert dataset.main(["--episodes", "2", "--episode-seconds", "3", "--seed", "4", "--out", str(out)]) == 0
     d = np.load(out)
     n = 2 * 150
-    assert d["obs"].shape == (n, 36) and d["obs"].dtype == np.float32
+    assert d["obs"].shape == (n, 38) and d["obs"].dtype == np.float32
     assert d["action"].shape == (n, 8) and d["action"].dtype == np.float32
     assert d["command"].shape == (n, 3)
     assert d["episode_ends"].tolist() == [150, 300] and d["episode_ends"].dtype == np.int64
@@ -125,7 +144,8 @@ def test_generated_file_has_the_documented_format(tmp_path) -> None:
         "base_linear_velocity",
         "velocity_command",
     ]
-    assert sum(f["size"] for f in layout) == 36
+    assert sum(f["size"] for f in layout) == 38
+    assert layout[-1] == {"name": "gait_clock", "kind": "gait_clock", "size": 2, "frequency_hz": 1.5}
     assert float(d["period"]) == 0.02
     assert list(d["action_joints"]) == layout[4]["joints"]
     assert np.all(d["action"] >= d["action_lower"]) and np.all(d["action"] <= d["action_upper"])
@@ -134,6 +154,13 @@ def test_generated_file_has_the_documented_format(tmp_path) -> None:
         assert np.allclose(prev[start], STANDING_POSE)
         assert np.array_equal(prev[start + 1 : end], d["action"][start : end - 1])
     assert np.array_equal(d["obs"][:, OBS["velocity_command"]], d["command"])
+    # the clock advances one control period per row, from a random phase per episode
+    phase = np.array([gait_phase(c) for c in d["obs"][:, OBS["gait_clock"]]])
+    steps = np.mod(np.diff(phase), 1.0)
+    inside = np.ones(n - 1, bool)
+    inside[149] = False
+    np.testing.assert_allclose(steps[inside], 1.5 * 0.02, atol=1e-5)
+    assert abs(phase[150] - phase[0]) > 1e-3
 
 
 def test_dart_perturbation_keeps_labels_clean_and_previous_action_executed() -> None:

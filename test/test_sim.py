@@ -7,6 +7,7 @@ import pytest
 
 from diffusion_controller.core import features
 from diffusion_controller.sim.ant import (
+    GAIT_FREQUENCY_HZ,
     JOINTS,
     OBS,
     OBS_DIM,
@@ -123,8 +124,10 @@ def test_sensor_frames() -> None:
 def test_card_observation_layout() -> None:
     ant = Ant()
     prev = np.arange(8.0)
-    row = card_observation(ant.ground_truth(), [0.1, 0.2, 0.3], prev)
-    assert row.shape == (OBS_DIM,) == (36,)
+    m = ant.ground_truth()
+    row = card_observation(m, [0.1, 0.2, 0.3], prev, clock_offset_s=0.25)
+    assert row.shape == (OBS_DIM,) == (38,)
+    assert np.allclose(row[OBS["gait_clock"]], features.gait_clock(m.t + 0.25, GAIT_FREQUENCY_HZ))
     assert np.allclose(row[OBS["projected_gravity"]], [0, 0, -1])
     assert np.allclose(row[OBS["velocity_command"]], [0.1, 0.2, 0.3])
     assert np.allclose(row[OBS["joint_position"]], STANDING_POSE)

@@ -34,6 +34,7 @@ CONTROL_PERIOD_S = 0.02
 # Standing pose: hips straight out, ankles 1.0 rad down (the sign follows each ankle's axis).
 STANDING_POSE = np.array([0.0, 1.0, 0.0, -1.0, 0.0, -1.0, 0.0, 1.0])
 TORQUE_LIMIT = 150.0  # gear 150 x ctrlrange 1 of the original motors
+GAIT_FREQUENCY_HZ = 1.5  # the expert's trot (sim/expert.py); the policy sees this clock
 
 # The observation row of the model card, in order (DESIGN.md); dataset and expert build rows with it.
 OBS_LAYOUT: tuple[dict, ...] = (
@@ -44,6 +45,7 @@ OBS_LAYOUT: tuple[dict, ...] = (
     {"name": "joint_position", "kind": "joint_position", "size": 8, "joints": list(JOINTS)},
     {"name": "joint_velocity", "kind": "joint_velocity", "size": 8, "joints": list(JOINTS)},
     {"name": "previous_action", "kind": "previous_action", "size": 8},
+    {"name": "gait_clock", "kind": "gait_clock", "size": 2, "frequency_hz": GAIT_FREQUENCY_HZ},
 )
 OBS_DIM = sum(f["size"] for f in OBS_LAYOUT)
 
@@ -127,8 +129,14 @@ class Measurement:
         return features.projected_gravity(self.orientation)
 
 
-def card_observation(m: Measurement, command: Sequence[float], previous_action: np.ndarray) -> np.ndarray:
-    """One observation row in the card layout (OBS_LAYOUT), float64."""
+def card_observation(
+    m: Measurement, command: Sequence[float], previous_action: np.ndarray, clock_offset_s: float = 0.0
+) -> np.ndarray:
+    """One observation row in the card layout (OBS_LAYOUT), float64.
+
+    The gait clock is taken at the measurement's own time (what the node does with the stamps), shifted
+    by ``clock_offset_s`` so that datasets start their episodes at random gait phases.
+    """
     return np.concatenate(
         [
             features.projected_gravity(m.orientation),
@@ -138,6 +146,7 @@ def card_observation(m: Measurement, command: Sequence[float], previous_action: 
             m.joint_position,
             m.joint_velocity,
             np.asarray(previous_action, dtype=float),
+            features.gait_clock(m.t + clock_offset_s, GAIT_FREQUENCY_HZ),
         ]
     )
 

@@ -6,19 +6,22 @@ magnitudes). The expert (sim/expert.py) drives the ant at the control period; se
 
 File format: one ``.npz`` (``numpy.load(path)``), N rows over E episodes, concatenated:
 
-- ``obs`` (N, 36) float32: card observation rows in the layout of ``layout`` (DESIGN.md order:
+- ``obs`` (N, 38) float32: card observation rows in the layout of ``layout`` (DESIGN.md order:
   projected_gravity 3, base_angular_velocity 3, base_linear_velocity 3, velocity_command 3,
-  joint_position 8, joint_velocity 8, previous_action 8; joints hip_1, ankle_1, ..., hip_4, ankle_4).
+  joint_position 8, joint_velocity 8, previous_action 8, gait_clock 2; joints hip_1, ankle_1, ...,
+  hip_4, ankle_4).
   Row k is the observation at control step k's time t_k, taken BEFORE action k is applied (with
   ``--obs-delay d`` the sensors in it were measured at t_k - d). ``previous_action`` in row k is
   the target executed at step k-1 (``action[k-1]`` unless ``--action-noise`` perturbed it); at an
-  episode's first row it is the standing pose.
+  episode's first row it is the standing pose. ``gait_clock`` is [sin, cos] of 2 pi 1.5 Hz times the
+  sensors' time plus a random per-episode offset; the expert's trot follows this clock.
 - ``action`` (N, 8) float32: the expert's joint position target (rad) for t_k to t_k + period. With
   ``--action-noise`` (DART) the ant executed a perturbed target, but the label is the expert's own.
 - ``command`` (N, 3) float32: the velocity command [vx, vy, wz] at t_k (also inside ``obs``).
 - ``true_velocity`` (N, 3) float32: ground-truth body-frame [vx, vy, wz] at t_k, for evaluation.
 - ``episode_ends`` (E,) int64: cumulative end index (exclusive) of each episode.
-- ``layout`` (str): JSON list of the features {name, kind, size[, joints]}, the card's feature list.
+- ``layout`` (str): JSON list of the features {name, kind, size[, joints | frequency_hz]}, the card's
+  feature list.
 - ``period`` (float): control period in seconds (0.02).
 - ``action_joints`` (8,) str, ``action_lower`` / ``action_upper`` (8,) float: joint ranges in rad
   from ant.xml, in action order.
@@ -39,6 +42,7 @@ import numpy as np
 
 from diffusion_controller.sim.ant import (
     CONTROL_PERIOD_S,
+    GAIT_FREQUENCY_HZ,
     JOINTS,
     OBS_DIM,
     Ant,
@@ -130,11 +134,11 @@ def run_episode(spec: EpisodeSpec) -> dict:
     )
     ant.reset(randomize=True)
     expert = Expert()
-    expert.reset(phase=float(rng.uniform()))
+    clock_offset_s = float(rng.uniform()) / GAIT_FREQUENCY_HZ  # a random gait phase at the start
     schedule = random_schedule(rng, spec.seconds)
     std = float(rng.uniform(0.0, spec.action_noise)) if spec.action_noise > 0 else 0.0
     perturb = LowPassNoise(np.random.default_rng(int(rng.integers(2**31))), std) if std > 0 else None
-    r = rollout(ant, expert.act, schedule, perturb=perturb)
+    r = rollout(ant, expert.act, schedule, perturb=perturb, clock_offset_s=clock_offset_s)
     return {
         "obs": r.obs.astype(np.float32),
         "action": r.action.astype(np.float32),

@@ -12,7 +12,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from diffusion_controller.sim.ant import CONTROL_PERIOD_S, N_JOINTS, STANDING_POSE, Ant, card_observation
+from diffusion_controller.sim.ant import (
+    CONTROL_PERIOD_S,
+    N_JOINTS,
+    OBS_DIM,
+    STANDING_POSE,
+    Ant,
+    card_observation,
+)
 
 Schedule = Sequence[tuple[float, Sequence[float]]]  # (duration s, [vx, vy, wz])
 SKILLS = ("stand", "walk_forward", "walk_backward", "turn_left", "turn_right", "other")
@@ -32,7 +39,7 @@ def skill_of(cmd: Sequence[float], eps: float = 1e-6) -> str:
 
 @dataclasses.dataclass
 class Rollout:
-    obs: np.ndarray  # (N, 36) card observation rows the controller saw
+    obs: np.ndarray  # (N, OBS_DIM) card observation rows the controller saw
     action: np.ndarray  # (N, 8) position targets applied from t_k to t_k + period
     command: np.ndarray  # (N, 3)
     true_velocity: np.ndarray  # (N, 3) ground-truth body-frame [vx, vy, wz] at t_k
@@ -47,19 +54,21 @@ def rollout(
     period: float = CONTROL_PERIOD_S,
     stop_on_fall: bool = True,
     perturb: Callable[[np.ndarray], np.ndarray] | None = None,
+    clock_offset_s: float = 0.0,
 ) -> Rollout:
     """Run ``policy(obs_row) -> targets`` on the ant through the command schedule.
 
     Row k: observation at t_k (before action k), previous_action = the target applied at step k-1
     (standing pose at k=0). With ``perturb`` (DART-style data collection), the ant executes
     ``perturb(target)`` while the recorded action stays the policy's own target: the data then shows how
-    the expert recovers from states its clean execution would never reach.
+    the expert recovers from states its clean execution would never reach. ``clock_offset_s`` shifts the
+    gait clock (a random gait phase at the start of a dataset episode).
     """
     n = round(sum(d for d, _ in schedule) / period)
     commands = np.concatenate([np.tile(np.asarray(c, float), (round(d / period), 1)) for d, c in schedule])[
         :n
     ]
-    obs = np.zeros((n, 36))
+    obs = np.zeros((n, OBS_DIM))
     act = np.zeros((n, N_JOINTS))
     vel = np.zeros((n, 3))
     times = np.zeros(n)
@@ -67,7 +76,7 @@ def rollout(
     fell = False
     k = 0
     for k in range(n):
-        o = card_observation(ant.observe(), commands[k], prev)
+        o = card_observation(ant.observe(), commands[k], prev, clock_offset_s)
         gt = ant.ground_truth()
         target = policy(o)
         a = ant.set_target(target if perturb is None else perturb(target))

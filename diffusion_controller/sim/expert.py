@@ -3,8 +3,9 @@
 A phase-based trot (diagonal pairs hip_1/hip_3 and hip_2/hip_4) whose stride comes from the velocity
 command through the leg geometry, plus a PI correction on the measured body velocity and yaw rate
 (the feet slip, so the geometric mapping alone under-delivers). Its only inputs are the observation
-row of the model card (what the diffusion policy will see) and its own internal state (gait phase,
-gait activation, velocity filter, PI integrators). Output: joint position targets at 50 Hz.
+row of the model card (what the diffusion policy will see; the gait phase is the row's gait clock) and
+its own internal state (gait activation, velocity filter, PI integrators). Output: joint position
+targets at 50 Hz.
 
 Geometry: leg i points along the body-frame angle theta_i = 45, 135, 225, 315 deg; a positive hip
 angle turns the leg counter-clockwise, moving the foot along t_i = (-sin theta_i, cos theta_i). In
@@ -19,7 +20,8 @@ import dataclasses
 
 import numpy as np
 
-from diffusion_controller.sim.ant import CONTROL_PERIOD_S, JOINTS, OBS, STANDING_POSE
+from diffusion_controller.core.features import gait_phase
+from diffusion_controller.sim.ant import CONTROL_PERIOD_S, GAIT_FREQUENCY_HZ, JOINTS, OBS, STANDING_POSE
 
 LEG_ANGLES = np.deg2rad([45.0, 135.0, 225.0, 315.0])
 TANGENTS = np.stack([-np.sin(LEG_ANGLES), np.cos(LEG_ANGLES)], axis=1)  # (4, 2)
@@ -35,7 +37,6 @@ HIP_LIMIT = 0.5  # rad, inside the +-30 deg joint range
 @dataclasses.dataclass
 class ExpertConfig:
     # Tuned on the ant (sim/evaluate.py): faster gaits or bigger lifts slip more and track worse.
-    frequency_hz: float = 1.5  # gait frequency while moving
     duty: float = 0.65  # stance fraction of the cycle (both pairs briefly on the ground)
     ankle_lift: float = 0.25  # rad, swing foot lift (ankle toward its upper-body side)
     # Feedforward gain on [vx, vy, wz]: the feet slip about a third of a translational stride.
@@ -56,8 +57,8 @@ class Expert:
         self.period = period
         self.reset()
 
-    def reset(self, phase: float = 0.0) -> None:
-        self.phase = phase
+    def reset(self) -> None:
+        self.phase = 0.0
         self.activation = 0.0
         self.v_filtered = np.zeros(3)
         self.integral = np.zeros(3)
@@ -91,12 +92,13 @@ class Expert:
             desired = cmd.copy()
         desired = desired * c.slip_gain
 
-        self.phase = (self.phase + c.frequency_hz * dt) % 1.0
+        # The targets are for the end of this period: the clock of the row plus one period.
+        self.phase = (gait_phase(obs[OBS["gait_clock"]]) + GAIT_FREQUENCY_HZ * dt) % 1.0
         return self._pose(desired, self.activation)
 
     def _pose(self, v: np.ndarray, activation: float) -> np.ndarray:
         c = self.cfg
-        stance_time = c.duty / c.frequency_hz
+        stance_time = c.duty / GAIT_FREQUENCY_HZ
         # A stance pair can only push the body along its own tangent, so with pairs alternating each
         # must push twice the projection for the cycle average to be v; rotation needs no such factor.
         hip_rate = -(2.0 * (TANGENTS @ v[:2]) + v[2] * R_FOOT) / L_LEG  # (4,)
