@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -144,6 +147,17 @@ def test_card_beside_equals_card_inside(tmp_path):
     assert inside.network["parameters"] == tiny_network(card).parameter_count()
     names = {i.name for i in session(path).get_inputs()}
     assert names == set(inside.graph.inputs.values())
+
+
+def test_exported_model_is_readable_like_any_new_file(tmp_path):
+    """Written through an owner-only temporary file, the model still gets the umask's ordinary mode."""
+    old = os.umask(0o022)
+    try:
+        card = tiny_card()
+        path = export_onnx(tiny_network(card), card, tmp_path / "m.onnx", graph="denoiser", steps=2)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_network_forward_is_its_pieces_and_causal():

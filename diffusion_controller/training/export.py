@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
 import sys
 import tempfile
 import warnings
@@ -145,6 +146,13 @@ def example_inputs(
     return inputs
 
 
+def _file_mode() -> int:
+    """The mode an ordinary new file gets under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def export_onnx(
     network: DiffusionTransformer,
     card: ModelCard,
@@ -214,6 +222,7 @@ def export_onnx(
         tmp.write(data)
     tmp_path = Path(tmp.name)
     try:
+        tmp_path.chmod(_file_mode())  # a temporary file is owner-only; a model is read by the robot's user
         card.to_onnx(tmp_path)
         if verify or weights == "int8":
             diff = _ort_parity(tmp_path, inputs, in_names, expected)
