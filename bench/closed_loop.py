@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusion_controller.core.features import projected_gravity  # noqa: E402
 from diffusion_controller.core.scheduler import BLEND_MODES  # noqa: E402
+from diffusion_controller.ros.config import load_params_file  # noqa: E402
 from diffusion_controller.sim.ant import Ant, AntConfig, SensorNoise  # noqa: E402
 from diffusion_controller.sim.evaluate import Rollout, rollout, tracking_errors  # noqa: E402
 from diffusion_controller.sim.expert import Expert  # noqa: E402
@@ -43,6 +44,7 @@ from diffusion_controller.sim.expert import Expert  # noqa: E402
 MODEL = ROOT / "models" / "ant_locomotion.onnx"
 DENOISER = ROOT / "models" / "ant_locomotion_denoiser.onnx"
 CONFIG = ROOT / "config" / "ant.yaml"
+CONFIG_BLEND = str(load_params_file(str(CONFIG)).get("blend", "none"))  # what users of the config run
 PERIOD = 0.02
 FALL_HEIGHT, FALL_GRAVITY_Z = 0.22, -0.5  # the sim's own fall criterion (sim/ant.py AntConfig)
 # Sensor noise of the training data (sim/dataset.py), so the policy sees what it was trained on.
@@ -128,7 +130,7 @@ class Setting:
     steps: int = 0  # 0 = the shipped fused model's K; else the denoiser model with this K
     obs_delay_s: float = 0.04
     compensate_delay: bool = True
-    blend: str = "none"
+    blend: str = CONFIG_BLEND
 
     def label(self) -> str:
         k = self.steps or "card"
@@ -458,7 +460,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--sweep-episodes", type=int, default=2)
     p.add_argument("--obs-delay", type=float, default=0.04)
-    p.add_argument("--blend", choices=BLEND_MODES, default="none", help="the node's blend (sweeps vary it)")
+    p.add_argument(
+        "--no-compensation", action="store_true",
+        help="compensate_delay false: chunks stamped with the inference start (sweeps vary it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--blend", choices=BLEND_MODES, default=CONFIG_BLEND,
+        help=f"the node's blend (default: config/ant.yaml's, {CONFIG_BLEND}; sweeps vary it)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--model", type=Path, default=MODEL, help="fused .onnx to evaluate")
@@ -481,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
     log_dir = Path(tempfile.mkdtemp(prefix="closed_loop_"))
 
-    settings = [Setting(obs_delay_s=args.obs_delay, blend=args.blend)]
+    compensate = not args.no_compensation
+    settings = [Setting(obs_delay_s=args.obs_delay, compensate_delay=compensate, blend=args.blend)]
     if args.sweep:
         settings = [Setting(steps=k, obs_delay_s=args.obs_delay, blend=args.blend) for k in (1, 2, 5, 10)]
         settings += [
@@ -502,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         ex = expert_cache[s.obs_delay_s]
         row["expert_vel_err"] = ex["vel_err"]
         row["expert_falls"] = ex["falls"]
+        row["expert_per_skill"] = ex["per_skill"]
         row["ratio_to_expert"] = row["policy_vel_err"] / ex["vel_err"] if ex["vel_err"] else math.nan
         rows.append(row)
 
@@ -519,10 +530,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not args.sweep:
         r = rows[0]
-        print(
-            "\nper skill (policy): "
-            + ", ".join(f"{k} {v['vx'] + v['vy'] + v['wz']:.3f}" for k, v in r["per_skill"].items())
-        )
+        print()
+        for who, key in (("policy", "per_skill"), ("expert", "expert_per_skill")):
+            per_skill = ", ".join(f"{k} {v['vx'] + v['vy'] + v['wz']:.3f}" for k, v in r[key].items())
+            print(f"per skill ({who}): {per_skill}")
     if args.demo:
         r = rows[0]
         print(
