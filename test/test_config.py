@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from diffusion_controller.core.card import ModelCard
+from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.ros import config as cf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +149,10 @@ def test_type_that_cannot_fill_the_kind(ant_params):
 def test_previous_action_is_not_a_source_feature(ant_params):
     ant_params["observations.joint_states.features"] = ["joint_position", "joint_velocity", "previous_action"]
     assert "previous action" in errors_of(ant_params)
+
+
+def test_every_computed_kind_has_a_name_in_messages():
+    assert set(cf.COMPUTED_AS) == COMPUTED_KINDS
 
 
 def test_gait_clock_is_not_a_source_feature(ant_params):

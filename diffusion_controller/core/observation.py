@@ -132,7 +132,6 @@ class ObservationHistory:
         self.obs_dim = offset
         self._kinds = {f.name: f.kind for f in self._features}
         self._sizes = {f.name: int(f.size) for f in self._features}
-        self._frequencies = {f.name: f.frequency_hz for f in self._features if f.kind == GAIT_CLOCK}
         self.required = tuple(f.name for f in self._features if f.kind not in NOT_REQUIRED_KINDS)
         self._buffers = {
             f.name: _StampedBuffer(int(f.size), capacity, spacing)
@@ -245,7 +244,7 @@ class ObservationHistory:
                 out[:, sl] = self._previous_actions(times)
                 continue
             if f.kind == GAIT_CLOCK:
-                out[:, sl] = gait_clock(times, self._frequencies[f.name])
+                out[:, sl] = gait_clock(times, f.frequency_hz)
                 continue
             buffer = self._buffers[f.name]
             if len(buffer) == 0:

@@ -31,6 +31,8 @@ from typing import Any
 
 import yaml
 
+from diffusion_controller.core.card import FEATURE_SIZES
+from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.core.safety import SAFE_MODES
 from diffusion_controller.core.scheduler import BLEND_MODES
 
@@ -48,21 +50,9 @@ TWIST = "geometry_msgs/msg/Twist"
 TWIST_STAMPED = "geometry_msgs/msg/TwistStamped"
 FLOAT64_ARRAY = "std_msgs/msg/Float64MultiArray"
 
-ALL_KINDS = frozenset(
-    {
-        "projected_gravity",
-        "base_angular_velocity",
-        "base_linear_velocity",
-        "velocity_command",
-        "joint_position",
-        "joint_velocity",
-        "previous_action",
-        "gait_clock",
-        "generic",
-    }
-)
-#: Kinds the node computes itself; no source may fill them.
-COMPUTED_KINDS = frozenset({"previous_action", "gait_clock"})
+ALL_KINDS = frozenset(FEATURE_SIZES)
+#: What the node computes for each kind no source may fill (core/observation.py), as error messages name it.
+COMPUTED_AS = {"previous_action": "own previous action", "gait_clock": "gait clock (from time)"}
 KINDS_BY_TYPE: dict[str, frozenset[str]] = {
     JOINT_STATE: frozenset({"joint_position", "joint_velocity"}),
     IMU: frozenset({"projected_gravity", "base_angular_velocity"}),
@@ -427,9 +417,9 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
                 )
                 continue
             if feat.kind in COMPUTED_KINDS:
-                what = "own previous action" if feat.kind == "previous_action" else "gait clock (from time)"
                 errors.append(
-                    f"observations.{src.name}.features: '{name}' is the node's {what}; no source may fill it"
+                    f"observations.{src.name}.features: '{name}' is the node's {COMPUTED_AS[feat.kind]}; "
+                    "no source may fill it"
                 )
                 continue
             if src.type and feat.kind not in allowed:
@@ -439,12 +429,10 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
                 )
             owner.setdefault(name, []).append(src.name)
     for name, feat in features.items():
-        if feat.kind == "previous_action":
-            if feat.size != card.action_dim:
-                errors.append(f"card feature '{name}': previous_action size {feat.size} != action_dim "
-                              f"{card.action_dim}")
-            continue
-        if feat.kind == "gait_clock":
+        if feat.kind == "previous_action" and feat.size != card.action_dim:
+            errors.append(f"card feature '{name}': previous_action size {feat.size} != action_dim "
+                          f"{card.action_dim}")
+        if feat.kind in COMPUTED_KINDS:
             continue
         srcs = owner.get(name, [])
         if not srcs:

@@ -63,7 +63,6 @@ class Expert:
         self.reset()
 
     def reset(self) -> None:
-        self.phase = 0.0
         self.activation = 0.0
         self.v_filtered = np.zeros(3)
         self.integral = np.zeros(3)
@@ -98,10 +97,10 @@ class Expert:
         desired = desired * c.slip_gain
 
         # The targets are for the end of this period: the clock of the row plus one period.
-        self.phase = (gait_phase(obs[OBS["gait_clock"]]) + GAIT_FREQUENCY_HZ * dt) % 1.0
-        return self._pose(desired, self.activation)
+        phase = (gait_phase(obs[OBS["gait_clock"]]) + GAIT_FREQUENCY_HZ * dt) % 1.0
+        return self._pose(desired, self.activation, phase)
 
-    def _pose(self, v: np.ndarray, activation: float) -> np.ndarray:
+    def _pose(self, v: np.ndarray, activation: float, phase: float) -> np.ndarray:
         c = self.cfg
         stance_time = c.duty / GAIT_FREQUENCY_HZ
         # A stance pair can only push the body along its own tangent, so with pairs alternating each
@@ -109,7 +108,7 @@ class Expert:
         hip_rate = -(2.0 * (TANGENTS @ v[:2]) + v[2] * R_FOOT) / L_LEG  # (4,)
         amp = np.clip(-hip_rate * stance_time / 2.0, -HIP_LIMIT, HIP_LIMIT) * activation
         q = STANDING_POSE.copy()
-        leg_phase = (self.phase + PHASE_OFFSET) % 1.0
+        leg_phase = (phase + PHASE_OFFSET) % 1.0
         for leg in range(4):
             p = leg_phase[leg]
             if p < c.duty:  # stance: sweep hip from +amp to -amp
