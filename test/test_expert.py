@@ -12,7 +12,7 @@ from diffusion_controller.core.features import gait_clock, gait_phase
 from diffusion_controller.sim import dataset
 from diffusion_controller.sim.ant import OBS, OBS_DIM, STANDING_POSE, Ant, AntConfig, SensorNoise
 from diffusion_controller.sim.evaluate import rollout, skill_of, tracking_errors
-from diffusion_controller.sim.expert import Expert
+from diffusion_controller.sim.expert import HIP, Expert, ExpertConfig
 
 # Tolerances: about twice what the expert achieves over the 3000 s training set (sim/dataset.py prints
 # it: vx ~0.04 m/s walking, wz ~0.08 rad/s turning, gait-cycle averaged).
@@ -110,6 +110,35 @@ def test_expert_trot_follows_the_gait_clock() -> None:
     a, b, c = out.values()
     np.testing.assert_allclose(a, b, atol=1e-9)
     assert np.abs(a - c).max() > 0.1
+
+
+def _walk_rows(measured_vx: float, n: int = 150) -> np.ndarray:
+    """Rows of a 0.3 m/s walk command whose measured forward velocity reads ``measured_vx``."""
+    rows = np.zeros((n, OBS_DIM))
+    rows[:, OBS["joint_position"]] = STANDING_POSE
+    rows[:, OBS["velocity_command"]] = [0.3, 0.0, 0.0]
+    rows[:, OBS["base_linear_velocity"].start] = measured_vx
+    for k in range(n):
+        rows[k, OBS["gait_clock"]] = gait_clock(k * 0.02, 1.5)
+    return rows
+
+
+def test_default_labels_do_not_depend_on_the_measured_velocity() -> None:
+    """The labels must be a function of what the policy observes: a filtered velocity it cannot reconstruct
+    from its short history made the policy learn DART's average stride and over-speed."""
+    slow, fast = _walk_rows(0.0), _walk_rows(0.6)
+    a, b = Expert(), Expert()
+    np.testing.assert_array_equal([a.act(r) for r in slow], [b.act(r) for r in fast])
+
+
+def test_velocity_feedback_when_configured_lengthens_the_stride_of_a_slow_robot() -> None:
+    cfg = ExpertConfig(kp=np.array([0.3, 0.3, 0.3]))
+    a, b = Expert(cfg), Expert(cfg)
+    slow = np.array([a.act(r) for r in _walk_rows(0.0)])
+    fast = np.array([b.act(r) for r in _walk_rows(0.6)])
+    # hip swing over the last 1.5 s (two gait cycles), gait fully faded in
+    swing_slow, swing_fast = (np.ptp(q[-75:, HIP], axis=0).mean() for q in (slow, fast))
+    assert swing_slow > 1.2 * swing_fast
 
 
 def test_skill_labels() -> None:

@@ -2,11 +2,11 @@
 
 A phase-based trot (diagonal pairs hip_1/hip_3 and hip_2/hip_4) whose stride comes from the velocity
 command through the leg geometry and a slip gain (the feet slip, so the geometric mapping alone
-under-delivers), plus a proportional correction on the measured body velocity and yaw rate (an integral
-term exists but is off: see ExpertConfig.ki). Its only inputs are the observation
-row of the model card (what the diffusion policy will see; the gait phase is the row's gait clock) and
-its own internal state (gait activation, velocity filter, integrator). Output: joint position
-targets at 50 Hz.
+under-delivers). Feedback on the measured body velocity (proportional and integral) exists but is off by
+default, so the labels are a function of what the policy observes: see ExpertConfig.kp. Its only inputs
+are the observation row of the model card (what the diffusion policy will see; the gait phase is the
+row's gait clock) and its own internal state (gait activation, velocity filter, integrator). Output:
+joint position targets at 50 Hz.
 
 Geometry: leg i points along the body-frame angle theta_i = 45, 135, 225, 315 deg; a positive hip
 angle turns the leg counter-clockwise, moving the foot along t_i = (-sin theta_i, cos theta_i). In
@@ -42,11 +42,15 @@ class ExpertConfig:
     ankle_lift: float = 0.25  # rad, swing foot lift (ankle toward its upper-body side)
     # Feedforward gain on [vx, vy, wz]: the feet slip about a third of a translational stride.
     slip_gain: np.ndarray = dataclasses.field(default_factory=lambda: np.array([1.5, 1.5, 1.0]))
-    kp: np.ndarray = dataclasses.field(default_factory=lambda: np.array([0.3, 0.3, 0.3]))
-    # No integral term by default: with ki = 1 the expert tracked the closed-loop sequences at 0.098 vs
-    # 0.050 without (the integral carried over from one command to the next), and under DART's
-    # perturbations it wound up (0.3-0.45 m/s at a 0.3 m/s command), so the labels held strides twice as
-    # long as an unperturbed walk needs, from state the policy cannot see; the policy then over-strode.
+    # No velocity feedback by default. Feedback reads a 0.25 s filter of the measured velocity, state the
+    # policy's 160 ms of noisy, within-stride-oscillating velocity history cannot reconstruct. Under DART
+    # the perturbed robot walks slower, the feedback lengthens the labelled stride, and the policy, unable
+    # to tell perturbed from clean, learns the average: it over-strode (over-speed 0.06-0.09 vs the
+    # expert's 0.05 at 0.3 m/s). The expert barely needs it: on the closed-loop sequences it tracks at
+    # 0.052 with kp 0, 0.049 with 0.15, 0.050 with 0.3; in-process, the policies trained on each tracked
+    # at 0.057, 0.064 and 0.071. With ki = 1 the expert tracked at 0.098 (the integral carried over from
+    # one command to the next) and wound up under DART to 0.3-0.45 m/s at a 0.3 m/s command.
+    kp: np.ndarray = dataclasses.field(default_factory=lambda: np.array([0.0, 0.0, 0.0]))
     ki: np.ndarray = dataclasses.field(default_factory=lambda: np.array([0.0, 0.0, 0.0]))
     integral_limit: np.ndarray = dataclasses.field(default_factory=lambda: np.array([0.5, 0.5, 1.0]))
     filter_tau_s: float = 0.25  # low-pass on measured velocity (one gait half-cycle)
