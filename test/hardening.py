@@ -608,6 +608,7 @@ class Analysis:
     cmd_gap_max_ms: float = 0.0  # longest pause between two published commands (node clock)
     stall_ticks: int = 0  # of missed_ticks, those inside a stall of the real-time sensor process too
     stall_safe_ticks: int = 0  # ticks not RUNNING during or just after a stall that made observations stale
+    state_changes: list[str] = field(default_factory=list)  # the node's own log lines, with their reasons
 
     @property
     def unsafe_total(self) -> int:
@@ -910,7 +911,8 @@ def check_running(r: Result, a: Analysis, during: str = "") -> None:
     """Every tick of `a` RUNNING, but for those a machine stall rightly made SAFE (`count_stall_safe`)."""
     r.check(
         a.states["running"] + a.stall_safe_ticks == a.ticks,
-        f"control left RUNNING{during}: {dict(a.states)}, {a.stall_safe_ticks} in machine stalls",
+        f"control left RUNNING{during}: {dict(a.states)}, {a.stall_safe_ticks} in machine stalls; "
+        f"the node said: {a.state_changes[-4:]}",
     )
 
 
@@ -935,6 +937,7 @@ class Watch:
         # Only a real-time witness proves a machine stall: a normal one could be starved by the node.
         stalls = [(s0, s1) for s0, s1 in witness.get("stalls", [])] if witness.get("rt") else []
         a = n.analyse(self.t0, t1, stalls)
+        a.state_changes = [x for x in n.log()[self.log_offset :].splitlines() if "control state" in x]
         r.ticks += a.ticks
         r.missed_ticks += a.missed_ticks
         r.stall_ticks += a.stall_ticks

@@ -460,6 +460,8 @@ def test_watchdog_fires_when_a_stream_stops_and_recovers(topics, feeder, models)
         t0 = time.monotonic()
         assert wait_until(lambda: obs().get("_level") == 2, 4.0), f"/diagnostics observations: {obs()}"
         assert "projected_gravity" in obs()["_message"], obs()
+        # The diagnostics may already have said so when SAFE was seen: hold for a window of its own.
+        assert wait_until(lambda: len(topics["cmd"].since(t0)) >= 15, 2.0), "no commands held while SAFE"
         held = topics["cmd"].since(t0)
         assert_commands_ok(held, models)
         spread = np.ptp(np.array([m.data for m in held]), axis=0).max()
