@@ -19,9 +19,13 @@ PREVIOUS_ACTION = "previous_action"
 GAIT_CLOCK = "gait_clock"
 VELOCITY_COMMAND = "velocity_command"
 JOINT_POSITION = "joint_position"
-#: Kinds the core computes itself (previous_action from its own commands, gait_clock from the row's time):
-#: no source fills them and no buffer holds them.
-COMPUTED_KINDS = frozenset({PREVIOUS_ACTION, GAIT_CLOCK})
+#: Kinds the core computes itself, and how (what `push` answers a source that tries to fill one): no source
+#: fills them and no buffer holds them.
+COMPUTED_FROM: Mapping[str, str] = {
+    PREVIOUS_ACTION: "recorded from the controller's own commands",
+    GAIT_CLOCK: "computed from the observation time",
+}
+COMPUTED_KINDS = frozenset(COMPUTED_FROM)
 #: Kinds that never make the controller wait or go unhealthy: the computed ones, and a velocity command is
 #: an operator input (zeros until the first one), not a sensor.
 NOT_REQUIRED_KINDS = COMPUTED_KINDS | {VELOCITY_COMMAND}
@@ -162,10 +166,9 @@ class ObservationHistory:
         """Store one sample; raises ObservationError (state unchanged) when it cannot be trusted."""
         buffer = self._buffers.get(feature)
         if buffer is None:
-            if self._kinds.get(feature) == PREVIOUS_ACTION:
-                raise ObservationError(f"{feature}: recorded from the controller's own commands")
-            if self._kinds.get(feature) == GAIT_CLOCK:
-                raise ObservationError(f"{feature}: computed from the observation time")
+            computed = COMPUTED_FROM.get(self._kinds.get(feature, ""))
+            if computed is not None:
+                raise ObservationError(f"{feature}: {computed}")
             raise ObservationError(f"{feature}: not a feature of this model ({', '.join(self._kinds)})")
         stamp = float(stamp)
         if not math.isfinite(stamp):
