@@ -286,6 +286,11 @@ class ControlCore:
     def state(self) -> ControlState:
         return self._state
 
+    @property
+    def observation_spacing_s(self) -> float:
+        """The history keeps no two samples of a feature closer than this: finer input is wasted work."""
+        return self._history.spacing
+
     def observe(self, feature: str, stamp: float, value: Any, now: float | None = None) -> str | None:
         """Store a sensor sample; None when accepted, else why not (the sample is dropped)."""
         with self._lock:

@@ -124,6 +124,8 @@ class ObservationHistory:
         self.future_tolerance_s = float(future_tolerance_s)
         self._expire = dict(expire_s or {})
         spacing = self.period / 10.0 if min_spacing_s is None else float(min_spacing_s)
+        #: Samples of one feature closer than this are coalesced (see _StampedBuffer): nothing finer is kept.
+        self.spacing = spacing
         # Enough samples to reach back 2*history + 8 periods even at the densest coalesced spacing (two
         # samples per spacing), so a slow feature lagging t_obs still finds its grid points.
         capacity = 2 * math.ceil((2 * self.history + 8) * self.period / spacing) + 4

@@ -1,21 +1,23 @@
 """The diffusion_controller lifecycle node: observations in, commands out at a fixed rate.
 
 A thin layer over `core.controller.ControlCore`: it turns messages into time-stamped features
-(`conversions`), parameters into a validated configuration (`config`), and a timer into `ControlCore.tick`
-calls whose commands it publishes. The policy runs in the core's inference thread, so the timer callback
-never waits for a model.
+(`conversions`, taken from the sensor queues at tick time by `intake`), parameters into a validated
+configuration (`config`), and a timer into `ControlCore.tick` calls whose commands it publishes. The policy
+runs in the core's inference thread, so the timer callback never waits for a model.
 
 Lifecycle (rclpy.lifecycle, like ros2/demos' lifecycle talker):
   configure  read parameters, check the model card against the configuration, load + warm up the model,
-             create publishers, subscriptions and the (paused) control timer
+             create publishers, subscriptions and the control timer (which from now on takes the sensor
+             queues every period, so observations stay current and /diagnostics can tell before activate)
   activate   start ticking and publishing (from a fresh chunk)
   deactivate stop ticking; cleanup releases everything; shutdown from any state
 `autostart:=true` walks the node to active at startup.
 
-Threads: the control timer runs on a thread of its own (`ControlLoop`), so neither sensor bursts nor a
-parameter call delay a tick; subscriptions, services and parameters share the main executor (single-
-threaded by default: cheapest under the GIL; callback groups keep a multi-threaded one safe too); the
-core's inference thread runs the model (ONNX Runtime releases the GIL); a loader thread runs model swaps.
+Threads: the control timer runs on a thread of its own (`ControlLoop`), so a parameter call never delays
+a tick; that thread also takes the observation messages, right before each tick, with no Python callback
+per message (`intake`: the node's cost does not grow with the sensor rate); services, parameters and
+diagnostics share the main executor; the core's inference thread runs the model (ONNX Runtime releases
+the GIL); a loader thread runs model swaps.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, Si
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from std_srvs.srv import Trigger
 
@@ -56,6 +58,7 @@ from diffusion_controller.core.runtime import ModelError, Policy
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import diagnostics as dg
+from diffusion_controller.ros.intake import Intake
 
 NODE_NAME = "diffusion_controller"
 #: Codes of ControlState in the debug timing topic.
@@ -231,9 +234,6 @@ class ControlLoop:
     def start(self) -> None:
         self.timer.reset()
 
-    def stop(self) -> None:
-        self.timer.cancel()
-
     def close(self) -> None:
         self.timer.cancel()
         self._stop.set()
@@ -253,8 +253,6 @@ class ControllerNode(LifecycleNode):
         self._reverting = False
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
-        # Callback groups: the control timer never queues behind observations or services.
-        self._obs_group = MutuallyExclusiveCallbackGroup()
         self._misc_group = MutuallyExclusiveCallbackGroup()
 
         self._lock = threading.Lock()  # core/binding/readers swap vs tick and observation callbacks
@@ -263,7 +261,8 @@ class ControllerNode(LifecycleNode):
         self._policy: Any = None
         self._core: ControlCore | None = None
         self._readers: dict[str, cv.SourceReader] = {}
-        self._subs: list[Any] = []
+        self._intake: Intake | None = None
+        self._taken_before: dict[str, tuple[float, int]] = {}  # source -> (time, messages) at the last report
         self._pub_cmd = self._pub_traj = self._pub_dbg = None
         self._loop: ControlLoop | None = None
         self._active = False
@@ -376,17 +375,9 @@ class ControllerNode(LifecycleNode):
                 cfg.debug_topic,
                 QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE),
             )
-        for src in cfg.sources:
-            self._subs.append(
-                self.create_subscription(
-                    cv.MESSAGE_CLASSES[src.type],
-                    src.topic,
-                    self._observation_callback(src.name),
-                    qos_profile_sensor_data,
-                    callback_group=self._obs_group,
-                )
-            )
+        self._intake = Intake(self, cfg.sources, cv.MESSAGE_CLASSES, binding.period_s)
         self._loop = ControlLoop(self, binding.period_s, self._on_tick, cfg.loop_priority)
+        self._loop.start()  # takes the sensor queues from now on; publishes only once active
         # Everything loaded so far lives as long as the node: take it out of the cyclic garbage collector's
         # view, so a full collection (~20 ms with rclpy + ONNX Runtime loaded) never pauses a tick.
         gc.collect()
@@ -406,13 +397,10 @@ class ControllerNode(LifecycleNode):
         self._stats.reset_phase()
         self._active = True
         ret = super().on_activate(state)
-        self._loop.start()
         self._log.info("active: publishing commands")
         return ret
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
-        if self._loop is not None:
-            self._loop.stop()
         self._active = False
         self._log.info("inactive: commands stopped")
         return super().on_deactivate(state)
@@ -433,8 +421,8 @@ class ControllerNode(LifecycleNode):
     def _release(self) -> None:
         if self._loop is not None:
             self._loop.close()
-        for sub in self._subs:
-            self.destroy_subscription(sub)
+        if self._intake is not None:
+            self._intake.close()
         for pub in (self._pub_cmd, self._pub_traj, self._pub_dbg):
             if pub is not None:
                 self.destroy_lifecycle_publisher(pub)
@@ -442,8 +430,8 @@ class ControllerNode(LifecycleNode):
             core, self._core = self._core, None
         if core is not None:
             core.close()
-        self._loop = self._pub_cmd = self._pub_traj = self._pub_dbg = None
-        self._subs, self._readers, self._retired = [], {}, []
+        self._loop = self._intake = self._pub_cmd = self._pub_traj = self._pub_dbg = None
+        self._readers, self._retired = {}, []
         self._policy = self._binding = self._cfg = None
         self._active = False
 
@@ -589,34 +577,32 @@ class ControllerNode(LifecycleNode):
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
 
-    def _observation_callback(self, source: str):
-        def callback(msg: Any) -> None:
-            now = self._now()
-            reader, core = self._readers.get(source), self._core
-            if reader is None or core is None:
-                return
-            try:
-                stamp, values = reader.read(msg, now)
-            except cv.InputError as exc:
-                self._fault(source, exc.cause, str(exc))
-                return
-            if self._readers.get(source) is not reader:
-                return  # a model swap changed the layout while this message was decoded: drop it
+    def _take_observations(self, core: ControlCore, now: float) -> None:
+        """Everything the sensors sent since the last period into the core's history (under the lock, so
+        a model swap cannot change the layout meanwhile)."""
+
+        def accept(source: str, stamp: float, values: dict[str, np.ndarray]) -> None:
             for feature, value in values.items():
                 reason = core.observe(feature, stamp, value, now)
                 if reason:
                     self._fault(source, "rejected", f"{feature}: {reason}")
 
-        return callback
+        def reject(source: str, exc: cv.InputError) -> None:
+            self._fault(source, exc.cause, str(exc))
+
+        self._intake.drain(self._readers, now, core.observation_spacing_s, accept, reject)
 
     def _on_tick(self) -> None:
-        """One control period: ask the core for the command and publish it. Nothing else happens here."""
-        t0 = time.perf_counter()
+        """One control period: take the observations, ask the core for the command and publish it."""
+        t0, t_wall = time.perf_counter(), time.monotonic()  # jitter is when the tick started, not ended
         loop = self._loop
         now = loop.now() if loop is not None else self._now()
         with self._lock:
             core, binding = self._core, self._binding
-            if core is None or binding is None or not self._active:
+            if core is None or binding is None or self._intake is None:
+                return
+            self._take_observations(core, now)
+            if not self._active:
                 return
             res = core.tick(now)
         if res.command is not None:
@@ -627,7 +613,7 @@ class ControllerNode(LifecycleNode):
                 self._publish_trajectory(res.trajectory, binding, now)
         if self._pub_dbg is not None:
             self._pub_dbg.publish(cv.array_msg(self._timing_row(now, res, core)))
-        self._stats.tick(time.monotonic() if self._wall_time else now, time.perf_counter() - t0)
+        self._stats.tick(t_wall if self._wall_time else now, time.perf_counter() - t0)
         if res.missed:
             self._events("missed_step", f"missed step: {res.reason}")
         if self._retired:
@@ -830,6 +816,7 @@ class ControllerNode(LifecycleNode):
         values: dict[str, object] = {f"age_ms.{k}": 1000.0 * v for k, v in ages.items()}
         values.update({f"rejected.{k}": v for k, v in self._source_faults.items()})
         values.update({f"wrong_type.{k}": v for k, v in self._wrong_types.items()})
+        values.update(self._input_rates())
         values["stale_events"] = st.stale_obs_events
         values["rejected_total"] = st.rejected_observations + self._faults.total
         timeouts = self._control_timeouts()
@@ -843,6 +830,20 @@ class ControllerNode(LifecycleNode):
         else:
             obs_level, obs_msg = dg.OK, "fresh"
         return [loop, pol, dg.Section("observations", obs_level, obs_msg, values)]
+
+    def _input_rates(self) -> dict[str, float]:
+        """Messages per second each source delivered since the last report, and how many the transport
+        or a full queue lost (publisher sequence gaps) so far."""
+        intake, t = self._intake, time.monotonic()
+        if intake is None:
+            return {}
+        out: dict[str, float] = {}
+        for name, counts in intake.counts().items():
+            t0, n0 = self._taken_before.get(name, (t, counts.taken))
+            out[f"input_hz.{name}"] = (counts.taken - n0) / (t - t0) if t > t0 else 0.0
+            out[f"lost.{name}"] = counts.lost
+            self._taken_before[name] = (t, counts.taken)
+        return out
 
     def _control_timeouts(self) -> dict[str, float]:
         core = self._core

@@ -199,9 +199,12 @@ class SourceReader:
     def source(self) -> cfgmod.SourceConfig:
         return self.decoder.source
 
-    def read(self, msg: Any, now: float) -> tuple[float, dict[str, np.ndarray]]:
-        """(stamp, {feature: values}) for an accepted message; raises InputError otherwise."""
-        stamp = now
+    def read(
+        self, msg: Any, now: float, received: float | None = None
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """(stamp, {feature: values}) for an accepted message; raises InputError otherwise. `received`: when
+        the message arrived on the node's clock (default `now`), the stamp of receipt-time sources."""
+        stamp = now if received is None else received
         src = self.source
         if src.frame and src.type in cfgmod.HAS_HEADER and src.type != cfgmod.ODOMETRY \
                 and msg.header.frame_id != src.frame:
