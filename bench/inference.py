@@ -3,13 +3,17 @@
 Not a test. For K in {1, 2, 5, 10} it times one action chunk (K denoising steps, normalization included)
 on the same random weights and the same sampler: torch eager (the training network in inference mode
 with ddim_torch's loop), ORT per-step (denoiser graph, K-step loop in core/ddim.py), ORT fused (the whole
-chain in one graph) and the fused graph with int8 weights (export --weights int8; numerics change, so
-its largest action difference is printed). It prints median and p99 latency, the speedup over torch of
-the best float ORT path (same numerics) and of the int8 graph, and a FLOP-bound floor: the model's
-FLOPs per chunk (K full network evaluations) divided by the matmul peak of this CPU measured in the same
-run with the same thread count. `floor_min_ms` uses the FLOPs the fused graph really executes
-(observation tokens and their cross-attention K/V once per chunk). The machine may be shared: the load
-average at start and end is printed; compare runs only when it was low.
+chain in one graph) and the fused graph with int8 weights (export --weights int8 --int8-form F;
+numerics change, so its largest action difference is printed). It prints median and p99 latency, the
+speedup over torch of the best float ORT path (same numerics) and of the int8 graph, and a FLOP-bound
+floor: the model's FLOPs per chunk (K full network evaluations) divided by the matmul peak of this CPU
+measured in the same run with the same thread count. `floor_min_ms` uses the FLOPs the fused graph
+really executes (observation tokens and their cross-attention K/V once per chunk). The machine may be
+shared: the load average at start and end is printed; compare runs only when it was low.
+
+The int8 row is optional: when it cannot be exported or loaded here (its output moves too far, or its
+form is refused on this CPU) it is printed as skipped with the reason (`int8_skipped` in the JSON) and
+the rest of the benchmark goes on.
 
     .venv/bin/python bench/inference.py [--quick] [--json] [--threads N] [--runs N] [--ks 1,2,5,10]
 """
@@ -29,9 +33,9 @@ import numpy as np
 import torch
 
 from diffusion_controller.core.card import ModelCard
-from diffusion_controller.core.runtime import Policy
+from diffusion_controller.core.runtime import INT8_FORMS, Policy
 from diffusion_controller.training import ddim_torch
-from diffusion_controller.training.export import export_onnx
+from diffusion_controller.training.export import INT8_FORM, export_onnx
 from diffusion_controller.training.network import DiffusionTransformer, NetworkConfig
 
 JOINTS = [f"{leg}_{j}" for leg in ("fr", "fl", "rr", "rl") for j in ("hip", "thigh", "calf")]
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="also time the fused graph with int8 weights (export --weights int8; default: on)",
     )
+    ap.add_argument("--int8-form", choices=INT8_FORMS, default=INT8_FORM, help="export --int8-form")
     a = ap.parse_args(argv)
     runs = a.runs or (15 if a.quick else 500)
     ks = [int(k) for k in a.ks.split(",")]
@@ -211,12 +216,18 @@ def main(argv: list[str] | None = None) -> int:
                 "step": lambda p=step: p.predict(obs, noise=noise),
                 "fused": lambda p=fused: p.predict(obs, noise=noise),
             }
+            int8_skipped = None
             if a.int8:
-                int8_path = export_onnx(
-                    net, card, Path(tmp) / f"fused{k}_int8.onnx", graph="fused", steps=k, weights="int8"
-                )
-                int8 = Policy.load(int8_path, threads=a.threads, log=quiet)
-                fns["int8"] = lambda p=int8: p.predict(obs, noise=noise)
+                try:
+                    int8_path = export_onnx(
+                        net, card, Path(tmp) / f"fused{k}_int8.onnx", graph="fused", steps=k,
+                        weights="int8", int8_form=a.int8_form,
+                    )  # fmt: skip
+                    int8 = Policy.load(int8_path, threads=a.threads, log=quiet)
+                except Exception as e:  # an optional row: say why, keep benchmarking the rest
+                    int8_skipped = f"{type(e).__name__}: {e}"
+                else:
+                    fns["int8"] = lambda p=int8: p.predict(obs, noise=noise)
             ref = eager(obs, noise)
             diffs = {name: float(np.abs(fn() - ref).max()) for name, fn in fns.items() if name != "torch"}
             ts = timed_interleaved(fns, runs)
@@ -240,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                 "max_abs_diff_fused": diffs["fused"],
             }
             paths = {"step": sp50, "fused": fp50}
-            if a.int8:
+            if int8_skipped is not None:
+                r["int8_skipped"] = int8_skipped
+            elif a.int8:
                 ip50, ip99 = p50_p99(ts["int8"])
                 paths["int8"] = ip50
                 r |= {
@@ -301,13 +314,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['floor_min_ms']:.2f}ms",
             f"{r['ratio_to_floor_min']:.2f}",
         ]
-        if a.int8:
+        if a.int8 and "int8_skipped" in r:
+            row += ["skipped", "-", "-"]
+        elif a.int8:
             row += [
                 f"{r['ort_int8_ms_p50']:.2f}ms",
                 f"{r['speedup_int8_vs_torch']:.2f}x",
                 f"{r['max_abs_diff_int8']:.1e}",
             ]
         print(" ".join(f"{c:>10}" for c in row))
+    for r in results:
+        if "int8_skipped" in r:
+            print(f"K={r['k']}: int8 ({a.int8_form}) skipped: {r['int8_skipped']}")
     if a.json:
         print(
             json.dumps(
@@ -324,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cpu_count": os.cpu_count(),
                     "quick": a.quick,
                     "int8": a.int8,
+                    "int8_form": a.int8_form,
                 }
             )
         )

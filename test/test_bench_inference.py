@@ -1,15 +1,22 @@
 """bench/inference.py keeps working: one short run at K=1 prints the JSON the issue names.
 
-Latencies are not asserted (the machine is shared); the keys, their sanity and the int8 path are.
+Latencies are not asserted (the machine is shared); the keys, their sanity and the int8 path are, and
+that an int8 row which cannot be made is reported as skipped instead of ending the benchmark.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from diffusion_controller.core import runtime
+from diffusion_controller.training.network import NetworkConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = (
@@ -35,3 +42,42 @@ def test_quick_inference_bench_prints_every_figure():
     assert row["best_path"] in ("step", "fused", "int8")
     assert row["max_abs_diff_fused"] <= 1e-3  # same numerics as torch
     assert 0 < row["max_abs_diff_int8"] < 1.0  # rounded by int8, not broken
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "bench" / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REFUSED = "int8 weights move the output by 0.349 (> 10% of its range 2): not exported, because (test)"
+
+
+@pytest.mark.parametrize("failure", ["export", "load"])
+def test_an_int8_row_that_cannot_be_made_is_skipped_with_its_reason(monkeypatch, capsys, failure):
+    """export: the exporter refuses the int8 graph; load: the loader refuses its form on this CPU."""
+    bench = load_bench()
+    real_export = bench.export_onnx
+
+    def export(*args, weights="fp32", **kw):
+        if weights == "int8" and failure == "export":
+            raise RuntimeError(REFUSED)
+        return real_export(*args, weights=weights, **kw)
+
+    monkeypatch.setattr(bench, "export_onnx", export)
+    monkeypatch.setattr(runtime, "u8s8_problem", lambda: "this x86 CPU has no VNNI (test)")
+    monkeypatch.setattr(bench, "NetworkConfig", lambda: NetworkConfig(layers=1, heads=2, width=32))
+    argv = ["--quick", "--ks", "1,2", "--runs", "2", "--json", "--int8-form", "u8s8"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert [r["k"] for r in report["results"]] == [1, 2] and report["int8_form"] == "u8s8"
+    want = f"RuntimeError: {REFUSED}" if failure == "export" else "ModelError: model "
+    for r in report["results"]:
+        assert r["int8_skipped"].startswith(want), r["int8_skipped"]
+        assert "ort_int8_ms_p50" not in r and r["best_path"] in ("step", "fused")
+        assert math.isfinite(r["ort_fused_ms_p50"]) and r["max_abs_diff_fused"] <= 1e-3
+        assert f"K={r['k']}: int8 (u8s8) skipped: {want}" in out
+    if failure == "load":
+        assert "saturate on x86 CPUs without VNNI" in report["results"][0]["int8_skipped"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -142,6 +143,7 @@ BAD = [
     ("diffusion.beta_schedule", "cosine", "diffusion.beta_schedule", "one of"),
     ("diffusion.prediction_type", "v_prediction", "diffusion.prediction_type", "one of"),
     ("diffusion.clip_sample", "yes", "diffusion.clip_sample", "true or false"),
+    ("diffusion.timestep_spacing", "uniform", "diffusion.timestep_spacing", "one of"),
     ("sampler.steps", 101, "sampler.steps", "train_timesteps"),
     ("sampler.kind", "ddpm", "sampler.kind", "one of"),
     ("sampler.eta", -0.1, "sampler.eta", ">= 0"),
@@ -159,6 +161,45 @@ def test_invalid_fields_are_named_with_what_was_expected(path, value, field, exp
     msg = str(info.value)
     assert field in msg, msg
     assert expected in msg, msg
+
+
+def test_timestep_spacing_defaults_to_leading_is_validated_and_round_trips(tmp_path):
+    d = full_dict()
+    del d["diffusion"]["timestep_spacing"]  # a card written before the field existed
+    assert ModelCard.from_dict(d).diffusion.timestep_spacing == "leading"
+    d["diffusion"]["timestep_spacing"] = "sideways"
+    with pytest.raises(CardError) as info:
+        ModelCard.from_dict(d)
+    msg = str(info.value)
+    assert "diffusion.timestep_spacing: expected one of ['leading', 'trailing', 'linspace']" in msg, msg
+    for spacing in ("trailing", "linspace"):
+        d["diffusion"]["timestep_spacing"] = spacing
+        card = ModelCard.from_dict(d)
+        assert card.diffusion.timestep_spacing == spacing
+        assert card.to_dict()["diffusion"]["timestep_spacing"] == spacing
+        again = ModelCard.from_yaml(card.to_yaml(tmp_path / f"{spacing}.yaml"))
+        assert again.to_dict() == card.to_dict() and again.diffusion == card.diffusion
+
+
+def test_sampler_steps_are_checked_for_the_cards_spacing():
+    """steps_offset only moves leading timesteps: K=T with offset 1 overflows there, not with trailing."""
+    d = mutate("sampler.steps", 100)
+    d["diffusion"]["steps_offset"] = 1
+    with pytest.raises(CardError, match=r"sampler\.steps: 100 steps with steps_offset 1"):
+        ModelCard.from_dict(d)
+    d["diffusion"]["timestep_spacing"] = "trailing"
+    assert ModelCard.from_dict(d).diffusion.timesteps(100)[0] == 99
+
+
+def test_shipped_models_without_the_field_keep_leading_timesteps():
+    models = Path(__file__).resolve().parents[1] / "models"
+    paths = sorted(models.glob("*.onnx"))
+    assert paths
+    for path in paths:
+        card = ModelCard.from_onnx(path)
+        assert "timestep_spacing" not in path.with_suffix(".yaml").read_text()
+        assert card.diffusion.timestep_spacing == "leading", path
+        assert card.diffusion.timesteps(2).tolist() == [50, 0]
 
 
 def test_two_velocity_commands_are_rejected():

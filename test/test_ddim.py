@@ -27,7 +27,7 @@ def reference(cfg: DDIMConfig) -> DDIMScheduler:
         set_alpha_to_one=cfg.set_alpha_to_one,
         steps_offset=cfg.steps_offset,
         prediction_type=cfg.prediction_type,
-        timestep_spacing="leading",
+        timestep_spacing=cfg.timestep_spacing,
     )
 
 
@@ -113,6 +113,92 @@ def test_sampling_chain_matches_diffusers(k, prediction_type, clip, eta):
         assert np.abs(x_ref - x_T).max() > 1e-2
 
 
+def diffusers_chain(cfg: DDIMConfig, k: int, eta: float, x_T: np.ndarray, vnoise: np.ndarray):
+    """diffusers' DDIMScheduler step loop over fake_model: (timesteps, final sample)."""
+    sched = reference(cfg)
+    sched.set_timesteps(k)
+    x = torch.from_numpy(x_T.copy())
+    for i, t in enumerate(sched.timesteps):
+        mo = torch.from_numpy(fake_model(x.numpy(), int(t), cfg.prediction_type))
+        vn = torch.from_numpy(vnoise[i]) if eta > 0 else None
+        x = sched.step(mo, t, x, eta=eta, variance_noise=vn).prev_sample
+    return sched.timesteps.numpy(), x.numpy()
+
+
+SPACING_KS = (1, 2, 3, 5, 7, 10, 16)
+SPACING_CASES = list(
+    itertools.product(ddim.TIMESTEP_SPACINGS, (100, 1000), ("epsilon", "sample"), (0, 1))  # offset
+)
+
+
+@pytest.mark.parametrize(("spacing", "train_timesteps", "prediction_type", "offset"), SPACING_CASES)
+def test_every_timestep_spacing_matches_diffusers(spacing, train_timesteps, prediction_type, offset):
+    """Timesteps, the numpy chain and the torch mirror follow diffusers for every K and eta in {0, 1}.
+
+    Epsilon chains clip x0 (as the shipped models do): at T=1000 alphas_cumprod[999] is ~1e-9, and the
+    unclipped x0 = (x - sqrt(1-a) eps) / sqrt(a) would be float32 noise in both implementations.
+    """
+    cfg = DDIMConfig(
+        train_timesteps=train_timesteps,
+        beta_schedule="squaredcos_cap_v2" if train_timesteps == 100 else "linear",
+        prediction_type=prediction_type,
+        clip_sample=prediction_type == "epsilon",
+        steps_offset=offset,
+        timestep_spacing=spacing,
+    )
+    rng = np.random.default_rng(train_timesteps + offset)
+    x_T = rng.standard_normal(SHAPE).astype(np.float32)
+    vnoise = rng.standard_normal((max(SPACING_KS), *SHAPE)).astype(np.float32)
+    for k, eta in itertools.product(SPACING_KS, (0.0, 1.0)):
+        case = f"K={k} eta={eta}"
+        want_t, want = diffusers_chain(cfg, k, eta, x_T, vnoise)
+        np.testing.assert_array_equal(cfg.timesteps(k), want_t, err_msg=case)
+        plan = cfg.plan(k, eta)
+        assert [c.timestep for c in plan] == want_t.tolist(), case
+        model = lambda x, t: fake_model(x, t, prediction_type)  # noqa: E731
+        got = ddim.sample_loop(model, x_T, plan, cfg, variance_noise=vnoise[:k] if eta else None)
+        got_t = ddim_torch.sample_loop(
+            lambda x, c: torch.from_numpy(fake_model(x.numpy(), c.timestep, prediction_type)),
+            torch.from_numpy(x_T.copy())[None],
+            plan,
+            cfg,
+            variance_noise=torch.from_numpy(vnoise[:k])[None] if eta else None,
+        )[0].numpy()
+        # With eta = 1 diffusers' float32 sqrt(1 - a_prev - std^2) cancels where a_t ~ 0 (t = T-1); ours
+        # is float64. Largest difference seen: 1.1e-5 at eta 0, 5.1e-5 at eta 1.
+        atol = (2e-4 if eta else 2e-5) * max(1.0, float(np.abs(want).max()))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, err_msg=case)
+        np.testing.assert_allclose(got_t, want, rtol=1e-5, atol=atol, err_msg=case)
+
+
+@pytest.mark.parametrize("spacing", ddim.TIMESTEP_SPACINGS)
+def test_timesteps_differ_by_spacing_as_in_lin_et_al(spacing):
+    """With T=100, leading starts K=1 at t=0 and K=2 at t=50; trailing starts every K at T-1."""
+    cfg = DDIMConfig(train_timesteps=100, timestep_spacing=spacing)
+    first = {k: int(cfg.timesteps(k)[0]) for k in (1, 2, 5)}
+    want = {
+        "leading": {1: 0, 2: 50, 5: 80},
+        "trailing": {1: 99, 2: 99, 5: 99},
+        "linspace": {1: 0, 2: 99, 5: 99},
+    }[spacing]
+    assert first == want
+
+
+@pytest.mark.parametrize(("train_timesteps", "k"), [(100, 29), (100, 58), (1000, 61), (1000, 1000)])
+def test_trailing_keeps_k_timesteps_where_diffusers_float_arange_makes_one_more(train_timesteps, k):
+    """diffusers' trailing arange yields K+1 values here (the extra one is -1); ours are its first K."""
+    cfg = DDIMConfig(train_timesteps=train_timesteps, timestep_spacing="trailing")
+    sched = reference(cfg)
+    sched.set_timesteps(k)
+    theirs = sched.timesteps.numpy()
+    ours = cfg.timesteps(k)
+    assert len(ours) == k and len(np.unique(ours)) == k
+    assert ours[0] == train_timesteps - 1 and ours.min() >= 0 and np.all(np.diff(ours) < 0)
+    np.testing.assert_array_equal(ours, theirs[:k])
+    if len(theirs) > k:
+        assert theirs[k:].tolist() == [-1]
+
+
 def test_single_step_matches_diffusers_at_every_timestep():
     cfg = DDIMConfig(train_timesteps=50, beta_schedule="scaled_linear", beta_end=0.012, clip_sample=False)
     sched = reference(cfg)
@@ -165,12 +251,32 @@ def test_inpainting_freezes_masked_rows_exactly_and_only_them():
 
 
 @pytest.mark.parametrize(
-    ("steps", "offset", "field"),
-    [(0, 0, "steps"), (101, 0, "steps"), (100, 1, "steps"), (2.5, 0, "steps")],
+    ("steps", "offset", "spacing", "field"),
+    [
+        (0, 0, "leading", "steps"),
+        (101, 0, "leading", "steps"),
+        (100, 1, "leading", "steps"),
+        (2.5, 0, "leading", "steps"),
+        (101, 0, "trailing", "steps"),
+        (0, 0, "linspace", "steps"),
+        (5, 0, "uniform", "timestep_spacing"),
+    ],
 )
-def test_bad_step_counts_are_rejected(steps, offset, field):
+def test_bad_step_counts_are_rejected(steps, offset, spacing, field):
     with pytest.raises(ValueError, match=field):
-        ddim.check_steps(steps, 100, offset)
+        ddim.check_steps(steps, 100, offset, spacing)
+    with pytest.raises(ValueError, match=field):
+        DDIMConfig(steps_offset=offset, timestep_spacing=spacing).timesteps(steps)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_offset_does_not_limit_trailing_or_linspace(spacing):
+    """diffusers adds steps_offset for leading only, so K=T with offset 1 is valid there."""
+    cfg = DDIMConfig(steps_offset=1, timestep_spacing=spacing)
+    sched = reference(cfg)
+    sched.set_timesteps(100)
+    np.testing.assert_array_equal(cfg.timesteps(100), sched.timesteps.numpy())
+    assert cfg.timesteps(100)[0] == 99
 
 
 def test_unknown_schedule_is_rejected():

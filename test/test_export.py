@@ -10,8 +10,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
+from diffusion_controller.core import runtime
 from diffusion_controller.core.card import CardError, ModelCard, sidecar_path
+from diffusion_controller.core.runtime import ModelError, Policy
 from diffusion_controller.training import export as export_mod
 from diffusion_controller.training.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_controller.training.export import DenoiserPolicy, FusedPolicy, export_onnx, main
@@ -73,6 +76,52 @@ def test_fused_graph_matches_torch(tmp_path, steps, eta, options):
         assert np.all(np.abs(got[0, 3:] - inputs["prefix"][0, 3:]) > 0)
 
 
+def diffusers_actions(net, card: ModelCard, spacing: str, obs: np.ndarray, noise: np.ndarray, k: int):
+    """Reference chunk: diffusers' DDIMScheduler loop over the torch network, in robot units."""
+    d = card.diffusion
+    sched = DDIMScheduler(
+        num_train_timesteps=d.train_timesteps,
+        beta_start=d.beta_start,
+        beta_end=d.beta_end,
+        beta_schedule=d.beta_schedule,
+        clip_sample=d.clip_sample,
+        clip_sample_range=d.clip_sample_range,
+        set_alpha_to_one=d.set_alpha_to_one,
+        steps_offset=d.steps_offset,
+        prediction_type=d.prediction_type,
+        timestep_spacing=spacing,
+    )
+    sched.set_timesteps(k)
+    o = torch.from_numpy(((obs - card.obs_mean) / card.obs_std).astype(np.float32))[None]
+    x = torch.from_numpy(noise.astype(np.float32))[None]
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(net(x, t.reshape(1), o), t, x).prev_sample
+    half, center = (card.action_max - card.action_min) / 2, (card.action_max + card.action_min) / 2
+    return x[0].numpy() * half + center, sched.timesteps.tolist()
+
+
+@pytest.mark.parametrize("graph", ["fused", "denoiser"])
+def test_both_graph_forms_follow_the_timestep_spacing(tmp_path, graph):
+    """K=2: leading visits [50, 0], trailing [99, 49]; each export matches diffusers with its spacing."""
+    card = tiny_card(steps=2, horizon=6, history=3)
+    net = tiny_network(card, layers=2, heads=2, width=32, seed=6)
+    rng = np.random.default_rng(5)
+    obs = card.obs_mean + card.obs_std * rng.standard_normal((card.history, card.obs_dim))
+    noise = rng.standard_normal((card.horizon, card.action_dim))
+    got = {}
+    for spacing in ("leading", "trailing"):
+        path = export_onnx(net, card, tmp_path / f"{spacing}.onnx", graph=graph, timestep_spacing=spacing)
+        loaded = ModelCard.from_onnx(path)
+        assert loaded.diffusion.timestep_spacing == spacing
+        assert ModelCard.from_yaml(sidecar_path(path)).to_dict() == loaded.to_dict()
+        got[spacing] = Policy.load(path, log=lambda _m: None).predict(obs, noise=noise)
+        want, timesteps = diffusers_actions(net, card, spacing, obs, noise, 2)
+        assert timesteps == {"leading": [50, 0], "trailing": [99, 49]}[spacing]
+        assert np.max(np.abs(got[spacing] - want)) <= 1e-4, spacing
+    assert np.max(np.abs(got["leading"] - got["trailing"])) > 1e-2
+
+
 def test_int8_fused_graph_stays_close_to_the_float_graph_and_says_so(tmp_path):
     card = tiny_card(steps=3, horizon=6, history=3)
     net = tiny_network(card, layers=2, heads=2, width=64, seed=3)
@@ -85,6 +134,8 @@ def test_int8_fused_graph_stays_close_to_the_float_graph_and_says_so(tmp_path):
     inside, beside = ModelCard.from_onnx(i8), ModelCard.from_yaml(sidecar_path(i8))
     assert inside.to_dict() == beside.to_dict()
     assert inside.network["weights"] == "int8" and ModelCard.from_onnx(f32).network["weights"] == "fp32"
+    assert inside.network["int8_form"] == export_mod.INT8_FORM == "u8u8"  # saturates on no CPU
+    assert "int8_form" not in ModelCard.from_onnx(f32).network
     recorded = inside.network["int8_max_abs_diff"]
     assert 0 < recorded <= export_mod.INT8_MAX_RANGE_FRACTION * np.max(card.action_max - card.action_min)
     span = np.max(card.action_max - card.action_min)
@@ -109,12 +160,71 @@ def test_int8_denoiser_graph_runs_with_k_chosen_at_run_time(tmp_path):
     assert 0 < diff <= 0.05 * np.max(card.action_max - card.action_min)
 
 
-def test_int8_export_that_moves_the_actions_too_far_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("form", ["u8s7", "u8s8"])
+def test_every_int8_form_exports_and_names_itself(tmp_path, form, monkeypatch):
+    monkeypatch.setattr(runtime, "u8s8_problem", lambda: None)  # as on a CPU with VNNI
+    card = tiny_card(steps=2, horizon=6, history=3)
+    net = tiny_network(card, layers=2, heads=2, width=64, seed=3)
+    path = export_onnx(net, card, tmp_path / "q.onnx", graph="fused", weights="int8", int8_form=form)
+    policy = Policy.load(path, log=lambda _m: None)
+    assert policy.card.network["int8_form"] == form
+    assert 0 < policy.card.network["int8_max_abs_diff"] <= 0.1 * np.max(card.action_max - card.action_min)
+    with pytest.raises(ValueError, match="int8_form"):
+        export_onnx(net, card, tmp_path / "x.onnx", weights="int8", int8_form="s4")
+
+
+@pytest.mark.parametrize(
+    ("form", "problem", "why"),
+    [
+        ("u8u8", None, r"this model.s weights do not survive 8-bit rounding"),
+        ("u8s8", "this x86 CPU has no VNNI", r"form u8s8 saturates .*\(this x86 CPU has no VNNI\).*u8u8"),
+        ("u8s8", None, r"form u8s8 saturates in ONNX Runtime.s x86 kernels without VNNI; u8u8 does not"),
+    ],
+)
+def test_int8_export_that_moves_the_actions_too_far_is_refused_with_the_reason(
+    tmp_path, monkeypatch, form, problem, why
+):
     card = tiny_card(steps=2, horizon=6, history=3)
     monkeypatch.setattr(export_mod, "INT8_MAX_RANGE_FRACTION", 0.0)
-    with pytest.raises(RuntimeError, match="int8 weights move the output"):
-        export_onnx(tiny_network(card), card, tmp_path / "i8.onnx", graph="fused", weights="int8")
+    monkeypatch.setattr(export_mod, "u8s8_problem", lambda: problem)
+    with pytest.raises(RuntimeError, match=f"int8 weights move the output .*: not exported, because {why}"):
+        export_onnx(
+            tiny_network(card), card, tmp_path / "i8.onnx", graph="fused", weights="int8", int8_form=form
+        )
     assert not (tmp_path / "i8.onnx").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_u8s8_problem_reads_the_cpu_flags():
+    flags = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma{}\n"
+    assert runtime.u8s8_problem(flags.format(" avx512f avx512_vnni"), "x86_64") is None
+    assert runtime.u8s8_problem(flags.format(" avx_vnni"), "x86_64") is None
+    assert "no VNNI" in runtime.u8s8_problem(flags.format(" avx512f avx512bw"), "x86_64")
+    assert "no VNNI" in runtime.u8s8_problem(flags.format(""), "AMD64")
+    assert runtime.u8s8_problem("", "aarch64") is None  # other kernels, no int16 pair sums
+
+
+def test_loader_refuses_signed_int8_weights_on_a_cpu_without_vnni(tmp_path, monkeypatch):
+    """u8s8, and int8 exports made before the card named the form, saturate there: refused at load."""
+    card = tiny_card(steps=2, horizon=6, history=3)
+    path = export_onnx(tiny_network(card, width=64), card, tmp_path / "q.onnx", weights="int8")
+    f32 = export_onnx(tiny_network(card, width=64), card, tmp_path / "f.onnx")
+    loaded = ModelCard.from_onnx(path)
+    monkeypatch.setattr(runtime, "u8s8_problem", lambda: "this x86 CPU has no VNNI (test)")
+    Policy.load(path, log=lambda _m: None)  # u8u8: fine anywhere
+    Policy.load(f32, log=lambda _m: None)
+    for network, named in (
+        (dict(loaded.network) | {"int8_form": "u8s8"}, "int8_form u8s8, and"),
+        ({k: v for k, v in loaded.network.items() if k != "int8_form"}, "before the card named"),
+    ):
+        old = loaded.replace(network=network)
+        old.to_onnx(path)
+        old.to_yaml(sidecar_path(path))
+        with pytest.raises(ModelError, match="saturate on x86 CPUs without VNNI") as info:
+            Policy.load(path, log=lambda _m: None)
+        assert named in str(info.value) and "no VNNI (test)" in str(info.value)
+        monkeypatch.setattr(runtime, "u8s8_problem", lambda: None)
+        Policy.load(path, log=lambda _m: None)  # with VNNI it loads
+        monkeypatch.setattr(runtime, "u8s8_problem", lambda: "this x86 CPU has no VNNI (test)")
 
 
 def test_denoiser_graph_matches_torch_at_every_timestep(tmp_path):
@@ -203,12 +313,17 @@ def test_checkpoint_round_trip_and_cli(tmp_path, capsys):
     assert main([str(ckpt), str(out), "--graph", "denoiser", "--steps", "5", "--name", "cli_policy"]) == 0
     c = ModelCard.from_onnx(out)
     assert (c.name, c.steps, c.graph.kind) == ("cli_policy", 5, "denoiser")
+    # the checkpoint's card has no spacing (leading); a new export defaults to trailing
+    assert loaded.card.diffusion.timestep_spacing == "leading"
+    assert c.diffusion.timestep_spacing == "trailing" and c.diffusion.timesteps(5)[0] == 99
+    assert main([str(ckpt), str(tmp_path / "l.onnx"), "--timestep-spacing", "leading"]) == 0
+    assert ModelCard.from_onnx(tmp_path / "l.onnx").diffusion.timestep_spacing == "leading"
     assert sidecar_path(out).exists()
     assert main([str(ckpt), str(tmp_path / "f.onnx")]) == 0
     assert ModelCard.from_onnx(tmp_path / "f.onnx").graph.kind == "fused"
     capsys.readouterr()
     assert main([str(ckpt), str(tmp_path / "q.onnx"), "--weights", "int8"]) == 0
-    assert "int8 weights: max output change" in capsys.readouterr().out
+    assert "int8 weights (u8u8): max output change" in capsys.readouterr().out
     assert ModelCard.from_onnx(tmp_path / "q.onnx").network["weights"] == "int8"
 
     capsys.readouterr()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from diffusion_controller.core.ddim import BETA_SCHEDULES, PREDICTION_TYPES, DDIMConfig, check_steps
+from diffusion_controller.core.ddim import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, DDIMConfig
 
 FORMAT = "diffusion_controller/model_card@1"
 METADATA_KEY = "model_card"
@@ -208,6 +208,7 @@ class ModelCard:
                 "clip_sample_range": float(dif.clip_sample_range),
                 "set_alpha_to_one": dif.set_alpha_to_one,
                 "steps_offset": dif.steps_offset,
+                "timestep_spacing": dif.timestep_spacing,
             },
             "sampler": {"kind": self.sampler_kind, "steps": self.steps, "eta": float(self.eta)},
         }
@@ -581,6 +582,7 @@ class _Parser:
             "clip_sample_range",
             "set_alpha_to_one",
             "steps_offset",
+            "timestep_spacing",
         )
         s = self.section(d, "diffusion", "", keys)
         t = self.integer(s, "train_timesteps", p, 1)
@@ -596,7 +598,13 @@ class _Parser:
         offset = self.integer(s, "steps_offset", p, 0, default=0)
         if offset >= t:
             self.err(f"{p}.steps_offset", f"expected < train_timesteps ({t}), got {offset}")
-        return DDIMConfig(t, sched or "linear", b0, b1, pred or "epsilon", clip, clip_range, one, offset)
+        # A card without the field predates it: its model was made (and tuned) with "leading".
+        spacing = self.string(s, "timestep_spacing", p, choices=TIMESTEP_SPACINGS, default="leading")
+        if spacing not in TIMESTEP_SPACINGS:
+            spacing = "leading"
+        return DDIMConfig(
+            t, sched or "linear", b0, b1, pred or "epsilon", clip, clip_range, one, offset, spacing
+        )
 
     def sampler(self, d: dict, dif: DDIMConfig):
         p = "sampler"
@@ -607,7 +615,7 @@ class _Parser:
         if eta < 0:
             self.err(f"{p}.eta", f"expected >= 0, got {eta}")
         try:
-            check_steps(steps, dif.train_timesteps, dif.steps_offset)
+            dif.check_steps(steps)
         except ValueError as e:
             self.err(f"{p}.{e}".split(":")[0], str(e).split(": ", 1)[1])
         return kind, steps, eta

@@ -2,8 +2,11 @@
 
 The exported fused graph (training/ddim_torch.py), the runtime's per-step loop and the tests all take
 their constants from here, so the three cannot drift apart. The math follows diffusers' DDIMScheduler
-("leading" timestep spacing, float32 schedule constants as diffusers computes them) so that a policy
-trained with diffusers' schedulers samples the same way here.
+(float32 schedule constants as diffusers computes them) so that a policy trained with diffusers'
+schedulers samples the same way here. The card's `timestep_spacing` picks which K timesteps are
+visited, as diffusers' option of that name: "leading" (the default, what models without the field were
+made with), "trailing" (starts at T-1: Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+Steps Are Flawed") or "linspace".
 
 Overwrite-inpainting (real-time chunking without gradients): before every denoising step, the masked
 positions of x_t are replaced by the prefix noised to the current level, sqrt(a_t) p + sqrt(1-a_t) n0,
@@ -21,6 +24,8 @@ import numpy as np
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample")
+#: diffusers' DDIMScheduler `timestep_spacing` values; the card takes its choices from here.
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 def make_betas(schedule: str, train_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
@@ -75,15 +80,29 @@ class DDIMConfig:
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
     steps_offset: int = 0
+    timestep_spacing: str = "leading"
 
     def alphas_cumprod(self) -> np.ndarray:
         return make_alphas_cumprod(self.beta_schedule, self.train_timesteps, self.beta_start, self.beta_end)
 
+    def check_steps(self, steps: int) -> None:
+        """Raise ValueError unless K steps stay inside the trained timesteps with this spacing."""
+        check_steps(steps, self.train_timesteps, self.steps_offset, self.timestep_spacing)
+
     def timesteps(self, steps: int) -> np.ndarray:
-        """The K timesteps, highest first: diffusers' "leading" spacing plus steps_offset."""
-        check_steps(steps, self.train_timesteps, self.steps_offset)
-        ratio = self.train_timesteps // steps
-        return (np.arange(steps, dtype=np.int64) * ratio)[::-1].copy() + self.steps_offset
+        """The K timesteps, highest first, as diffusers' DDIMScheduler.set_timesteps makes them.
+
+        steps_offset counts for "leading" only, as in diffusers.
+        """
+        self.check_steps(steps)
+        t, k = self.train_timesteps, int(steps)
+        if self.timestep_spacing == "leading":
+            return (np.arange(k, dtype=np.int64) * (t // k))[::-1].copy() + self.steps_offset
+        if self.timestep_spacing == "trailing":
+            # diffusers' arange over a float step gives K+1 values for some K (T=100: K=29, 31, 58, ...),
+            # the extra one rounding to -1; the first K are diffusers' timesteps.
+            return (np.round(np.arange(t, 0, -t / k))[:k] - 1).astype(np.int64)
+        return np.linspace(0, t - 1, k).round()[::-1].astype(np.int64)
 
     def plan(self, steps: int, eta: float = 0.0) -> tuple[StepCoefficients, ...]:
         """Coefficients of every step of a K-step DDIM run (float64 from the float32 schedule)."""
@@ -91,9 +110,13 @@ class DDIMConfig:
             raise ValueError(f"eta: expected a finite value >= 0, got {eta!r}")
         ac = self.alphas_cumprod().astype(np.float64)
         final = 1.0 if self.set_alpha_to_one else float(ac[0])
+        timesteps = self.timesteps(steps)
+        # diffusers' step() always goes to t - T // K, whatever the spacing: with "trailing" or
+        # "linspace" that need not be the next visited timestep (T=100, K=7 trailing: 85 -> a_71, then
+        # t=70). Reproduced as it is, so a model samples here as it did under diffusers.
         ratio = self.train_timesteps // steps
         out = []
-        for t in self.timesteps(steps):
+        for t in timesteps:
             t = int(t)
             prev = t - ratio
             a_t = float(ac[t])
@@ -114,12 +137,20 @@ class DDIMConfig:
         return tuple(out)
 
 
-def check_steps(steps: int, train_timesteps: int, steps_offset: int = 0) -> None:
-    """Raise ValueError unless K steps with this offset stay inside the trained timesteps."""
+def check_steps(
+    steps: int, train_timesteps: int, steps_offset: int = 0, timestep_spacing: str = "leading"
+) -> None:
+    """Raise ValueError unless K steps with this spacing (and offset) stay inside the trained timesteps."""
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(
+            f"timestep_spacing: expected one of {list(TIMESTEP_SPACINGS)}, got {timestep_spacing!r}"
+        )
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
     if steps > train_timesteps:
         raise ValueError(f"steps: expected <= train_timesteps ({train_timesteps}), got {steps}")
+    if timestep_spacing != "leading":
+        return  # trailing and linspace start at T-1 (linspace K=1: at 0) and ignore steps_offset
     top = (steps - 1) * (train_timesteps // steps) + steps_offset
     if top >= train_timesteps:
         raise ValueError(

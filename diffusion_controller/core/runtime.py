@@ -10,12 +10,16 @@ objects (e.g. the running one and one being loaded for a swap) share nothing.
 Graph forms (see training/export.py): `fused` runs the whole DDIM chain in one session run, with K
 fixed by the card and inpainting in the graph; `denoiser` runs the K-step loop here with core/ddim.py,
 so K can be chosen at load time.
+
+int8 graphs (export --weights int8) say in `network.int8_form` how their weights are stored; a form
+whose ONNX Runtime kernels compute wrong actions on this CPU is refused at load (see u8s8_problem).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +36,57 @@ PROVIDERS = {"tensorrt": TRT, "cuda": CUDA, "cpu": CPU}
 SHORT = {v: k for k, v in PROVIDERS.items()}
 _PROVIDER_LIBS = {TRT: "libonnxruntime_providers_tensorrt.so", CUDA: "libonnxruntime_providers_cuda.so"}
 _ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.int64): "tensor(int64)"}
+#: int8 weight forms (card network.int8_form); activations are uint8, quantized per call, in all three.
+#: u8u8: uint8 weights; u8s7: int8 weights limited to 7 bits (reduce_range): neither saturates on any
+#: CPU. u8s8: full int8 weights, which saturate unless u8s8_problem() is None.
+INT8_FORMS = ("u8u8", "u8s7", "u8s8")
+#: The form of int8 exports made before the card named it.
+INT8_FORM_BEFORE_CARD_FIELD = "u8s8"
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def u8s8_problem(cpuinfo: str | None = None, machine: str | None = None) -> str | None:
+    """Why ONNX Runtime's uint8 x int8 matrix kernels may saturate on this CPU, or None where exact.
+
+    Without VNNI, x86 kernels (SSE4.1, AVX2, AVX-512) add pairs of uint8*int8 products in int16
+    (VPMADDUBSW), which saturates for large weights and moved a DiffuseLoco-size graph's actions by up
+    to half their range on an AVX2-only CPU; VNNI (avx512_vnni, avx_vnni) accumulates in int32, and other
+    architectures have other kernels. `cpuinfo`/`machine` stand in for /proc/cpuinfo and the platform.
+    """
+    if (machine or platform.machine()).lower() not in _X86:
+        return None
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "cannot tell whether this x86 CPU has VNNI (no /proc/cpuinfo)"
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            break
+    if flags & {"avx512_vnni", "avx_vnni"}:
+        return None
+    return "this x86 CPU has no VNNI (neither avx512_vnni nor avx_vnni in /proc/cpuinfo)"
+
+
+def int8_problem(card: ModelCard) -> str | None:
+    """Why this card's int8 graph would compute wrong actions on this CPU, or None."""
+    if card.network.get("weights") != "int8":
+        return None
+    form = card.network.get("int8_form", INT8_FORM_BEFORE_CARD_FIELD)
+    if form != "u8s8":
+        return None
+    why = u8s8_problem()
+    if why is None:
+        return None
+    named = "" if "int8_form" in card.network else " (exported before the card named its int8 form)"
+    return (
+        f"its int8 weights are signed 8-bit, network.int8_form u8s8{named}, and ONNX Runtime's kernels "
+        f"for them saturate on x86 CPUs without VNNI: {why}; its actions could be far from the float "
+        "model's. Re-export with `export_policy --weights int8` (form u8u8, which saturates nowhere) or use "
+        "the float model"
+    )
 
 
 class ModelError(RuntimeError):
@@ -190,6 +245,9 @@ class Policy:
         card = _read_card(path, model, log)
         if card.graph is None:
             raise ModelError(f"model {path}: its card has no graph section")
+        problem = int8_problem(card)
+        if problem is not None:
+            raise ModelError(f"model {path}: {problem}")
         fused = card.graph.kind == "fused"
         if steps is None:
             steps = card.steps
@@ -199,7 +257,7 @@ class Policy:
                 f"at run time (requested {steps})"
             )
         try:
-            ddim.check_steps(steps, card.diffusion.train_timesteps, card.diffusion.steps_offset)
+            card.diffusion.check_steps(steps)
         except ValueError as e:
             raise ModelError(str(e)) from e
 

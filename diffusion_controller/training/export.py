@@ -15,19 +15,36 @@ Two graph forms (tensor names and shapes as in docs/DESIGN.md):
 - denoiser: one network evaluation (`obs_history`, normalized `sample`, int64 `timestep`) ->
   `model_output`, so that the runtime can choose K.
 
+Both forms follow the card's `diffusion.timestep_spacing` (which K timesteps DDIM visits; the fused
+graph bakes that plan's coefficients, the runtime's loop reads the card). A checkpoint's card keeps what
+training wrote (no field: "leading"); the export decides: `export_policy --timestep-spacing` defaults to
+"trailing", which starts at t = T-1, the noise level the sample really has. With "leading" and T=100,
+K=1 starts at t=0 and K=2 at t=50 (Lin et al. 2024), which is why few steps looked hopeless.
+`export_onnx(timestep_spacing=None)` keeps the card's.
+
 Every export is checked with onnx.checker and compared with the torch module on random inputs (max abs
 difference must be <= 1e-4) before the files are written in place.
 
-`weights="int8"` then quantizes the checked graph's matrix weights to int8 (ONNX Runtime dynamic
-quantization, per output channel; activations stay float and are quantized per call): 2-2.4x faster per
-chunk than the float graph on a CPU with VNNI for DiffuseLoco-size models (bench/inference.py). It
-changes the numerics, so the card's network section records it and the largest output difference from
-the float model (which the float graph matches within 1e-4) on the check inputs.
+`weights="int8"` then quantizes the checked graph's matrix weights (ONNX Runtime dynamic quantization,
+per output channel; activations are quantized to uint8 per call). The model may run on another CPU than
+the one exporting it, so the default form is one whose kernels cannot saturate on any CPU: `int8_form`
+u8u8 (uint8 weights). u8s7 (int8 weights limited to 7 bits, ORT's reduce_range) cannot saturate either
+and is as fast as u8s8 but with coarser weights. u8s8 (full int8 weights, what exports made before the
+card named the form) saturates in ORT's x86 kernels without VNNI: on an emulated AVX2-only CPU (qemu -cpu
+Haswell) the bench's DiffuseLoco-size fused graph moved by 0.35 / 0.79 / 1.02 at K=2 / 5 / 10 (range 2;
+0.03 / 0.07 / 0.14 with VNNI), the shipped model by 0.21 rad (0.014 with VNNI); the loader refuses u8s8
+on such a CPU. u8u8 moved them by 0.027 / 0.061 / 0.132 and 0.0074 rad on both CPUs, u8s7 by 0.043 /
+0.125 / 0.221 and 0.023. Speed on this project's 2-core AMD EPYC VM with AVX-512 VNNI (one thread, p50):
+DiffuseLoco-size K=5 fp32 16.3 ms, u8s8 7.7, u8s7 7.6, u8u8 10.9 ms; the shipped 3x96 model K=5 2.71 /
+2.05 / 1.93 / 2.12 ms. The card's network section records the form and the largest output difference from
+the float model (which the float graph matches within 1e-4) on the check inputs; an int8 graph that moves
+the output by more than 10% of its range is refused with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import math
 import os
@@ -42,7 +59,8 @@ import torch
 from torch import nn
 
 from diffusion_controller.core.card import GRAPH_INPUTS, GRAPH_OUTPUTS, GraphSpec, ModelCard, sidecar_path
-from diffusion_controller.core.ddim import check_steps
+from diffusion_controller.core.ddim import TIMESTEP_SPACINGS
+from diffusion_controller.core.runtime import INT8_FORMS, u8s8_problem
 from diffusion_controller.training import ddim_torch
 from diffusion_controller.training.checkpoint import check_card_fits, load_checkpoint
 from diffusion_controller.training.network import DiffusionTransformer
@@ -50,6 +68,10 @@ from diffusion_controller.training.network import DiffusionTransformer
 OPSET = 17
 PARITY_TOL = 1e-4
 WEIGHTS = ("fp32", "int8")
+#: Default int8 form: no saturation on any CPU (runtime.INT8_FORMS says what each form is).
+INT8_FORM = "u8u8"
+#: What a new export's timesteps are unless asked otherwise (export_policy --timestep-spacing).
+TIMESTEP_SPACING = "trailing"
 #: An int8 graph whose actions move more than this fraction of the action range from the float graph's
 #: is refused: the quantization broke the model rather than rounding it.
 INT8_MAX_RANGE_FRACTION = 0.1
@@ -164,18 +186,31 @@ def export_onnx(
     opset: int = OPSET,
     verify: bool = True,
     weights: str = "fp32",
+    int8_form: str = INT8_FORM,
+    timestep_spacing: str | None = None,
 ) -> Path:
-    """Export `network` with `card` (graph section ignored) to out_path (.onnx) and its .yaml card."""
+    """Export `network` with `card` (graph section ignored) to out_path (.onnx) and its .yaml card.
+
+    timestep_spacing: the card's diffusion.timestep_spacing for this export (None keeps the card's).
+    """
     import onnx
 
     if graph not in GRAPH_INPUTS:
         raise ValueError(f"graph: expected one of {list(GRAPH_INPUTS)}, got {graph!r}")
     if weights not in WEIGHTS:
         raise ValueError(f"weights: expected one of {list(WEIGHTS)}, got {weights!r}")
+    if int8_form not in INT8_FORMS:
+        raise ValueError(f"int8_form: expected one of {list(INT8_FORMS)}, got {int8_form!r}")
+    if timestep_spacing is not None:
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(
+                f"timestep_spacing: expected one of {list(TIMESTEP_SPACINGS)}, got {timestep_spacing!r}"
+            )
+        card = card.replace(diffusion=dataclasses.replace(card.diffusion, timestep_spacing=timestep_spacing))
     check_card_fits(card, network.cfg)
     steps = card.steps if steps is None else int(steps)
     eta = card.eta if eta is None else float(eta)
-    check_steps(steps, card.diffusion.train_timesteps, card.diffusion.steps_offset)
+    card.diffusion.check_steps(steps)
     if not (eta >= 0 and math.isfinite(eta)):
         raise ValueError(f"eta: expected a finite value >= 0, got {eta}")
     in_names, out_names = GRAPH_INPUTS[graph], GRAPH_OUTPUTS[graph]
@@ -212,7 +247,8 @@ def export_onnx(
         expected = module(*args).numpy()
     model = _inline_weight_identities(onnx.load_from_string(buf.getvalue()))
     model.producer_name = "diffusion_controller.export"
-    model.doc_string = f"{card.name} {card.version}: {graph} graph, DDIM K={steps}, eta={eta}"
+    spacing = card.diffusion.timestep_spacing
+    model.doc_string = f"{card.name} {card.version}: {graph} graph, DDIM K={steps} ({spacing}), eta={eta}"
     onnx.checker.check_model(model, full_check=True)
     data = model.SerializeToString()
 
@@ -229,7 +265,7 @@ def export_onnx(
             if not diff <= PARITY_TOL:
                 raise RuntimeError(f"ONNX Runtime output differs from torch by {diff:.3g} (> {PARITY_TOL})")
         if weights == "int8":
-            card = _quantize_int8(tmp_path, card, inputs, in_names, expected, graph)
+            card = _quantize_int8(tmp_path, card, inputs, in_names, expected, graph, int8_form)
         tmp_path.replace(out_path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -271,24 +307,43 @@ def _ort_parity(path: Path, inputs: dict[str, np.ndarray], names, expected: np.n
 
 
 def _quantize_int8(
-    path: Path, card: ModelCard, inputs: dict[str, np.ndarray], names, expected: np.ndarray, graph: str
+    path: Path,
+    card: ModelCard,
+    inputs: dict[str, np.ndarray],
+    names,
+    expected: np.ndarray,
+    graph: str,
+    form: str = INT8_FORM,
 ) -> ModelCard:
     """Replace the checked float graph at `path` by its int8-weight version; returns the card it carries
-    (network.int8_max_abs_diff: largest output difference from the float model on the check inputs)."""
+    (network.int8_form, and int8_max_abs_diff: largest output difference from the float model on the
+    check inputs)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    options = {
+        "u8u8": {"weight_type": QuantType.QUInt8},
+        "u8s7": {"weight_type": QuantType.QInt8, "reduce_range": True},
+        "u8s8": {"weight_type": QuantType.QInt8},
+    }[form]
     q_path = path.with_name(path.stem + "_int8.onnx")
     try:
-        quantize_dynamic(path, q_path, weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(path, q_path, per_channel=True, **options)
         diff = _ort_parity(q_path, inputs, names, expected)
         # Fused graphs output robot units; a denoiser outputs the normalized model prediction (~N(0, 1)).
         span = float(np.max(card.action_max - card.action_min)) if graph == "fused" else 2.0
         if not diff <= INT8_MAX_RANGE_FRACTION * span:
+            if form == "u8s8":  # (flags from /proc/cpuinfo: under an emulator they are the host's)
+                problem = u8s8_problem()
+                here = f" ({problem})" if problem else ""
+                why = f"form u8s8 saturates in ONNX Runtime's x86 kernels without VNNI{here}; u8u8 does not"
+            else:
+                why = f"this model's weights do not survive 8-bit rounding (form {form}); keep fp32 weights"
             raise RuntimeError(
                 f"int8 weights move the output by {diff:.3g} (> {INT8_MAX_RANGE_FRACTION:.0%} of its range "
-                f"{span:.3g}): not exported"
+                f"{span:.3g}): not exported, because {why}"
             )
-        card = card.replace(network=dict(card.network) | {"int8_max_abs_diff": round(diff, 6)})
+        info = dict(card.network) | {"int8_form": form, "int8_max_abs_diff": round(diff, 6)}
+        card = card.replace(network=info)
         card.to_onnx(q_path)
         q_path.replace(path)
     finally:
@@ -308,8 +363,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=OPSET)
     p.add_argument("--no-verify", action="store_true", help="skip the torch vs ONNX Runtime parity check")
     p.add_argument(
-        "--weights", choices=WEIGHTS, default="fp32",
-        help="int8: per-channel int8 matrix weights (faster on CPU; changes numerics, recorded in the card)",
+        "--timestep-spacing",
+        choices=TIMESTEP_SPACINGS,
+        default=TIMESTEP_SPACING,
+        help="which K timesteps DDIM visits, as diffusers' option (default trailing: starts at t=T-1, the "
+        "noise level the sample has; a checkpoint's card means leading, which with T=100 starts K=1 at t=0 "
+        "and K=2 at t=50); written to the card's diffusion.timestep_spacing",
+    )
+    p.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="fp32",
+        help="int8: per-channel 8-bit matrix weights (faster on CPU; changes numerics, recorded in the card)",
+    )
+    p.add_argument(
+        "--int8-form", choices=INT8_FORMS, default=INT8_FORM,
+        help="with --weights int8: u8u8 (uint8 weights, saturates on no CPU; default), u8s7 (7-bit int8 "
+        "weights, saturates nowhere, coarser), u8s8 (int8 weights: saturates on x86 CPUs without VNNI, "
+        "where the loader refuses it)",
     )  # fmt: skip
     a = p.parse_args(argv)
     if a.out.suffix != ".onnx":
@@ -330,15 +401,18 @@ def main(argv: list[str] | None = None) -> int:
             opset=a.opset,
             verify=not a.no_verify,
             weights=a.weights,
+            int8_form=a.int8_form,
+            timestep_spacing=a.timestep_spacing,
         )
     except (ValueError, RuntimeError) as e:
         print(f"export_policy: error: {e}", file=sys.stderr)
         return 1
     note = ""
     if a.weights == "int8":
-        diff = ModelCard.from_onnx(out).network.get("int8_max_abs_diff")
-        note = f", int8 weights: max output change {diff} on the check inputs"
-    print(f"wrote {out} and {sidecar_path(out)} ({a.graph} graph{note})")
+        net = ModelCard.from_onnx(out).network
+        form, diff = net.get("int8_form"), net.get("int8_max_abs_diff")
+        note = f", int8 weights ({form}): max output change {diff} on the check inputs"
+    print(f"wrote {out} and {sidecar_path(out)} ({a.graph} graph, {a.timestep_spacing} timesteps{note})")
     return 0
 
 

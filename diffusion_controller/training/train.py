@@ -97,6 +97,25 @@ def normalization(obs: np.ndarray, action: np.ndarray) -> dict:
     }
 
 
+def diffusion_section(cfg: TrainConfig) -> dict:
+    """The card's diffusion section; training's noise schedule is built from the same dict.
+
+    No timestep_spacing: training does not sample, so the checkpoint's card means "leading" and the
+    export decides (export_policy --timestep-spacing, default trailing).
+    """
+    return {
+        "train_timesteps": cfg.train_timesteps,
+        "beta_schedule": "squaredcos_cap_v2",
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "prediction_type": "epsilon",
+        "clip_sample": True,
+        "clip_sample_range": 1.0,
+        "set_alpha_to_one": True,
+        "steps_offset": 0,
+    }
+
+
 def card_dict(data: dict, cfg: TrainConfig, norm: dict, net: DiffusionTransformer, extra: dict) -> dict:
     """The model card without its graph section; export adds the graph."""
     joints = [str(j) for j in data["action_joints"]]
@@ -120,17 +139,7 @@ def card_dict(data: dict, cfg: TrainConfig, norm: dict, net: DiffusionTransforme
             "first_offset": cfg.first_offset,
         },
         "normalization": norm,
-        "diffusion": {
-            "train_timesteps": cfg.train_timesteps,
-            "beta_schedule": "squaredcos_cap_v2",
-            "beta_start": 0.0001,
-            "beta_end": 0.02,
-            "prediction_type": "epsilon",
-            "clip_sample": True,
-            "clip_sample_range": 1.0,
-            "set_alpha_to_one": True,
-            "steps_offset": 0,
-        },
+        "diffusion": diffusion_section(cfg),
         "sampler": {"kind": "ddim", "steps": cfg.sampler_steps, "eta": 0.0},
         "network": {**net.cfg.to_dict(), "parameters": net.parameter_count()},
         "training": extra,
@@ -211,13 +220,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     net_cfg = NetworkConfig(
         obs_dim=obs.shape[1], action_dim=action.shape[1], horizon=cfg.horizon, history=cfg.history,
         command_slice=command_slice(layout), layers=cfg.layers, heads=cfg.heads, width=cfg.width,
-    )
+    )  # fmt: skip
     net = DiffusionTransformer(net_cfg).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     abar = torch.tensor(
-        DDIMConfig(train_timesteps=cfg.train_timesteps, beta_schedule="squaredcos_cap_v2").alphas_cumprod(),
-        dtype=torch.float32, device=device,
+        DDIMConfig(**diffusion_section(cfg)).alphas_cumprod(), dtype=torch.float32, device=device
     )
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     step, history = 0, []
@@ -264,7 +272,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
                 "step": step, "history": history,
             },
             state_path.with_suffix(".tmp"),
-        )
+        )  # fmt: skip
         state_path.with_suffix(".tmp").replace(state_path)
 
     train_rows_t = torch.from_numpy(train_rows).to(device)
