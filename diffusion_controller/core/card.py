@@ -9,11 +9,12 @@ core needs neither the `onnx` package nor an inference session to look at a card
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import yaml
@@ -22,6 +23,8 @@ from diffusion_controller.core.ddim import BETA_SCHEDULES, PREDICTION_TYPES, TIM
 
 FORMAT = "diffusion_controller/model_card@1"
 METADATA_KEY = "model_card"
+#: libyaml's safe loader where PyYAML has it (4x faster: the card is parsed on a running node's swaps).
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 #: Feature kinds and their fixed size (None: size given by `joints` or free for `generic`).
 FEATURE_SIZES: dict[str, int | None] = {
@@ -136,7 +139,7 @@ class ModelCard:
     @classmethod
     def from_yaml_text(cls, text: str, *, require_graph: bool = True, source: str | None = None) -> ModelCard:
         try:
-            d = yaml.safe_load(text)
+            d = yaml.load(text, Loader=_YAML_LOADER)
         except yaml.YAMLError as e:
             raise CardError(f"not valid YAML ({e})", source) from e
         return cls.from_dict(d, require_graph=require_graph, source=source)
@@ -155,7 +158,7 @@ class ModelCard:
         """The card in the model's metadata_props (key `model_card`)."""
         path = Path(path)
         try:
-            props = read_onnx_metadata(path.read_bytes())
+            props = read_onnx_metadata(path)
         except (OSError, ValueError) as e:
             raise CardError(f"cannot read ONNX metadata of {path}: {e}", str(path)) from e
         if METADATA_KEY not in props:
@@ -700,16 +703,65 @@ def _entry(buf: bytes) -> tuple[str, str]:
     return kv[1], kv[2]
 
 
-def read_onnx_metadata(model: bytes) -> dict[str, str]:
-    """metadata_props of a serialized ONNX ModelProto; ValueError on a truncated or non-ONNX buffer."""
+def _read_varint(f: BinaryIO) -> int | None:
+    """A varint from a file; None at a clean end of file."""
+    shift = result = 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            if shift:
+                raise ValueError("truncated protobuf (varint runs past the end)")
+            return None
+        result |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed protobuf varint")
+
+
+def read_onnx_metadata(model: bytes | str | Path | BinaryIO) -> dict[str, str]:
+    """metadata_props of a serialized ONNX ModelProto (bytes, a path, or a seekable binary file);
+    ValueError on a truncated or non-ONNX model.
+
+    Reads the top-level field headers and seeks past everything else, so a 30 MB model costs a few
+    small reads: copying it into a bytes object held the GIL for ~7 ms, which a model swap on a running
+    node must not do to its control loop.
+    """
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return read_onnx_metadata(io.BytesIO(model))
+    if isinstance(model, (str, Path)):
+        with open(model, "rb") as f:
+            return read_onnx_metadata(f)
+    f = model
+    size = f.seek(0, io.SEEK_END)
+    f.seek(0)
     props: dict[str, str] = {}
     seen_graph = False
-    for num, wt, _, _, vs, ve in _fields(model):
+    while (key := _read_varint(f)) is not None:
+        num, wt = key >> 3, key & 7
+        if num == 0:
+            raise ValueError("not an ONNX model (protobuf field number 0)")
+        if wt == 0:
+            if _read_varint(f) is None:
+                raise ValueError("truncated protobuf (varint runs past the end)")
+            continue
+        if wt in (1, 5):
+            length = 8 if wt == 1 else 4
+        elif wt == 2:
+            length = _read_varint(f)
+            if length is None:
+                raise ValueError("truncated protobuf (varint runs past the end)")
+        else:
+            raise ValueError(f"not an ONNX model (unsupported protobuf wire type {wt})")
+        if f.tell() + length > size:
+            raise ValueError("truncated file (a protobuf field runs past the end)")
         if num == _METADATA_FIELD and wt == 2:
-            k, v = _entry(model[vs:ve])
+            k, v = _entry(f.read(length))
             props[k] = v
-        elif num == 7 and wt == 2:
-            seen_graph = True
+            continue
+        seen_graph = seen_graph or (num == 7 and wt == 2)
+        f.seek(length, io.SEEK_CUR)
     if not seen_graph:
         raise ValueError("not an ONNX model (no graph)")
     return props

@@ -186,10 +186,12 @@ def _make_session(path: Path, provider: str, threads: int, log) -> tuple[ort.Inf
     raise AssertionError("unreachable")
 
 
-def _read_card(path: Path, model: bytes, log) -> ModelCard:
+def _read_card(path: Path, log) -> ModelCard:
     """Card from metadata_props, else from the .yaml beside; both present and different is an error."""
     try:
-        props = read_onnx_metadata(model)
+        props = read_onnx_metadata(path)
+    except OSError as e:
+        raise ModelError(f"model {path}: cannot read it ({e.strerror or e})") from e
     except ValueError as e:
         raise ModelError(f"model {path} is not a valid ONNX file: {e}") from e
     side = sidecar_path(path)
@@ -238,11 +240,7 @@ class Policy:
         path = Path(path)
         if not isinstance(threads, int) or threads < 1:
             raise ModelError(f"threads: expected an integer >= 1, got {threads!r}")
-        try:
-            model = path.read_bytes()
-        except OSError as e:
-            raise ModelError(f"model {path}: cannot read it ({e.strerror or e})") from e
-        card = _read_card(path, model, log)
+        card = _read_card(path, log)
         if card.graph is None:
             raise ModelError(f"model {path}: its card has no graph section")
         problem = int8_problem(card)
