@@ -1,0 +1,53 @@
+"""bench/control_loop.py's arithmetic without ROS: tick analysis, CPU ratio and cost per input message."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import control_loop as cl
+
+
+def rows(ticks, action_times=None, period=0.02):
+    """Timing rows RUNNING at `ticks`, each executing the action at `action_times` (default: on time)."""
+    ticks = np.asarray(ticks, float)
+    act = ticks if action_times is None else np.asarray(action_times, float)
+    out = np.zeros((len(ticks), 8))
+    out[:, cl.TICK], out[:, cl.EXEC], out[:, cl.ACTION] = ticks, ticks, act
+    out[:, cl.OBS] = ticks - 0.03
+    out[:, cl.STATE] = cl.RUNNING
+    return out
+
+
+def test_a_skipped_tick_is_missed_and_counts_as_jitter():
+    t = np.r_[np.arange(10) * 0.02, 0.22 + np.arange(10) * 0.02]  # one tick (0.20) never happened
+    a = cl.analyse(rows(t), 0.02, [])
+    assert a["missed_ticks"] == 1
+    assert a["jitter_ms_max"] == pytest.approx(20.0)
+    assert a["stale_actions_published"] == 0
+
+
+def test_a_50_hz_model_held_for_two_100_hz_ticks_is_not_stale_but_an_older_action_is():
+    t = np.arange(20) * 0.01
+    held = np.floor(t / 0.02) * 0.02  # each 20 ms action runs for two 10 ms ticks
+    assert cl.analyse(rows(t, held), 0.01, [], action_period=0.02)["stale_actions_published"] == 0
+    assert cl.analyse(rows(t, held), 0.01, [])["stale_actions_published"] == 10
+    late = held - 0.02  # one model period behind
+    assert cl.analyse(rows(t, late), 0.01, [], action_period=0.02)["stale_actions_published"] == 20
+
+
+def test_cpu_ratio_and_cost_per_message_compare_the_lowest_and_highest_scale_of_a_rate():
+    table = [
+        {"rate_hz": 50.0, "sensor_scale": 1.0, "node_cpu_percent": 40.0, "input_msgs_per_s": 750.0},
+        {"rate_hz": 50.0, "sensor_scale": 4.0, "node_cpu_percent": 46.0, "input_msgs_per_s": 3000.0},
+        {"rate_hz": 100.0, "sensor_scale": 1.0, "node_cpu_percent": 60.0, "input_msgs_per_s": 750.0},
+    ]
+    assert cl.cpu_ratio(table, 50.0, [1.0, 4.0]) == pytest.approx(46.0 / 40.0)
+    assert cl.us_per_message(table, 50.0, [1.0, 4.0]) == pytest.approx(1e6 * 0.06 / 2250.0)
+    assert math.isnan(cl.cpu_ratio(table, 100.0, [1.0, 4.0]))  # no 4x row at 100 Hz
