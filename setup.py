@@ -32,6 +32,7 @@ setup(
             "export_policy = diffusion_controller.training.export:main",
             "generate_dataset = diffusion_controller.sim.dataset:main",
             "train_policy = diffusion_controller.training.train:main",
+            "distill_policy = diffusion_controller.training.distill:main",
         ],
     },
 )

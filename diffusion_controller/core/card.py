@@ -40,7 +40,10 @@ FEATURE_SIZES: dict[str, int | None] = {
 }
 JOINT_FEATURE_KINDS = ("joint_position", "joint_velocity")
 ACTION_KINDS = ("position",)
-SAMPLER_KINDS = ("ddim",)
+#: ddim: K-step DDIM over a noise-predicting (or sample-predicting) network. distilled: a network trained
+#: to map the initial noise to the chunk in one pass (training/distill.py), run as one DDIM step with sample
+#: prediction at t = T-1 (which returns the clipped network output), so every graph form runs it as it is.
+SAMPLER_KINDS = ("ddim", "distilled")
 GRAPH_KINDS = ("fused", "denoiser")
 #: Logical tensor roles of each graph form; the card maps them to the graph's tensor names.
 GRAPH_INPUTS = {
@@ -106,6 +109,8 @@ class ModelCard:
     steps: int
     eta: float
     graph: GraphSpec | None = None
+    #: Whether an inpainting prefix steers the rest of the chunk (blend: inpaint needs it).
+    sampler_inpainting: bool = True
     network: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -213,7 +218,12 @@ class ModelCard:
                 "steps_offset": dif.steps_offset,
                 "timestep_spacing": dif.timestep_spacing,
             },
-            "sampler": {"kind": self.sampler_kind, "steps": self.steps, "eta": float(self.eta)},
+            "sampler": {
+                "kind": self.sampler_kind,
+                "steps": self.steps,
+                "eta": float(self.eta),
+                "inpainting": self.sampler_inpainting,
+            },
         }
         if self.graph is not None:
             d["graph"] = {
@@ -425,7 +435,7 @@ class _Parser:
         obs_dim = sum(f.size for f in features) if features is not None else None
         obs_mean, obs_std, act_min, act_max = self.normalization(d, obs_dim, n_act)
         diffusion = self.diffusion(d)
-        s_kind, steps, eta = self.sampler(d, diffusion)
+        s_kind, steps, eta, inpainting = self.sampler(d, diffusion)
         graph = self.graph(d, require_graph)
         network = self.free(d, "network")
         training = self.free(d, "training")
@@ -454,6 +464,7 @@ class _Parser:
             steps=steps,
             eta=eta,
             graph=graph,
+            sampler_inpainting=inpainting,
             network=network,
             training=training,
         )
@@ -611,17 +622,29 @@ class _Parser:
 
     def sampler(self, d: dict, dif: DDIMConfig):
         p = "sampler"
-        s = self.section(d, "sampler", "", ("kind", "steps", "eta"))
+        s = self.section(d, "sampler", "", ("kind", "steps", "eta", "inpainting"))
         kind = self.string(s, "kind", p, choices=SAMPLER_KINDS)
         steps = self.integer(s, "steps", p, 1)
         eta = self.number(s, "eta", p, default=0.0)
         if eta < 0:
             self.err(f"{p}.eta", f"expected >= 0, got {eta}")
+        # A distilled one-step sampler never saw a prefix in training: by default it cannot be steered.
+        inpainting = self.boolean(s, "inpainting", p, default=kind != "distilled")
+        if kind == "distilled":
+            if steps != 1:
+                self.err(f"{p}.steps", f"a distilled sampler runs in exactly 1 step, got {steps}")
+            if dif.prediction_type != "sample":
+                self.err(
+                    "diffusion.prediction_type",
+                    f"a distilled sampler predicts the sample, got {dif.prediction_type!r}",
+                )
+            if eta != 0:
+                self.err(f"{p}.eta", f"a distilled sampler is deterministic (eta 0), got {eta}")
         try:
             dif.check_steps(steps)
         except ValueError as e:
             self.err(f"{p}.{e}".split(":")[0], str(e).split(": ", 1)[1])
-        return kind, steps, eta
+        return kind, steps, eta, inpainting
 
     def graph(self, d: dict, required: bool) -> GraphSpec | None:
         if "graph" not in d:

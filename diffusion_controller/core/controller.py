@@ -135,7 +135,11 @@ class ControlConfig:
             raise ConfigError("obs_timeouts_s", f"unknown features {unknown}; required ones are {required}")
         inpainting = getattr(policy, "supports_inpainting", False)
         if self.blend == "inpaint" and policy is not None and not inpainting:
-            raise ConfigError("blend", "'inpaint' needs a policy whose graph takes prefix/prefix_mask")
+            kind = getattr(card, "sampler_kind", "?")
+            raise ConfigError(
+                "blend", f"'inpaint' needs a sampler a prefix can steer; this model's {kind} sampler cannot "
+                "(card sampler.inpainting false): use none, crossfade or ensemble"
+            )
 
 
 def layout_of(card: Any) -> tuple:

@@ -247,6 +247,11 @@ class Policy:
         if problem is not None:
             raise ModelError(f"model {path}: {problem}")
         fused = card.graph.kind == "fused"
+        if steps is not None and card.sampler_kind != "ddim" and steps != card.steps:
+            raise ModelError(
+                f"steps: a {card.sampler_kind} sampler runs in exactly {card.steps} step(s), "
+                f"requested {steps}"
+            )
         if steps is None:
             steps = card.steps
         elif fused and steps != card.steps:
@@ -265,7 +270,7 @@ class Policy:
         self.session, self.cuda_graph = sess, cuda_graph
         self.providers = sess.get_providers()
         self.provider = SHORT[self.providers[0]]
-        self.supports_inpainting = True
+        self.supports_inpainting = card.sampler_inpainting
         self.graph_kind = card.graph.kind
         self._lock = threading.Lock()
         self._rng = np.random.default_rng()

@@ -482,6 +482,11 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
         errors.append(f"execute_steps: {cfg.execute_steps} exceeds the card's horizon {card.horizon}")
     if cfg.crossfade_steps > card.horizon:
         errors.append(f"crossfade_steps: {cfg.crossfade_steps} exceeds the card's horizon {card.horizon}")
+    if cfg.blend == "inpaint" and not card.sampler_inpainting:
+        errors.append(
+            f"blend: 'inpaint' needs a sampler a prefix can steer; the card's {card.sampler_kind} sampler "
+            "cannot (sampler.inpainting false): use none, crossfade or ensemble"
+        )
     period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else float(card.control_period_s)
     if errors:
         raise ConfigError(f"configuration does not fit model '{card.name}':\n  " + "\n  ".join(errors))
