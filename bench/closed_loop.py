@@ -10,7 +10,9 @@ runs the same sequences, with the same delay and sensor noise, in-process in the
     python bench/closed_loop.py --demo          # one short episode (what `scripts/demo` runs)
     python bench/closed_loop.py --quick         # a few short episodes, < 3 minutes
     python bench/closed_loop.py                 # 20 episodes of 20 s, 40 ms observation delay
-    python bench/closed_loop.py --sweep         # K, delay x compensation, blending
+    python bench/closed_loop.py --sweep         # K x timestep spacing, delay x compensation, blending
+    python bench/closed_loop.py --sweep k       # one of them (k, delay, blend)
+    python bench/closed_loop.py --model PATH    # any exported fused model (e.g. a distilled one)
     add --json for one JSON object on the last line
 """
 
@@ -34,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from diffusion_controller.core.ddim import TIMESTEP_SPACINGS  # noqa: E402
 from diffusion_controller.core.features import projected_gravity  # noqa: E402
 from diffusion_controller.core.scheduler import BLEND_MODES  # noqa: E402
 from diffusion_controller.ros.config import load_params_file  # noqa: E402
@@ -46,6 +49,7 @@ DENOISER = ROOT / "models" / "ant_locomotion_denoiser.onnx"
 CONFIG = ROOT / "config" / "ant.yaml"
 CONFIG_BLEND = str(load_params_file(str(CONFIG)).get("blend", "none"))  # what users of the config run
 PERIOD = 0.02
+SWEEPS = ("k", "delay", "blend")
 FALL_HEIGHT, FALL_GRAVITY_Z = 0.22, -0.5  # the sim's own fall criterion (sim/ant.py AntConfig)
 # Sensor noise of the training data (sim/dataset.py), so the policy sees what it was trained on.
 NOISE = {
@@ -127,15 +131,39 @@ def run_expert(episodes: int, seconds: float, obs_delay: float, seed: int) -> di
 class Setting:
     """One closed-loop configuration (a row of a sweep)."""
 
-    steps: int = 0  # 0 = the shipped fused model's K; else the denoiser model with this K
+    steps: int = 0  # 0 = the fused model's own K; else the denoiser model with this K
     obs_delay_s: float = 0.04
     compensate_delay: bool = True
     blend: str = CONFIG_BLEND
+    spacing: str = ""  # denoiser rows: DDIM timestep spacing ("" = the denoiser card's)
 
     def label(self) -> str:
         k = self.steps or "card"
         comp = "on" if self.compensate_delay else "off"
-        return f"K={k} delay={self.obs_delay_s * 1000:.0f}ms comp={comp} blend={self.blend}"
+        spacing = f" {self.spacing}" if self.spacing else ""
+        return f"K={k}{spacing} delay={self.obs_delay_s * 1000:.0f}ms comp={comp} blend={self.blend}"
+
+
+def respaced(denoiser: Path, spacing: str, directory: Path) -> Path:
+    """A copy of a denoiser model whose card samples with `spacing` (the network is the same)."""
+    import shutil
+
+    from diffusion_controller.core.card import ModelCard, sidecar_path
+
+    card = ModelCard.from_onnx(denoiser)
+    if not spacing or card.diffusion.timestep_spacing == spacing:
+        return denoiser
+    out = directory / f"{denoiser.stem}_{spacing}.onnx"
+    shutil.copyfile(denoiser, out)
+    card = card.replace(diffusion=dataclasses.replace(card.diffusion, timestep_spacing=spacing))
+    card.to_onnx(out)
+    card.to_yaml(sidecar_path(out))
+    return out
+
+
+def model_of(setting: Setting, model: Path, denoiser: Path, directory: Path) -> Path:
+    """The .onnx a setting runs: the fused model, or the denoiser (respaced if asked) for a K row."""
+    return model if setting.steps == 0 else respaced(denoiser, setting.spacing, directory)
 
 
 class Processes:
@@ -153,7 +181,7 @@ class Processes:
         self.env = dict(os.environ)
         self.procs: list[tuple[str, subprocess.Popen]] = []
         py = sys.executable
-        model = model if setting.steps == 0 else denoiser
+        model = model_of(setting, model, denoiser, log_dir)
         sim_args = [
             "-p",
             "real_time_factor:=1.0",
@@ -404,11 +432,19 @@ def run_setting(
         rclpy.shutdown()
         codes = procs.stop()
     merged = merge_errors([r["errors"] for r in results])
+    from diffusion_controller.core.card import ModelCard
+
+    card = ModelCard.from_onnx(model_of(setting, model, denoiser, log_dir))
     if results:
         setting_plot = log_dir / f"velocity_{len(list(log_dir.glob('velocity_*.png')))}.png"
         plot(setting_plot, results[0]["trace"], f"policy, {setting.label()}, episode 1")
     return {
         **dataclasses.asdict(setting),
+        "setting": setting.label(),
+        "steps": setting.steps or card.steps,  # the K that ran
+        "spacing": card.diffusion.timestep_spacing,
+        "sampler": card.sampler_kind,
+        "model": card.name,
         "episodes": episodes,
         "falls": sum(r["fell"] for r in results),
         "policy_vel_err": vel_error(merged),
@@ -454,8 +490,7 @@ def plot(path: Path, trace: dict, title: str) -> None:
 def summarize(rows: list[dict], reference: Setting) -> dict:
     """The --json object: totals over all rows; the headline errors are the reference setting's row (what a
     plain run measures), not whichever row of a sweep ran first."""
-    ref = next((r for r in rows if Setting(r["steps"], r["obs_delay_s"], r["compensate_delay"], r["blend"])
-                == reference), rows[0])  # fmt: skip
+    ref = next((r for r in rows if r["setting"] == reference.label()), rows[0])
     return {
         "episodes": sum(r["episodes"] for r in rows),
         "falls": sum(r["falls"] for r in rows),
@@ -471,10 +506,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="closed-loop evaluation through ROS (see module docstring)")
     p.add_argument("--demo", action="store_true", help="one 20 s episode: what scripts/demo shows")
     p.add_argument("--quick", action="store_true", help="3 episodes of 14 s (< 3 minutes)")
-    p.add_argument("--sweep", action="store_true", help="K, delay x compensation, and blending sweeps")
+    p.add_argument(
+        "--sweep", nargs="*", choices=SWEEPS, default=None,
+        help="sweeps to run (all without a name): K x timestep spacing, delay x compensation, blending",
+    )  # fmt: skip
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--sweep-episodes", type=int, default=2)
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 5, 10], help="K of the K sweep")
+    p.add_argument(
+        "--spacings", nargs="+", choices=TIMESTEP_SPACINGS, default=["leading", "trailing"],
+        help="timestep spacings of the K sweep",
+    )  # fmt: skip
     p.add_argument("--obs-delay", type=float, default=0.04)
     p.add_argument(
         "--no-compensation", action="store_true",
@@ -509,15 +552,24 @@ def main(argv: list[str] | None = None) -> int:
     compensate = not args.no_compensation
     reference = Setting(obs_delay_s=args.obs_delay, compensate_delay=compensate, blend=args.blend)
     settings = [reference]
-    if args.sweep:
-        settings = [Setting(steps=k, obs_delay_s=args.obs_delay, blend=args.blend) for k in (1, 2, 5, 10)]
-        settings += [
-            Setting(obs_delay_s=d, compensate_delay=c, blend=args.blend)
-            for d in (0.0, 0.02, 0.04, 0.08)
-            for c in (True, False)
-        ]
-        settings += [Setting(obs_delay_s=args.obs_delay, blend=b) for b in BLEND_MODES]
-    episodes = args.sweep_episodes if args.sweep else args.episodes
+    if args.sweep is not None:
+        sweeps = args.sweep or list(SWEEPS)
+        settings = []
+        if "k" in sweeps:
+            settings += [
+                Setting(steps=k, obs_delay_s=args.obs_delay, blend=args.blend, spacing=sp)
+                for sp in args.spacings
+                for k in args.ks
+            ]
+        if "delay" in sweeps:
+            settings += [
+                Setting(obs_delay_s=d, compensate_delay=c, blend=args.blend)
+                for d in (0.0, 0.02, 0.04, 0.08)
+                for c in (True, False)
+            ]
+        if "blend" in sweeps:
+            settings += [Setting(obs_delay_s=args.obs_delay, blend=b) for b in BLEND_MODES]
+    episodes = args.sweep_episodes if args.sweep is not None else args.episodes
 
     rows = []
     expert_cache: dict[float, dict] = {}
@@ -535,17 +587,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(
-        f"{'setting':<44} {'falls':>5} {'policy err':>10} {'expert err':>10} {'ratio':>6} {'missed':>6} "
+        f"{'setting':<53} {'falls':>5} {'policy err':>10} {'expert err':>10} {'ratio':>6} {'missed':>6} "
         f"{'stale':>5} {'model ms p50/p99':>17}"
     )
     for r in rows:
-        s = Setting(r["steps"], r["obs_delay_s"], r["compensate_delay"], r["blend"])
         print(
-            f"{s.label():<44} {r['falls']:>2}/{r['episodes']:<2} {r['policy_vel_err']:>10.3f} "
+            f"{r['setting']:<53} {r['falls']:>2}/{r['episodes']:<2} {r['policy_vel_err']:>10.3f} "
             f"{r['expert_vel_err']:>10.3f} {r['ratio_to_expert']:>6.2f} {r['missed_steps']:>6.0f} "
             f"{r['stale_actions_published']:>5} {r['compute_ms_p50']:>8.2f}/{r['compute_ms_p99']:<8.2f}"
         )
-    if not args.sweep:
+    if args.sweep is None:
         r = rows[0]
         print()
         for who, key in (("policy", "per_skill"), ("expert", "expert_per_skill")):

@@ -49,8 +49,8 @@ def test_sweep_summary_headlines_the_reference_setting_not_the_first_row() -> No
     reference = closed_loop.Setting(obs_delay_s=0.04)
     sweep = [closed_loop.Setting(steps=1), reference, closed_loop.Setting(compensate_delay=False)]
     rows = [
-        {**dataclasses.asdict(s), "episodes": 2, "falls": f, "missed_steps": m, "policy_vel_err": e,
-         "expert_vel_err": 0.05}
+        {**dataclasses.asdict(s), "setting": s.label(), "episodes": 2, "falls": f, "missed_steps": m,
+         "policy_vel_err": e, "expert_vel_err": 0.05}
         for s, f, m, e in zip(sweep, (0, 1, 0), (0.0, 3.0, math.nan), (0.6, 0.06, 0.07), strict=True)
     ]  # fmt: skip
     summary = closed_loop.summarize(rows, reference)
@@ -58,3 +58,24 @@ def test_sweep_summary_headlines_the_reference_setting_not_the_first_row() -> No
     assert summary["reference_setting"] == reference.label()
     assert (summary["episodes"], summary["falls"], summary["missed_steps"]) == (6, 1, 3.0)
     assert json.loads(json.dumps(summary))["rows"][0]["steps"] == 1
+
+
+def test_a_k_row_runs_the_denoiser_with_the_spacing_it_names_and_leaves_the_shipped_file_alone(
+    tmp_path: Path,
+) -> None:
+    from diffusion_controller.core.card import ModelCard
+
+    shipped = ModelCard.from_onnx(closed_loop.DENOISER).diffusion.timestep_spacing
+    other = "trailing" if shipped != "trailing" else "leading"
+    before = closed_loop.DENOISER.read_bytes()
+    row = closed_loop.Setting(steps=2, spacing=other)
+    path = closed_loop.model_of(row, closed_loop.MODEL, closed_loop.DENOISER, tmp_path)
+    assert path.parent == tmp_path
+    assert ModelCard.from_onnx(path).diffusion.timestep_spacing == other
+    assert ModelCard.from_yaml(path.with_suffix(".yaml")).diffusion.timestep_spacing == other
+    assert closed_loop.DENOISER.read_bytes() == before
+    models = (closed_loop.MODEL, closed_loop.DENOISER, tmp_path)
+    same = closed_loop.Setting(steps=2, spacing=shipped)
+    assert closed_loop.model_of(same, *models) == closed_loop.DENOISER
+    assert closed_loop.model_of(closed_loop.Setting(), *models) == closed_loop.MODEL
+    assert "trailing" in closed_loop.Setting(steps=2, spacing="trailing").label()
