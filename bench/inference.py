@@ -15,7 +15,14 @@ The int8 row is optional: when it cannot be exported or loaded here (its output 
 form is refused on this CPU) it is printed as skipped with the reason (`int8_skipped` in the JSON) and
 the rest of the benchmark goes on.
 
+Model rows (`--models`, default: every fused model shipped in models/, then the denoiser at the card's
+K): each exported model times one chunk as the node runs it (Policy.predict on the same observation,
+interleaved), with its latency as a fraction of the first model's, so a new shipped default is compared
+with the old one in the same run (pass the old file first, e.g. from `git show`). `--models-only` skips
+the DiffuseLoco-size rows.
+
     .venv/bin/python bench/inference.py [--quick] [--json] [--threads N] [--runs N] [--ks 1,2,5,10]
+        [--models A.onnx B.onnx ...] [--models-only]
 """
 
 from __future__ import annotations
@@ -168,6 +175,54 @@ def torch_chunk(
     return run
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped_models() -> list[Path]:
+    """The fused models in models/ (the node's default first), then the denoiser."""
+    found = sorted(ROOT.glob("models/*.onnx"))
+    fused = [p for p in found if ModelCard.from_onnx(p).graph.kind == "fused"]
+    fused.sort(key=lambda p: p.name != "ant_locomotion.onnx")
+    return fused + [p for p in found if p not in fused]
+
+
+def model_rows(paths: list[Path], threads: int, runs: int) -> list[dict]:
+    """Chunk latency of exported models as the node runs them; `vs_first` relative to the first one."""
+    quiet = lambda _m: None  # noqa: E731
+    policies = {str(p): Policy.load(p, threads=threads, log=quiet) for p in paths}
+    first = next(iter(policies.values())).card
+    rng = np.random.default_rng(0)
+    obs = first.obs_mean + first.obs_std * rng.standard_normal((first.history, first.obs_dim))
+    for name, pol in policies.items():
+        if (pol.card.history, pol.card.obs_dim) != (first.history, first.obs_dim):
+            raise SystemExit(f"--models: {name} takes another observation shape than {paths[0]}")
+    ts = timed_interleaved({n: (lambda p=p: p.predict(obs, seed=0)) for n, p in policies.items()}, runs)
+    base = p50_p99(ts[str(paths[0])])[0]
+    rows = []
+    for name, pol in policies.items():
+        p50, p99 = p50_p99(ts[name])
+        c = pol.card
+        rows.append({
+            "model": name, "graph": c.graph.kind, "sampler": c.sampler_kind, "steps": pol.steps,
+            "spacing": c.diffusion.timestep_spacing, "weights": c.network.get("weights", "fp32"),
+            "ms_p50": p50, "ms_p99": p99, "vs_first": p50 / base,
+        })  # fmt: skip
+    return rows
+
+
+def print_model_rows(rows: list[dict]) -> None:
+    print(
+        f"{'model':<40} {'graph':>8} {'sampler':>9} {'K':>3} {'spacing':>9} {'p50':>9} {'p99':>9} "
+        f"{'vs 1st':>7}"
+    )
+    for r in rows:
+        print(
+            f"{Path(r['model']).name:<40} {r['graph']:>8} {r['sampler']:>9} {r['steps']:>3} "
+            f"{r['spacing']:>9} "
+            f"{r['ms_p50']:>7.2f}ms {r['ms_p99']:>7.2f}ms {r['vs_first']:>7.2f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few runs, finishes in well under a minute")
@@ -184,8 +239,16 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the fused graph with int8 weights (export --weights int8; default: on)",
     )
     ap.add_argument("--int8-form", choices=INT8_FORMS, default=INT8_FORM, help="export --int8-form")
+    ap.add_argument("--models", type=Path, nargs="+", default=None, help="exported models to time")
+    ap.add_argument("--models-only", action="store_true", help="only the model rows")
     a = ap.parse_args(argv)
     runs = a.runs or (15 if a.quick else 500)
+    models = model_rows(a.models or shipped_models(), a.threads, max(runs, 50))
+    print_model_rows(models)
+    if a.models_only:
+        if a.json:
+            print(json.dumps({"models": models, "threads": a.threads, "load_avg": os.getloadavg()[0]}))
+        return 0
     ks = [int(k) for k in a.ks.split(",")]
     load0 = os.getloadavg()[0]
     torch.manual_seed(0)
@@ -331,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "results": results,
+                    "models": models,
                     "threads": a.threads,
                     "runs": runs,
                     "peak_gflops": peak,

@@ -81,3 +81,18 @@ def test_an_int8_row_that_cannot_be_made_is_skipped_with_its_reason(monkeypatch,
         assert f"K={r['k']}: int8 (u8s8) skipped: {want}" in out
     if failure == "load":
         assert "saturate on x86 CPUs without VNNI" in report["results"][0]["int8_skipped"]
+
+
+def test_model_rows_time_the_shipped_models_against_the_first():
+    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "bench" / "inference.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    paths = bench.shipped_models()
+    assert paths[0].name == "ant_locomotion.onnx"  # the node's default leads
+    assert paths[-1].name == "ant_locomotion_denoiser.onnx"
+    rows = bench.model_rows(paths, threads=1, runs=3)
+    assert [r["model"] for r in rows] == [str(p) for p in paths]
+    assert rows[0]["vs_first"] == 1.0
+    for r in rows:
+        assert r["ms_p50"] > 0 and r["ms_p99"] >= r["ms_p50"]
+        assert r["steps"] >= 1 and r["spacing"] in ("leading", "trailing", "linspace")
