@@ -147,14 +147,14 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
               "ros2_control's controller_manager; needs rtprio rights, else a warning and normal priority); "
               "0 = normal.",
               range=(0, 99)),
-    ParamSpec("executor_priority", 49, "int", "SCHED_FIFO priority of the main executor thread (sensor "
-              "messages, services, parameters; read at startup); below loop_priority. Under CPU load a "
+    ParamSpec("executor_priority", 49, "int", "SCHED_FIFO priority of the main executor thread "
+              "(services, parameters, diagnostics; read at startup); below loop_priority. Under CPU load a "
               "normal-priority thread holding Python's GIL would stall the loop thread; 0 = normal.",
               range=(0, 99)),
-    ParamSpec("executor", "auto", "str", "Executor for subscriptions, services and parameters (read at "
-              "startup): auto = rclpy's EventsExecutor where rclpy has it (Kilted on; about a third of the "
-              "single-threaded executor's CPU per message), else single_threaded. The control timer always "
-              "has a thread of its own.", choices=EXECUTORS),
+    ParamSpec("executor", "auto", "str", "Executor for services, parameters and diagnostics (read at "
+              "startup): auto = rclpy's EventsExecutor where rclpy has it (Kilted on), else "
+              "single_threaded. The control loop has a thread of its own, which also takes the sensor "
+              "messages (no executor callback per message).", choices=EXECUTORS),
     ParamSpec("diagnostics_period_s", 1.0, "float", "Period of /diagnostics.", range=(0.05, 60.0)),
     ParamSpec("observations.sources", [], "str_list", "Names of observation sources; each has "
               "observations.<name>.{topic,type,features,timeout_s,stamp,frame}."),
