@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -73,8 +74,14 @@ def make_models(model_dir: Path, steps: int) -> list[Path]:
 # -- sensor process ----------------------------------------------------------------------------------------
 
 
-def run_sensors(duration: float, scale: float) -> int:
-    """Publish the ant's sensor streams at `scale` times robot rates, stamped with the publishing time."""
+#: A wake-up of the real-time sensor process this late is a machine stall (nothing else could delay it).
+STALL_MIN_S = 0.004
+
+
+def run_sensors(duration: float, scale: float, stall_log: Path | None = None) -> int:
+    """Publish the ant's sensor streams at `scale` times robot rates, stamped with the publishing time;
+    wake-ups later than STALL_MIN_S go to `stall_log` as [start, end] wall times: the process is
+    real-time, so only the machine can hold it up that long."""
     import rclpy
     from geometry_msgs.msg import Twist
     from nav_msgs.msg import Odometry
@@ -119,7 +126,12 @@ def run_sensors(duration: float, scale: float) -> int:
                 elif key in ("imu", "odom"):
                     m.header.stamp = stamp
                 pub.publish(m)
-            time.sleep(max(0.0, min(due.values()) - time.monotonic()))
+            wake = min(due.values())
+            time.sleep(max(0.0, wake - time.monotonic()))
+            late = time.monotonic() - wake
+            if late > STALL_MIN_S and stall_log is not None:
+                with open(stall_log, "a") as f:
+                    f.write(json.dumps([time.time() - late, time.time()]) + "\n")
     except KeyboardInterrupt:
         pass
     finally:
@@ -298,9 +310,9 @@ def measure_row(
 ) -> dict:
     """One row: sensors at `scale`, `seconds` of measurement (model swaps every `swap_every` s if given)."""
     period = 1.0 / rate
-    sensors = subprocess.Popen(
-        [sys.executable, __file__, "--sensors", str(seconds + 30.0), "--sensor-scale", str(scale)], cwd=ROOT
-    )
+    stall_log = Path(tempfile.mkstemp(prefix="bench_stalls_", suffix=".jsonl")[1])
+    cmd = [sys.executable, __file__, "--sensors", str(seconds + 30.0), "--sensor-scale", str(scale)]
+    sensors = subprocess.Popen([*cmd, "--stall-log", str(stall_log)], cwd=ROOT)
     try:
 
         def fed() -> bool:
@@ -338,6 +350,12 @@ def measure_row(
     from diffusion_controller.core.card import ModelCard
 
     row.update(analyse(data, period, swap_windows, ModelCard.from_onnx(models[0]).control_period_s))
+    stalls = [json.loads(line) for line in stall_log.read_text().splitlines() if line.strip()]
+    stall_log.unlink()
+    stalls = [(a, b) for a, b in stalls if t_start <= b]
+    row["machine_stalls"] = len(stalls)
+    row["machine_stall_max_ms"] = max((1000.0 * (b - a) for a, b in stalls), default=0.0)
+    row["missed_ticks_in_machine_stalls"] = missed_in(data[:, TICK], period, stalls)
     input_hz = sum(float(v) for key, v in diag.items() if key.startswith("input_hz."))
     row.update(
         node_cpu_percent=cpu,
@@ -350,6 +368,16 @@ def measure_row(
         failed_swaps=failed,
     )
     return row
+
+
+def missed_in(ticks: np.ndarray, period: float, stalls: list[tuple[float, float]]) -> int:
+    """Missed tick slots between consecutive ticks whose gap overlaps a machine stall (reported apart)."""
+    n = 0
+    for a, b in itertools.pairwise(ticks):
+        m = max(0, round((b - a) / period) - 1)
+        if m and any(s0 < b and s1 > a for s0, s1 in stalls):
+            n += m
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,9 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         "--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "diffusion_controller_bench"
     )
     ap.add_argument("--sensors", type=float, default=None, help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--stall-log", type=Path, default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args(argv)
     if args.sensors is not None:
-        return run_sensors(args.sensors, args.sensor_scale[0])
+        return run_sensors(args.sensors, args.sensor_scale[0], args.stall_log)
     duration = 20.0 if args.quick else args.duration
     row_seconds = 12.0 if args.quick else args.row_seconds
     os.environ.setdefault("ROS_DOMAIN_ID", str(60 + os.getpid() % 40))
@@ -470,13 +499,14 @@ def print_report(result: dict, steps: int, executor: str, load0: float) -> None:
     )
     print(
         f"  {'rate':>6s} {'sensors':>8s} {'input/s':>8s} {'node CPU':>9s} {'jitter p99':>11s} "
-        f"{'missed':>7s} {'stale':>6s} {'obs->cmd p99':>13s} {'swaps':>6s}"
+        f"{'missed':>7s} {'(stall)':>7s} {'stale':>6s} {'obs->cmd p99':>13s} {'swaps':>6s}"
     )
     for r in result["rows"]:
         print(
             f"  {r['rate_hz']:5.0f}Hz {r['sensor_scale']:7.0f}x {r['input_msgs_per_s']:8.0f} "
             f"{r['node_cpu_percent']:8.1f}% {r['jitter_ms_p99']:9.3f}ms {r['missed_ticks']:7d} "
-            f"{r['stale_actions_published']:6d} {r['obs_to_cmd_ms_p99']:11.1f}ms "
+            f"{r['missed_ticks_in_machine_stalls']:7d} {r['stale_actions_published']:6d} "
+            f"{r['obs_to_cmd_ms_p99']:11.1f}ms "
             f"{r['swaps']:3d}/{r['swaps'] + r['failed_swaps']:<2d}"
         )
     for rate, ratio in result["cpu_ratio_by_rate"].items():

@@ -79,7 +79,16 @@ def test_same_bin_is_the_spacing_grid():
     assert not ik.same_bin(1.0, 1.0, 0.0)  # no spacing: every sample is kept
 
 
-def test_every_message_is_checked_and_the_newest_good_one_of_each_bin_is_stored(graph):
+def test_the_header_stamp_is_read_from_the_serialized_bytes():
+    from rclpy.serialization import serialize_message
+
+    raw = serialize_message(joint_state(1234.000567, (1.0, 2.0)))
+    assert ik.peek_header_stamp(raw) == pytest.approx(1234.000567, abs=1e-9)
+    assert ik.peek_header_stamp(raw[:8]) is None
+    assert ik.peek_header_stamp(b"\x00\x07" + raw[2:]) is None  # not plain CDR: binned by receipt time
+
+
+def test_a_bad_newest_message_falls_back_to_the_good_one_before_it_in_its_bin(graph):
     intake, pubs = graph
     rd = readers()
     drain(intake, rd, 100.0, 0.002, settle=0.1)  # empty whatever an earlier test left
@@ -97,6 +106,25 @@ def test_every_message_is_checked_and_the_newest_good_one_of_each_bin_is_stored(
     assert values == [float(i) for i in range(2, 40, 4)]  # the last good message of each bin
     assert stamps == sorted(stamps) and len(stamps) == 10
     assert intake.counts()["js"].taken >= 40
+
+
+def test_older_messages_of_a_bin_are_superseded_unread_and_a_bin_of_bad_ones_reports_each(graph):
+    intake, pubs = graph
+    rd = readers()
+    drain(intake, rd, 100.0, 0.002, settle=0.1)
+    superseded0 = intake.counts()["js"].superseded
+    # bins 0-4 of 4 messages: in bins 0-3 an older message is bad but the newest is good (never read);
+    # in bin 4 all four are bad (each one is read and refused).
+    t0 = 40.0
+    for i in range(20):
+        bin_, k = divmod(i, 4)
+        bad = (bin_ < 4 and k == 1) or bin_ == 4
+        q = (math.nan if bad else float(i), 0.0)
+        pubs["js"].publish(joint_state(t0 + 0.002 * bin_ + 0.0002 + 0.0004 * k, q))
+    got, refused = drain(intake, rd, t0 + 0.03, 0.002)
+    assert [v["q"][0] for src, _, v in got if src == "js"] == [3.0, 7.0, 11.0, 15.0]
+    assert refused == [("js", "non_finite")] * 4
+    assert intake.counts()["js"].superseded - superseded0 == 4 * 3
 
 
 def test_without_spacing_every_good_message_is_stored_in_order(graph):
