@@ -91,8 +91,9 @@ def normalize_type(name: str) -> str:
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One declared parameter. `live` ones may change while the node is configured; the rest are read
-    on configure (set them while unconfigured, or cleanup + configure)."""
+    """One declared parameter. `live` ones may change while the node is configured; `startup` ones are
+    read once when the process starts (give them on the command line or in the params file); the rest
+    are read on configure (set them while unconfigured, or cleanup + configure)."""
 
     name: str
     default: Any
@@ -101,6 +102,7 @@ class ParamSpec:
     range: tuple[float, float] | None = None
     choices: tuple[str, ...] | None = None
     live: bool = False
+    startup: bool = False
 
 
 NODE_PARAMS: tuple[ParamSpec, ...] = (
@@ -142,7 +144,7 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("joints", [], "str_list", "Output joint order/names; empty = the card's action joints."),
     ParamSpec("model_joints", [], "str_list", "For each entry of `joints`, the card joint it carries; empty "
               "= same names. Renames apply to JointState inputs too."),
-    ParamSpec("autostart", True, "bool", "Configure and activate at startup."),
+    ParamSpec("autostart", True, "bool", "Configure and activate at startup.", startup=True),
     ParamSpec("loop_priority", 50, "int", "SCHED_FIFO priority of the control-loop thread (like "
               "ros2_control's controller_manager; needs rtprio rights, else a warning and normal priority); "
               "0 = normal.",
@@ -150,12 +152,13 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("executor_priority", 49, "int", "SCHED_FIFO priority of the main executor thread "
               "(services, parameters, diagnostics; read at startup); below loop_priority. Under CPU load a "
               "normal-priority thread holding Python's GIL would stall the loop thread; 0 = normal.",
-              range=(0, 99)),
+              range=(0, 99), startup=True),
     ParamSpec("executor", "auto", "str", "Executor for services, parameters and diagnostics (read at "
               "startup): auto = rclpy's EventsExecutor where rclpy has it (Kilted on), else "
               "single_threaded. The control loop has a thread of its own, which also takes the sensor "
-              "messages (no executor callback per message).", choices=EXECUTORS),
-    ParamSpec("diagnostics_period_s", 1.0, "float", "Period of /diagnostics.", range=(0.05, 60.0)),
+              "messages (no executor callback per message).", choices=EXECUTORS, startup=True),
+    ParamSpec("diagnostics_period_s", 1.0, "float", "Period of /diagnostics.", range=(0.05, 60.0),
+              startup=True),
     ParamSpec("observations.sources", [], "str_list", "Names of observation sources; each has "
               "observations.<name>.{topic,type,features,timeout_s,stamp,frame}."),
     ParamSpec("observations.max_future_s", 0.05, "float", "Reject observation stamps further than this in "
@@ -170,7 +173,7 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
               "or absolute (time of the first point minus one tick).", choices=TRAJECTORY_STAMPS),
     ParamSpec("outputs.debug.enabled", True, "bool", "Publish ~/debug/command_timing every tick."),
     ParamSpec("outputs.debug.topic", "~/debug/command_timing", "str", "Timing topic: [tick_time, exec_time, "
-              "action_time, obs_stamp, chunk_seq, index, state]."),
+              "action_time, obs_stamp, chunk_seq, index, state, missed]."),
 )
 
 

@@ -85,7 +85,9 @@ def _descriptor(spec: cf.ParamSpec) -> ParameterDescriptor:
     text = spec.description
     if spec.choices:
         text += f" One of: {', '.join(spec.choices)}."
-    if not spec.live:
+    if spec.startup:
+        text += " Read at process start."
+    elif not spec.live:
         text += " Read on configure."
     d = ParameterDescriptor(description=text)
     if spec.kind in _KIND_TYPES:
@@ -114,6 +116,8 @@ def set_thread_priority(priority: int) -> str | None:
     return None
 
 
+#: An error or a refused message this recent keeps its diagnostics section at WARN or ERROR.
+RECENT_S = 10.0
 #: A wrong-type publisher not seen for this long is reported again when it reappears.
 WRONG_TYPE_FORGET_S = 10.0
 #: How much nicer than the node a model-swap loader thread runs: its warm-up predicts share the CPU with
@@ -272,6 +276,7 @@ class ControllerNode(LifecycleNode):
         self._last_state: ControlState | None = None
         self._last_error = ""
         self._last_error_time = -math.inf
+        self._last_fault_time = -math.inf
         self._swap_thread: threading.Thread | None = None
         self._swap_target = ""
         self._swaps = 0
@@ -691,6 +696,7 @@ class ControllerNode(LifecycleNode):
     # -- faults and diagnostics ----------------------------------------------------------------------------
     def _fault(self, source: str, cause: str, message: str) -> None:
         self._source_faults[source] = self._source_faults.get(source, 0) + 1
+        self._last_fault_time = time.monotonic()
         self._faults(f"{source}:{cause}", f"[{source}] {message}")
 
     def _note(self, cause: str, message: str) -> None:
@@ -740,7 +746,7 @@ class ControllerNode(LifecycleNode):
 
     def _diagnostic_sections(self, lifecycle: str) -> list[dg.Section]:
         core, policy = self._core, self._policy
-        recent_error = time.monotonic() - self._last_error_time < 10.0
+        recent_error = time.monotonic() - self._last_error_time < RECENT_S
         if core is None or policy is None:
             level = dg.ERROR if recent_error else dg.STALE
             msg = self._last_error if recent_error else lifecycle
@@ -818,14 +824,14 @@ class ControllerNode(LifecycleNode):
         values.update({f"wrong_type.{k}": v for k, v in self._wrong_types.items()})
         values.update(self._input_rates())
         values["stale_events"] = st.stale_obs_events
-        values["rejected_total"] = st.rejected_observations + self._faults.total
+        values["rejected_total"] = self._faults.total  # the core's refusals come through _fault too
         timeouts = self._control_timeouts()
         stale = [k for k, v in ages.items() if v > timeouts.get(k, math.inf)]
         if stale:
             obs_level, obs_msg = dg.ERROR, f"stale: {', '.join(stale)}"
         elif self._wrong_types:
             obs_level, obs_msg = dg.WARN, "publishers of the wrong type on " + ", ".join(self._wrong_types)
-        elif self._faults.total:
+        elif time.monotonic() - self._last_fault_time < RECENT_S:
             obs_level, obs_msg = dg.WARN, f"rejected messages: {self._faults.last_message}"
         else:
             obs_level, obs_msg = dg.OK, "fresh"

@@ -199,11 +199,6 @@ class SourceReader:
     def source(self) -> cfgmod.SourceConfig:
         return self.decoder.source
 
-    @property
-    def uses_header_stamp(self) -> bool:
-        """Samples are stamped with the message's header stamp (when it is not 0), else receipt time."""
-        return self.source.stamp == "header" and self.source.type in cfgmod.HAS_HEADER
-
     def read(
         self, msg: Any, now: float, received: float | None = None
     ) -> tuple[float, dict[str, np.ndarray]]:
@@ -214,7 +209,7 @@ class SourceReader:
         if src.frame and src.type in cfgmod.HAS_HEADER and src.type != cfgmod.ODOMETRY \
                 and msg.header.frame_id != src.frame:
             raise InputError("frame", f"frame_id '{msg.header.frame_id}' is not '{src.frame}'; ignored")
-        if self.uses_header_stamp:
+        if src.stamp == "header" and src.type in cfgmod.HAS_HEADER:
             hs = time_to_sec(msg.header.stamp)
             if hs > 0.0:
                 stamp = hs

@@ -6,19 +6,16 @@ With one Python callback per message, the executor thread spent ~150 us a messag
 back and forth with the control loop and inference threads at every message. As a real-time thread that
 could not keep up it also got the CPU's real-time runqueue throttled, the loop with it: missed ticks.
 Here no executor spins the observation subscriptions. Right before each tick the control loop takes
-each keep-last queue as serialized bytes (a C call, ~5 us a message). The history keeps no two samples
-of a feature closer than its `spacing` (core/observation.py), so of each `spacing`-wide time bin only the
-newest message is deserialized and checked (~25 us); when that one is refused, the one before it, and so
-on, so a bad message never hides a good one. The older messages of a bin are superseded unread: the
-time bin comes from the header stamp read straight from the serialized bytes (or the receipt time). Above
-one message per bin, more sensor messages cost only the take. All in one thread that already holds the
-GIL, and the tick sees everything that arrived before it.
+each keep-last queue as serialized bytes (a C call, ~5 us a message) and deserializes and checks every
+message (~20 us; every bad message is still found and counted), but stores only the newest good one of
+each `spacing`-wide time bin: the history keeps no two samples closer than its `spacing` anyway
+(core/observation.py). All in one thread that already holds the GIL, and the tick sees everything that
+arrived before it.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,26 +44,12 @@ def same_bin(a: float, b: float, spacing: float) -> bool:
     return spacing > 0.0 and math.floor(a / spacing) == math.floor(b / spacing)
 
 
-_STAMP_LE, _STAMP_BE = struct.Struct("<iI"), struct.Struct(">iI")
-
-
-def peek_header_stamp(raw: bytes) -> float | None:
-    """The std_msgs/Header stamp of a serialized message that starts with one (seconds), read from the CDR
-    bytes without deserializing; None when the bytes are too short or not plain CDR. Only bins messages:
-    every message that is kept is deserialized and checked in full."""
-    if len(raw) < 12 or raw[0] != 0 or raw[1] not in (0, 1):
-        return None
-    sec, nsec = (_STAMP_LE if raw[1] == 1 else _STAMP_BE).unpack_from(raw, 4)
-    return sec + 1e-9 * nsec
-
-
 @dataclass
 class SourceCounts:
     """What one source's intake did: messages taken from the queue, and lost before they were taken."""
 
     taken: int = 0
     lost: int = 0
-    superseded: int = 0  # taken, but a newer good message of the same time bin made them moot (not read)
 
 
 class SourceIntake:
@@ -114,43 +97,16 @@ class SourceIntake:
         accept: Callable[[float, dict], None],
         reject: Callable[[InputError], None],
     ) -> None:
-        """Take the queue; per time bin, in arrival order, decode and check the newest message, falling
-        back to older ones while they are refused; hand the good one to `accept(stamp, values)` and each
-        refused message to `reject(error)`."""
+        """Take the queue; decode and check every message in arrival order (the reader's stamp rules see
+        them all), hand the newest good one of each time bin to `accept(stamp, values)` and each refused
+        message to `reject(error)`."""
         batch = self.take()
         wall = time.time_ns()
-        header = reader.uses_header_stamp
-        group: list[tuple[bytes, float]] = []  # the messages of the current bin, oldest first
-        group_key: float | None = None
-        pending: tuple[float, dict] | None = None  # the newest good sample of the current stamp bin
+        pending: tuple[float, dict] | None = None  # the newest good sample of the current bin
         for raw, info in batch:
             self._count_lost(info)
             # Receipt time on the node's clock: `now` less the time the message waited in the queue.
             received = now - max(0.0, 1e-9 * (wall - int(info.get("received_timestamp") or wall)))
-            key = (peek_header_stamp(raw) if header else None) or received
-            if group and not (group_key is not None and same_bin(group_key, key, spacing)):
-                pending = self._settle(group, reader, now, spacing, accept, reject, pending)
-                group = []
-            group.append((raw, received))
-            group_key = key
-        if group:
-            pending = self._settle(group, reader, now, spacing, accept, reject, pending)
-        if pending is not None:
-            accept(*pending)
-
-    def _settle(
-        self,
-        group: list[tuple[bytes, float]],
-        reader: SourceReader,
-        now: float,
-        spacing: float,
-        accept: Callable[[float, dict], None],
-        reject: Callable[[InputError], None],
-        pending: tuple[float, dict] | None,
-    ) -> tuple[float, dict] | None:
-        """Read one bin's messages newest first until one is good; the rest of the bin is superseded."""
-        for i in range(len(group) - 1, -1, -1):
-            raw, received = group[i]
             try:
                 msg = deserialize_message(raw, self.msg_class)
                 stamp, values = reader.read(msg, now, received=received)
@@ -160,11 +116,11 @@ class SourceIntake:
             except Exception as exc:  # bytes that do not even deserialize
                 reject(InputError("malformed", f"message cannot be deserialized ({exc}); ignored"))
                 continue
-            self.counts.superseded += i
             if pending is not None and not same_bin(pending[0], stamp, spacing):
                 accept(*pending)
-            return (stamp, values)
-        return pending
+            pending = (stamp, values)
+        if pending is not None:
+            accept(*pending)
 
 
 def _never(_msg: Any) -> None:
