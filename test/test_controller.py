@@ -418,3 +418,28 @@ def test_config_errors_that_need_the_card_name_the_field(field, kw):
     with pytest.raises(ConfigError) as e:
         ControlCore(card, ControlConfig(**kw), ClockPolicy(card), worker=SimWorker(FakeClock()))
     assert e.value.field == field
+
+
+def test_a_new_core_continues_from_a_command_already_sent_at_max_step():
+    # A reconfigure builds a new core; the robot still holds the last command the node sent. The new core
+    # must rate-limit from it, not jump to the measured pose (0.2, 0.1 here) in one tick.
+    config = ControlConfig(max_step_per_tick=0.01)
+    rig = Rig(config)
+    assert rig.core.continue_from(np.array([0.5, -0.3]))
+    assert not rig.core.continue_from(np.array([0.0, 0.0]))  # only before this core's first command
+    previous = np.array([0.5, -0.3])
+    for r in rig.run(60):
+        if r.command is not None:
+            assert np.all(np.abs(r.command - previous) <= 0.01 + 1e-12), (r.state, r.command, previous)
+            previous = r.command
+    first = next(r.command for _, r in rig.log if r.command is not None)
+    assert np.all(np.abs(first - [0.5, -0.3]) <= 0.01 + 1e-12)  # not the measured pose (0.2, 0.1)
+    assert rig.log[-1][1].state is ControlState.RUNNING
+
+
+def test_continue_from_refuses_a_command_that_does_not_fit():
+    rig = Rig()
+    assert not rig.core.continue_from(np.array([0.1, 0.2, 0.3]))
+    assert not rig.core.continue_from(np.array([np.nan, 0.2]))
+    rig.k = 1
+    np.testing.assert_allclose(rig.step().command, [0.2, 0.1])  # the measured pose, as without it

@@ -39,7 +39,8 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from diffusion_controller.core.card import ModelCard
-from diffusion_controller.ros.controller_node import make_executor, nicer_thread
+from diffusion_controller.ros import config as cf
+from diffusion_controller.ros.controller_node import carried_command, make_executor, nicer_thread
 
 pytestmark = pytest.mark.ros
 
@@ -709,3 +710,16 @@ def test_executor_choice_falls_back_or_fails_clearly_without_the_events_executor
             make_executor("events", context)
     finally:
         context.try_shutdown()
+
+
+def test_the_last_command_sent_carries_over_by_joint_name_or_not_at_all():
+    def binding(joints, index):
+        return cf.Binding(tuple(joints), tuple(index), {}, {}, (0.0,) * len(joints), 0.02)
+
+    sent = (("a", "b", "c"), np.array([1.0, 2.0, 3.0]))
+    # The new configuration publishes c, a, b carrying card actions 0, 1, 2.
+    np.testing.assert_array_equal(carried_command(sent, binding("cab", (0, 1, 2)), 3), [3.0, 1.0, 2.0])
+    np.testing.assert_array_equal(carried_command(sent, binding("abc", (2, 0, 1)), 3), [2.0, 3.0, 1.0])
+    assert carried_command(sent, binding("abd", (0, 1, 2)), 3) is None  # a joint it never commanded
+    assert carried_command(sent, binding("ab", (0, 1)), 3) is None  # outputs do not cover the action
+    assert carried_command(None, binding("abc", (0, 1, 2)), 3) is None

@@ -332,6 +332,17 @@ class ControlCore:
             self._safety.resume()
             self._restart("resumed after emergency stop")
 
+    def continue_from(self, command: np.ndarray) -> bool:
+        """Start from a command already sent (action-joint order), by this node before a reconfigure: the
+        first commands are rate-limited against it instead of jumping to the measured pose, so the max
+        step per tick holds whatever the lifecycle did. False (ignored) once this core has commanded, or
+        for a command that is not a finite vector of the action's size."""
+        with self._lock:
+            if self._safety.last is not None or not self._safety.valid(command):
+                return False
+            self._safety.reset(np.asarray(command, dtype=float), clamp=False)
+            return True
+
     def reset(self) -> None:
         """Drop the running chunk and the history (to the newest observation): WAITING for a fresh chunk."""
         with self._lock:

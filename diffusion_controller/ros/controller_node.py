@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -114,6 +115,24 @@ def set_thread_priority(priority: int) -> str | None:
     except (OSError, AttributeError) as exc:
         return str(exc)
     return None
+
+
+def carried_command(
+    last_sent: tuple[Sequence[str], np.ndarray] | None, binding: cf.Binding, action_dim: int
+) -> np.ndarray | None:
+    """The last command this node sent, in the new core's action order, when it names every output joint
+    of the new binding (a reconfigure may reorder or rename them); else None. The robot's controller still
+    holds that command, so a new core must start from it, not jump to the measured pose."""
+    if last_sent is None:
+        return None
+    names, values = last_sent
+    sent = dict(zip(names, np.asarray(values, dtype=float), strict=True))
+    out = list(binding.output_index)
+    if sorted(out) != list(range(action_dim)) or any(j not in sent for j in binding.output_joints):
+        return None
+    command = np.empty(action_dim)
+    command[out] = [sent[j] for j in binding.output_joints]
+    return command
 
 
 #: An error or a refused message this recent keeps its diagnostics section at WARN or ERROR.
@@ -277,6 +296,8 @@ class ControllerNode(LifecycleNode):
         self._last_error = ""
         self._last_error_time = -math.inf
         self._last_fault_time = -math.inf
+        # (output joints, values) of the last command published; outlives cleanup (see carried_command).
+        self._last_sent: tuple[tuple[str, ...], np.ndarray] | None = None
         self._swap_thread: threading.Thread | None = None
         self._swap_target = ""
         self._swaps = 0
@@ -355,6 +376,9 @@ class ControllerNode(LifecycleNode):
             card, binding = self._check_model(cfg, cfg.model_path)
             policy = self._load_policy(cfg, cfg.model_path)
             core = ControlCore(policy.card, self._control_config(cfg, binding, policy.card), policy)
+            carried = carried_command(self._last_sent, binding, len(policy.card.action_joints))
+            if carried is not None and core.continue_from(carried):
+                self._log.info("first commands rate-limited against the last one this node sent")
         except (cf.ConfigError, CardError, ModelError, CoreConfigError, OSError) as exc:
             self._error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
@@ -611,9 +635,10 @@ class ControllerNode(LifecycleNode):
                 return
             res = core.tick(now)
         if res.command is not None:
-            out = binding.output_index
+            sent = res.command[list(binding.output_index)]
+            self._last_sent = (binding.output_joints, sent)
             if self._pub_cmd is not None:
-                self._pub_cmd.publish(cv.command_msg(res.command[list(out)]))
+                self._pub_cmd.publish(cv.command_msg(sent))
             if self._pub_traj is not None and res.trajectory is not None:
                 self._publish_trajectory(res.trajectory, binding, now)
         if self._pub_dbg is not None:
