@@ -18,6 +18,9 @@ setup(
         (f"share/{PACKAGE}/models", glob("models/*.onnx") + glob("models/*.yaml")),
     ],
     install_requires=["setuptools", "numpy", "pyyaml", "onnxruntime-gpu"],
+    # colcon test runs pytest only for packages that declare it (ament_python's template does both).
+    extras_require={"test": ["pytest"]},
+    tests_require=["pytest"],
     zip_safe=True,
     maintainer="diffusion_controller developers",
     maintainer_email="diffusion-controller@example.org",
