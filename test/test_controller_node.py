@@ -507,16 +507,25 @@ def test_model_swap_without_missing_a_tick(graph, topics, node, models):
     ("model", "fragment"),
     [
         ("missing", "does not exist"),
+        ("directory", "is a directory"),
         ("corrupt", "ONNX"),
         ("extra", "foot_contacts"),
     ],
 )
-def test_bad_model_swap_is_rejected_and_control_continues(graph, topics, models, tmp_path, model, fragment):
-    path = tmp_path / "nope.onnx" if model == "missing" else models[model]
+def test_bad_model_swap_is_rejected_and_control_continues(
+    graph, topics, node, models, tmp_path, model, fragment
+):
+    path = {"missing": tmp_path / "nope.onnx", "directory": tmp_path}.get(model) or models[model]
+    failures = int(diag_values(topics["diag"], "policy")["swap_failures"])
     t0 = time.monotonic()
     results = set_params(graph, model_path=str(path))
     assert not results[0].successful
     assert fragment in results[0].reason and "old model keeps running" in results[0].reason
+    # Said where an operator looks too: the log and /diagnostics.
+    assert wait_log(node, results[0].reason, 5.0)
+    assert wait_until(
+        lambda: diag_values(topics["diag"], "policy").get("swap_failures") == str(failures + 1), 5.0
+    )
     time.sleep(0.3)
     rows = np.array([m.data for m in topics["timing"].since(t0)])
     assert len(rows) > 8 and rows[-1, STATE] == RUNNING
@@ -524,11 +533,14 @@ def test_bad_model_swap_is_rejected_and_control_continues(graph, topics, models,
 
 def test_swap_that_fails_while_loading_keeps_the_old_model(graph, topics, node, models):
     before = diag_values(topics["diag"], "policy")["model"]
+    failures = int(diag_values(topics["diag"], "policy")["swap_failures"])
     results = set_params(graph, model_path=str(models["stale_yaml"]))
     assert results[0].successful  # the card in the metadata fits; only the full load sees the .yaml
     assert wait_log(node, "model swap to", 20.0)
     assert "differ" in node.output()
-    assert wait_until(lambda: diag_values(topics["diag"], "policy").get("swap_failures") == "1", 5.0)
+    assert wait_until(
+        lambda: diag_values(topics["diag"], "policy").get("swap_failures") == str(failures + 1), 5.0
+    )
     pol = diag_values(topics["diag"], "policy")
     assert pol["model"] == before and "differ" in pol["last_error"]
     # The parameter is put back so it names the model that runs.

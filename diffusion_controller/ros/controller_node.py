@@ -358,7 +358,10 @@ class ControllerNode(LifecycleNode):
                 )
             if p.name == "model_path":
                 reason = self._begin_swap(value)
-                if reason:
+                if reason:  # said where an operator looks, not only in the caller's reply
+                    self._swap_failures += 1
+                    self._last_error, self._last_error_time = reason, time.monotonic()
+                    self._log.warning(reason)
                     return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)
 
@@ -490,6 +493,8 @@ class ControllerNode(LifecycleNode):
         """The cheap part, done before any loading: the file, its card, and the card vs the config."""
         if not path:
             raise cf.ConfigError("model_path is empty; set it to an .onnx policy with a model card")
+        if os.path.isdir(path):
+            raise cf.ConfigError(f"model_path '{path}' is a directory, not an .onnx model file")
         if not os.path.isfile(path):
             raise cf.ConfigError(f"model_path '{path}' does not exist")
         card = read_card(path)
