@@ -41,7 +41,7 @@ from diffusion_controller.core.ddim import DDIMConfig
 from diffusion_controller.training import ddim_torch
 from diffusion_controller.training.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_controller.training.network import DiffusionTransformer
-from diffusion_controller.training.train import WindowDataset, load_dataset
+from diffusion_controller.training.train import WindowDataset, load_dataset, optimizer_step
 
 
 @dataclass(frozen=True)
@@ -220,14 +220,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> Path:
             group["lr"] = lr_at(step, cfg)
         pick = torch.randint(0, n_train, (cfg.batch_size,), generator=gen)
         loss = mse_loss(one_step(student, noise[pick], obs_n[pick], one), x0[pick])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), student.parameters(), strict=True):
-                pe.lerp_(p, 1 - decay)
+        optimizer_step(student, ema, opt, loss, step, cfg.ema_decay)
         step += 1
         window.append(loss.item())
         if bar is not None:

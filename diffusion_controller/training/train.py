@@ -189,6 +189,21 @@ def plot_losses(path: Path, history: list[tuple[int, float, float | None]]) -> N
     plt.close(fig)
 
 
+
+def optimizer_step(net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+                   loss: torch.Tensor, step: int, ema_decay: float) -> None:
+    """One optimizer step on `loss` (gradients clipped to norm 1), then the EMA weights, whose decay
+    warms up as (1 + step) / (10 + step) like diffusers' EMAModel."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
+            pe.lerp_(p, 1 - decay)
+
+
 def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = None) -> Path | None:
     """Run (or resume) training; returns the checkpoint path, or None when stopped early by stop_after."""
     torch.set_num_threads(cfg.threads)
@@ -289,14 +304,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
             group["lr"] = lr_at(step, cfg)
         pick = torch.randint(0, len(train_rows_t), (cfg.batch_size,), device=device, generator=gen)
         loss = batch_loss(net, train_rows_t[pick], gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
-                pe.lerp_(p, 1 - decay)
+        optimizer_step(net, ema, opt, loss, step, cfg.ema_decay)
         step += 1
         window.append(loss.item())
         if bar is not None:
