@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of the reference row (default 60)")
     ap.add_argument("--row-seconds", type=float, default=30.0, help="seconds of every other row (default 30)")
-    ap.add_argument("--quick", action="store_true", help="20 s reference row, 12 s rows (about 2.5 min)")
+    ap.add_argument("--quick", action="store_true", help="20 s reference row, 12 s rows (about 1.5 min)")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     ap.add_argument("--steps", type=int, default=3, help="DDIM steps K of the fused graph (default 3)")
     ap.add_argument("--rates", type=float, nargs="+", default=[50.0, 100.0], help="control rates (Hz)")
