@@ -26,7 +26,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,13 @@ from diffusion_controller.core.ddim import DDIMConfig
 from diffusion_controller.training import ddim_torch
 from diffusion_controller.training.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_controller.training.network import DiffusionTransformer
-from diffusion_controller.training.train import WindowDataset, load_dataset, optimizer_step
+from diffusion_controller.training.train import (
+    WindowDataset,
+    add_config_options,
+    load_dataset,
+    lr_at,
+    optimizer_step,
+)
 
 
 @dataclass(frozen=True)
@@ -139,13 +144,6 @@ def make_pairs(teacher: Teacher, card: ModelCard, cfg: DistillConfig, path: Path
     pairs = {"obs_n": obs_n, "noise": noise, "x0": x0, "teacher_steps": np.array(cfg.teacher_steps)}
     np.savez(path, **pairs)
     return pairs
-
-
-def lr_at(step: int, cfg: DistillConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.iterations - cfg.warmup)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def distill(cfg: DistillConfig, *, progress: bool = True) -> Path:
@@ -254,10 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher", required=True, help="teacher checkpoint.pt from train_policy")
     p.add_argument("--data", required=True, help="the teacher's dataset .npz (observation windows)")
     p.add_argument("--out", required=True, help="run directory (re-running resumes it)")
-    for name, value in defaults.__dict__.items():
-        if name in ("teacher", "data", "out"):
-            continue
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    add_config_options(p, defaults, skip=("teacher", "data", "out"))
     p.add_argument("--no-progress", action="store_true")
     args = vars(p.parse_args(argv))
     progress = not args.pop("no_progress")

@@ -22,6 +22,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,7 +161,9 @@ def _settings(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in ("out", "threads", "save_every")}
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: Any) -> float:
+    """Linear warm-up over cfg.warmup steps, then cosine decay of cfg.lr to 0 at cfg.iterations (a
+    TrainConfig or a DistillConfig)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.iterations - cfg.warmup)
@@ -344,15 +347,19 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     return ckpt
 
 
+def add_config_options(parser: argparse.ArgumentParser, defaults: Any, skip: tuple[str, ...]) -> None:
+    """One --option per field of a config dataclass (its type and default), except `skip`."""
+    for name, value in defaults.__dict__.items():
+        if name not in skip:
+            parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = TrainConfig(data="", out="")
     p.add_argument("--data", required=True, help="dataset .npz from generate_dataset")
     p.add_argument("--out", required=True, help="run directory (re-running resumes it)")
-    for name, value in defaults.__dict__.items():
-        if name in ("data", "out"):
-            continue
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    add_config_options(p, defaults, skip=("data", "out"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N iterations (resume later)")
     args = vars(p.parse_args(argv))
