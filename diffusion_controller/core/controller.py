@@ -21,7 +21,7 @@ from .inference import InferenceRequest, InferenceWorker, WorkerLike, check_acti
 from .latency import LatencyForecaster
 from .observation import NOT_REQUIRED_KINDS, VELOCITY_COMMAND, ObservationError, ObservationHistory
 from .safety import SAFE_MODES, SafetyFilter, Watchdog, WatchdogStatus
-from .scheduler import BLEND_MODES, ChunkScheduler
+from .scheduler import BLEND_MODES, ChunkScheduler, inpaint_refusal
 
 #: observe(now) earlier than the last tick by more than this is a clock jump, not thread interleaving.
 OBSERVE_JUMP_TOLERANCE_S = 0.5
@@ -135,11 +135,7 @@ class ControlConfig:
             raise ConfigError("obs_timeouts_s", f"unknown features {unknown}; required ones are {required}")
         inpainting = getattr(policy, "supports_inpainting", False)
         if self.blend == "inpaint" and policy is not None and not inpainting:
-            kind = getattr(card, "sampler_kind", "?")
-            raise ConfigError(
-                "blend", f"'inpaint' needs a sampler a prefix can steer; this model's {kind} sampler cannot "
-                "(card sampler.inpainting false): use none, crossfade or ensemble"
-            )
+            raise ConfigError("blend", inpaint_refusal(getattr(card, "sampler_kind", "?")))
 
 
 def layout_of(card: Any) -> tuple:

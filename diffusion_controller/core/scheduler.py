@@ -30,6 +30,15 @@ from .chunk import Chunk, is_stale
 BLEND_MODES = ("none", "crossfade", "inpaint", "ensemble")
 
 
+def inpaint_refusal(sampler_kind: str) -> str:
+    """Why `blend: inpaint` cannot run on a model whose sampler a prefix cannot steer (card
+    sampler.inpainting false); the same words at configure, in the config check and on a swap."""
+    return (
+        f"'inpaint' needs a sampler a prefix can steer; this model's {sampler_kind} sampler cannot "
+        "(card sampler.inpainting false): use none, crossfade or ensemble"
+    )
+
+
 class Selection(NamedTuple):
     """The action a tick executes: its values, its scheduled time t_i, its index and its chunk."""
 

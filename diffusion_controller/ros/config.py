@@ -34,7 +34,7 @@ import yaml
 from diffusion_controller.core.card import FEATURE_SIZES
 from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.core.safety import SAFE_MODES
-from diffusion_controller.core.scheduler import BLEND_MODES
+from diffusion_controller.core.scheduler import BLEND_MODES, inpaint_refusal
 
 
 class ConfigError(ValueError):
@@ -486,10 +486,7 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
     if cfg.crossfade_steps > card.horizon:
         errors.append(f"crossfade_steps: {cfg.crossfade_steps} exceeds the card's horizon {card.horizon}")
     if cfg.blend == "inpaint" and not card.sampler_inpainting:
-        errors.append(
-            f"blend: 'inpaint' needs a sampler a prefix can steer; the card's {card.sampler_kind} sampler "
-            "cannot (sampler.inpainting false): use none, crossfade or ensemble"
-        )
+        errors.append(f"blend: {inpaint_refusal(card.sampler_kind)}")
     period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else float(card.control_period_s)
     if errors:
         raise ConfigError(f"configuration does not fit model '{card.name}':\n  " + "\n  ".join(errors))
