@@ -59,7 +59,7 @@ from diffusion_controller.core.runtime import ModelError, Policy
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import diagnostics as dg
-from diffusion_controller.ros.intake import Intake
+from diffusion_controller.ros.intake import Intake, hidden_node
 
 NODE_NAME = "diffusion_controller"
 #: Codes of ControlState in the debug timing topic.
@@ -207,17 +207,7 @@ class ControlLoop:
 
     def __init__(self, node: rclpy.node.Node, period_s: float, callback: Any, priority: int = 0) -> None:
         use_sim_time = bool(node.get_parameter("use_sim_time").value)
-        self.node = rclpy.create_node(
-            f"_{node.get_name()}_loop",
-            namespace=node.get_namespace(),
-            context=node.context,
-            parameter_overrides=[Parameter("use_sim_time", value=use_sim_time)],
-            # Not the process' --ros-args: a `-r __node:=...` meant for the main node would rename this
-            # one too (two nodes, one name).
-            use_global_arguments=False,
-            start_parameter_services=False,
-            enable_rosout=False,
-        )
+        self.node = hidden_node(node, "loop", [Parameter("use_sim_time", value=use_sim_time)])
         self.timer = self.node.create_timer(period_s, callback)
         self.timer.cancel()
         self.executor = SingleThreadedExecutor(context=node.context)
@@ -360,6 +350,7 @@ class ControllerNode(LifecycleNode):
                 reason = self._begin_swap(value)
                 if reason:  # said where an operator looks, not only in the caller's reply
                     self._swap_failures += 1
+                    # Not _error(): rclpy refuses two severities from one logging call site.
                     self._last_error, self._last_error_time = reason, time.monotonic()
                     self._log.warning(reason)
                     return SetParametersResult(successful=False, reason=reason)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import rclpy
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
 
@@ -123,6 +124,21 @@ class SourceIntake:
             accept(*pending)
 
 
+def hidden_node(owner: Any, role: str, parameter_overrides: Sequence[Any] = ()) -> Any:
+    """A helper node `_<owner>_<role>` beside `owner` (same namespace and context; hidden from
+    `ros2 node list` by its leading underscore). It takes none of the process' --ros-args: a
+    `-r __node:=...` meant for the main node would rename it too (two nodes, one name)."""
+    return rclpy.create_node(
+        f"_{owner.get_name()}_{role}",
+        namespace=owner.get_namespace(),
+        context=owner.context,
+        parameter_overrides=list(parameter_overrides),
+        use_global_arguments=False,
+        start_parameter_services=False,
+        enable_rosout=False,
+    )
+
+
 def _never(_msg: Any) -> None:
     """Callback of the intake subscriptions; never called (nothing spins their node)."""
 
@@ -135,16 +151,7 @@ class Intake:
     """
 
     def __init__(self, node: Any, sources: Sequence[cf.SourceConfig], classes: dict, period_s: float) -> None:
-        import rclpy
-
-        self.node = rclpy.create_node(
-            f"_{node.get_name()}_intake",
-            namespace=node.get_namespace(),
-            context=node.context,
-            use_global_arguments=False,
-            start_parameter_services=False,
-            enable_rosout=False,
-        )
+        self.node = hidden_node(node, "intake")
         depth = queue_depth(period_s)
         self.sources = {
             s.name: SourceIntake(self.node, s, node.resolve_topic_name(s.topic), classes[s.type], depth)
