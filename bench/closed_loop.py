@@ -175,13 +175,12 @@ class Processes:
         seed: int,
         log_dir: Path,
         model: Path,
-        denoiser: Path,
         controller_threads: int = 1,
     ) -> None:
+        """`model`: the .onnx the controller runs (model_of(setting, ...))."""
         self.env = dict(os.environ)
         self.procs: list[tuple[str, subprocess.Popen]] = []
         py = sys.executable
-        model = model_of(setting, model, denoiser, log_dir)
         sim_args = [
             "-p",
             "real_time_factor:=1.0",
@@ -402,7 +401,8 @@ def run_setting(
 ) -> dict:
     import rclpy
 
-    procs = Processes(setting, seed, log_dir, model, denoiser)
+    model = model_of(setting, model, denoiser, log_dir)  # once: a respaced denoiser is written here
+    procs = Processes(setting, seed, log_dir, model)
     rclpy.init()
     op = Operator()
     try:
@@ -434,7 +434,7 @@ def run_setting(
     merged = merge_errors([r["errors"] for r in results])
     from diffusion_controller.core.card import ModelCard
 
-    card = ModelCard.from_onnx(model_of(setting, model, denoiser, log_dir))
+    card = ModelCard.from_onnx(model)
     if results:
         setting_plot = log_dir / f"velocity_{len(list(log_dir.glob('velocity_*.png')))}.png"
         plot(setting_plot, results[0]["trace"], f"policy, {setting.label()}, episode 1")
