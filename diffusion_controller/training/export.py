@@ -201,11 +201,7 @@ def export_onnx(
         raise ValueError(f"weights: expected one of {list(WEIGHTS)}, got {weights!r}")
     if int8_form not in INT8_FORMS:
         raise ValueError(f"int8_form: expected one of {list(INT8_FORMS)}, got {int8_form!r}")
-    if timestep_spacing is not None:
-        if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(
-                f"timestep_spacing: expected one of {list(TIMESTEP_SPACINGS)}, got {timestep_spacing!r}"
-            )
+    if timestep_spacing is not None:  # card.replace validates it (CardError, a ValueError)
         card = card.replace(diffusion=dataclasses.replace(card.diffusion, timestep_spacing=timestep_spacing))
     check_card_fits(card, network.cfg)
     steps = card.steps if steps is None else int(steps)
