@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import Twist, TwistStamped
 from nav_msgs.msg import Odometry
-from rclpy.qos import QoSProfile
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from ros_helpers import (
     NodeProcess,
     Probe,
@@ -69,6 +69,10 @@ from diffusion_controller.core.card import ModelCard
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_NAME = "diffusion_controller"
+#: How ~/model is published (latched): a subscriber that comes later still gets the current model.
+LATCHED = QoSProfile(
+    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+)
 ANT_JOINTS = ("hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4")
 #: ~/debug/command_timing columns (controller_node._timing_row) and state codes.
 TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED = range(8)
@@ -252,6 +256,24 @@ class Models:
 
     def _make_tunable16(self) -> Path:
         return tunable_model(self["a16"], self.root / "tunable16" / "tiny_tunable16.onnx", "tiny_tunable16")
+
+    def _make_directory(self) -> Path:
+        path = self.root / "directory.onnx"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _sparse(self, name: str, mib: int) -> Path:
+        """A file of `mib` MiB of zeros that takes no disk space (nothing in it is a model)."""
+        path = self.root / name
+        with open(path, "wb") as f:
+            f.truncate(mib * 1024 * 1024)
+        return path
+
+    def _make_too_large(self) -> Path:
+        return self._sparse("too_large.onnx", 768)  # the node's max_model_mb is 512
+
+    def _make_zeros(self) -> Path:
+        return self._sparse("zeros.onnx", 256)
 
     def _make_truncated(self) -> Path:
         data = self["a"].read_bytes()
@@ -662,6 +684,9 @@ class NodeRun:
         for k, v in (params or {}).items():
             args += ["-p", f"{k}:={v}"]
         self.timing_topic = f"{self.fqn}/debug/command_timing"
+        self.model_topic = f"{self.fqn}/model"
+        if self.model_topic not in h.probe.messages:
+            h.probe.subscribe(self.model_topic, DiagnosticStatus, LATCHED)
         for topic, msg_type in (
             (self.cmd_topic, Float64MultiArray),
             (self.traj_topic, JointTrajectory),
@@ -724,6 +749,20 @@ class NodeRun:
         if after is not None:
             wait_until(lambda: newest()[0] > after, timeout)
         return newest()[1]
+
+    def model_events(self, t0: float = 0.0) -> list[dict[str, str]]:
+        """~/model statuses received since `t0` as {key: value}, with `_level` and `_message`."""
+        out = []
+        for t, m in self.received(self.model_topic):
+            if t >= t0:
+                out.append(
+                    {
+                        "_level": m.level[0] if isinstance(m.level, bytes) else m.level,
+                        "_message": m.message,
+                        **{kv.key: kv.value for kv in m.values},
+                    }
+                )
+        return out
 
     def get_param(self, name: str) -> Any:
         from rcl_interfaces.srv import GetParameters
@@ -1073,6 +1112,7 @@ class BadInput:
     mutate: Callable[[Any, float], Any]
     fragment: str | None
     rejected: bool = True
+    counter: str = ""  # an /diagnostics observations key (`<name>.<stream>`) that must count them too
 
 
 def _set(attr_path: str, value: Any) -> Callable[[Any, float], Any]:
@@ -1148,6 +1188,15 @@ BAD_INPUTS = [
     BadInput("cmd_vel_nan", "cmd_vel", _set("linear.x", NAN), "contains NaN/Inf"),
     BadInput("cmd_vel_inf", "cmd_vel", _set("angular.z", INF), "contains NaN/Inf"),
     BadInput("cmd_vel_empty", "cmd_vel", _replace(Twist), None, False),  # all zeros: a valid "stand still"
+    # Finite but impossible (core.plausibility): refused for sensors, clamped for the command, counted.
+    BadInput("joint_states_implausible_position", "joint_states", _nan_at("position", 2, 1e308),
+             "/joint_states: joint_position: hip_2 = 1e+308", counter="implausible"),
+    BadInput("joint_states_implausible_velocity", "joint_states", _nan_at("velocity", 5, 1e6),
+             "joint_velocity: ankle_3 = 1e+06", counter="implausible"),
+    BadInput("imu_implausible_angular_velocity", "imu", _set("angular_velocity.z", -3e4),
+             "base_angular_velocity[2] = -3e+04", counter="implausible"),
+    BadInput("cmd_vel_overdriven", "cmd_vel", _set("linear.x", 100.0),
+             "/cmd_vel: velocity_command: velocity_command[0] = 100", False, counter="clamped"),
 ]  # fmt: skip
 #: Bad messages per scenario and their rate (beside the good stream at its normal rate).
 BAD_COUNT, BAD_RATE = 200, 200.0
@@ -1170,6 +1219,8 @@ def bad_input_scenario(bad: BadInput) -> Callable[[Harness, Result], None]:
         node = h.main
         r.check(node.wait_state(RUNNING, 10.0), f"not RUNNING before the scenario (state {node.state()})")
         before = _rejected(node, bad.stream, None)  # up to date: the last scenario waited for its count
+        key = f"{bad.counter}.{bad.stream}"
+        counted_before = int(node.diag("observations").get(key, 0)) if bad.counter else 0
         w = Watch(node)
         # Rejected input comes between good messages (control must go on); usable input replaces the good
         # stream (control must run on it alone).
@@ -1196,6 +1247,9 @@ def bad_input_scenario(bad: BadInput) -> Callable[[Harness, Result], None]:
                 rejected >= 0.5 * BAD_COUNT,
                 f"/diagnostics rejected.{bad.stream} grew by {rejected}, {BAD_COUNT} bad messages sent",
             )
+        if bad.counter:
+            counted = int(node.diag("observations", after=t_end + 0.1).get(key, 0)) - counted_before
+            r.check(counted >= 0.5 * BAD_COUNT, f"/diagnostics {key} grew by {counted}, {BAD_COUNT} sent")
         if bad.fragment is not None:
             lines = w.lines(bad.fragment)
             r.figures["log_lines"] = lines
@@ -1304,6 +1358,58 @@ def wrong_message_types(h: Harness, r: Result) -> None:
     r.check(gone, "/diagnostics still reports the wrong-type publishers after they left")
 
 
+@scenario("input")
+def competing_publishers(h: Harness, r: Result) -> None:
+    """Another node gets a publisher on the node's command topic (two controllers on one robot) and
+    publishes joint states that contradict the sensor's: /diagnostics names both at WARN, each is logged
+    once, control goes on, and the command-topic warning leaves with that publisher."""
+    node = h.main
+    r.check(node.wait_state(RUNNING, 10.0), f"not RUNNING before the scenario (state {node.state()})")
+    w = Watch(node)
+    card = ModelCard.from_onnx(h.models["a"])
+    std = card.obs_std[card.feature_slice("joint_position")]
+    j = int(np.argmin(std))  # joint_position and action joints share the ant order
+    middle = (card.action_lower[j] + card.action_upper[j]) / 2
+    offset = 1.5 * std[j] * (1.0 if middle >= 0 else -1.0)  # disagrees, and still plausible
+    pn = h.probe.node
+    # Its presence in the graph is the fault: nothing is published on it (the probe records that topic).
+    intruder = pn.create_publisher(Float64MultiArray, node.cmd_topic, 10)
+    liar = pn.create_publisher(JointState, TOPICS["joint_states"], 10)
+    key = f"other_publishers.{node.cmd_topic}"
+    seen: dict[str, Any] = {}
+
+    def named() -> bool:
+        t = time.time()
+        msg = SensorStreams.build("joint_states", t)
+        msg.position = [v + (offset if i == j else 0.0) for i, v in enumerate(msg.position)]
+        liar.publish(msg)
+        seen["obs"] = node.diag("observations")
+        return (
+            "hardening_probe" in str(seen["obs"].get(key, ""))
+            and int(seen["obs"].get("contradictions.joint_states", 0)) > 0
+        )
+
+    try:
+        found = wait_until(named, WRONG_TYPE_NAMED_S, period=0.02)
+        obs = seen.get("obs", {})
+    finally:
+        pn.destroy_publisher(liar)
+        pn.destroy_publisher(intruder)
+    a = w.verdict(r)
+    check_running(r, a)
+    r.check(found, f"/diagnostics did not name both within {WRONG_TYPE_NAMED_S:.0f} s: {obs}")
+    r.check(obs.get("_level") == 1, f"/diagnostics observations not WARN: {obs}")
+    lines = w.lines("other publishers besides this node")
+    r.check(lines == 1, f"{lines} log lines about the other command publisher (want 1)")
+    lines = w.lines(f"contradictory publishers on {TOPICS['joint_states']}")
+    r.check(
+        1 <= lines <= MAX_LOG_LINES, f"{lines} log lines about the contradiction (want 1..{MAX_LOG_LINES})"
+    )
+    gone = wait_until(lambda: key not in node.diag("observations", after=time.monotonic()), 10.0)
+    left = h.probe.node.get_publishers_info_by_topic(node.cmd_topic)
+    r.check(gone, f"/diagnostics still reports the other command publisher after it left (graph: {left})")
+
+
 # -- faults --------------------------------------------------------------------------------------------------
 
 
@@ -1394,10 +1500,21 @@ def _swap_rejected(model_key: str | None, fragment: str, at_load: bool) -> Calla
         before = node.diag("policy", after=-math.inf)  # at least one report, also right after the start
         path = str(h.models.root / "no_such_model.onnx") if model_key is None else str(h.models[model_key])
         w = Watch(node)
+        t_call = time.monotonic()
         res = node.set_params(model_path=path)[0]
+        r.figures["param_call_s"] = time.monotonic() - t_call
         if at_load:
+            # Nothing is read on the executor: the call answers at once, the loader thread says the rest.
             r.check(res.successful, f"swap refused before loading: {res.reason}")
             r.check(wait_until(lambda: w.lines("model swap to") > 0, 20.0), "no log line for the failed swap")
+            failed = wait_until(
+                lambda: any(
+                    e.get("event") == "failed" and e.get("attempted_path") == path
+                    for e in node.model_events(w.t0)
+                ),
+                5.0,
+            )
+            r.check(failed, f"~/model never said the swap failed: {node.model_events(w.t0)}")
         else:
             r.check(not res.successful, "a bad model_path was accepted")
             r.check("rejected" in res.reason, f"reason: {res.reason}")
@@ -1416,6 +1533,10 @@ def _swap_rejected(model_key: str | None, fragment: str, at_load: bool) -> Calla
         )
         check_running(r, a)
         r.check(w.lines("model swap to") <= 1, "more than one log line for one failed swap")
+        r.check(
+            int(pol.get("swap_failures", 0)) > int(before.get("swap_failures", 0)),
+            f"swap_failures did not count it: {pol.get('swap_failures')}",
+        )
         if pol.get("model") != "tiny_a":  # the swap went through: put the main node back for what follows
             node.set_params(model_path=str(h.models["a"]))
             wait_until(lambda: node.diag("policy", after=time.monotonic()).get("model") == "tiny_a", 20.0)
@@ -1427,14 +1548,23 @@ def _swap_rejected(model_key: str | None, fragment: str, at_load: bool) -> Calla
 scenario("faults", "swap_missing_file", "model_path set to a file that does not exist")(
     _swap_rejected(None, "does not exist", at_load=False)
 )
+scenario("faults", "swap_directory", "model_path set to a directory")(
+    _swap_rejected("directory", "is a directory", at_load=False)
+)
+scenario("faults", "swap_too_large", "model_path set to a file larger than max_model_mb")(
+    _swap_rejected("too_large", "more than max_model_mb", at_load=False)
+)
+scenario("faults", "swap_zeros_file", "model_path set to 256 MiB of zeros (under max_model_mb)")(
+    _swap_rejected("zeros", "not an ONNX model", at_load=True)
+)
 scenario("faults", "swap_truncated_file", "model_path set to an ONNX file cut in half")(
-    _swap_rejected("truncated", "truncated", at_load=False)
+    _swap_rejected("truncated", "truncated", at_load=True)
 )
 scenario("faults", "swap_card_mismatch", "a valid ONNX whose card says 100 Hz (the node runs 50 Hz)")(
-    _swap_rejected("period", "control period", at_load=False)
+    _swap_rejected("period", "control period", at_load=True)
 )
 scenario("faults", "swap_reorders_joints", "a model whose action joints come in another order")(
-    _swap_rejected("reordered", "change the published joints", at_load=False)
+    _swap_rejected("reordered", "change the published joints", at_load=True)
 )
 scenario("faults", "swap_card_graph_mismatch", "a card that fits the config but not its own graph")(
     _swap_rejected("graph_mismatch", "does not match its card", at_load=True)
@@ -1444,6 +1574,9 @@ scenario("faults", "swap_nan_model", "a valid model and card whose every output 
 )
 
 
+#: Node parameters for the tunable models: their /cmd_vel yaw rate sets how long a predict takes, far
+#: outside any training range, so the command plausibility bounds must not clamp it.
+TUNABLE = {"plausibility.command_sigmas": 1e6}
 #: Inference times (best case here) of the slow-inference scenarios: 2.5 control periods (inside the
 #: 16-action horizon even if a loaded machine makes it 5x slower), and ~3.5x the 8-action horizon.
 SLOW_S, TOO_SLOW_S = 0.05, 0.6
@@ -1455,7 +1588,7 @@ def slow_inference(h: Harness, r: Result) -> None:
     the latency is compensated (later actions of each chunk run), no stale action is executed, control
     stays RUNNING; and it is fast again afterwards."""
     yaw = h.models.yaw_rate_for(SLOW_S, "tunable16")  # before the node starts: nothing else competes
-    node = h.start(h.models["tunable16"], "/slow")
+    node = h.start(h.models["tunable16"], "/slow", params=TUNABLE)
     try:
         r.check(node.wait_state(RUNNING, 60.0), f"node never RUNNING: {node.log()[-2000:]}")
         w = Watch(node)
@@ -1502,7 +1635,7 @@ def inference_too_slow(h: Harness, r: Result) -> None:
     arrival. The node holds a safe command (SAFE after the configured misses), says why on /diagnostics
     and in a bounded number of log lines, and runs again by itself when inference is fast again."""
     yaw = h.models.yaw_rate_for(TOO_SLOW_S, "tunable8")
-    node = h.start(h.models["tunable8"], "/tooslow")
+    node = h.start(h.models["tunable8"], "/tooslow", params=TUNABLE)
     try:
         r.check(node.wait_state(RUNNING, 60.0), f"node never RUNNING: {node.log()[-2000:]}")
         w = Watch(node)
@@ -1538,7 +1671,7 @@ def _signal_during_inference(sig: int) -> Callable:
 
     def body(h: Harness, r: Result) -> None:
         h.sensors.set_command(yaw_rate=h.models.yaw_rate_for(TOO_SLOW_S, "tunable8"))
-        node = h.start(h.models["tunable8"], f"/sig{int(sig)}")
+        node = h.start(h.models["tunable8"], f"/sig{int(sig)}", params=TUNABLE)
         try:
             # Requests go out from the first tick with fresh observations; each predict takes ~0.6 s, so
             # one is in flight nearly all the time.

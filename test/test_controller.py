@@ -443,3 +443,24 @@ def test_continue_from_refuses_a_command_that_does_not_fit():
     assert not rig.core.continue_from(np.array([np.nan, 0.2]))
     rig.k = 1
     np.testing.assert_allclose(rig.step().command, [0.2, 0.1])  # the measured pose, as without it
+
+
+def test_a_refused_unsafe_input_holds_safe_until_a_newer_good_sample():
+    rig = Rig(ControlConfig(obs_timeout_s=0.1, **WIDE))
+    rig.until(ControlState.RUNNING)
+    bad_stamp = rig.k * P + 0.001  # newer than the sample stored at this step
+    rig.core.fault("joint_position", bad_stamp, "/joint_states: hip_1 = 1e+308 outside [-1, 1]")
+    r = rig.step()
+    assert r.state is ControlState.SAFE and "implausible observation" in r.reason and "hip_1" in r.reason
+    # The samples fed from the next step on are newer: the fault clears, control restarts from a fresh chunk.
+    rig.until(ControlState.RUNNING, limit=10)
+    assert rig.core.stats().safe_entries == 1
+
+
+def test_an_older_good_sample_does_not_clear_a_refused_newer_input():
+    rig = Rig(ControlConfig(obs_timeout_s=0.1, **WIDE))
+    rig.until(ControlState.RUNNING)
+    rig.core.fault("joint_position", 1e6, "from the future of this rig")  # every fed sample is older
+    for r in rig.run(20):
+        assert r.state is ControlState.SAFE
+    assert "from the future of this rig" in rig.core.stats().reason

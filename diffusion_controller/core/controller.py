@@ -265,6 +265,7 @@ class ControlCore:
         cfg = self.config
         self.card = card
         self._layout = layout_of(card)
+        self._faults: dict[str, tuple[float, str]] = {}  # feature -> (stamp, why) of refused unsafe input
         self._period = float(card.control_period_s)
         expire = {}
         if cfg.command_timeout_s is not None:
@@ -301,7 +302,18 @@ class ControlCore:
             except ObservationError as e:
                 self._counters.rejected_observations += 1
                 return e.reason
+            fault = self._faults.get(feature)
+            if fault is not None and stamp > fault[0]:
+                del self._faults[feature]  # a newer good sample: the input is plausible again
             return None
+
+    def fault(self, feature: str, stamp: float, reason: str) -> None:
+        """An input of `feature` stamped `stamp` was refused as unsafe to act on (a source with the `safe`
+        plausibility policy): the safe state from the next tick until a sample newer than it is stored."""
+        with self._lock:
+            old = self._faults.get(feature)
+            if old is None or stamp >= old[0]:
+                self._faults[feature] = (float(stamp), reason)
 
     def tick(self, now: float) -> TickResult:
         """One control step at node time `now`: the command to publish and why. Never blocks."""
@@ -439,6 +451,7 @@ class ControlCore:
         self._miss_cause = self._safe_why = ""
         if clear_history:
             self._watchdog.healthy = False
+            self._faults.clear()  # stamps of another timeline
         self._wait_cause = reason
         if not self._estopped:
             self._state, self._reason = ControlState.WAITING, reason
@@ -480,7 +493,9 @@ class ControlCore:
         t_exec = now + self.config.exec_latency_s
 
         self._collect(now)
-        status = self._watchdog.update(self._history.ages(now))
+        status = self._watchdog.update(
+            self._history.ages(now), {f: why for f, (_, why) in self._faults.items()}
+        )
         if status.changed:
             self._on_watchdog_change(status)
 

@@ -148,9 +148,15 @@ class WatchdogStatus(NamedTuple):
     healthy: bool
     stale: tuple[StaleFeature, ...]
     changed: bool  # healthy flipped on this update
+    faults: tuple[str, ...] = ()  # features whose newest input was refused as unsafe, with why
 
     def reason(self) -> str:
-        return "stale observation: " + ", ".join(s.describe() for s in self.stale) if self.stale else ""
+        parts = []
+        if self.stale:
+            parts.append("stale observation: " + ", ".join(s.describe() for s in self.stale))
+        if self.faults:
+            parts.append("implausible observation: " + "; ".join(self.faults))
+        return "; ".join(parts)
 
 
 class Watchdog:
@@ -167,14 +173,17 @@ class Watchdog:
         self.timeouts = dict(timeouts)
         self.healthy = True
 
-    def update(self, ages: Mapping[str, float]) -> WatchdogStatus:
-        """Check the ages (seconds; inf = never received) of the watched features."""
+    def update(self, ages: Mapping[str, float], faults: Mapping[str, str] | None = None) -> WatchdogStatus:
+        """Check the ages (seconds; inf = never received) of the watched features; `faults` (feature ->
+        why) are features whose newest input said the robot is not safe to drive (see
+        core.plausibility): unhealthy as long as they are there."""
         stale = tuple(
             StaleFeature(name, ages.get(name, math.inf), timeout)
             for name, timeout in self.timeouts.items()
             if not ages.get(name, math.inf) <= timeout
         )
-        healthy = not stale
+        faulted = tuple(faults.values()) if faults else ()
+        healthy = not stale and not faulted
         changed = healthy != self.healthy
         self.healthy = healthy
-        return WatchdogStatus(healthy, stale, changed)
+        return WatchdogStatus(healthy, stale, changed, faulted)

@@ -33,6 +33,7 @@ import yaml
 
 from diffusion_controller.core.card import FEATURE_SIZES
 from diffusion_controller.core.observation import COMPUTED_KINDS
+from diffusion_controller.core.plausibility import POLICIES
 from diffusion_controller.core.safety import SAFE_MODES
 from diffusion_controller.core.scheduler import BLEND_MODES, inpaint_refusal
 
@@ -67,6 +68,7 @@ HAS_HEADER = frozenset({JOINT_STATE, IMU, ODOMETRY, TWIST_STAMPED})
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 EXECUTORS = ("auto", "events", "single_threaded", "multi_threaded")
 STAMP_MODES = ("header", "receipt")
+IMPLAUSIBLE_POLICIES = ("auto", *POLICIES)
 TRAJECTORY_STAMPS = ("zero", "absolute")
 
 
@@ -163,6 +165,17 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
               "observations.<name>.{topic,type,features,timeout_s,stamp,frame}."),
     ParamSpec("observations.max_future_s", 0.05, "float", "Reject observation stamps further than this in "
               "the future.", range=(0.0, 10.0)),
+    ParamSpec("plausibility.joint_margin", 1.0, "float", "Joint positions of action joints are plausible "
+              "within the card's action limits widened by this (robot units; wide enough for a robot "
+              "lying down before it stands: the card does not know the physical range).",
+              range=(1e-6, 1000.0)),
+    ParamSpec("plausibility.command_sigmas", 3.0, "float", "A velocity command is inside the training range "
+              "within the card's normalization mean +- this many standard deviations.", range=(0.1, 1e6)),
+    ParamSpec("plausibility.sensor_sigmas", 50.0, "float", "Any other observation is plausible within the "
+              "card's normalization mean +- this many standard deviations (only garbage is outside).",
+              range=(0.1, 1e9)),
+    ParamSpec("max_model_mb", 512.0, "float", "Largest model file configure or a swap will read (MiB); a "
+              "larger model_path is refused before any reading.", range=(0.001, 1e6), live=True),
     ParamSpec("outputs.commands.enabled", True, "bool", "Publish Float64MultiArray commands "
               "(forward_command_controller)."),
     ParamSpec("outputs.commands.topic", "~/commands", "str", "Command topic."),
@@ -190,6 +203,10 @@ def source_param_specs(source: str) -> tuple[ParamSpec, ...]:
         ParamSpec(p + "stamp", "header", "str", "Sample time: the header stamp (falls back to receipt for "
                   "types without a header or stamp 0) or the receipt time.", choices=STAMP_MODES),
         ParamSpec(p + "frame", "", "str", "Expected frame_id (Odometry: child_frame_id); '' = any."),
+        ParamSpec(p + "implausible", "auto", "str", "Values outside the card's plausible bounds: clamp them, "
+                  "reject the message, or safe (reject and hold the safe state until plausible input); "
+                  "auto = clamp for a source of velocity commands only, else reject.",
+                  choices=IMPLAUSIBLE_POLICIES),
     )
 
 
@@ -263,6 +280,18 @@ class SourceConfig:
     timeout_s: float = 0.1
     stamp: str = "header"
     frame: str = ""
+    implausible: str = "auto"
+
+
+def implausible_policy(src: SourceConfig, card: Any) -> str:
+    """The source's plausibility policy; auto is clamp for a source that fills only velocity commands (an
+    operator may overdrive a joystick; the policy gets the nearest command it was trained on) and reject
+    for sensors (a glitch is dropped; the watchdog decides whether the stream is gone)."""
+    if src.implausible != "auto":
+        return src.implausible
+    kinds = {f.name: f.kind for f in card.features}
+    commands_only = all(kinds.get(name) == "velocity_command" for name in src.features)
+    return "clamp" if commands_only and src.features else "reject"
 
 
 @dataclass(frozen=True)
@@ -291,6 +320,10 @@ class NodeConfig:
     executor: str = "auto"
     diagnostics_period_s: float = 1.0
     max_future_s: float = 0.05
+    joint_margin: float = 1.0
+    command_sigmas: float = 3.0
+    sensor_sigmas: float = 50.0
+    max_model_mb: float = 512.0
     commands_enabled: bool = True
     commands_topic: str = "~/commands"
     trajectory_enabled: bool = True
@@ -342,6 +375,7 @@ class NodeConfig:
                     timeout_s=sv["timeout_s"],
                     stamp=sv["stamp"],
                     frame=sv["frame"],
+                    implausible=sv["implausible"],
                 )
             )
         if not names:
@@ -380,6 +414,10 @@ class NodeConfig:
             executor=v["executor"],
             diagnostics_period_s=v["diagnostics_period_s"],
             max_future_s=v["observations.max_future_s"],
+            joint_margin=v["plausibility.joint_margin"],
+            command_sigmas=v["plausibility.command_sigmas"],
+            sensor_sigmas=v["plausibility.sensor_sigmas"],
+            max_model_mb=v["max_model_mb"],
             commands_enabled=v["outputs.commands.enabled"],
             commands_topic=v["outputs.commands.topic"],
             trajectory_enabled=v["outputs.trajectory.enabled"],

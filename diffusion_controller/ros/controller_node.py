@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import math
 import os
 import signal
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import rclpy
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (
     FloatingPointRange,
     IntegerRange,
@@ -48,13 +50,14 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, Si
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from std_srvs.srv import Trigger
 
 from diffusion_controller.core.card import CardError, ModelCard, sidecar_path
 from diffusion_controller.core.controller import ConfigError as CoreConfigError
 from diffusion_controller.core.controller import ControlConfig, ControlCore, ControlState
+from diffusion_controller.core.plausibility import Plausibility, PlausibilityLimits, PublisherAgreement
 from diffusion_controller.core.runtime import ModelError, Policy
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
@@ -73,6 +76,11 @@ STATE_CODES = {
 NEVER_S = 1e9
 #: Commands must reach reliable controller subscriptions (a best-effort publisher cannot).
 COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+#: ~/model is latched: a late subscriber (a dashboard, a test) gets the current model at once.
+MODEL_QOS = QoSProfile(
+    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+)
+MIB = 1024 * 1024
 _KIND_TYPES = {
     "bool": ParameterType.PARAMETER_BOOL,
     "int": ParameterType.PARAMETER_INTEGER,
@@ -181,6 +189,32 @@ def normal_priority():
     finally:
         with contextlib.suppress(OSError):
             os.sched_setscheduler(0, policy, param)
+
+
+def file_sha256(path: str) -> str:
+    """The model file's SHA-256 (hex), published on ~/model so an operator knows which weights drive."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 * MIB), b""):
+            digest.update(block)  # hashlib releases the GIL for blocks this large
+    return digest.hexdigest()
+
+
+def check_model_file(path: str, max_mb: float) -> int:
+    """Size of the model file at `path` (bytes) after the checks that need no reading; ConfigError else."""
+    if not path:
+        raise cf.ConfigError("model_path is empty; set it to an .onnx policy with a model card")
+    if os.path.isdir(path):
+        raise cf.ConfigError(f"model_path '{path}' is a directory, not an .onnx model file")
+    if not os.path.isfile(path):
+        raise cf.ConfigError(f"model_path '{path}' does not exist")
+    size = os.path.getsize(path)
+    if size > max_mb * MIB:
+        raise cf.ConfigError(
+            f"model_path '{path}' is {size / MIB:.1f} MiB, more than max_model_mb ({max_mb:g}); raise "
+            "max_model_mb to load it"
+        )
+    return size
 
 
 def read_card(path: str) -> ModelCard:
@@ -292,10 +326,19 @@ class ControllerNode(LifecycleNode):
         self._swap_target = ""
         self._swaps = 0
         self._swap_failures = 0
+        self._model_sha256 = ""
         self._retired: list[Any] = []  # replaced policies, freed right after a tick (see _free_retired)
         self._faults = dg.RateLimitedLog(self._log.warning)  # rejected input, per source and cause
         self._events = dg.RateLimitedLog(self._log.warning)  # missed steps
+        self._warnings = dg.RateLimitedLog(self._log.warning)  # clamped input, contradicting publishers
         self._source_faults: dict[str, int] = {}
+        self._topics: dict[str, str] = {}  # source -> resolved topic
+        # source -> count, and when last, of: clamped or refused implausible input, contradicting publishers
+        self._clamped: dict[str, int] = {}
+        self._implausible: dict[str, int] = {}
+        self._contradictions: dict[str, int] = {}
+        self._last_warning_time = -math.inf
+        self._intruders: dict[str, str] = {}  # command topic -> other nodes publishing on it
         self._wrong_types: dict[str, str] = {}  # source topic -> publishers of another type on it
         self._wrong_types_logged: dict[tuple[str, str], float] = {}  # (topic, types) -> last seen (s)
         self._wall_time = not self.get_parameter("use_sim_time").value
@@ -303,6 +346,7 @@ class ControllerNode(LifecycleNode):
         # Always available, whatever the lifecycle state.
         steady = Clock(clock_type=ClockType.STEADY_TIME)
         self._pub_diag = self.create_publisher(dg.DiagnosticArray, "/diagnostics", 10)
+        self._pub_model = self.create_publisher(DiagnosticStatus, "~/model", MODEL_QOS)
         self._diag_timer = self.create_timer(
             float(self.get_parameter("diagnostics_period_s").value), self._publish_diagnostics,
             callback_group=self._misc_group, clock=steady,
@@ -347,7 +391,8 @@ class ControllerNode(LifecycleNode):
                     reason=f"{p.name} is read on configure: deactivate, cleanup, set it, configure again",
                 )
             if p.name == "model_path":
-                reason = self._begin_swap(value)
+                limit = next((q.value for q in params if q.name == "max_model_mb"), None)
+                reason = self._begin_swap(value, float(limit or self.get_parameter("max_model_mb").value))
                 if reason:  # said where an operator looks, not only in the caller's reply
                     self._swap_failures += 1
                     # Not _error(): rclpy refuses two severities from one logging call site.
@@ -367,20 +412,24 @@ class ControllerNode(LifecycleNode):
             cfg = cf.NodeConfig.from_params(self._param_values())
             for problem in cf.unknown_parameters(self._overrides(), [s.name for s in cfg.sources]):
                 self._log.warning(f"{problem}: ignored")
-            card, binding = self._check_model(cfg, cfg.model_path)
+            card, binding = self._check_model(cfg, cfg.model_path, cfg.max_model_mb)
             policy = self._load_policy(cfg, cfg.model_path)
+            sha256 = file_sha256(cfg.model_path)
             core = ControlCore(policy.card, self._control_config(cfg, binding, policy.card), policy)
             carried = carried_command(self._last_sent, binding, len(policy.card.action_joints))
             if carried is not None and core.continue_from(carried):
                 self._log.info("first commands rate-limited against the last one this node sent")
         except (cf.ConfigError, CardError, ModelError, CoreConfigError, OSError) as exc:
             self._error(f"configure failed: {exc}")
+            self._publish_model("failed", dg.ERROR, f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
         except Exception as exc:  # anything else: still a clear line instead of rclpy's silent ERROR
             self._error(f"configure failed: {type(exc).__name__}: {exc}")
+            self._publish_model("failed", dg.ERROR, f"configure failed: {type(exc).__name__}: {exc}")
             return TransitionCallbackReturn.FAILURE
         self._cfg, self._binding, self._policy, self._core = cfg, binding, policy, core
-        self._model_path = cfg.model_path
+        self._model_path, self._model_sha256 = cfg.model_path, sha256
+        self._topics = {s.name: self.resolve_topic_name(s.topic) for s in cfg.sources}
         self._readers = self._make_readers(cfg, policy.card, binding)
         self._stats = dg.LoopStats(period_s=binding.period_s)
         self._last_error = ""
@@ -409,6 +458,7 @@ class ControllerNode(LifecycleNode):
             f"configured: model '{card.name}' {card.version} on {policy.provider}, K={policy.steps}, "
             f"{1.0 / binding.period_s:.1f} Hz, sources {[s.name for s in cfg.sources]}"
         )
+        self._publish_model("loaded", dg.OK, f"running '{card.name}' {card.version}")
         return super().on_configure(state)
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
@@ -430,6 +480,7 @@ class ControllerNode(LifecycleNode):
 
     def on_cleanup(self, state: State) -> TransitionCallbackReturn:
         self._release()
+        self._publish_model("unloaded", dg.STALE, "no model loaded (cleanup)")
         return super().on_cleanup(state)
 
     def on_shutdown(self, state: State) -> TransitionCallbackReturn:
@@ -480,14 +531,9 @@ class ControllerNode(LifecycleNode):
             core.close()
 
     # -- model loading and swapping --------------------------------------------------------------------------
-    def _check_model(self, cfg: cf.NodeConfig, path: str) -> tuple[ModelCard, cf.Binding]:
-        """The cheap part, done before any loading: the file, its card, and the card vs the config."""
-        if not path:
-            raise cf.ConfigError("model_path is empty; set it to an .onnx policy with a model card")
-        if os.path.isdir(path):
-            raise cf.ConfigError(f"model_path '{path}' is a directory, not an .onnx model file")
-        if not os.path.isfile(path):
-            raise cf.ConfigError(f"model_path '{path}' does not exist")
+    def _check_model(self, cfg: cf.NodeConfig, path: str, max_mb: float) -> tuple[ModelCard, cf.Binding]:
+        """The part before any session exists: the file, its card, and the card vs the config."""
+        check_model_file(path, max_mb)
         card = read_card(path)
         return card, cf.validate_against_card(cfg, card)
 
@@ -530,49 +576,48 @@ class ControllerNode(LifecycleNode):
         self, cfg: cf.NodeConfig, card: ModelCard, binding: cf.Binding
     ) -> dict[str, cv.SourceReader]:
         readers = {}
+        plausible = Plausibility(
+            card, PlausibilityLimits(cfg.joint_margin, cfg.command_sigmas, cfg.sensor_sigmas)
+        )
         for src in cfg.sources:
             decoder = cv.SourceDecoder(src, card.features, binding.rename)
-            readers[src.name] = cv.SourceReader(decoder, cfg.max_future_s, on_note=self._note)
+            readers[src.name] = cv.SourceReader(
+                decoder, cfg.max_future_s, on_note=lambda cause, text, n=src.name: self._note(n, cause, text),
+                plausibility=plausible, policy=cf.implausible_policy(src, card),
+                agreement=PublisherAgreement(card),
+            )  # fmt: skip
         return readers
 
-    def _begin_swap(self, path: str) -> str:
-        """Check a new model_path now (cheap) and load it in the background; '' or the rejection reason."""
+    def _begin_swap(self, path: str, max_mb: float) -> str:
+        """Start loading a new model_path in the background; '' or why not. Only what needs no reading
+        is checked here (the parameter call answers at once); the loader thread does the rest."""
         cfg, binding = self._cfg, self._binding
         if cfg is None or binding is None:
             return ""
         if self._swap_thread is not None:
             return f"a model swap to '{self._swap_target}' is still loading; try again when it is done"
         try:
-            card, new_binding = self._check_model(cfg, path)
-        except (cf.ConfigError, CardError) as exc:
+            check_model_file(path, max_mb)
+        except (cf.ConfigError, OSError) as exc:
             return f"model_path rejected, the old model keeps running: {exc}"
-        if new_binding.output_joints != binding.output_joints:
-            return (
-                "model_path rejected, the old model keeps running: its action joints "
-                f"{list(new_binding.output_joints)} change the published joints "
-                f"{list(binding.output_joints)}; set `joints` to pin the order"
-            )
-        if abs(new_binding.period_s - binding.period_s) > 1e-9:
-            return (
-                "model_path rejected, the old model keeps running: control period "
-                f"{new_binding.period_s:.4f} s differs from the running {binding.period_s:.4f} s; "
-                "set rate_hz or reconfigure"
-            )
         self._swap_target = path
         self._swap_thread = threading.Thread(
-            target=self._swap, args=(cfg, path, card, new_binding, self._model_path),
+            target=self._swap, args=(cfg, path, max_mb, binding, self._model_path),
             name="model_swap", daemon=True,
         )  # fmt: skip
         self._swap_thread.start()
         self._log.info(f"model swap: loading '{path}' in the background")
+        self._publish_model("loading", dg.WARN, f"loading '{path}'; the old model keeps running meanwhile")
         return ""
 
-    def _swap(
-        self, cfg: cf.NodeConfig, path: str, card: ModelCard, binding: cf.Binding, old_path: str
-    ) -> None:
-        """Loader thread: load + warm up, then swap between two ticks; on failure keep the old model."""
+    def _swap(self, cfg: cf.NodeConfig, path: str, max_mb: float, running: cf.Binding, old_path: str) -> None:
+        """Loader thread: read and check the card, hash, load + warm up, then swap between two ticks; on
+        any failure keep the old model, say why (log, /diagnostics, ~/model) and put model_path back."""
         set_thread_priority(0)  # started from a real-time executor thread: loading is not real-time work
         try:
+            card, binding = self._check_model(cfg, path, max_mb)
+            check_swap_fits(running, binding)
+            sha256 = file_sha256(path)
             policy = self._load_policy(cfg, path, warmup=0)
             with nicer_thread(LOADER_NICE_INCREMENT):  # warm-up must not take CPU from the running model
                 policy.warm_up()
@@ -583,13 +628,16 @@ class ControllerNode(LifecycleNode):
                 self._core.swap_policy(policy)
                 self._retired.append(self._policy)
                 self._policy, self._binding, self._readers = policy, binding, readers
-                self._model_path = path
+                self._model_path, self._model_sha256 = path, sha256
             gc.freeze()  # the new model's objects are long-lived too (see on_configure)
             self._swaps += 1
             self._log.info(f"model swap: now running '{card.name}' {card.version} on {policy.provider}")
+            self._publish_model("swapped", dg.OK, f"running '{card.name}' {card.version}")
         except Exception as exc:  # any failure: the old model keeps running
             self._swap_failures += 1
-            self._error(f"model swap to '{path}' failed, the old model keeps running: {exc}")
+            why = f"model swap to '{path}' failed, the old model keeps running: {exc}"
+            self._error(why)
+            self._publish_model("failed", dg.ERROR, why, attempted=path)
             self._reverting = True
             try:
                 self.set_parameters([Parameter("model_path", value=old_path)])
@@ -597,6 +645,28 @@ class ControllerNode(LifecycleNode):
                 self._reverting = False
         finally:
             self._swap_thread = None
+
+    def _publish_model(self, event: str, level: int, message: str, attempted: str = "") -> None:
+        """One ~/model status: what runs now (name, version, path, SHA-256, provider) and what happened."""
+        policy, card = self._policy, getattr(self._policy, "card", None)
+        values = {
+            "event": event,
+            "path": self._model_path if policy is not None else "",
+            "name": card.name if card is not None else "",
+            "version": card.version if card is not None else "",
+            "sha256": self._model_sha256 if policy is not None else "",
+            "provider": str(getattr(policy, "provider", "")),
+            "steps": str(getattr(policy, "steps", "")),
+            "swaps": str(self._swaps),
+            "swap_failures": str(self._swap_failures),
+            "attempted_path": attempted,
+        }
+        msg = DiagnosticStatus(
+            level=bytes([level]), name=f"{self.get_fully_qualified_name()}: model", message=message[:1000]
+        )
+        msg.values = [KeyValue(key=k, value=v) for k, v in values.items()]
+        with contextlib.suppress(Exception):  # a status message must never cost a swap or a transition
+            self._pub_model.publish(msg)
 
     # -- callbacks -----------------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -613,9 +683,20 @@ class ControllerNode(LifecycleNode):
                     self._fault(source, "rejected", f"{feature}: {reason}")
 
         def reject(source: str, exc: cv.InputError) -> None:
+            if isinstance(exc, cv.ImplausibleInputError):
+                topic = self._topics.get(source, source)
+                self._implausible[source] = self._implausible.get(source, 0) + 1
+                if exc.go_safe:
+                    for feature in exc.features:
+                        core.fault(feature, exc.stamp, f"{topic}: {exc}")
+                # One log line per source and feature set: another feature going wrong is news.
+                self._fault(source, f"{exc.cause}:{','.join(exc.features)}", f"{topic}: {exc}")
+                return
             self._fault(source, exc.cause, str(exc))
 
-        self._intake.drain(self._readers, now, core.observation_spacing_s, accept, reject)
+        self._intake.drain(
+            self._readers, now, core.observation_spacing_s, accept, reject, self._contradiction
+        )
 
     def _on_tick(self) -> None:
         """One control period: take the observations, ask the core for the command and publish it."""
@@ -720,8 +801,27 @@ class ControllerNode(LifecycleNode):
         self._last_fault_time = time.monotonic()
         self._faults(f"{source}:{cause}", f"[{source}] {message}")
 
-    def _note(self, cause: str, message: str) -> None:
-        self._log.info(message)
+    def _note(self, source: str, cause: str, message: str) -> None:
+        """A message the reader used but has something to say about (clamped values, stamp 0)."""
+        if cause != "clamped":
+            self._log.info(message)
+            return
+        self._clamped[source] = self._clamped.get(source, 0) + 1
+        self._last_warning_time = time.monotonic()
+        self._warnings(f"{source}:clamped", f"[{source}] {self._topics.get(source, source)}: {message}")
+
+    def _contradiction(self, source: str, why: str) -> None:
+        """Two publishers on one observation topic disagree: say so (which one is right is not knowable)."""
+        self._contradictions[source] = self._contradictions.get(source, 0) + 1
+        self._last_warning_time = time.monotonic()
+        topic = self._topics.get(source, source)
+        nodes = ""
+        with contextlib.suppress(Exception):
+            nodes = ", ".join(sorted(_node_names(self.get_publishers_info_by_topic(topic))))
+        self._warnings(
+            f"{source}:contradiction",
+            f"[{source}] contradictory publishers on {topic} ({nodes or 'nodes unknown'}): {why}",
+        )
 
     def _error(self, message: str) -> None:
         self._last_error, self._last_error_time = message, time.monotonic()
@@ -756,9 +856,40 @@ class ControllerNode(LifecycleNode):
                 del self._wrong_types_logged[key]
         self._wrong_types = found
 
+    def _check_command_topics(self) -> None:
+        """Another node publishing on this node's command topics means two controllers fight over one
+        robot: find it in the graph and keep it on /diagnostics (WARN) while it is there."""
+        cfg, found = self._cfg, {}
+        if cfg is None:
+            self._intruders = {}
+            return
+        own = (self.get_namespace().rstrip("/"), self.get_name())
+        for enabled, name in (
+            (cfg.commands_enabled, cfg.commands_topic),
+            (cfg.trajectory_enabled, cfg.trajectory_topic),
+        ):
+            if not enabled:
+                continue
+            topic = self.resolve_topic_name(name)
+            others = [
+                i
+                for i in self.get_publishers_info_by_topic(topic)
+                if (i.node_namespace.rstrip("/"), i.node_name) != own
+            ]
+            if others:
+                found[topic] = ", ".join(sorted(_node_names(others)))
+                if topic not in self._intruders:
+                    self._log.warning(
+                        f"{topic}: other publishers besides this node ({found[topic]}); two controllers "
+                        "commanding one robot fight each other"
+                    )
+        self._intruders = found
+
     def _publish_diagnostics(self) -> None:
         with contextlib.suppress(Exception):  # a graph query must never cost the diagnostics
             self._check_topic_types()
+        with contextlib.suppress(Exception):
+            self._check_command_topics()
         label = self._state_machine.current_state[1]
         sections = self._diagnostic_sections(label)
         self._pub_diag.publish(
@@ -836,12 +967,17 @@ class ControllerNode(LifecycleNode):
                 "swap_failures": self._swap_failures,
                 "replaced_models_not_freed": len(self._retired),
                 "swap_loading": self._swap_target if self._swap_thread else "",
+                "sha256": self._model_sha256,
                 "last_error": self._last_error or st.last_error,
             },
         )
         ages = core.ages(self._now())
         values: dict[str, object] = {f"age_ms.{k}": 1000.0 * v for k, v in ages.items()}
         values.update({f"rejected.{k}": v for k, v in self._source_faults.items()})
+        values.update({f"implausible.{k}": v for k, v in self._implausible.items()})
+        values.update({f"clamped.{k}": v for k, v in self._clamped.items()})
+        values.update({f"contradictions.{k}": v for k, v in self._contradictions.items()})
+        values.update({f"other_publishers.{k}": v for k, v in self._intruders.items()})
         values.update({f"wrong_type.{k}": v for k, v in self._wrong_types.items()})
         values.update(self._input_rates())
         values["stale_events"] = st.stale_obs_events
@@ -852,8 +988,15 @@ class ControllerNode(LifecycleNode):
             obs_level, obs_msg = dg.ERROR, f"stale: {', '.join(stale)}"
         elif self._wrong_types:
             obs_level, obs_msg = dg.WARN, "publishers of the wrong type on " + ", ".join(self._wrong_types)
+        elif self._intruders:
+            obs_level, obs_msg = (
+                dg.WARN,
+                "other publishers on the command topics " + ", ".join(self._intruders),
+            )
         elif time.monotonic() - self._last_fault_time < RECENT_S:
             obs_level, obs_msg = dg.WARN, f"rejected messages: {self._faults.last_message}"
+        elif time.monotonic() - self._last_warning_time < RECENT_S:
+            obs_level, obs_msg = dg.WARN, self._warnings.last_message
         else:
             obs_level, obs_msg = dg.OK, "fresh"
         return [loop, pol, dg.Section("observations", obs_level, obs_msg, values)]
@@ -875,6 +1018,25 @@ class ControllerNode(LifecycleNode):
     def _control_timeouts(self) -> dict[str, float]:
         core = self._core
         return dict(core.config.obs_timeouts_s) if core is not None else {}
+
+
+def check_swap_fits(running: cf.Binding, new: cf.Binding) -> None:
+    """A swap keeps what the robot side is wired to: the published joints and the control period."""
+    if new.output_joints != running.output_joints:
+        raise cf.ConfigError(
+            f"its action joints {list(new.output_joints)} change the published joints "
+            f"{list(running.output_joints)}; set `joints` to pin the order"
+        )
+    if abs(new.period_s - running.period_s) > 1e-9:
+        raise cf.ConfigError(
+            f"control period {new.period_s:.4f} s differs from the running {running.period_s:.4f} s; "
+            "set rate_hz or reconfigure"
+        )
+
+
+def _node_names(infos: Sequence[Any]) -> set[str]:
+    """Fully qualified node names of graph endpoint infos."""
+    return {f"{i.node_namespace.rstrip('/')}/{i.node_name}" for i in infos}
 
 
 def make_executor(kind: str, context: Any = None) -> tuple[Any, str]:

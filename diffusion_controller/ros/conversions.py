@@ -20,6 +20,7 @@ from std_msgs.msg import Float64MultiArray, MultiArrayDimension
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from diffusion_controller.core import features as fx
+from diffusion_controller.core.plausibility import Plausibility, PublisherAgreement
 from diffusion_controller.ros import config as cfgmod
 
 MESSAGE_CLASSES: dict[str, type] = {
@@ -38,6 +39,15 @@ class InputError(ValueError):
     def __init__(self, cause: str, message: str) -> None:
         super().__init__(message)
         self.cause = cause
+
+
+class ImplausibleInputError(InputError):
+    """A message with values outside the card's plausible bounds (core.plausibility), refused; with the
+    `safe` policy the node also holds the safe state for `features` until a newer plausible sample."""
+
+    def __init__(self, message: str, stamp: float, features: tuple[str, ...], go_safe: bool) -> None:
+        super().__init__("implausible", message)
+        self.stamp, self.features, self.go_safe = stamp, features, go_safe
 
 
 def time_to_sec(t: Time) -> float:
@@ -184,16 +194,23 @@ class SourceReader:
     types without a header, for `stamp: receipt`, and for stamp 0 (a publisher that does not stamp --
     reported once as cause `zero_stamp`). Stamps more than `max_future_s` ahead of the node's clock, or
     older than the source's newest accepted stamp, are rejected -- unless the node's clock itself went
-    back behind that stamp (a simulation reset), which starts a new timeline.
+    back behind that stamp (a simulation reset), which starts a new timeline. Values outside the card's
+    plausible bounds are clamped, or the message refused, by the source's `policy` (core.plausibility).
     """
 
     def __init__(self, decoder: SourceDecoder, max_future_s: float,
-                 on_note: Callable[[str, str], None] | None = None) -> None:
+                 on_note: Callable[[str, str], None] | None = None,
+                 plausibility: Plausibility | None = None, policy: str = "reject",
+                 agreement: PublisherAgreement | None = None) -> None:
         self.decoder = decoder
         self.max_future_s = max_future_s
         self.on_note = on_note
+        self.plausibility = plausibility
+        self.policy = policy
+        self.agreement = agreement  # read by the intake, which knows each message's publisher
         self.last_stamp: float | None = None
         self.zero_stamps = 0
+        self.clamped = 0
 
     @property
     def source(self) -> cfgmod.SourceConfig:
@@ -229,8 +246,27 @@ class SourceReader:
         if self.last_stamp is not None and stamp < self.last_stamp:
             raise InputError("stamp_backwards", f"stamp {stamp:.3f} s is older than the previous "
                              f"{self.last_stamp:.3f} s; message ignored")
+        if self.plausibility is not None:
+            values = self._plausible(stamp, values)
         self.last_stamp = stamp
         return stamp, values
+
+    def _plausible(self, stamp: float, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`values` inside the card's bounds, clamped (policy clamp), or ImplausibleInputError."""
+        check = self.plausibility
+        assert check is not None
+        problems = {name: why for name, v in values.items() if (why := check.check(name, v))}
+        if not problems:
+            return values
+        text = "; ".join(problems.values())
+        if self.policy == "clamp":
+            self.clamped += 1
+            if self.on_note is not None:
+                self.on_note("clamped", f"{text}: clamped into the bounds")
+            return {n: check.clamp(n, v) if n in problems else v for n, v in values.items()}
+        safe = self.policy == "safe"
+        then = ", safe state until plausible input" if safe else ""
+        raise ImplausibleInputError(f"{text}; message ignored{then}", stamp, tuple(problems), safe)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -81,10 +81,9 @@ class SourceIntake:
 
     def _count_lost(self, info: dict) -> None:
         """Gaps in a publisher's sequence numbers: messages the transport or a full queue dropped."""
-        seq, gid = info.get("publication_sequence_number"), info.get("publisher_gid")
-        if not isinstance(seq, int) or not isinstance(gid, dict):
+        seq, key = info.get("publication_sequence_number"), _publisher(info)
+        if not isinstance(seq, int) or not key:
             return
-        key = bytes(gid.get("data", b""))
         last = self._last_seq.get(key)
         if last is not None and seq > last + 1:
             self.counts.lost += seq - last - 1
@@ -97,10 +96,11 @@ class SourceIntake:
         spacing: float,
         accept: Callable[[float, dict], None],
         reject: Callable[[InputError], None],
+        contradict: Callable[[str], None] | None = None,
     ) -> None:
         """Take the queue; decode and check every message in arrival order (the reader's stamp rules see
-        them all), hand the newest good one of each time bin to `accept(stamp, values)` and each refused
-        message to `reject(error)`."""
+        them all), hand the newest good one of each time bin to `accept(stamp, values)`, each refused
+        message to `reject(error)`, and what a second publisher contradicts to `contradict(why)`."""
         batch = self.take()
         wall = time.time_ns()
         pending: tuple[float, dict] | None = None  # the newest good sample of the current bin
@@ -117,11 +117,21 @@ class SourceIntake:
             except Exception as exc:  # bytes that do not even deserialize
                 reject(InputError("malformed", f"message cannot be deserialized ({exc}); ignored"))
                 continue
+            if reader.agreement is not None and contradict is not None:
+                why = reader.agreement.update(_publisher(info), stamp, values)
+                if why:
+                    contradict(why)
             if pending is not None and not same_bin(pending[0], stamp, spacing):
                 accept(*pending)
             pending = (stamp, values)
         if pending is not None:
             accept(*pending)
+
+
+def _publisher(info: dict) -> bytes:
+    """The publishing endpoint's GID from a take's message info (b'' where the rmw gives none)."""
+    gid = info.get("publisher_gid")
+    return bytes(gid.get("data", b"")) if isinstance(gid, dict) else b""
 
 
 def hidden_node(owner: Any, role: str, parameter_overrides: Sequence[Any] = ()) -> Any:
@@ -165,6 +175,7 @@ class Intake:
         spacing: float,
         accept: Callable[[str, float, dict], None],
         reject: Callable[[str, InputError], None],
+        contradict: Callable[[str, str], None] | None = None,
     ) -> None:
         """Take every source's queue (see SourceIntake.drain); `accept(source, stamp, values)`."""
         for name, source in self.sources.items():
@@ -177,6 +188,7 @@ class Intake:
                 spacing,
                 lambda stamp, values, n=name: accept(n, stamp, values),
                 lambda exc, n=name: reject(n, exc),
+                None if contradict is None else (lambda why, n=name: contradict(n, why)),
             )
 
     def counts(self) -> dict[str, SourceCounts]:
