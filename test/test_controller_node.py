@@ -611,6 +611,65 @@ def test_lifecycle_transitions_and_sigterm(graph, feeder, models, tmp_path):
     assert rc == 0, out[-3000:]
 
 
+#: Lifecycle operations of the property test, each ending with the node active again.
+LIFECYCLE_OPS = ("reactivate", "reconfigure", "estop_resume", "swap")
+
+
+def test_the_rate_limit_holds_between_any_two_published_commands_whatever_the_lifecycle_does(
+    graph, feeder, models
+):
+    """Random sequences of deactivate/activate, cleanup/configure/activate, e-stop/resume and model swaps:
+    every two consecutive commands the node publishes differ by at most max_step_per_tick, including the
+    first command after each operation (the robot's controller still holds the last one sent)."""
+    name, step = "/lcprop/diffusion_controller", 0.05
+    seed = int(os.environ.get("LIFECYCLE_SEED", time.time_ns() % 1_000_000))
+    rng = np.random.default_rng(seed)
+    proc = start(models["a"], "-p", f"max_step_per_tick:={step}", namespace="/lcprop")
+    cmds = graph.collect(Float64MultiArray, f"{name}/commands")
+    done: list[str] = []
+    model = "a"
+
+    def more_commands(n: int) -> bool:
+        have = cmds.count()
+        return wait_until(lambda: cmds.count() >= have + n, 20.0)
+
+    try:
+        assert more_commands(20), proc.output()[-3000:]
+        for op in rng.permutation(LIFECYCLE_OPS * 2).tolist():  # each one twice, in a random order
+            done.append(op)
+            if op == "reactivate":
+                assert change_state(graph, name, Transition.TRANSITION_DEACTIVATE)
+                time.sleep(float(rng.uniform(0.0, 0.5)))  # the measured pose moves on meanwhile
+                assert change_state(graph, name, Transition.TRANSITION_ACTIVATE)
+            elif op == "reconfigure":
+                assert change_state(graph, name, Transition.TRANSITION_DEACTIVATE)
+                assert change_state(graph, name, Transition.TRANSITION_CLEANUP)
+                assert change_state(graph, name, Transition.TRANSITION_CONFIGURE), proc.output()[-2000:]
+                assert change_state(graph, name, Transition.TRANSITION_ACTIVATE)
+            elif op == "estop_resume":
+                assert trigger(graph, "emergency_stop", name).success
+                time.sleep(float(rng.uniform(0.0, 0.5)))
+                assert trigger(graph, "resume", name).success
+            else:
+                model = "b" if model == "a" else "a"
+                swaps = proc.output().count("model swap: now running")
+                req = SetParameters.Request()
+                req.parameters = [Parameter("model_path", value=str(models[model])).to_parameter_msg()]
+                assert graph.call(SetParameters, f"{name}/set_parameters", req).results[0].successful
+                assert wait_until(lambda n=swaps: proc.output().count("model swap: now running") > n, 20.0)
+            assert more_commands(15), f"no commands after {done}: {proc.output()[-2000:]}"
+    finally:
+        rc, out = finish(proc, signal.SIGTERM)
+    values = np.array([m.data for m in cmds.since(0.0)])
+    jumps = np.abs(np.diff(values, axis=0)).max(axis=1)
+    worst = int(np.argmax(jumps))
+    assert jumps[worst] <= step + 1e-9, (
+        f"seed {seed}, operations {done}: command {worst + 1} of {len(values)} moved a joint by "
+        f"{jumps[worst]:.4f} > max_step_per_tick {step}"
+    )
+    assert rc == 0, out[-3000:]
+
+
 def _safe_state(graph, name: str) -> str:
     try:
         return lifecycle_state(graph, name, timeout=2.0)
