@@ -1410,6 +1410,42 @@ def competing_publishers(h: Harness, r: Result) -> None:
     r.check(gone, f"/diagnostics still reports the other command publisher after it left (graph: {left})")
 
 
+#: The node's window for "recent" problems on /diagnostics (controller_node.RECENT_S), and some slack.
+RECENT_WINDOW_S, CLEAR_SLACK_S = 10.0, 5.0
+
+
+@scenario("input")
+def diagnostics_clear(h: Harness, r: Result) -> None:
+    """/diagnostics describes the present: a burst of bad messages and a failed swap turn the observations
+    and policy sections to WARN, which clear by themselves once the input is clean and nothing fails; the
+    lifetime counts stay."""
+    node = h.main
+    r.check(node.wait_state(RUNNING, 10.0), f"not RUNNING before the scenario (state {node.state()})")
+    h.sensors.inject("cmd_vel_nan", 20, 200.0, replace=False)
+    res = node.set_params(model_path=str(h.models["truncated"]))[0]
+    r.check(res.successful, f"swap refused before loading: {res.reason}")
+    t_bad = time.monotonic()
+    warned = wait_until(
+        lambda: node.diag("observations", after=time.monotonic()).get("_level") == 1
+        and node.diag("policy").get("_level") == 1,
+        5.0,
+    )
+    r.check(warned, f"no WARN after bad input and a failed swap: {node.diag('observations')}")
+    rejected = int(node.diag("observations").get("rejected.cmd_vel", 0))
+
+    def clear() -> bool:
+        obs, pol = node.diag("observations", after=time.monotonic()), node.diag("policy")
+        return obs.get("_level") == 0 and pol.get("_level") == 0
+
+    cleared = wait_until(clear, RECENT_WINDOW_S + CLEAR_SLACK_S, period=0.5)
+    r.figures["clear_s"] = time.monotonic() - t_bad
+    r.check(
+        cleared, f"still not OK {RECENT_WINDOW_S + CLEAR_SLACK_S:.0f} s after: {node.diag('observations')}"
+    )
+    after = int(node.diag("observations").get("rejected.cmd_vel", 0))
+    r.check(after >= rejected > 0, f"the lifetime count went away: rejected.cmd_vel {rejected} -> {after}")
+
+
 # -- faults --------------------------------------------------------------------------------------------------
 
 
