@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import ClassVar
 
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
@@ -37,9 +38,15 @@ class GpuStandIn:
     max_active = 0
     count_lock = threading.Lock()
 
+    released_on: ClassVar[list[tuple[str, bool]]] = []  # (thread, GPU_LOCK held) where each was freed
+
     def __init__(self, sess, registered, nodes, fail_runs: bool = False, run_sleep: float = 0.0):
         self._sess, self._registered, self._nodes = sess, registered, nodes
         self.fail_runs, self.run_sleep, self.runs = fail_runs, run_sleep, 0
+        self.threads: set[str] = set()  # names of the threads that ran it
+
+    def __del__(self):
+        GpuStandIn.released_on.append((threading.current_thread().name, pv.GPU_LOCK.locked()))
 
     def get_providers(self):
         return self._registered
@@ -48,6 +55,7 @@ class GpuStandIn:
         return [Sub(ep, n) for ep, n in self._nodes]
 
     def run_with_iobinding(self, io, run_options=None):
+        self.threads.add(threading.current_thread().name)
         if self.fail_runs:
             raise Fail("CUDA failure 901: operation not permitted when stream is capturing")
         cls = GpuStandIn

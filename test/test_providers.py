@@ -6,6 +6,7 @@ stay in test_runtime.py.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from pathlib import Path
@@ -292,3 +293,32 @@ def test_a_swap_never_runs_two_gpu_sessions_at_once(gpu, models):
     assert not errors
     assert f.sessions[0].runs > 3 and all(s.runs > 0 for s in f.sessions)
     assert GpuStandIn.max_active == 1
+
+
+def test_every_run_of_a_gpu_session_is_on_its_own_thread(gpu, models):
+    """ORT's CUDA EP keeps a captured graph per calling thread: the capture load() checks must be on the
+    thread the node's predicts run on, whichever thread calls predict (the inference worker)."""
+    f = Factory()
+    p = load(models["fused"], f, provider="cuda")
+    obs = np.broadcast_to(p.card.obs_mean, (p.card.history, p.card.obs_dim))
+    worker = threading.Thread(target=p.predict, args=(obs,), kwargs={"seed": 0}, name="inference_worker")
+    worker.start()
+    worker.join(5.0)
+    p.predict(obs, seed=1)
+    (sess,) = f.sessions
+    assert sess.runs >= 5 and sess.threads == {"policy_gpu_tiny_ant_fused"}
+    cpu = load(models["fused"], Factory(), provider="cpu")
+    assert cpu._device_thread is None  # the CPU path runs on the caller's thread, as before
+
+    GpuStandIn.released_on.clear()
+    del p, sess, worker
+    f.sessions.clear()
+    gc.collect()
+    deadline = time.monotonic() + 5.0
+    while not GpuStandIn.released_on and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert GpuStandIn.released_on == [("policy_gpu_tiny_ant_fused", True)]  # freed there, under the lock
+    deadline = time.monotonic() + 5.0
+    while any(t.name == "policy_gpu_tiny_ant_fused" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the device thread ends with its policy"
+        time.sleep(0.01)

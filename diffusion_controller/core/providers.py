@@ -47,7 +47,9 @@ RECORD_PLACEMENT = "session.record_ep_graph_assignment_info"
 #: Held by every run of a GPU session, process-wide. ORT captures CUDA graphs in the global stream-capture
 #: mode, where any other thread's CUDA call (a copy, a run of the policy that is still controlling the
 #: robot) breaks the capture; a swap's new session captures during its first runs, so no two GPU runs may
-#: overlap. CPU sessions never take it.
+#: overlap. CPU sessions never take it. Session creation does not take it (a TensorRT engine build would
+#: hold the running policy for minutes): it captures nothing, and the card's static shapes let TensorRT
+#: build at creation, not in a run.
 GPU_LOCK = threading.Lock()
 
 

@@ -7,8 +7,10 @@ binding), so a call allocates only its returned array; on a GPU the bound device
 capture the run as a CUDA graph, and only the inputs that changed since the last run are uploaded. Which
 providers are tried, and what a session really runs on, is core/providers.py; load() tries its
 candidates in order. A Policy serializes its own predict calls with a lock; separate CPU Policy objects
-(e.g. the running one and one being loaded for a swap) share nothing, GPU ones share providers.GPU_LOCK
-so that a new session's graph capture never overlaps the running one's device work.
+(e.g. the running one and one being loaded for a swap) share nothing. A GPU Policy runs its session on a
+thread of its own (ORT keeps a CUDA graph per calling thread, so the graph load() captures is the one
+every predict replays), and all GPU sessions share providers.GPU_LOCK so that a new session's capture
+never overlaps the running one's device work.
 
 Graph forms (see training/export.py): `fused` runs the whole DDIM chain in one session run, with K
 fixed by the card and inpainting in the graph; `denoiser` runs the K-step loop here with core/ddim.py,
@@ -22,8 +24,10 @@ from __future__ import annotations
 
 import os
 import platform
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,6 +113,56 @@ def ort_session(path: str, options: ort.SessionOptions, provider_entries: list) 
 def _device_buffer(shape: tuple[int, ...], dtype: np.dtype, device_id: int) -> ort.OrtValue:
     """A tensor in GPU memory (CUDA and TensorRT sessions both read CUDA memory)."""
     return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype.type, "cuda", device_id)
+
+
+class _DeviceThread:
+    """The one thread that makes a GPU session's CUDA calls (uploads, runs, downloads, release).
+
+    ORT's CUDA EP keeps a captured CUDA graph in the calling thread's context and captures on that
+    thread's first runs. Were predict() to run on whatever thread calls it, the capture load() checks
+    (on the loader thread) would not be the graph the inference worker replays: the worker would capture
+    again, unchecked, at its first ticks. Here every run of the session is on this thread.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, args=(self._jobs,), name=name, daemon=True).start()
+
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue) -> None:  # holds no Policy between jobs, so one can be freed
+        while (job := jobs.get()) is not None:
+            fn, box, done = job
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # handed back to the caller
+                box.append((False, e))
+            done.set()
+            del job, fn, box, done
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """fn() on this thread; its result, or its exception raised here."""
+        box: list[tuple[bool, Any]] = []
+        done = threading.Event()
+        self._jobs.put((fn, box, done))
+        done.wait()
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
+
+    def release(self, *objects: Any) -> None:
+        """Drop the last references to a freed Policy's session and device buffers on this thread under
+        GPU_LOCK (freeing CUDA memory during another session's capture would break it), then end."""
+
+        keep = list(objects)
+        del objects
+
+        def drop() -> None:
+            with GPU_LOCK:
+                keep.clear()
+
+        self._jobs.put((drop, [], threading.Event()))
+        self._jobs.put(None)
 
 
 def _session_options(threads: int, record_placement: bool) -> ort.SessionOptions:
@@ -333,6 +387,10 @@ class Policy:
         self._lock = threading.Lock()
         self._rng = np.random.default_rng()
         self._setup(self.graph_kind == "fused")
+        self._device_thread = None
+        if cand.provider != "cpu":
+            self._device_thread = _DeviceThread(f"policy_gpu_{card.name}")
+            weakref.finalize(self, self._device_thread.release, sess, self._io, self._device)
         return self
 
     def describe(self) -> str:
@@ -533,10 +591,11 @@ class Policy:
             if inpaint:
                 np.copyto(self._prefix64, pre)
                 np.copyto(self._mask64, mask)
-            if self.graph_kind == "fused":
-                out = self._predict_fused(inpaint)
-            else:
-                out = self._predict_denoiser(inpaint)
+            run = self._predict_fused if self.graph_kind == "fused" else self._predict_denoiser
+            if self._device_thread is None:
+                out = run(inpaint)
+            else:  # all of a GPU session's runs on its own thread (see _DeviceThread)
+                out = self._device_thread.call(lambda: run(inpaint))
             if inpaint:
                 m = self._mask64[:, None]
                 if self.graph_kind == "denoiser":  # the fused graph blends in robot units itself
