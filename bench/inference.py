@@ -15,6 +15,12 @@ The int8 row is optional: when it cannot be exported or loaded here (its output 
 form is refused on this CPU) it is printed as skipped with the reason (`int8_skipped` in the JSON) and
 the rest of the benchmark goes on.
 
+GPU rows (`--provider cuda|tensorrt|all`, default all): the fused graph per K on CUDA without and with
+CUDA graphs and on TensorRT fp32 and fp16 (each as Policy.load reports it really runs: a capture ONNX
+Runtime refuses is dropped and said so), timed in the same interleaved runs. Where a provider cannot
+load here, its rows are printed as skipped with the reason (`gpu_skipped` in the JSON); `--provider cpu`
+leaves them out. The CPU rows always run on the CPU.
+
 Model rows (`--models`, default: every fused model shipped in models/, then the denoiser at the card's
 K): each exported model times one chunk as the node runs it (Policy.predict on the same observation,
 interleaved), with its latency as a fraction of the first model's, so a new shipped default is compared
@@ -22,7 +28,8 @@ with the old one in the same run (pass the old file first, e.g. from `git show`)
 the DiffuseLoco-size rows.
 
     .venv/bin/python bench/inference.py [--quick] [--json] [--threads N] [--runs N] [--ks 1,2,5,10]
-        [--models A.onnx B.onnx ...] [--models-only]
+        [--provider cpu|cuda|tensorrt|all] [--engine-cache-dir DIR] [--models A.onnx B.onnx ...]
+        [--models-only]
 """
 
 from __future__ import annotations
@@ -39,8 +46,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffusion_controller.core import providers
 from diffusion_controller.core.card import ModelCard
-from diffusion_controller.core.runtime import INT8_FORMS, Policy
+from diffusion_controller.core.runtime import INT8_FORMS, ModelError, Policy
 from diffusion_controller.training import ddim_torch
 from diffusion_controller.training.export import INT8_FORM, export_onnx
 from diffusion_controller.training.network import DiffusionTransformer, NetworkConfig
@@ -92,6 +100,30 @@ def diffuseloco_card() -> ModelCard:
         },
         require_graph=False,
     )
+
+
+#: GPU rows: name -> (provider, precision, cuda_graph) as the node's parameters.
+GPU_CONFIGS = {
+    "cuda": ("cuda", "fp32", False),
+    "cuda_graph": ("cuda", "fp32", True),
+    "tensorrt_fp32": ("tensorrt", "fp32", True),
+    "tensorrt_fp16": ("tensorrt", "fp16", True),
+}
+
+
+def gpu_configs(which: str) -> tuple[dict[str, tuple[str, str, bool]], dict[str, str]]:
+    """The GPU rows `--provider which` asks for that can load here, and the others with the reason."""
+    problems = providers.gpu_problems() if which != "cpu" else {}
+    run: dict[str, tuple[str, str, bool]] = {}
+    skipped: dict[str, str] = {}
+    for name, conf in GPU_CONFIGS.items():
+        if which in ("all", conf[0]):
+            why = problems.get(conf[0])
+            if why is None:
+                run[name] = conf
+            else:
+                skipped[name] = f"no {conf[0]} here: {why}"
+    return run, skipped
 
 
 def network_flops(cfg: NetworkConfig) -> tuple[float, float, float]:
@@ -239,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the fused graph with int8 weights (export --weights int8; default: on)",
     )
     ap.add_argument("--int8-form", choices=INT8_FORMS, default=INT8_FORM, help="export --int8-form")
+    ap.add_argument(
+        "--provider", choices=["cpu", "cuda", "tensorrt", "all"], default="all",
+        help="GPU rows to add to the CPU rows: cuda (with and without CUDA graphs), tensorrt (fp32, fp16), "
+        "all (default; skipped with the reason where there is no GPU), cpu (none)",
+    )  # fmt: skip
+    ap.add_argument("--engine-cache-dir", default="", help="TensorRT engines (default: the node's default)")
     ap.add_argument("--models", type=Path, nargs="+", default=None, help="exported models to time")
     ap.add_argument("--models-only", action="store_true", help="only the model rows")
     a = ap.parse_args(argv)
@@ -264,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     quiet = lambda _m: None  # noqa: E731
+    gpu_run, gpu_skipped = gpu_configs(a.provider)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         den_path = export_onnx(net, card, Path(tmp) / "denoiser.onnx", graph="denoiser", verify=False)
@@ -271,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             fused_path = export_onnx(
                 net, card, Path(tmp) / f"fused{k}.onnx", graph="fused", steps=k, verify=False
             )
-            fused = Policy.load(fused_path, threads=a.threads, log=quiet)
-            step = Policy.load(den_path, threads=a.threads, steps=k, log=quiet)
+            fused = Policy.load(fused_path, provider="cpu", threads=a.threads, log=quiet)
+            step = Policy.load(den_path, provider="cpu", threads=a.threads, steps=k, log=quiet)
             eager = torch_chunk(net, card, k)
             fns = {
                 "torch": lambda eager=eager: eager(obs, noise),
@@ -286,11 +325,22 @@ def main(argv: list[str] | None = None) -> int:
                         net, card, Path(tmp) / f"fused{k}_int8.onnx", graph="fused", steps=k,
                         weights="int8", int8_form=a.int8_form,
                     )  # fmt: skip
-                    int8 = Policy.load(int8_path, threads=a.threads, log=quiet)
+                    int8 = Policy.load(int8_path, provider="cpu", threads=a.threads, log=quiet)
                 except Exception as e:  # an optional row: say why, keep benchmarking the rest
                     int8_skipped = f"{type(e).__name__}: {e}"
                 else:
                     fns["int8"] = lambda p=int8: p.predict(obs, noise=noise)
+            gpu: dict[str, Policy] = {}
+            for name, (prov, prec, graph) in gpu_run.items():
+                try:
+                    gpu[name] = Policy.load(
+                        fused_path, provider=prov, precision=prec, cuda_graph=graph, threads=a.threads,
+                        engine_cache_dir=a.engine_cache_dir, log=quiet,
+                    )  # fmt: skip
+                except ModelError as e:  # a provider present but failing: say so, time the rest
+                    gpu_skipped[f"{name} K={k}"] = str(e)
+                else:
+                    fns[name] = lambda p=gpu[name]: p.predict(obs, noise=noise)
             ref = eager(obs, noise)
             diffs = {name: float(np.abs(fn() - ref).max()) for name, fn in fns.items() if name != "torch"}
             ts = timed_interleaved(fns, runs)
@@ -325,6 +375,14 @@ def main(argv: list[str] | None = None) -> int:
                     "speedup_int8_vs_torch": tp50 / ip50,
                     "max_abs_diff_int8": diffs["int8"],
                 }
+            r["gpu"] = {}
+            for name, pol in gpu.items():
+                gp50, gp99 = p50_p99(ts[name])
+                r["gpu"][name] = {
+                    "ms_p50": gp50, "ms_p99": gp99, "speedup_vs_torch": tp50 / gp50, "provider": pol.provider,
+                    "precision": pol.precision, "cuda_graph": pol.cuda_graph, "runs_on": pol.describe(),
+                    "max_abs_diff": diffs[name],
+                }  # fmt: skip
             r["best_path"] = min(paths, key=paths.__getitem__)
             r["speedup_best_vs_torch"] = tp50 / paths[r["best_path"]]  # int8 included (numerics differ)
             results.append(r)
@@ -389,6 +447,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if "int8_skipped" in r:
             print(f"K={r['k']}: int8 ({a.int8_form}) skipped: {r['int8_skipped']}")
+    if any(r["gpu"] for r in results):
+        print(f"{'K':>3} {'GPU row':>14} {'p50':>9} {'p99':>9} {'vs torch':>9} {'max err':>9}  runs on")
+        for r in results:
+            for name, g in r["gpu"].items():
+                print(
+                    f"{r['k']:>3} {name:>14} {g['ms_p50']:>7.3f}ms {g['ms_p99']:>7.3f}ms "
+                    f"{g['speedup_vs_torch']:>8.1f}x {g['max_abs_diff']:>9.1e}  {g['runs_on']}"
+                )
+    for name, why in gpu_skipped.items():
+        print(f"GPU row {name} skipped: {why}")
     if a.json:
         print(
             json.dumps(
@@ -407,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                     "quick": a.quick,
                     "int8": a.int8,
                     "int8_form": a.int8_form,
+                    "provider": a.provider,
+                    "gpu_skipped": gpu_skipped,
                 }
             )
         )

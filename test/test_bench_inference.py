@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusion_controller.core import runtime
+from diffusion_controller.core import providers, runtime
 from diffusion_controller.training.network import NetworkConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +42,20 @@ def test_quick_inference_bench_prints_every_figure():
     assert row["best_path"] in ("step", "fused", "int8")
     assert row["max_abs_diff_fused"] <= 1e-3  # same numerics as torch
     assert 0 < row["max_abs_diff_int8"] < 1.0  # rounded by int8, not broken
+    if providers.gpu_provider_problem(providers.CUDA) is not None:  # no GPU: the GPU rows say so
+        assert set(report["gpu_skipped"]) == set(load_bench().GPU_CONFIGS) and row["gpu"] == {}
+        assert "GPU row cuda_graph skipped: no cuda here:" in out.stdout
+
+
+def test_gpu_rows_are_chosen_by_provider_and_skipped_with_the_reason(monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(providers, "gpu_problems", lambda: {"tensorrt": "no TensorRT (test)", "cuda": None})
+    run, skipped = bench.gpu_configs("all")
+    assert list(run) == ["cuda", "cuda_graph"] and [c[2] for c in run.values()] == [False, True]
+    assert skipped == {n: "no tensorrt here: no TensorRT (test)" for n in ("tensorrt_fp32", "tensorrt_fp16")}
+    assert bench.gpu_configs("cuda") == (run, {})
+    assert bench.gpu_configs("cpu") == ({}, {})
+    assert {c[1] for c in bench.GPU_CONFIGS.values() if c[0] == "tensorrt"} == {"fp32", "fp16"}
 
 
 def load_bench():

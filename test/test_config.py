@@ -254,6 +254,10 @@ def test_rate_override(ant_params):
         ("observations.imu.stamp", "sensor", "not one of"),
         ("observations.imu.timeout_s", -1.0, "outside"),
         ("blend", "average", "not one of"),
+        ("precision", "int8", "not one of"),
+        ("cuda_graph", "yes", "true/false"),
+        ("device_id", -1, "outside"),
+        ("engine_cache_dir", 3, "string"),
     ],
 )
 def test_bad_values_rejected_with_reason(name, value, fragment):
@@ -262,6 +266,19 @@ def test_bad_values_rejected_with_reason(name, value, fragment):
     with pytest.raises(cf.ConfigError) as exc:
         cf.check_value(spec, value)
     assert name in str(exc.value) and fragment in str(exc.value)
+
+
+def test_gpu_parameters_reach_the_config_and_fp16_needs_tensorrt(ant_params):
+    ant_params |= {"provider": "tensorrt", "precision": "fp16", "cuda_graph": False, "device_id": 1,
+                   "engine_cache_dir": "/var/cache/engines"}  # fmt: skip
+    cfg = cf.NodeConfig.from_params(ant_params)
+    assert (cfg.provider, cfg.precision, cfg.cuda_graph, cfg.device_id, cfg.engine_cache_dir) == (
+        "tensorrt", "fp16", False, 1, "/var/cache/engines"
+    )  # fmt: skip
+    assert cf.NodeConfig.from_params(ant_params | {"provider": "auto"}).precision == "fp16"
+    for provider in ("cuda", "cpu"):
+        msg = errors_of(ant_params | {"provider": provider})
+        assert "precision: fp16 is TensorRT's" in msg and f"provider {provider}" in msg
 
 
 def test_numbers_are_coerced():

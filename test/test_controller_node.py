@@ -377,6 +377,8 @@ def test_diagnostics_report_the_loop_and_the_model(topics):
         assert key in loop
     pol = diag_values(topics["diag"], "policy")
     assert pol["provider"] == "cpu" and pol["version"]
+    # what really runs: on this CPU machine no precision or capture is claimed
+    assert (pol["precision"], pol["cuda_graph"], pol["runs_on"]) == ("fp32", "False", "cpu")
     assert float(pol["inference_p50_ms"]) > 0
     obs = diag_values(topics["diag"], "observations")
     assert float(obs["age_ms.joint_position"]) < 500
@@ -564,6 +566,8 @@ def test_invalid_parameter_values_are_rejected(graph, topics):
         ("max_step_per_tick", -1.0, "max_step_per_tick"),
         ("exec_latency_s", float("nan"), "exec_latency_s"),
         ("provider", "opencl", "not one of"),
+        ("precision", "fp8", "not one of"),
+        ("device_id", -1, "device_id"),
         ("threads", 4, "read on configure"),
     ]:
         res = set_params(graph, **{name: value})[0]

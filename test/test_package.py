@@ -33,6 +33,6 @@ def test_every_console_script_named_in_the_readme_is_installed():
     scripts = {entry.split("=")[0].strip() for entry in setup_keywords()["entry_points"]["console_scripts"]}
     readme = (ROOT / "README.md").read_text()
     for name in ("controller_node", "sim_node", "generate_dataset", "train_policy", "export_policy",
-                 "distill_policy"):  # fmt: skip
+                 "distill_policy", "build_engine"):  # fmt: skip
         assert name in scripts, name
         assert name in readme, name

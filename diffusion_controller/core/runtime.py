@@ -4,8 +4,13 @@ Everything that can fail (path, file, card, tensor names and shapes, provider) f
 message that says what differs, because the node loads models off the control path and must be able to
 refuse a bad one while the running policy keeps going. predict() copies into buffers bound once (IO
 binding), so a call allocates only its returned array; on a GPU the bound device buffers also let ORT
-capture the run as a CUDA graph. A Policy serializes its own predict calls with a lock; separate Policy
-objects (e.g. the running one and one being loaded for a swap) share nothing.
+capture the run as a CUDA graph, and only the inputs that changed since the last run are uploaded. Which
+providers are tried, and what a session really runs on, is core/providers.py; load() tries its
+candidates in order. A Policy serializes its own predict calls with a lock; separate CPU Policy objects
+(e.g. the running one and one being loaded for a swap) share nothing. A GPU Policy runs its session on a
+thread of its own (ORT keeps a CUDA graph per calling thread, so the graph load() captures is the one
+every predict replays), and all GPU sessions share providers.GPU_LOCK so that a new session's capture
+never overlaps the running one's device work.
 
 Graph forms (see training/export.py): `fused` runs the whole DDIM chain in one session run, with K
 fixed by the card and inpainting in the graph; `denoiser` runs the K-step loop here with core/ddim.py,
@@ -17,24 +22,24 @@ whose ONNX Runtime kernels compute wrong actions on this CPU is refused at load 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from diffusion_controller.core import ddim
+from diffusion_controller.core import ddim, providers
 from diffusion_controller.core.card import METADATA_KEY, ModelCard, read_onnx_metadata, sidecar_path
+from diffusion_controller.core.providers import CPU, CUDA, GPU_LOCK, PROVIDERS, SHORT, TRT, Candidate
 
-TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
-PROVIDERS = {"tensorrt": TRT, "cuda": CUDA, "cpu": CPU}
-SHORT = {v: k for k, v in PROVIDERS.items()}
-_PROVIDER_LIBS = {TRT: "libonnxruntime_providers_tensorrt.so", CUDA: "libonnxruntime_providers_cuda.so"}
+__all__ = ["CPU", "CUDA", "PROVIDERS", "SHORT", "TRT", "ModelError", "Policy", "SessionFactory"]
 _ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.int64): "tensor(int64)"}
 #: int8 weight forms (card network.int8_form); activations are uint8, quantized per call, in all three.
 #: u8u8: uint8 weights; u8s7: int8 weights limited to 7 bits (reduce_range): neither saturates on any
@@ -93,29 +98,74 @@ class ModelError(RuntimeError):
     """A model that cannot be used: bad path, corrupt file, tensor mismatch, provider, bad inputs."""
 
 
-def _gpu_provider_problem(provider: str) -> str | None:
-    """Why `provider` cannot load in this process, or None when its libraries load (cheap, no session).
+#: Makes a session: (model path, options, providers argument) -> an ort.InferenceSession or a stand-in.
+SessionFactory = Callable[[str, ort.SessionOptions, list], Any]
 
-    ORT's own fallback prints pages of errors and only says "falling back"; loading the provider library
-    ourselves names the missing piece (driver, CUDA, cuDNN, TensorRT).
+
+def ort_session(path: str, options: ort.SessionOptions, provider_entries: list) -> ort.InferenceSession:
+    """The real session, from the path (not bytes: ORT parses bytes holding the GIL, ~90 ms for a
+    DiffuseLoco-size file, which would stall the control loop during a swap; from a path it releases
+    it). ORT's own fallback is off: it catches only ValueError/RuntimeError (not its Fail/EPFail) and
+    retries with a provider list of its choosing, so load() does the falling back itself."""
+    return ort.InferenceSession(path, options, providers=provider_entries, enable_fallback=0)
+
+
+def _device_buffer(shape: tuple[int, ...], dtype: np.dtype, device_id: int) -> ort.OrtValue:
+    """A tensor in GPU memory (CUDA and TensorRT sessions both read CUDA memory)."""
+    return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype.type, "cuda", device_id)
+
+
+class _DeviceThread:
+    """The one thread that makes a GPU session's CUDA calls (uploads, runs, downloads, release).
+
+    ORT's CUDA EP keeps a captured CUDA graph in the calling thread's context and captures on that
+    thread's first runs. Were predict() to run on whatever thread calls it, the capture load() checks
+    (on the loader thread) would not be the graph the inference worker replays: the worker would capture
+    again, unchecked, at its first ticks. Here every run of the session is on this thread.
     """
-    if provider not in ort.get_available_providers():
-        return f"not built into this onnxruntime ({ort.__version__}, package without GPU support)"
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return "no NVIDIA driver (libcuda.so.1 cannot be loaded): no GPU on this machine"
-    capi = Path(ort.__file__).parent / "capi"
-    try:
-        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
-        ctypes.CDLL(str(capi / _PROVIDER_LIBS[provider]))
-    except OSError as e:
-        if "cannot open shared object" in str(e):
-            return f"a library it needs is missing: {e}"
-    return None
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, args=(self._jobs,), name=name, daemon=True).start()
+
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue) -> None:  # holds no Policy between jobs, so one can be freed
+        while (job := jobs.get()) is not None:
+            fn, box, done = job
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # handed back to the caller
+                box.append((False, e))
+            done.set()
+            del job, fn, box, done
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """fn() on this thread; its result, or its exception raised here."""
+        box: list[tuple[bool, Any]] = []
+        done = threading.Event()
+        self._jobs.put((fn, box, done))
+        done.wait()
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
+
+    def release(self, *objects: Any) -> None:
+        """Drop the last references to a freed Policy's session and device buffers on this thread under
+        GPU_LOCK (freeing CUDA memory during another session's capture would break it), then end."""
+
+        keep = list(objects)
+        del objects
+
+        def drop() -> None:
+            with GPU_LOCK:
+                keep.clear()
+
+        self._jobs.put((drop, [], threading.Event()))
+        self._jobs.put(None)
 
 
-def _session_options(threads: int) -> ort.SessionOptions:
+def _session_options(threads: int, record_placement: bool) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -124,66 +174,34 @@ def _session_options(threads: int) -> ort.SessionOptions:
     # Spinning worker threads would steal the control loop's core on a small machine.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if record_placement:  # what runs where, for the report (providers.placement)
+        so.add_session_config_entry(providers.RECORD_PLACEMENT, "1")
     so.log_severity_level = 3
     return so
 
 
-def _provider_entry(name: str, cuda_graph: bool):
-    if name == TRT:
-        opts = {"trt_engine_cache_enable": "1", "trt_cuda_graph_enable": "1" if cuda_graph else "0"}
-        return (TRT, opts)
-    if name == CUDA:
-        return (CUDA, {"enable_cuda_graph": "1" if cuda_graph else "0"})
-    return name
+def _why(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else type(e).__name__
 
 
-def _make_session(path: Path, provider: str, threads: int, log) -> tuple[ort.InferenceSession, bool]:
-    """Create the session on the requested (or best available) provider; returns (session, cuda_graph).
+def _engine_cache(root: str, path: Path, device_id: int, log: Callable[[str], None]) -> Path | None:
+    """The TensorRT cache directory for this model and GPU, created; None (with a log line) when it
+    cannot be, so TensorRT still starts, only without reusing engines."""
+    base = Path(root).expanduser() if root else providers.default_engine_cache_dir()
+    try:
+        cache = providers.engine_cache_path(base, path, device_id, providers.gpu_name(device_id))
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log(f"policy: TensorRT engine cache under {base} unusable ({e}); engines are rebuilt at every start")
+        return None
+    return cache
 
-    The session is made from the path, not from bytes in memory: ONNX Runtime parses a bytes model while
-    holding the GIL (~90 ms for a DiffuseLoco-size file), which would stall the control loop during a
-    model swap; from a path it releases the GIL.
-    """
-    if provider == "auto":
-        wanted = []
-        for p in (TRT, CUDA):
-            why = _gpu_provider_problem(p)
-            if why is None:
-                wanted.append(p)
-            else:
-                log(f"policy: {SHORT[p]} not used: {why}")
-    elif provider in PROVIDERS:
-        wanted = [] if provider == "cpu" else [PROVIDERS[provider]]
-        why = None if provider == "cpu" else _gpu_provider_problem(PROVIDERS[provider])
-        if why is not None:  # fail before ORT prints its own fallback noise
-            raise ModelError(f"provider {provider!r} requested but it cannot be used here: {why}")
-        if provider == "tensorrt":
-            wanted.append(CUDA)
-    else:
-        raise ModelError(f"provider: expected 'auto' or one of {list(PROVIDERS)}, got {provider!r}")
 
-    so = _session_options(threads)
-    errors = []
-    for cuda_graph in (True, False) if wanted else (False,):
-        entries = [_provider_entry(p, cuda_graph) for p in wanted] + [CPU]
-        try:
-            sess = ort.InferenceSession(str(path), so, providers=entries)
-        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-            errors.append(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
-            if cuda_graph:
-                log(f"policy: CUDA graph capture not possible ({errors[-1]}); retrying without it")
-                continue
-            raise ModelError(f"model {path}: ONNX Runtime cannot load it: {'; '.join(errors)}") from e
-        got = sess.get_providers()
-        for p in wanted:
-            if p not in got:
-                why = _gpu_provider_problem(p) or "the session did not get it (see the ONNX Runtime log)"
-                log(f"policy: {SHORT[p]} not used: {why}")
-        if provider not in ("auto", "cpu") and got[0] != PROVIDERS[provider]:
-            why = _gpu_provider_problem(PROVIDERS[provider]) or "ONNX Runtime fell back"
-            raise ModelError(f"provider {provider!r} requested but the session runs on {got[0]}: {why}")
-        return sess, cuda_graph and got[0] != CPU
-    raise AssertionError("unreachable")
+def _nodes_text(nodes: dict[str, int] | None) -> str:
+    if nodes is None:
+        return "node placement not recorded"
+    return ", ".join(f"{n} nodes on {p}" for p, n in sorted(nodes.items(), key=lambda kv: -kv[1]))
 
 
 def _read_card(path: Path, log) -> ModelCard:
@@ -217,7 +235,9 @@ class Policy:
     """A loaded policy model. Create with Policy.load(); predict() from one thread at a time is fastest."""
 
     card: ModelCard
-    provider: str
+    provider: str  # the EP that runs the graph (tensorrt | cuda | cpu), from the session's node placement
+    precision: str  # fp16 only where TensorRT runs with trt_fp16_enable
+    cuda_graph: bool  # the runs replay a captured CUDA graph
     steps: int
     supports_inpainting: bool
 
@@ -234,8 +254,19 @@ class Policy:
         steps: int | None = None,
         warmup: int = 3,
         log: Callable[[str], None] = print,
+        *,
+        precision: str = "fp32",
+        cuda_graph: bool = True,
+        device_id: int = 0,
+        engine_cache_dir: str = "",
+        session_factory: SessionFactory = ort_session,
     ) -> Policy:
-        """Load, validate and warm up a model. Raises ModelError (or CardError for an invalid card)."""
+        """Load, validate and warm up a model. Raises ModelError (or CardError for an invalid card).
+
+        provider auto | tensorrt | cuda | cpu, precision fp32 | fp16 (TensorRT), cuda_graph (capture where
+        one GPU EP owns the graph), device_id (CUDA device), engine_cache_dir (TensorRT engines; "" = the
+        user cache): see core/providers.py. `session_factory` stands in for ort.InferenceSession in tests.
+        """
         t0 = time.perf_counter()
         path = Path(path)
         if not isinstance(threads, int) or threads < 1:
@@ -264,25 +295,111 @@ class Policy:
         except ValueError as e:
             raise ModelError(str(e)) from e
 
-        sess, cuda_graph = _make_session(path, provider, threads, log)
+        problems = providers.gpu_problems() if provider != "cpu" else {}
+        cache = None
+        if provider in ("auto", "tensorrt") and problems.get("tensorrt") is None:
+            cache = _engine_cache(engine_cache_dir, path, device_id, log)
+        try:
+            candidates, notes = providers.plan(
+                provider, precision=precision, cuda_graph=cuda_graph, device_id=device_id,
+                engine_cache=cache, problems=problems,
+            )  # fmt: skip
+        except ValueError as e:
+            raise ModelError(str(e)) from e
+        for note in notes:
+            log(note)
+
+        errors: list[str] = []
+        skip: set[str] = set()
+        for cand in candidates:
+            if cand.provider in skip:
+                continue
+            try:
+                sess = session_factory(str(path), _session_options(threads, cand.provider != "cpu"),
+                                       list(cand.entries))  # fmt: skip
+            except Exception as e:  # ORT's Fail / EPFail / InvalidGraph derive from Exception only
+                errors.append(f"{cand.label}: {_why(e)}")
+                if cand.provider != "cpu":
+                    log(f"policy: {cand.label} did not start: {_why(e)}")
+                if not (cand.cuda_graph and providers.capture_refused(_why(e))):
+                    skip.add(cand.provider)  # not about capture: the same EP without it fails alike
+                continue
+            nodes = providers.placement(sess)
+            got = providers.runs_on(sess.get_providers(), nodes)
+            if got != cand.provider:  # ORT dropped the EP (e.g. CUDA libraries missing) or gave it no node
+                errors.append(f"{cand.label}: the session runs on {got} ({_nodes_text(nodes)})")
+                log(f"policy: {cand.label} not used: the session runs on {got} ({_nodes_text(nodes)})")
+                skip.add(cand.provider)
+                continue
+            self = cls._open(path, card, steps, threads, sess, cand, nodes, device_id)
+            # A GPU session's first runs are where capture happens and engines meet real inputs: run
+            # them here, so a failure moves on to the next candidate instead of failing the first tick.
+            probe = 3 if cand.cuda_graph else (1 if cand.provider != "cpu" else 0)
+            try:
+                self.warm_up(probe)
+            except ModelError:
+                raise
+            except Exception as e:
+                errors.append(f"{cand.label}: first runs failed: {_why(e)}")
+                log(f"policy: {cand.label} failed in its first runs: {_why(e)}")
+                continue
+            break
+        else:
+            if provider in providers.GPU:
+                raise ModelError(
+                    f"model {path}: provider {provider!r} requested but it did not start: {'; '.join(errors)}"
+                )
+            raise ModelError(f"model {path}: ONNX Runtime cannot load it: {'; '.join(errors)}")
+        if cache is not None and self.provider == "tensorrt":
+            self.engine_cache = cache
+        if self.provider != "cpu" and self.graph_kind == "denoiser":
+            log(
+                f"policy: a denoiser graph on {self.provider} runs {self.steps} session runs per chunk with "
+                "the DDIM math on the host (2 uploads and 1 download per step); a fused graph runs the "
+                "chunk in one, captured whole (export_policy --graph fused)"
+            )
+        self.warm_up(max(0, warmup - probe))
+        self.load_time_s = time.perf_counter() - t0
+        log(
+            f"policy: loaded {card.name} {card.version} from {path}: {card.graph.kind} graph, K={steps}, "
+            f"provider {self.describe()}, {threads} CPU thread(s), {self.load_time_s * 1000:.0f} ms"
+        )
+        return self
+
+    @classmethod
+    def _open(
+        cls, path: Path, card: ModelCard, steps: int, threads: int, sess: Any, cand: Candidate,
+        nodes: dict[str, int] | None, device_id: int,
+    ) -> Policy:  # fmt: skip
+        """A Policy around a created session: attributes, tensor check, bound buffers (no run yet)."""
         self = object.__new__(cls)
         self.path, self.card, self.steps, self.threads = path, card, steps, threads
-        self.session, self.cuda_graph = sess, cuda_graph
-        self.providers = sess.get_providers()
-        self.provider = SHORT[self.providers[0]]
+        self.session = sess
+        self.providers = list(sess.get_providers())  # registered, in order
+        self.placement = nodes  # nodes per EP as ORT placed them (None: not recorded)
+        self.provider = cand.provider
+        self.precision = cand.precision if cand.provider == "tensorrt" else "fp32"
+        self.cuda_graph = cand.cuda_graph  # checked by the first runs in load()
+        self.device_id = device_id if cand.provider != "cpu" else None
+        self.engine_cache: Path | None = None
         self.supports_inpainting = card.sampler_inpainting
         self.graph_kind = card.graph.kind
         self._lock = threading.Lock()
         self._rng = np.random.default_rng()
-        self._setup(fused)
-        self.warm_up(warmup)
-        self.load_time_s = time.perf_counter() - t0
-        log(
-            f"policy: loaded {card.name} {card.version} from {path}: {card.graph.kind} graph, K={steps}, "
-            f"provider {self.provider}{' with CUDA graph' if cuda_graph else ''}, {threads} CPU thread(s), "
-            f"{self.load_time_s * 1000:.0f} ms"
-        )
+        self._setup(self.graph_kind == "fused")
+        self._device_thread = None
+        if cand.provider != "cpu":
+            self._device_thread = _DeviceThread(f"policy_gpu_{card.name}")
+            weakref.finalize(self, self._device_thread.release, sess, self._io, self._device)
         return self
+
+    def describe(self) -> str:
+        """What runs, in words: e.g. "tensorrt fp16, CUDA graph, GPU 0 (412 nodes on tensorrt)"."""
+        if self.provider == "cpu":
+            return "cpu"
+        parts = [self.provider] + (["fp16"] if self.precision == "fp16" else [])
+        text = " ".join(parts) + (", CUDA graph" if self.cuda_graph else "") + f", GPU {self.device_id}"
+        return f"{text} ({_nodes_text(self.placement)})"
 
     def warm_up(self, n: int = 3) -> None:
         """Run `n` predicts on the observation mean (first runs allocate and tune); raises ModelError when
@@ -293,9 +410,10 @@ class Policy:
             if not np.all(np.isfinite(actions)):
                 # A model that fails on the most ordinary input would only ever feed the safety filter
                 # rejects: refuse it here, where a swap can still keep the running model.
+                hint = " (or out of fp16 range: try precision fp32)" if self.precision == "fp16" else ""
                 raise ModelError(
                     f"model {self.path}: non-finite actions on its warm-up input (the observation mean); "
-                    "the graph or its weights are broken"
+                    f"the graph or its weights are broken{hint}"
                 )
 
     def _expected_tensors(self, fused: bool) -> tuple[dict, dict]:
@@ -361,7 +479,7 @@ class Policy:
             name = self._names[role]
             is_out = role in exp_out
             if on_gpu:
-                ov = ort.OrtValue.ortvalue_from_shape_and_type(arr.shape, arr.dtype.type, "cuda", 0)
+                ov = _device_buffer(arr.shape, arr.dtype, self.device_id)
                 self._device[role] = ov
                 (self._io.bind_ortvalue_output if is_out else self._io.bind_ortvalue_input)(name, ov)
             elif is_out:
@@ -369,6 +487,10 @@ class Policy:
             else:
                 self._io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         self._out_role = next(iter(exp_out))
+        # Inputs written since the last run: only those are uploaded (a denoiser's observation once per
+        # chunk, not once per step). Every input starts dirty so the first run uploads the zeros too.
+        self._dirty = {r for r in self._host if r != self._out_role}
+        self._mask_clear = True  # prefix_mask is all zero (no upload needed to keep it so)
         self._run_options = ort.RunOptions()
         h, a = c.horizon, c.action_dim
         self._noise_shape = (self.steps + 1, h, a) if c.eta > 0 else (h, a)
@@ -387,12 +509,15 @@ class Policy:
 
     # -- inference ------------------------------------------------------------------------------------
     def _run(self) -> None:
+        """One session run. On a GPU: upload the changed inputs, run, download the output, all under
+        GPU_LOCK (a capture in another session must not see these calls). The CPU reads host buffers."""
         if self._device:
-            for role, ov in self._device.items():
-                if role != self._out_role:
-                    ov.update_inplace(self._host[role])
-            self.session.run_with_iobinding(self._io, self._run_options)
-            np.copyto(self._host[self._out_role], self._device[self._out_role].numpy())
+            with GPU_LOCK:
+                for role in self._dirty:
+                    self._device[role].update_inplace(self._host[role])
+                self._dirty.clear()
+                self.session.run_with_iobinding(self._io, self._run_options)
+                np.copyto(self._host[self._out_role], self._device[self._out_role].numpy())
         else:
             self.session.run_with_iobinding(self._io, self._run_options)
 
@@ -456,6 +581,7 @@ class Policy:
                     )
         with self._lock:
             self._host["obs_history"][0] = obs
+            self._dirty.add("obs_history")
             if noise is not None:
                 np.copyto(self._noise, noise, casting="same_kind")
             else:
@@ -465,10 +591,11 @@ class Policy:
             if inpaint:
                 np.copyto(self._prefix64, pre)
                 np.copyto(self._mask64, mask)
-            if self.graph_kind == "fused":
-                out = self._predict_fused(inpaint)
-            else:
-                out = self._predict_denoiser(inpaint)
+            run = self._predict_fused if self.graph_kind == "fused" else self._predict_denoiser
+            if self._device_thread is None:
+                out = run(inpaint)
+            else:  # all of a GPU session's runs on its own thread (see _DeviceThread)
+                out = self._device_thread.call(lambda: run(inpaint))
             if inpaint:
                 m = self._mask64[:, None]
                 if self.graph_kind == "denoiser":  # the fused graph blends in robot units itself
@@ -480,11 +607,16 @@ class Policy:
 
     def _predict_fused(self, inpaint: bool) -> np.ndarray:
         host = self._host
+        self._dirty.add("noise")
         if inpaint:
             host["prefix"][0] = self._prefix64
             host["prefix_mask"][0] = self._mask64
-        else:
+            self._dirty |= {"prefix", "prefix_mask"}
+            self._mask_clear = False
+        elif not self._mask_clear:
             host["prefix_mask"].fill(0.0)
+            self._dirty.add("prefix_mask")
+            self._mask_clear = True
         self._run()
         return host["actions"][0].astype(np.float64)
 
@@ -505,6 +637,7 @@ class Policy:
                 tmp += work.eps
                 ddim.blend(x, tmp, self._m, self._m_inv, out=x, tmp=tmp)
             host["timestep"][0] = step.timestep
+            self._dirty |= {"sample", "timestep"}
             self._run()
             vn = self._noise[i + 1] if self.card.eta > 0 else None
             ddim.step(x, model_output, step, cfg, variance_noise=vn, out=x, work=work)
@@ -514,7 +647,7 @@ class Policy:
         return out
 
     def __repr__(self) -> str:
-        return f"Policy({self.card.name!r}, {self.graph_kind}, K={self.steps}, provider={self.provider!r})"
+        return f"Policy({self.card.name!r}, {self.graph_kind}, K={self.steps}, provider={self.describe()!r})"
 
 
 def default_threads() -> int:

@@ -66,6 +66,7 @@ KINDS_BY_TYPE: dict[str, frozenset[str]] = {
 HAS_HEADER = frozenset({JOINT_STATE, IMU, ODOMETRY, TWIST_STAMPED})
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+PRECISIONS = ("fp32", "fp16")  # core/providers.py: fp16 is TensorRT's
 EXECUTORS = ("auto", "events", "single_threaded", "multi_threaded")
 STAMP_MODES = ("header", "receipt")
 IMPLAUSIBLE_POLICIES = ("auto", *POLICIES)
@@ -111,8 +112,19 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("model_path", "", "str", "ONNX policy (card in its metadata). Setting it at runtime swaps the "
               "model: checked now, loaded and warmed up in the background, swapped in between ticks.",
               live=True),
-    ParamSpec("provider", "auto", "str", "ONNX Runtime provider: auto tries tensorrt, cuda, then cpu.",
+    ParamSpec("provider", "auto", "str", "ONNX Runtime provider: auto tries tensorrt, cuda, then cpu, "
+              "each until one starts; cuda or tensorrt fail the configure instead of running on the CPU.",
               choices=PROVIDERS),
+    ParamSpec("precision", "fp32", "str", "TensorRT precision: fp16 builds the engine in half precision "
+              "(TensorRT only: an error with provider cuda or cpu; auto's cuda/cpu fallback runs fp32).",
+              choices=PRECISIONS),
+    ParamSpec("cuda_graph", True, "bool", "Replay the policy as a captured CUDA graph where one GPU provider "
+              "owns the whole graph (cuda, or tensorrt without nodes left to cuda); dropped with a log line "
+              "where ONNX Runtime cannot capture it."),
+    ParamSpec("device_id", 0, "int", "CUDA device the cuda and tensorrt providers run on.", range=(0, 63)),
+    ParamSpec("engine_cache_dir", "", "str", "TensorRT engine and timing cache root, one subdirectory per "
+              "model and GPU, built once (ahead of time with `build_engine`); empty = "
+              "~/.cache/diffusion_controller/tensorrt."),
     ParamSpec("threads", 1, "int", "ONNX Runtime intra-op threads on the CPU (spinning off); keep a core "
               "free for the control loop.", range=(1, 64)),
     ParamSpec("steps", 0, "int", "DDIM steps K for denoiser graphs; 0 = the card's sampler.steps.",
@@ -298,6 +310,10 @@ def implausible_policy(src: SourceConfig, card: Any) -> str:
 class NodeConfig:
     model_path: str = ""
     provider: str = "auto"
+    precision: str = "fp32"
+    cuda_graph: bool = True
+    device_id: int = 0
+    engine_cache_dir: str = ""
     threads: int = 1
     steps: int = 0
     seed: int = 0
@@ -387,11 +403,20 @@ class NodeConfig:
             )
         if len(set(v["joints"])) != len(v["joints"]):
             errors.append(f"joints: duplicate names in {list(v['joints'])}")
+        if v["precision"] == "fp16" and v["provider"] in ("cuda", "cpu"):
+            errors.append(
+                f"precision: fp16 is TensorRT's; provider {v['provider']} runs float32 (use provider "
+                "tensorrt or auto, or precision fp32)"
+            )
         if errors:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
         return cls(
             model_path=v["model_path"],
             provider=v["provider"],
+            precision=v["precision"],
+            cuda_graph=v["cuda_graph"],
+            device_id=v["device_id"],
+            engine_cache_dir=v["engine_cache_dir"],
             threads=v["threads"],
             steps=v["steps"],
             seed=v["seed"],

@@ -540,7 +540,8 @@ class ControllerNode(LifecycleNode):
     def _load_policy(self, cfg: cf.NodeConfig, path: str, warmup: int = 3) -> Any:
         return Policy.load(
             path, provider=cfg.provider, threads=cfg.threads, steps=cfg.steps or None, warmup=warmup,
-            log=lambda m: self._log.info(str(m)),
+            log=lambda m: self._log.info(str(m)), precision=cfg.precision, cuda_graph=cfg.cuda_graph,
+            device_id=cfg.device_id, engine_cache_dir=cfg.engine_cache_dir,
         )  # fmt: skip
 
     def _control_config(self, cfg: cf.NodeConfig, binding: cf.Binding, card: ModelCard) -> ControlConfig:
@@ -952,7 +953,10 @@ class ControllerNode(LifecycleNode):
                 "model": card.name,
                 "version": card.version,
                 "path": self._model_path,
-                "provider": getattr(policy, "provider", "?"),
+                "provider": getattr(policy, "provider", "?"),  # what runs (node placement), and how:
+                "precision": getattr(policy, "precision", "?"),
+                "cuda_graph": getattr(policy, "cuda_graph", False),
+                "runs_on": policy.describe() if hasattr(policy, "describe") else "?",
                 "steps": getattr(policy, "steps", "?"),
                 "compute_p50_ms": 1000.0 * st.compute_p50_s,
                 "compute_p99_ms": 1000.0 * st.compute_p99_s,
