@@ -464,3 +464,29 @@ def test_an_older_good_sample_does_not_clear_a_refused_newer_input():
     for r in rig.run(20):
         assert r.state is ControlState.SAFE
     assert "from the future of this rig" in rig.core.stats().reason
+
+
+@pytest.mark.parametrize("first_offset", [0, 1, 2, 3])
+@pytest.mark.parametrize("rate_hz", [50.0, 100.0, 200.0])
+def test_an_action_never_runs_outside_its_slot(first_offset, rate_hz):
+    """Whatever the card's first_offset, the rate and the inference latency, every command is the action
+    scheduled for the slot in which it takes effect (within half a period: never a tick early); when the
+    newest chunk starts later, the running one goes on."""
+    period = 1.0 / rate_hz
+    rng = np.random.default_rng(int(1000 * first_offset + rate_hz))
+    card = clock_card(first_offset=first_offset, control_period_s=period, horizon=8)
+    latencies = rng.uniform(0.1, 2.5, size=10_000) * period
+    core = ControlCore(card, ControlConfig(exec_latency_s=0.3 * period, **WIDE), ClockPolicy(card),
+                       worker=(worker := SimWorker(clock := FakeClock(0.0), lambda s: latencies[s])))
+    worker.set_policy(ClockPolicy(card))
+    running = 0
+    for k in range(400):
+        now = clock.t = k * period
+        core.observe("clock", now, [now], now=now)
+        core.observe("joint_position", now, np.zeros(3), now=now)
+        r = core.tick(now)
+        if r.state is ControlState.RUNNING and not r.missed:  # a missed step holds the last command
+            running += 1
+            assert abs(r.command[0] - r.t_exec) <= 0.5 * period + 1e-9, (k, r.command[0] - r.t_exec)
+    # A newer chunk that starts later must not stop control: the running one goes on meanwhile.
+    assert running > 300, f"only {running} of 400 ticks RUNNING"

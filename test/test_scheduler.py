@@ -41,14 +41,19 @@ def test_first_valid_index_is_the_earliest_non_stale_action():
 
 @pytest.mark.parametrize(
     ("obs_delay", "exec_latency", "index"),
-    # t_i = now - obs_delay + (1 + i) * P must be the first one >= now + exec_latency - P / 2.
-    [(0.0, 0.0, 0), (0.013, 0.0, 0), (0.055, 0.0, 2), (0.055, 0.01, 2), (0.087, 0.0, 3), (0.087, 0.01, 4)],
+    # t_i = now - obs_delay + (1 + i) * P must be the first one >= now + exec_latency - P / 2; with no
+    # delay at all the first action is meant for the next tick, so nothing runs now (never early).
+    [(0.0, 0.0, None), (0.013, 0.0, 0), (0.055, 0.0, 2), (0.055, 0.01, 2), (0.087, 0.0, 3), (0.087, 0.01, 4)],
 )
 def test_select_compensates_observation_delay_and_exec_latency(obs_delay, exec_latency, index):
     now = 10.0
     s = ChunkScheduler(P, exec_latency)
     assert s.offer(timed_chunk(now - obs_delay, 1), now) is None
     sel = s.select(now)
+    if index is None:
+        assert sel is None
+        sel, now = s.select(now + P), now + P
+        index = 0
     assert sel.index == index
     assert sel.action[0] == pytest.approx(sel.action_time)
     t_exec = now + exec_latency
@@ -119,7 +124,8 @@ def test_ensemble_executes_the_mean_of_the_last_chunks_for_the_slot():
         s = ChunkScheduler(P, blend="ensemble", ensemble_chunks=n)
         for k, value in enumerate((0.0, 3.0, 6.0)):  # one chunk per tick
             s.offer(const_chunk(k * P, k + 1, value), k * P)
-        np.testing.assert_allclose(s.select(2 * P).action, expected)
+        # At 3P every chunk has an action for the slot, the newest its first one.
+        np.testing.assert_allclose(s.select(3 * P).action, expected)
 
 
 @pytest.mark.parametrize("jitter", [0.0, 0.004, -0.007])
@@ -145,10 +151,10 @@ def test_ensemble_leaves_out_chunks_without_a_finite_action_for_the_slot_and_for
     s.offer(nan, late - 2 * P)
     s.offer(const_chunk(late - P, 3, 2.0), late - P)
     s.offer(const_chunk(late, 4, 4.0), late)
-    np.testing.assert_allclose(s.select(late).action, 3.0)  # 2 and 4; not 100, not NaN
+    np.testing.assert_allclose(s.select(late + P).action, 3.0)  # 2 and 4; not 100, not NaN
     s.clear()
     s.offer(const_chunk(late + P, 5, 8.0), late + P)
-    np.testing.assert_allclose(s.select(late + P).action, 8.0)
+    np.testing.assert_allclose(s.select(late + 2 * P).action, 8.0)
 
 
 def test_ensemble_config_is_checked():
@@ -183,3 +189,16 @@ def test_inpaint_prefix_leaves_slots_the_old_chunk_cannot_cover_free():
     old_first = 1.0 + P
     assert not mask[new_times < old_first - P / 2].any()
     assert mask[(new_times >= old_first - P / 2) & (new_times < 1.0 + 2.5 * P)].all()
+
+
+def test_a_chunk_that_starts_later_waits_while_the_running_one_goes_on():
+    s = ChunkScheduler(P)
+    assert s.offer(timed_chunk(1.0, 1, first_offset=1), 1.0) is None
+    assert s.select(1.0 + P).chunk.seq == 1
+    # Two newer chunks arrive whose first actions are one and two periods ahead (first_offset 3).
+    assert s.offer(timed_chunk(1.0 + P, 2, first_offset=3), 1.0 + 2 * P) is None
+    assert s.offer(timed_chunk(1.0 + 2 * P, 3, first_offset=3), 1.0 + 2 * P) is None
+    for k, seq in ((2, 1), (3, 1), (4, 2), (5, 3), (6, 3)):
+        sel = s.select(1.0 + k * P)
+        assert sel.chunk.seq == seq, k
+        assert sel.action[0] == pytest.approx(1.0 + k * P)  # the action meant for this very slot

@@ -1,8 +1,10 @@
 """Which action runs now: the running chunk, stale actions skipped, and how a new chunk takes over.
 
 Inference finishes at arbitrary times relative to the control ticks. The scheduler keeps the running chunk,
-executes its earliest non-stale action at every tick (chunk.py's rule), discards chunks that arrive out of
-order or entirely stale, and blends a new chunk into the running one by the configured mode:
+executes at every tick its action for that tick's slot (chunk.py's rule: neither stale nor early), discards
+chunks that arrive out of order or entirely stale, and blends a new chunk into the running one by the
+configured mode. A new chunk whose first action is later than the next slot (a card with first_offset > 1,
+or a fast inference) does not run early: the chunk it replaces goes on until the new one has its slot.
 
 - none: the new chunk replaces the old one at once (DiffuseLoco, Diffusion Policy).
 - crossfade: over the first `crossfade_steps` slots the new chunk executes, weights ramp linearly from
@@ -76,10 +78,15 @@ class ChunkScheduler:
         self.recent: deque[Chunk] = deque(maxlen=int(ensemble_chunks) if blend == "ensemble" else 1)
         self.newest_seq: int | None = None  # seq of the newest chunk applied (kept across clear())
         self._first_exec_time: float | None = None
+        # Chunks newer than the one running whose first action is still ahead, oldest first, with the
+        # running one first: a chunk runs until a newer one reaches its first slot (first_offset > 1 or a
+        # fast inference can have several waiting).
+        self._queue: deque[Chunk] = deque()
 
     def clear(self) -> None:
         """Drop the running chunk (reset, safe state); older chunks stay rejected as out of order."""
         self.current = None
+        self._queue.clear()
         self.recent.clear()
         self._first_exec_time = None
 
@@ -95,6 +102,10 @@ class ChunkScheduler:
             return f"stale on arrival: its last action is {late:.3f} s before t_exec"
         if self.blend == "crossfade" and self.current is not None and self.crossfade_steps > 0:
             chunk = self._crossfade(chunk, first)
+        t_exec = now + self.exec_latency
+        while self._queue and self._queue[0].first_valid_index(t_exec) is None:
+            self._queue.popleft()  # ran out: nothing of it can run any more
+        self._queue.append(chunk)
         self.current = chunk
         self.recent.append(chunk)
         self.newest_seq = chunk.seq
@@ -119,29 +130,36 @@ class ChunkScheduler:
     # -- per tick ----------------------------------------------------------------------------------------
 
     def select(self, now: float) -> Selection | None:
-        """The earliest non-stale action of the running chunk at t_exec = now + exec_latency, or None."""
-        chunk = self.current
-        if chunk is None:
+        """The action for the slot of t_exec = now + exec_latency: the newest chunk's, else (its first
+        action is later) that of the chunk running before it; None when no chunk has one."""
+        t_exec = now + self.exec_latency
+        for k in range(len(self._queue) - 1, -1, -1):  # the newest chunk that has an action for this slot
+            chunk = self._queue[k]
+            i = chunk.action_for_slot(t_exec)
+            if i is not None:
+                break
+        else:
             return None
-        i = chunk.first_valid_index(now + self.exec_latency)
-        if i is None:
-            return None
+        for _ in range(k):  # older ones never run again
+            self._queue.popleft()
+        if chunk is self.current and self._first_exec_time is None:
+            self._first_exec_time = chunk.action_time(i)
         t_i = chunk.action_time(i)
-        if self._first_exec_time is None:
-            self._first_exec_time = t_i
         action = chunk.actions[i]
         if len(self.recent) > 1:
-            action = self._ensemble(action, t_i)
+            action = self._ensemble(chunk, action, t_i)
         return Selection(action, t_i, i, chunk)
 
-    def _ensemble(self, newest: np.ndarray, t_slot: float) -> np.ndarray:
-        """Mean of the running chunk's action for `t_slot` and the older chunks' actions for that slot
-        (those that have one, finite)."""
-        total, n = np.array(newest, dtype=float, copy=True), 1
-        for old in list(self.recent)[:-1]:
-            j = old.action_for_slot(t_slot)
-            if j is not None and np.all(np.isfinite(old.actions[j])):
-                total += old.actions[j]
+    def _ensemble(self, running: Chunk, action: np.ndarray, t_slot: float) -> np.ndarray:
+        """Mean of the running chunk's action for `t_slot` and the other recent chunks' actions for that
+        slot (those that have one, finite)."""
+        total, n = np.array(action, dtype=float, copy=True), 1
+        for other in self.recent:
+            if other is running:
+                continue
+            j = other.action_for_slot(t_slot)
+            if j is not None and np.all(np.isfinite(other.actions[j])):
+                total += other.actions[j]
                 n += 1
         return total / n
 
