@@ -264,24 +264,15 @@ def test_bad_trajectories_are_rejected_with_a_reason(msg, why) -> None:
         trajectory_from_msg(msg, 5.0, np.zeros(8), np.zeros(8))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def test_shipped_params_file_is_what_the_node_runs_with() -> None:
     """Every key of config/sim.yaml is a declared parameter and takes effect (a typo would not)."""
-    import yaml
     from rcl_interfaces.srv import GetParameters
     from rclpy.parameter import parameter_value_to_python
 
+    from diffusion_controller.ros.config import load_params_file
+
     path = Path(__file__).resolve().parents[1] / "config" / "sim.yaml"
-    params = _flatten(yaml.safe_load(path.read_text())["sim_node"]["ros__parameters"])
+    params = load_params_file(str(path), "sim_node")
     cmd = [*SIM, "--ros-args", "--params-file", str(path), "-p", "real_time_factor:=0.0"]
     with NodeProcess(cmd) as proc, Probe("params_probe") as probe:
         request = GetParameters.Request(names=list(params))

@@ -244,9 +244,17 @@ class ModelCard:
         return path
 
     def to_onnx(self, path: str | Path) -> Path:
-        """Write this card into the model's metadata_props (replacing an existing card)."""
+        """Write this card into the model's metadata_props (replacing an existing card), with the `onnx`
+        package: writing is export-time work, and `onnx` is a training/export dependency, not the node's."""
+        import onnx
+
         path = Path(path)
-        path.write_bytes(write_onnx_metadata(path.read_bytes(), {METADATA_KEY: self.to_yaml_text()}))
+        model = onnx.load(str(path), load_external_data=False)
+        kept = [(p.key, p.value) for p in model.metadata_props if p.key != METADATA_KEY]
+        del model.metadata_props[:]
+        for key, value in [*kept, (METADATA_KEY, self.to_yaml_text())]:
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(path))
         return path
 
     def replace(self, **changes: Any) -> ModelCard:
@@ -669,8 +677,11 @@ class _Parser:
 
 
 # ------------------------------------------------------------------------------------------------------
-# ONNX metadata_props without the onnx package: ModelProto field 14 = repeated StringStringEntryProto
-# {1: key, 2: value}. Protobuf wire format: fields may come in any order and repeat.
+# Reading ONNX metadata_props on the node. ModelProto field 14 = repeated StringStringEntryProto
+# {1: key, 2: value}; protobuf fields may come in any order and repeat. Neither kept library does this
+# cheaply: ONNX Runtime shows custom_metadata_map only on a created session (weights loaded, graph
+# optimized), and `onnx.load` parses every weight while holding the GIL; both would cost a running node's
+# control loop on a swap, and `onnx` is not a run-time dependency. Writing uses `onnx` (to_onnx).
 # ------------------------------------------------------------------------------------------------------
 _METADATA_FIELD = 14
 
@@ -788,30 +799,3 @@ def read_onnx_metadata(model: bytes | str | Path | BinaryIO) -> dict[str, str]:
     if not seen_graph:
         raise ValueError("not an ONNX model (no graph)")
     return props
-
-
-def _encode_varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
-
-
-def _encode_bytes(num: int, data: bytes) -> bytes:
-    return _encode_varint(num << 3 | 2) + _encode_varint(len(data)) + data
-
-
-def write_onnx_metadata(model: bytes, props: dict[str, str]) -> bytes:
-    """Serialized model with `props` set in metadata_props (existing entries of those keys replaced)."""
-    kept = bytearray()
-    for num, wt, start, end, vs, ve in _fields(model):
-        if num == _METADATA_FIELD and wt == 2 and _entry(model[vs:ve])[0] in props:
-            continue
-        kept += model[start:end]
-    for k, v in props.items():
-        entry = _encode_bytes(1, k.encode("utf-8")) + _encode_bytes(2, v.encode("utf-8"))
-        kept += _encode_bytes(_METADATA_FIELD, entry)
-    return bytes(kept)

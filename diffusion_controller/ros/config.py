@@ -29,8 +29,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from diffusion_controller.core.card import FEATURE_SIZES
 from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.core.plausibility import POLICIES
@@ -563,31 +561,16 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
     )
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested YAML dict -> flat dotted parameter names, the way ROS reads a params file."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def load_params_file(path: str, node_name: str = "diffusion_controller") -> dict[str, Any]:
-    """Flat parameters a ROS params file gives node `node_name` (`/**` and the node's own key, merged in
-    file order, later wins) -- for tests and tools that need the config without a ROS graph."""
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
-    out: dict[str, Any] = {}
-    for key, body in doc.items():
-        name = str(key).lstrip("/")
-        if name in ("**", node_name, "*") or name.endswith("/" + node_name):
-            if not isinstance(body, Mapping) or "ros__parameters" not in body:
-                raise ConfigError(f"{path}: key '{key}' must contain ros__parameters")
-            out.update(flatten(body["ros__parameters"]))
-    return out
+    """Flat parameters a ROS params file gives node `node_name` (`/**` first, then the node's own key),
+    read by rclpy's own parser, so tests and tools see what `--params-file` gives the node."""
+    from rclpy.parameter import parameter_dict_from_yaml_file, parameter_value_to_python
+
+    try:
+        msgs = parameter_dict_from_yaml_file(path, use_wildcard=True, target_nodes=[node_name])
+    except (RuntimeError, AttributeError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a ROS 2 params file ({exc})") from exc
+    return {name: parameter_value_to_python(m.value) for name, m in msgs.items()}
 
 
 def unknown_parameters(values: Mapping[str, Any], sources: Sequence[str] | None = None) -> list[str]:
