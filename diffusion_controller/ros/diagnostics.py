@@ -25,7 +25,9 @@ class RateLimitedLog:
     """One log line per cause, then at most one per `interval_s` with the count of suppressed repeats.
 
     Bad input at 500 Hz must not become 500 log lines a second; the first occurrence of each cause is
-    always logged so nothing is hidden."""
+    always logged so nothing is hidden. rclpy's `throttle_duration_sec` throttles per call site, not per
+    cause (a second kind of bad input within the interval would go unlogged) and counts nothing, while
+    these counts feed /diagnostics."""
 
     def __init__(self, sink: Callable[[str], None], interval_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
