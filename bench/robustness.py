@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = (
         "rejected",
         "log_lines",
+        "param_call_s",
+        "clear_s",
         "time_to_safe_s",
         "recovery_s",
         "chunk_interval_ms",
