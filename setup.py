@@ -36,6 +36,7 @@ setup(
             "generate_dataset = diffusion_controller.sim.dataset:main",
             "train_policy = diffusion_controller.training.train:main",
             "distill_policy = diffusion_controller.training.distill:main",
+            "dataset_from_bag = diffusion_controller.training.bag_dataset:main",
             "build_engine = diffusion_controller.core.build_engine:main",
         ],
     },

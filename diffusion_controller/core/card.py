@@ -73,6 +73,15 @@ class Feature:
     joints: tuple[str, ...] | None = None
     frequency_hz: float | None = None  # gait_clock only
 
+    def to_dict(self) -> dict[str, Any]:
+        """The card's (and a dataset layout's) form of this feature."""
+        fd: dict[str, Any] = {"name": self.name, "kind": self.kind, "size": self.size}
+        if self.joints is not None:
+            fd["joints"] = list(self.joints)
+        if self.frequency_hz is not None:
+            fd["frequency_hz"] = float(self.frequency_hz)
+        return fd
+
 
 @dataclass(frozen=True)
 class GraphSpec:
@@ -177,14 +186,7 @@ class ModelCard:
         def floats(a: np.ndarray) -> list[float]:
             return [float(v) for v in a]
 
-        feats = []
-        for f in self.features:
-            fd: dict[str, Any] = {"name": f.name, "kind": f.kind, "size": f.size}
-            if f.joints is not None:
-                fd["joints"] = list(f.joints)
-            if f.frequency_hz is not None:
-                fd["frequency_hz"] = float(f.frequency_hz)
-            feats.append(fd)
+        feats = [f.to_dict() for f in self.features]
         dif = self.diffusion
         d: dict[str, Any] = {
             "format": FORMAT,
@@ -286,6 +288,56 @@ def sidecar_path(onnx_path: str | Path) -> Path:
 # Validation
 # ------------------------------------------------------------------------------------------------------
 _MISSING = object()
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """The part of a card a dataset is built for, before any model exists: the control period, the
+    observation history and features, and the action joints with their limits. A layout file is a card
+    YAML with only these fields (a full card, or an .onnx with one, works as well)."""
+
+    control_period_s: float
+    history: int
+    features: tuple[Feature, ...]
+    action_joints: tuple[str, ...]
+    action_lower: np.ndarray
+    action_upper: np.ndarray
+
+    @property
+    def obs_dim(self) -> int:
+        return sum(f.size for f in self.features)
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str | None = None) -> Layout:
+        """Validate the layout fields of a card dict; CardError lists every problem."""
+        p = _Parser(source)
+        if not isinstance(d, dict):
+            raise CardError(f"expected a mapping, got {type(d).__name__}", source)
+        d = dict(d)
+        # Fields a dataset does not need get placeholders; the card of the trained model states them.
+        d["action"] = {"horizon": 1, "first_offset": 0, "kind": ACTION_KINDS[0], "units": "-",
+                       **(d.get("action") or {})}  # fmt: skip
+        period = p.number(d, "control_period_s", "", positive=True)
+        _, joints, lower, upper, *_ = p.action(d)
+        history, features = p.observation(d, len(joints) if joints else None)
+        if p.errors:
+            raise CardError(p.errors, source)
+        return cls(float(period), int(history), tuple(features or ()), tuple(joints or ()),
+                   lower, upper)  # fmt: skip
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Layout:
+        """From a layout or card YAML, or the card inside an .onnx."""
+        path = Path(path)
+        if path.suffix == ".onnx":
+            card = ModelCard.from_onnx(path)
+            return cls(card.control_period_s, card.history, card.features, card.action_joints,
+                       card.action_lower, card.action_upper)  # fmt: skip
+        try:
+            d = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+        except (OSError, yaml.YAMLError) as e:
+            raise CardError(f"cannot read {path}: {e}", str(path)) from e
+        return cls.from_dict(d, str(path))
 
 
 class _Parser:
