@@ -92,3 +92,44 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
     train(tiny_config(data, tmp_path / "r", 10), progress=False)
     with pytest.raises(SystemExit, match="other settings"):
         train(tiny_config(data, tmp_path / "r", 30), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda d: d.pop("action_lower"), "action_lower"),
+        (lambda d: d.pop("episode_ends"), "episode_ends"),
+        (lambda d: d.update(obs=d["obs"][:, :-1]), "the layout needs"),
+        (lambda d: d.update(action=np.full_like(d["action"], np.nan)), "NaN"),
+        (lambda d: d.update(layout=json.dumps([{"name": "x", "kind": "bogus", "size": 1}])), "bogus"),
+    ],
+)
+def test_a_dataset_that_cannot_train_is_refused_before_any_step(tmp_path: Path, change, fragment) -> None:
+    src = synthetic_dataset(tmp_path / "d.npz", episodes=2, steps=20)
+    with np.load(src) as z:
+        d = {k: z[k] for k in z.files}
+    change(d)
+    np.savez(tmp_path / "bad.npz", **d)
+    with pytest.raises(ValueError, match=fragment):
+        train(tiny_config(tmp_path / "bad.npz", tmp_path / "run", 10), progress=False)
+    assert not (tmp_path / "run" / "state.pt").exists()
+
+
+def test_robot_specific_settings_reach_the_card(tmp_path: Path) -> None:
+    """Another robot: its own description, units, noise schedule and prediction type, and a delay of two
+    periods (first_offset), all written into the card the node will check."""
+    from dataclasses import replace
+
+    data = synthetic_dataset(tmp_path / "d.npz", episodes=2, steps=20)
+    cfg = replace(tiny_config(data, tmp_path / "run", 10), description="a 4-joint arm", action_units="m",
+                  beta_schedule="linear", prediction_type="sample", first_offset=2, history=2)
+    ckpt = train(cfg, progress=False)
+    card = torch.load(ckpt, weights_only=False)["card"]
+    assert card["description"] == "a 4-joint arm" and card["action"]["units"] == "m"
+    assert card["diffusion"]["beta_schedule"] == "linear"
+    assert card["diffusion"]["prediction_type"] == "sample"
+    assert card["action"]["first_offset"] == 2 and card["observation"]["history"] == 2
+    onnx_path = tmp_path / "arm.onnx"
+    export_main([str(ckpt), str(onnx_path), "--graph", "fused"])
+    policy = Policy.load(onnx_path, provider="cpu", warmup=1)
+    assert policy.card.diffusion.prediction_type == "sample" and policy.card.action_units == "m"

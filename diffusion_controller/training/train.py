@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch.nn.functional import mse_loss
 
+from diffusion_controller.core.card import ACTION_KINDS, CardError, Layout
 from diffusion_controller.core.card import FORMAT as CARD_FORMAT
-from diffusion_controller.core.ddim import DDIMConfig
+from diffusion_controller.core.ddim import BETA_SCHEDULES, PREDICTION_TYPES, DDIMConfig
 from diffusion_controller.training.checkpoint import save_checkpoint
 from diffusion_controller.training.network import DiffusionTransformer, NetworkConfig
 
@@ -42,6 +43,14 @@ class TrainConfig:
     data: str
     out: str
     name: str = "ant_locomotion"
+    description: str = (
+        "Ant locomotion (stand, walk forward/backward, turn in place) from a velocity command; "
+        "diffusion policy trained on the project's expert gait in MuJoCo."
+    )
+    action_kind: str = "position"
+    action_units: str = "rad"
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"
     seed: int = 0
     iterations: int = 20000
     batch_size: int = 256
@@ -79,12 +88,40 @@ class WindowDataset:
         self.episode = np.repeat(np.arange(len(episode_ends)), episode_ends - starts)
 
 
+#: What a dataset file must hold (sim/dataset.py and training/bag_dataset.py write them).
+REQUIRED_KEYS = ("obs", "action", "episode_ends", "layout", "period", "action_joints", "action_lower",
+                 "action_upper")  # fmt: skip
+
+
 def load_dataset(path: str) -> dict:
+    """The arrays of a dataset file, checked before any training step: every required key, and shapes
+    that agree with the layout (a bad file fails now, not after hours of training)."""
     with np.load(path, allow_pickle=False) as z:
         d = {k: z[k] for k in z.files}
-    for key in ("obs", "action", "episode_ends", "layout", "period", "action_joints"):
-        if key not in d:
-            raise ValueError(f"{path}: dataset has no {key!r} array (see sim/dataset.py for the format)")
+    missing = [k for k in REQUIRED_KEYS if k not in d]
+    if missing:
+        raise ValueError(f"{path}: dataset has no {missing} (see sim/dataset.py for the format)")
+    try:
+        layout = Layout.from_dict({
+            "control_period_s": float(d["period"]),
+            "observation": {"history": 1, "features": json.loads(str(d["layout"]))},
+            "action": {"joints": [str(j) for j in d["action_joints"]], "lower": d["action_lower"].tolist(),
+                       "upper": d["action_upper"].tolist()},
+        }, path)  # fmt: skip
+    except (CardError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    n, ends = len(d["obs"]), d["episode_ends"]
+    problems = []
+    if d["obs"].shape != (n, layout.obs_dim):
+        problems.append(f"obs is {d['obs'].shape}, the layout needs (N, {layout.obs_dim})")
+    if d["action"].shape != (n, len(layout.action_joints)):
+        problems.append(f"action is {d['action'].shape}, expected ({n}, {len(layout.action_joints)})")
+    if len(ends) == 0 or ends[-1] != n or np.any(np.diff(ends) <= 0):
+        problems.append(f"episode_ends must increase and end at {n} rows")
+    if not (np.all(np.isfinite(d["obs"])) and np.all(np.isfinite(d["action"]))):
+        problems.append("obs/action contain NaN or Inf")
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
     return d
 
 
@@ -106,10 +143,10 @@ def diffusion_section(cfg: TrainConfig) -> dict:
     """
     return {
         "train_timesteps": cfg.train_timesteps,
-        "beta_schedule": "squaredcos_cap_v2",
+        "beta_schedule": cfg.beta_schedule,
         "beta_start": 0.0001,
         "beta_end": 0.02,
-        "prediction_type": "epsilon",
+        "prediction_type": cfg.prediction_type,
         "clip_sample": True,
         "clip_sample_range": 1.0,
         "set_alpha_to_one": True,
@@ -124,16 +161,13 @@ def card_dict(data: dict, cfg: TrainConfig, norm: dict, net: DiffusionTransforme
         "format": CARD_FORMAT,
         "name": cfg.name,
         "version": "1.0.0",
-        "description": (
-            "Ant locomotion (stand, walk forward/backward, turn in place) from a velocity command; "
-            "diffusion policy trained on the project's expert gait in MuJoCo."
-        ),
+        "description": cfg.description,
         "control_period_s": float(data["period"]),
         "observation": {"history": cfg.history, "features": json.loads(str(data["layout"]))},
         "action": {
             "joints": joints,
-            "kind": "position",
-            "units": "rad",
+            "kind": cfg.action_kind,
+            "units": cfg.action_units,
             "lower": [float(v) for v in data["action_lower"]],
             "upper": [float(v) for v in data["action_upper"]],
             "horizon": cfg.horizon,
@@ -183,7 +217,7 @@ def plot_losses(path: Path, history: list[tuple[int, float, float | None]]) -> N
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("noise-prediction MSE")
+    ax.set_ylabel("denoising MSE (noise or sample, by prediction type)")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -251,7 +285,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     state_path = out / "state.pt"
     if state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=False)
-        if st["config"] != cfg.__dict__:
+        # A run saved before a setting existed ran with its default.
+        saved = {**TrainConfig(data=cfg.data, out=cfg.out).__dict__, **st["config"]}
+        if saved != cfg.__dict__:
             raise SystemExit(f"{state_path} was written with other settings; use a new --out to start afresh")
         net.load_state_dict(st["net"])
         ema.load_state_dict(st["ema"])
@@ -270,7 +306,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
         eps = torch.randn(x0.shape, device=device, generator=g)
         ab = abar[t].view(-1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-        return mse_loss(model(xt, t, o), eps)
+        return mse_loss(model(xt, t, o), eps if cfg.prediction_type == "epsilon" else x0)
 
     def validate() -> float | None:
         if len(val_rows) == 0:
@@ -347,11 +383,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     return ckpt
 
 
-def add_config_options(parser: argparse.ArgumentParser, defaults: Any, skip: tuple[str, ...]) -> None:
+def add_config_options(parser: argparse.ArgumentParser, defaults: Any, skip: tuple[str, ...],
+                       choices: dict[str, tuple[str, ...]] | None = None) -> None:
     """One --option per field of a config dataclass (its type and default), except `skip`."""
     for name, value in defaults.__dict__.items():
         if name not in skip:
-            parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+            parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                                choices=(choices or {}).get(name))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -359,7 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     defaults = TrainConfig(data="", out="")
     p.add_argument("--data", required=True, help="dataset .npz from generate_dataset")
     p.add_argument("--out", required=True, help="run directory (re-running resumes it)")
-    add_config_options(p, defaults, skip=("data", "out"))
+    add_config_options(p, defaults, skip=("data", "out"),
+                       choices={"action_kind": ACTION_KINDS, "beta_schedule": BETA_SCHEDULES,
+                                "prediction_type": PREDICTION_TYPES})  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N iterations (resume later)")
     args = vars(p.parse_args(argv))
