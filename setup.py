@@ -37,6 +37,7 @@ setup(
             "train_policy = diffusion_controller.training.train:main",
             "distill_policy = diffusion_controller.training.distill:main",
             "dataset_from_bag = diffusion_controller.training.bag_dataset:main",
+            "record_demos = diffusion_controller.sim.demonstrate:main",
             "build_engine = diffusion_controller.core.build_engine:main",
         ],
     },

@@ -124,7 +124,7 @@ def bag_messages(path: str | Path) -> tuple[list[str], Iterator[tuple[str, str, 
     return topics, gen()
 
 
-def _as_card(layout: Layout) -> Any:
+def layout_as_card(layout: Layout) -> Any:
     """What the node's configuration check reads of a card, for a layout (no model exists yet)."""
     return SimpleNamespace(
         name="dataset layout", features=layout.features, action_joints=layout.action_joints,
@@ -149,7 +149,7 @@ class _Episode:
             if kinds[feature] == "velocity_command" and timeout > 0:
                 expire[feature] = timeout  # older reads as zero, as in the node
         self.history = ObservationHistory(
-            _as_card(layout), future_tolerance_s=cfg.max_future_s, expire_s=expire
+            layout_as_card(layout), future_tolerance_s=cfg.max_future_s, expire_s=expire
         )
         self.rows: list[np.ndarray] = []
         self.actions: list[np.ndarray] = []
@@ -179,7 +179,7 @@ def dataset_from_bags(
     min_episode_rows: int = 2,
 ) -> BagDataset:
     """Rows and labels from `bags` as the node configured by `cfg` computes them (module docstring)."""
-    binding = cf.validate_against_card(cfg, _as_card(layout))
+    binding = cf.validate_against_card(cfg, layout_as_card(layout))
     period = layout.control_period_s
     labels = resolve(label_topic or cfg.commands_topic, namespace)
     by_topic = {resolve(s.topic, namespace): s for s in cfg.sources}
