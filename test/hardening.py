@@ -1410,6 +1410,31 @@ def competing_publishers(h: Harness, r: Result) -> None:
     r.check(gone, f"/diagnostics still reports the other command publisher after it left (graph: {left})")
 
 
+@scenario("input")
+def implausible_goes_safe(h: Harness, r: Result) -> None:
+    """A node whose joint_states source has the `safe` plausibility policy: impossible joint positions
+    take it to SAFE at once (before any watchdog timeout), the reason names the topic, and it runs
+    again by itself once the positions are plausible."""
+    node = h.start(h.models["a"], "/plaus", params={"observations.joint_states.implausible": "safe"})
+    try:
+        r.check(node.wait_state(RUNNING, 60.0), f"node never RUNNING: {node.log()[-2000:]}")
+        w = Watch(node)
+        t_bad = time.monotonic()
+        h.sensors.inject("joint_states_implausible_position", 50, 200.0, replace=True, wait=False)
+        safe = node.wait_state(SAFE, 2.0)
+        r.figures["time_to_safe_s"] = time.monotonic() - t_bad
+        loop = node.diag("control loop", after=time.monotonic())
+        h.sensors.wait_injected(10.0)
+        recovered = node.wait_state(RUNNING, 5.0)
+        a = w.verdict(r)
+        r.check(safe, f"never SAFE on implausible joint positions: {dict(a.states)}")
+        reason = f"{loop.get('_message', '')} {loop.get('reason', '')}"
+        r.check("implausible" in reason and "/joint_states" in reason, f"/diagnostics reason: {loop}")
+        r.check(recovered, f"no recovery within 5 s (state {node.state()})")
+    finally:
+        node.close()
+
+
 #: The node's window for "recent" problems on /diagnostics (controller_node.RECENT_S), and some slack.
 RECENT_WINDOW_S, CLEAR_SLACK_S = 10.0, 5.0
 
