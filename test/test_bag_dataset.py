@@ -15,13 +15,13 @@ from rclpy.serialization import serialize_message
 from sensor_msgs.msg import Imu, JointState
 from std_msgs.msg import Float64MultiArray
 
-from diffusion_controller.core.card import Layout
+from diffusion_controller.core.card import read_layout
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros.conversions import sec_to_time
 from diffusion_controller.training import bag_dataset as bd
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUT = Layout.from_file(ROOT / "models" / "ant_locomotion.yaml")
+LAYOUT = read_layout(ROOT / "models" / "ant_locomotion.yaml")
 JOINTS = LAYOUT.action_joints
 P = LAYOUT.control_period_s
 DELAY = 0.01  # sensor messages are recorded this long after their header stamp

@@ -93,18 +93,35 @@ class GraphSpec:
 
 
 @dataclass(frozen=True, eq=False)
-class ModelCard:
-    """Validated card. Arrays are float64 and read-only; compare cards with `to_dict()`."""
+class Layout:
+    """The part of a card a dataset is built for, before any model exists: the control period, the
+    observation history and features, and the action joints with their limits. A layout file is a card
+    YAML with only these fields (a full card, or an .onnx with one, works as well); every ModelCard is
+    a Layout."""
 
-    name: str
-    version: str
-    description: str
     control_period_s: float
     history: int
     features: tuple[Feature, ...]
     action_joints: tuple[str, ...]
     action_lower: np.ndarray
     action_upper: np.ndarray
+
+    @property
+    def obs_dim(self) -> int:
+        return sum(f.size for f in self.features)
+
+    @property
+    def action_dim(self) -> int:
+        return len(self.action_joints)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelCard(Layout):
+    """Validated card. Arrays are float64 and read-only; compare cards with `to_dict()`."""
+
+    name: str
+    version: str
+    description: str
     horizon: int
     first_offset: int
     action_kind: str
@@ -122,14 +139,6 @@ class ModelCard:
     sampler_inpainting: bool = True
     network: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def obs_dim(self) -> int:
-        return sum(f.size for f in self.features)
-
-    @property
-    def action_dim(self) -> int:
-        return len(self.action_joints)
 
     def feature_slice(self, name: str) -> slice:
         """Columns of feature `name` in an observation row."""
@@ -290,54 +299,33 @@ def sidecar_path(onnx_path: str | Path) -> Path:
 _MISSING = object()
 
 
-@dataclass(frozen=True, eq=False)
-class Layout:
-    """The part of a card a dataset is built for, before any model exists: the control period, the
-    observation history and features, and the action joints with their limits. A layout file is a card
-    YAML with only these fields (a full card, or an .onnx with one, works as well)."""
+def layout_from_dict(d: Any, source: str | None = None) -> Layout:
+    """Validate the layout fields of a card dict; CardError lists every problem."""
+    p = _Parser(source)
+    if not isinstance(d, dict):
+        raise CardError(f"expected a mapping, got {type(d).__name__}", source)
+    d = dict(d)
+    # Fields a dataset does not need get placeholders; the card of the trained model states them.
+    d["action"] = {"horizon": 1, "first_offset": 0, "kind": ACTION_KINDS[0], "units": "-",
+                   **(d.get("action") or {})}  # fmt: skip
+    period = p.number(d, "control_period_s", "", positive=True)
+    _, joints, lower, upper, *_ = p.action(d)
+    history, features = p.observation(d, len(joints) if joints else None)
+    if p.errors:
+        raise CardError(p.errors, source)
+    return Layout(float(period), int(history), tuple(features or ()), tuple(joints or ()), lower, upper)
 
-    control_period_s: float
-    history: int
-    features: tuple[Feature, ...]
-    action_joints: tuple[str, ...]
-    action_lower: np.ndarray
-    action_upper: np.ndarray
 
-    @property
-    def obs_dim(self) -> int:
-        return sum(f.size for f in self.features)
-
-    @classmethod
-    def from_dict(cls, d: Any, source: str | None = None) -> Layout:
-        """Validate the layout fields of a card dict; CardError lists every problem."""
-        p = _Parser(source)
-        if not isinstance(d, dict):
-            raise CardError(f"expected a mapping, got {type(d).__name__}", source)
-        d = dict(d)
-        # Fields a dataset does not need get placeholders; the card of the trained model states them.
-        d["action"] = {"horizon": 1, "first_offset": 0, "kind": ACTION_KINDS[0], "units": "-",
-                       **(d.get("action") or {})}  # fmt: skip
-        period = p.number(d, "control_period_s", "", positive=True)
-        _, joints, lower, upper, *_ = p.action(d)
-        history, features = p.observation(d, len(joints) if joints else None)
-        if p.errors:
-            raise CardError(p.errors, source)
-        return cls(float(period), int(history), tuple(features or ()), tuple(joints or ()),
-                   lower, upper)  # fmt: skip
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Layout:
-        """From a layout or card YAML, or the card inside an .onnx."""
-        path = Path(path)
-        if path.suffix == ".onnx":
-            card = ModelCard.from_onnx(path)
-            return cls(card.control_period_s, card.history, card.features, card.action_joints,
-                       card.action_lower, card.action_upper)  # fmt: skip
-        try:
-            d = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
-        except (OSError, yaml.YAMLError) as e:
-            raise CardError(f"cannot read {path}: {e}", str(path)) from e
-        return cls.from_dict(d, str(path))
+def read_layout(path: str | Path) -> Layout:
+    """A layout from a layout or card YAML, or the card inside an .onnx."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return ModelCard.from_onnx(path)
+    try:
+        d = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+    except (OSError, yaml.YAMLError) as e:
+        raise CardError(f"cannot read {path}: {e}", str(path)) from e
+    return layout_from_dict(d, str(path))
 
 
 class _Parser:

@@ -35,7 +35,7 @@ from rosgraph_msgs.msg import Clock
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 
-from diffusion_controller.core.card import Layout
+from diffusion_controller.core.card import Layout, layout_from_dict
 from diffusion_controller.core.observation import ObservationHistory
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
@@ -54,7 +54,7 @@ def ant_layout() -> Layout:
     from diffusion_controller.sim.ant import Ant
 
     ant = Ant()
-    return Layout.from_dict({
+    return layout_from_dict({
         "control_period_s": CONTROL_PERIOD_S,
         "observation": {"history": 1, "features": list(OBS_LAYOUT)},
         "action": {"joints": list(JOINTS), "lower": ant.joint_lower.tolist(),

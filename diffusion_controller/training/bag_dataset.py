@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from rclpy.serialization import deserialize_message
 
-from diffusion_controller.core.card import Layout
+from diffusion_controller.core.card import Layout, read_layout
 from diffusion_controller.core.observation import ObservationError, ObservationHistory
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = cf.NodeConfig.from_params(cf.load_params_file(args.config))
-        layout = Layout.from_file(args.layout)
+        layout = read_layout(args.layout)
         data = dataset_from_bags(args.bags, cfg, layout, args.labels, args.namespace, args.split_gap)
     except (BagError, cf.ConfigError, ValueError, OSError) as exc:
         print(f"dataset_from_bag: {exc}", file=sys.stderr)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.nn.functional import mse_loss
 
-from diffusion_controller.core.card import ACTION_KINDS, CardError, Layout
+from diffusion_controller.core.card import ACTION_KINDS, CardError, layout_from_dict
 from diffusion_controller.core.card import FORMAT as CARD_FORMAT
 from diffusion_controller.core.ddim import BETA_SCHEDULES, PREDICTION_TYPES, DDIMConfig
 from diffusion_controller.training.checkpoint import save_checkpoint
@@ -102,7 +102,7 @@ def load_dataset(path: str) -> dict:
     if missing:
         raise ValueError(f"{path}: dataset has no {missing} (see sim/dataset.py for the format)")
     try:
-        layout = Layout.from_dict({
+        layout = layout_from_dict({
             "control_period_s": float(d["period"]),
             "observation": {"history": 1, "features": json.loads(str(d["layout"]))},
             "action": {"joints": [str(j) for j in d["action_joints"]], "lower": d["action_lower"].tolist(),
