@@ -83,10 +83,11 @@ def test_ant_yaml_fits_the_demo_card(ant_params):
     assert binding.output_joints == tuple(JOINTS)
     assert binding.output_index == tuple(range(8))
     assert binding.period_s == pytest.approx(0.02)
-    assert cfg.commands_topic == "/forward_position_controller/commands"
-    assert cfg.trajectory_topic == "/joint_trajectory_controller/joint_trajectory"
+    # Relative names: a namespace moves them, so robots in one graph never share a topic.
+    assert cfg.commands_topic == "forward_position_controller/commands"
+    assert cfg.trajectory_topic == "joint_trajectory_controller/joint_trajectory"
     topics = {s.topic for s in cfg.sources}
-    assert topics == {"/joint_states", "/imu_sensor_broadcaster/imu", "/odom", "/cmd_vel"}
+    assert topics == {"joint_states", "imu_sensor_broadcaster/imu", "odom", "cmd_vel"}
     assert cf.unknown_parameters(ant_params) == []
 
 
