@@ -274,18 +274,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def test_shipped_params_file_is_what_the_node_runs_with() -> None:
-    """Every key of config/sim.yaml is a declared parameter and takes effect (a typo would not)."""
+@pytest.mark.parametrize("namespace", ["", "/robot1"])
+def test_shipped_params_file_is_what_the_node_runs_with(namespace: str) -> None:
+    """Every key of config/sim.yaml is a declared parameter and takes effect (a typo would not), in the
+    root namespace and in a robot's (a `sim_node:` key would only match /sim_node)."""
     import yaml
     from rcl_interfaces.srv import GetParameters
     from rclpy.parameter import parameter_value_to_python
 
     path = Path(__file__).resolve().parents[1] / "config" / "sim.yaml"
-    params = _flatten(yaml.safe_load(path.read_text())["sim_node"]["ros__parameters"])
+    params = _flatten(yaml.safe_load(path.read_text())["/**/sim_node"]["ros__parameters"])
     cmd = [*SIM, "--ros-args", "--params-file", str(path), "-p", "real_time_factor:=0.0"]
+    cmd += ["-r", f"__ns:={namespace}"] if namespace else []
     with NodeProcess(cmd) as proc, Probe("params_probe") as probe:
         request = GetParameters.Request(names=list(params))
-        resp = probe.call(GetParameters, "/sim_node/get_parameters", request)
+        resp = probe.call(GetParameters, f"{namespace}/sim_node/get_parameters", request)
         assert resp is not None, proc.output()
         got = dict(zip(params, (parameter_value_to_python(v) for v in resp.values), strict=True))
         expected = {**params, "real_time_factor": 0.0}
