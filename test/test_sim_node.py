@@ -174,6 +174,17 @@ def test_sigint_exits_zero(sim) -> None:
     assert proc.stop(signal.SIGINT) == 0
 
 
+def test_a_second_sigint_during_the_cleanup_still_exits_zero() -> None:
+    """Ctrl-C under `ros2 launch`: the terminal signals the process group, then launch signals each
+    process again while it is already tearing down."""
+    with NodeProcess(SIM + ros_args({"real_time_factor": 0.0})) as proc, Probe("twice_probe") as probe:
+        probe.subscribe("/clock", Clock, qos=QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+        assert probe.wait_for("/clock", lambda m: len(m) > 20, timeout=30), proc.output()
+        proc.proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        assert proc.stop(signal.SIGINT) == 0, proc.output()
+
+
 def test_observation_delay() -> None:
     """Messages keep their measurement stamp but leave obs_delay_s later (paced at real time)."""
     delay = 0.1

@@ -397,6 +397,10 @@ def main(args: list[str] | None = None) -> int:
     try:
         node.run()
     finally:
+        # A second signal must not interrupt the cleanup: Ctrl-C under `ros2 launch` reaches the node
+        # twice (the terminal signals the whole process group, then launch signals each process).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
         rclpy.try_shutdown()
