@@ -15,6 +15,8 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        (f"share/{PACKAGE}/urdf", glob("urdf/*.xacro")),
+        (f"share/{PACKAGE}/worlds", glob("worlds/*.sdf")),
         (f"share/{PACKAGE}/models", glob("models/*.onnx") + glob("models/*.yaml")),
     ],
     install_requires=["setuptools", "numpy", "pyyaml", "onnxruntime-gpu"],

@@ -1,13 +1,26 @@
-"""The demo: the simulated ant (sim.launch.py) and the controller driving it, both on sim time.
+"""The demo: the simulated ant (sim.launch.py) and the controller driving it, both on the sim's clock.
 
-    ros2 launch diffusion_controller demo.launch.py [model_path:=...] [log_level:=info]
+    ros2 launch diffusion_controller demo.launch.py [model_path:=...] [namespace:=robot1] [log_level:=info]
+
+Every argument shown here is handed to the included files explicitly, each include in a scope of its
+own: launch configurations are global to a launch, so an include would otherwise read whatever the
+including file or the other include set under the same name (the controller's `config` used to reach
+the simulator, which then ran without its sensor noise). The simulator takes `sim_config`; the
+controller takes `config`.
+
+With a namespace, both nodes and their topics move under it, and so does the clock: the sim publishes
+and both nodes follow `<namespace>/clock`, so several demos can share one graph, each robot in a world
+of its own. (In Gazebo, robots in one world share its /clock.)
 """
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
+from launch.actions import DeclareLaunchArgument, GroupAction, IncludeLaunchDescription
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import SetRemap
 from launch_ros.substitutions import FindPackageShare
+
+LOG_LEVELS = ["debug", "info", "warn", "error", "fatal"]
 
 
 def generate_launch_description() -> LaunchDescription:
@@ -21,24 +34,57 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument(
             "config",
             default_value=PathJoinSubstitution([share, "config", "ant.yaml"]),
-            description="Controller params file.",
+            description="The controller's params file.",
         ),
-        DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error."),
+        DeclareLaunchArgument(
+            "sim_config",
+            default_value=PathJoinSubstitution([share, "config", "sim.yaml"]),
+            description="The simulator's params file (rates, sensor noise as in training, PD gains).",
+        ),
+        DeclareLaunchArgument(
+            "obs_delay_s", default_value="0.0", description="Simulated sensor delay (s)."
+        ),
+        DeclareLaunchArgument(
+            "real_time_factor", default_value="1.0", description="Sim seconds per wall second."
+        ),
+        DeclareLaunchArgument(
+            "use_sim_time",
+            default_value="true",
+            description="Both nodes follow the sim's clock. The sim stamps its messages in sim time, so "
+            "with false the controller finds every observation stale and holds still.",
+        ),
+        DeclareLaunchArgument(
+            "autostart",
+            default_value="true",
+            description="The controller configures and activates itself; false: it waits in unconfigured.",
+        ),
+        DeclareLaunchArgument(
+            "namespace", default_value="", description="Namespace of both nodes, their topics and clock."
+        ),
+        DeclareLaunchArgument(
+            "log_level", default_value="info", choices=LOG_LEVELS, description="Both nodes' log level."
+        ),
     ]
-    sim = IncludeLaunchDescription(
-        PythonLaunchDescriptionSource(PathJoinSubstitution([share, "launch", "sim.launch.py"])),
-        launch_arguments={"log_level": LaunchConfiguration("log_level")}.items(),
+
+    def include(launch_file: str, arguments: list[str]) -> GroupAction:
+        """`launch_file` with exactly `arguments` passed on, in a scope that ends with it; the clock is
+        the namespace's (`clock` resolves to /clock without one)."""
+        source = PythonLaunchDescriptionSource(PathJoinSubstitution([share, "launch", launch_file]))
+        passed = {name: LaunchConfiguration(name) for name in arguments}
+        return GroupAction(
+            [
+                SetRemap(src="/clock", dst="clock"),
+                IncludeLaunchDescription(source, launch_arguments=passed.items()),
+            ],
+            scoped=True,
+        )
+
+    sim = include(
+        "sim.launch.py",
+        ["sim_config", "obs_delay_s", "real_time_factor", "use_sim_time", "namespace", "log_level"],
     )
-    controller = IncludeLaunchDescription(
-        PythonLaunchDescriptionSource(
-            PathJoinSubstitution([share, "launch", "diffusion_controller.launch.py"])
-        ),
-        launch_arguments={
-            "config": LaunchConfiguration("config"),
-            "model_path": LaunchConfiguration("model_path"),
-            "use_sim_time": "true",
-            "log_level": LaunchConfiguration("log_level"),
-            "autostart": "true",
-        }.items(),
+    controller = include(
+        "diffusion_controller.launch.py",
+        ["config", "model_path", "use_sim_time", "autostart", "namespace", "log_level"],
     )
     return LaunchDescription([*args, sim, controller])

@@ -5,14 +5,30 @@
 
 With autostart:=true (default) the node configures and activates itself; with false it waits in
 `unconfigured` for a lifecycle manager (`ros2 lifecycle set /diffusion_controller configure`).
+`namespace` moves the node and, because the shipped configs name topics relatively, its sensor and
+command topics too. `log_level` is the node's own (rcl and rmw keep theirs). Everything else (provider,
+threads, blending, safety) is set in the config file.
 """
 
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
 from launch_ros.actions import LifecycleNode
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
+
+NODE_NAME = "diffusion_controller"
+LOG_LEVELS = ["debug", "info", "warn", "error", "fatal"]
+
+
+def logger_name(node_name: str) -> PythonExpression:
+    """The node's logger, `<namespace with dots>.<name>` as rcl names it (`robot1.diffusion_controller`), so
+    `--log-level <logger>:=<level>` sets the node's level and not every logger's (rcl's debug output alone
+    is thousands of lines). The namespace is the node's as launch_ros resolves it: a relative `namespace`
+    goes below an enclosing PushRosNamespace (launch configuration `ros_namespace`)."""
+    ns, base = LaunchConfiguration("namespace"), LaunchConfiguration("ros_namespace", default="")
+    full = ["('", ns, "' if '", ns, "'.startswith('/') else '", base, "/", ns, "')"]
+    return PythonExpression(["'.'.join([p for p in ", *full, f".split('/') if p] + ['{node_name}'])"])
 
 
 def generate_launch_description() -> LaunchDescription:
@@ -21,7 +37,7 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument(
             "config",
             default_value=PathJoinSubstitution([share, "config", "ant.yaml"]),
-            description="ROS params file of the node (observation sources, outputs, safety).",
+            description="ROS params file of the node (observation sources, outputs, provider, safety).",
         ),
         DeclareLaunchArgument(
             "model_path",
@@ -29,8 +45,12 @@ def generate_launch_description() -> LaunchDescription:
             description="ONNX policy with its model card in the metadata.",
         ),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="Follow /clock."),
-        DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node."),
-        DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error."),
+        DeclareLaunchArgument(
+            "namespace", default_value="", description="Namespace of the node and its relative topics."
+        ),
+        DeclareLaunchArgument(
+            "log_level", default_value="info", choices=LOG_LEVELS, description="The node's log level."
+        ),
         DeclareLaunchArgument(
             "autostart", default_value="true", description="Configure and activate at startup."
         ),
@@ -38,7 +58,7 @@ def generate_launch_description() -> LaunchDescription:
     node = LifecycleNode(
         package="diffusion_controller",
         executable="controller_node",
-        name="diffusion_controller",
+        name=NODE_NAME,
         namespace=LaunchConfiguration("namespace"),
         output="screen",
         emulate_tty=True,
@@ -50,6 +70,8 @@ def generate_launch_description() -> LaunchDescription:
                 "autostart": ParameterValue(LaunchConfiguration("autostart"), value_type=bool),
             },
         ],
-        arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
+        arguments=[
+            "--ros-args", "--log-level", [logger_name(NODE_NAME), ":=", LaunchConfiguration("log_level")]
+        ],
     )
     return LaunchDescription([*args, node])

@@ -679,7 +679,8 @@ class NodeRun:
                 "-p",
                 f"outputs.trajectory.topic:={self.traj_topic}",
             ]
-        for s in STREAMS if sensor_prefix else ():
+        # ant.yaml's sensor names are relative: a namespaced node reads the feeder's global ones.
+        for s in STREAMS if sensor_prefix or namespace else ():
             args += ["-p", f"observations.{s}.topic:={sensor_prefix}{TOPICS[s]}"]
         for k, v in (params or {}).items():
             args += ["-p", f"{k}:={v}"]

@@ -47,6 +47,9 @@ pytestmark = pytest.mark.ros
 ROOT = Path(__file__).resolve().parents[1]
 NODE = "/diffusion_controller"
 CMD = "/forward_position_controller/commands"
+#: The feeder's topics: ant.yaml's relative names as a node in the root namespace resolves them.
+SENSOR_TOPICS = {"joint_states": "/joint_states", "imu": "/imu_sensor_broadcaster/imu", "odom": "/odom",
+                 "cmd_vel": "/cmd_vel"}  # fmt: skip
 TRAJ = "/joint_trajectory_controller/joint_trajectory"
 TIMING = f"{NODE}/debug/command_timing"
 PERIOD = 0.02
@@ -113,12 +116,8 @@ class SensorFeeder:
 
     def __init__(self, probe: Probe) -> None:
         node = probe.node
-        self.pubs = {
-            "joint_states": node.create_publisher(JointState, "/joint_states", 10),
-            "imu": node.create_publisher(Imu, "/imu_sensor_broadcaster/imu", 10),
-            "odom": node.create_publisher(Odometry, "/odom", 10),
-            "cmd_vel": node.create_publisher(Twist, "/cmd_vel", 10),
-        }
+        types = {"joint_states": JointState, "imu": Imu, "odom": Odometry, "cmd_vel": Twist}
+        self.pubs = {s: node.create_publisher(types[s], topic, 10) for s, topic in SENSOR_TOPICS.items()}
         self.periods = {"joint_states": 1 / 200, "imu": 1 / 100, "odom": 1 / 50, "cmd_vel": 1.0}
         self.paused: set[str] = set()
         self.override: dict[str, Callable[[float], Any]] = {}
@@ -178,7 +177,8 @@ class SensorFeeder:
 
 
 def start(model: Path, *extra: str, config: Path | None = None, namespace: str = "") -> NodeProcess:
-    """The node with ant.yaml; in a namespace its outputs move to ~/ (apart from the main node's)."""
+    """The node with ant.yaml; in a namespace its outputs move to ~/ (apart from the main node's) and its
+    sensors stay the feeder's global ones (ant.yaml's names are relative: they would move too)."""
     args = [
         "--params-file",
         str(config or ROOT / "config" / "ant.yaml"),
@@ -189,6 +189,8 @@ def start(model: Path, *extra: str, config: Path | None = None, namespace: str =
     if namespace:
         args += ["-r", f"__ns:={namespace}", "-p", "outputs.commands.topic:=~/commands",
                  "-p", "outputs.trajectory.topic:=~/joint_trajectory"]  # fmt: skip
+        for source, topic in SENSOR_TOPICS.items():
+            args += ["-p", f"observations.{source}.topic:={topic}"]
     cmd = console_script("controller_node", "diffusion_controller.ros.controller_node")
     return NodeProcess([*cmd, "--ros-args", *args], cwd=str(ROOT))
 

@@ -152,3 +152,20 @@ def test_a_stream_faster_than_the_queue_reports_what_it_lost(graph):
     assert js[-1] == float(n - 1)  # the newest is always there
     assert len(js) <= depth
     assert intake.counts()["js"].lost - lost0 == n - len(js)
+
+
+@pytest.mark.parametrize(("args", "clock"), [([], "/clock"), (["-r", "/clock:=clock"], "/robot1/clock")])
+def test_a_hidden_node_follows_the_clock_its_owner_follows(args, clock):
+    """One of several simulators: `-r /clock:=clock` in namespace robot1 must move the loop node's clock
+    (it takes no --ros-args of its own) along with the owner's, or its sim-time timer never ticks."""
+    context = rclpy.Context()
+    rclpy.init(args=["x", "--ros-args", "-r", "__ns:=/robot1", *args], context=context)
+    try:
+        owner = rclpy.create_node("owner", context=context)
+        helper = ik.hidden_node(owner, "loop")
+        assert owner.resolve_topic_name("/clock") == helper.resolve_topic_name("/clock") == clock
+        assert helper.get_fully_qualified_name() == "/robot1/_owner_loop"
+        helper.destroy_node()
+        owner.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)

@@ -174,6 +174,17 @@ def test_sigint_exits_zero(sim) -> None:
     assert proc.stop(signal.SIGINT) == 0
 
 
+def test_a_second_sigint_during_the_cleanup_still_exits_zero() -> None:
+    """Ctrl-C under `ros2 launch`: the terminal signals the process group, then launch signals each
+    process again while it is already tearing down."""
+    with NodeProcess(SIM + ros_args({"real_time_factor": 0.0})) as proc, Probe("twice_probe") as probe:
+        probe.subscribe("/clock", Clock, qos=QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+        assert probe.wait_for("/clock", lambda m: len(m) > 20, timeout=30), proc.output()
+        proc.proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        assert proc.stop(signal.SIGINT) == 0, proc.output()
+
+
 def test_observation_delay() -> None:
     """Messages keep their measurement stamp but leave obs_delay_s later (paced at real time)."""
     delay = 0.1
@@ -264,19 +275,22 @@ def test_bad_trajectories_are_rejected_with_a_reason(msg, why) -> None:
         trajectory_from_msg(msg, 5.0, np.zeros(8), np.zeros(8))
 
 
-def test_shipped_params_file_is_what_the_node_runs_with() -> None:
-    """Every key of config/sim.yaml is a declared parameter and takes effect (a typo would not)."""
+@pytest.mark.parametrize("namespace", ["", "/robot1"])
+def test_shipped_params_file_is_what_the_node_runs_with(namespace: str) -> None:
+    """Every key of config/sim.yaml is a declared parameter and takes effect (a typo would not), in the
+    root namespace and in a robot's (a `sim_node:` key would only match /sim_node)."""
     from rcl_interfaces.srv import GetParameters
     from rclpy.parameter import parameter_value_to_python
 
     from diffusion_controller.ros.config import load_params_file
 
     path = Path(__file__).resolve().parents[1] / "config" / "sim.yaml"
-    params = load_params_file(str(path), "sim_node")
+    params = load_params_file(str(path), "/**/sim_node")
     cmd = [*SIM, "--ros-args", "--params-file", str(path), "-p", "real_time_factor:=0.0"]
+    cmd += ["-r", f"__ns:={namespace}"] if namespace else []
     with NodeProcess(cmd) as proc, Probe("params_probe") as probe:
         request = GetParameters.Request(names=list(params))
-        resp = probe.call(GetParameters, "/sim_node/get_parameters", request)
+        resp = probe.call(GetParameters, f"{namespace}/sim_node/get_parameters", request)
         assert resp is not None, proc.output()
         got = dict(zip(params, (parameter_value_to_python(v) for v in resp.values), strict=True))
         expected = {**params, "real_time_factor": 0.0}

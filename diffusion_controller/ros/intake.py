@@ -137,11 +137,15 @@ def _publisher(info: dict) -> bytes:
 def hidden_node(owner: Any, role: str, parameter_overrides: Sequence[Any] = ()) -> Any:
     """A helper node `_<owner>_<role>` beside `owner` (same namespace and context; hidden from
     `ros2 node list` by its leading underscore). It takes none of the process' --ros-args: a
-    `-r __node:=...` meant for the main node would rename it too (two nodes, one name)."""
+    `-r __node:=...` meant for the main node would rename it too (two nodes, one name). Only the
+    owner's clock topic is passed on (`-r /clock:=/robot1/clock` for one of several simulators), so
+    a timer under use_sim_time follows the clock the owner follows."""
+    clock = owner.resolve_topic_name("/clock")
     return rclpy.create_node(
         f"_{owner.get_name()}_{role}",
         namespace=owner.get_namespace(),
         context=owner.context,
+        cli_args=["--ros-args", "-r", f"/clock:={clock}"] if clock != "/clock" else None,
         parameter_overrides=list(parameter_overrides),
         use_global_arguments=False,
         start_parameter_services=False,

@@ -7,15 +7,20 @@ robot and topics", REFERENCES.md):
 - publishes ``/clock`` and stamps everything with the simulator's own time (the node is the clock, so
   it never waits on ``/clock`` itself); ``real_time_factor`` 1.0 paces to the wall clock, 0 runs as
   fast as possible;
-- ``/joint_states`` (JointState), ``/imu_sensor_broadcaster/imu`` (Imu), ``/odom`` (Odometry, frame
+- ``joint_states`` (JointState), ``imu_sensor_broadcaster/imu`` (Imu), ``odom`` (Odometry, frame
   ``odom``, child ``base_link``, twist in the child frame) at their own rates, with Gaussian noise;
   each message carries its measurement time and is published ``obs_delay_s`` later;
-- ``/forward_position_controller/commands`` (Float64MultiArray, joints in controller order; a wrong
+- ``forward_position_controller/commands`` (Float64MultiArray, joints in controller order; a wrong
   size or a non-finite value is logged and ignored; the last command is held forever);
-- ``/joint_trajectory_controller/joint_trajectory`` (JointTrajectory: joints by name, stamp 0 = now,
+- ``joint_trajectory_controller/joint_trajectory`` (JointTrajectory: joints by name, stamp 0 = now,
   linear between position-only points, cubic with velocities, a new one replaces the running one,
   the last point is held);
 - ``~/reset`` (std_srvs/Trigger) and ``~/ground_truth`` (Odometry, noise- and delay-free).
+
+Sensor and command names are relative, as gz_ros2_control's are, so a namespace (``-r __ns:=/robot1``)
+moves them with the node and two simulated robots never share a topic. ``/clock`` is absolute (one
+world, one clock, as in Gazebo); each of several stand-in sims is a world of its own, so give each its
+own clock with ``-r /clock:=clock`` (the controller beside it takes the same remap).
 
 Publishers and command subscribers are RELIABLE (a sensor-data subscriber still receives).
 """
@@ -161,11 +166,11 @@ class SimNode(Node):
         self.rtf = p("real_time_factor", 1.0, "Sim seconds per wall second; 0 = as fast as possible.")
         rates = {
             "clock": p("clock_rate_hz", 250.0, "/clock publication rate in sim time."),
-            "joints": p("joint_states_rate_hz", 100.0, "/joint_states rate (joint_state_broadcaster)."),
+            "joints": p("joint_states_rate_hz", 100.0, "joint_states rate (joint_state_broadcaster)."),
             "imu": p(
-                "imu_rate_hz", 250.0, "/imu_sensor_broadcaster/imu rate (a divisor of the physics rate)."
+                "imu_rate_hz", 250.0, "imu_sensor_broadcaster/imu rate (a divisor of the physics rate)."
             ),
-            "odom": p("odom_rate_hz", 50.0, "/odom rate."),
+            "odom": p("odom_rate_hz", 50.0, "odom rate."),
             "truth": p("ground_truth_rate_hz", 50.0, "~/ground_truth rate (noise- and delay-free)."),
         }
         noise = SensorNoise(
@@ -198,15 +203,15 @@ class SimNode(Node):
 
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self.pub_clock = self.create_publisher(Clock, "/clock", reliable)
-        self.pub_joints = self.create_publisher(JointState, "/joint_states", reliable)
-        self.pub_imu = self.create_publisher(Imu, "/imu_sensor_broadcaster/imu", reliable)
-        self.pub_odom = self.create_publisher(Odometry, "/odom", reliable)
+        self.pub_joints = self.create_publisher(JointState, "joint_states", reliable)
+        self.pub_imu = self.create_publisher(Imu, "imu_sensor_broadcaster/imu", reliable)
+        self.pub_odom = self.create_publisher(Odometry, "odom", reliable)
         self.pub_truth = self.create_publisher(Odometry, "~/ground_truth", reliable)
         self.create_subscription(
-            Float64MultiArray, "/forward_position_controller/commands", self._on_forward, reliable
+            Float64MultiArray, "forward_position_controller/commands", self._on_forward, reliable
         )
         self.create_subscription(
-            JointTrajectory, "/joint_trajectory_controller/joint_trajectory", self._on_trajectory, reliable
+            JointTrajectory, "joint_trajectory_controller/joint_trajectory", self._on_trajectory, reliable
         )
         self.create_service(Trigger, "~/reset", self._on_reset)
 
@@ -392,6 +397,10 @@ def main(args: list[str] | None = None) -> int:
     try:
         node.run()
     finally:
+        # A second signal must not interrupt the cleanup: Ctrl-C under `ros2 launch` reaches the node
+        # twice (the terminal signals the whole process group, then launch signals each process).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
         rclpy.try_shutdown()
