@@ -137,16 +137,19 @@ class Demonstrator(Node):
 class Recorder(Node):
     """`ros2 bag record --use-sim-time` for a list of topics: every message as CDR bytes into an MCAP bag
     per episode, stamped with its arrival time on the simulation clock. The arrival time is the
-    middleware's receive stamp (wall clock), mapped to sim time by the newest /clock message, so a busy
-    Python executor does not shift the recording times."""
+    middleware's receive stamp (wall clock), mapped to sim time by the newest /clock message and the
+    simulator's real-time factor, so a busy Python executor does not shift the recording times."""
 
-    def __init__(self, topics: dict[str, str]) -> None:
+    def __init__(self, topics: dict[str, str], real_time_factor: float) -> None:
         super().__init__("demo_recorder")
+        if not real_time_factor > 0:
+            raise ValueError("recording needs a paced simulator (real_time_factor > 0)")
+        self.rtf = real_time_factor
         self.topics = topics  # name -> type (pkg/msg/Type)
         self.writer: Any = None
         self.conns: dict[str, Any] = {}
         self.counts: dict[str, int] = dict.fromkeys(topics, 0)
-        self.offset_ns: int | None = None  # wall receive time - sim time, from /clock
+        self.clock_at: tuple[int, int] | None = None  # (wall receive ns, sim ns) of the newest /clock
         self.create_subscription(Clock, "/clock", self._on_clock, RELIABLE)
         for topic, msgtype in topics.items():
             self.create_subscription(cv.MESSAGE_CLASSES[msgtype], topic,
@@ -169,12 +172,13 @@ class Recorder(Node):
             self.writer = None
 
     def _on_clock(self, msg: Clock, info: Any) -> None:
-        sim_ns = msg.clock.sec * 1_000_000_000 + msg.clock.nanosec
-        self.offset_ns = int(info["received_timestamp"]) - sim_ns
+        self.clock_at = (int(info["received_timestamp"]), msg.clock.sec * 1_000_000_000 + msg.clock.nanosec)
 
     def _on(self, topic: str, raw: bytes, info: Any) -> None:
-        if self.writer is not None and self.offset_ns is not None:
-            self.writer.write(self.conns[topic], int(info["received_timestamp"]) - self.offset_ns, raw)
+        if self.writer is not None and self.clock_at is not None:
+            wall, sim = self.clock_at
+            t_ns = sim + round(self.rtf * (int(info["received_timestamp"]) - wall))
+            self.writer.write(self.conns[topic], t_ns, raw)
             self.counts[topic] += 1
 
 
@@ -191,7 +195,7 @@ def record(out: Path, episodes: int, seconds: float, seed: int, action_noise: fl
     topics = {cf_topic: s.type for s in demo.cfg.sources for cf_topic in [demo.resolve_topic_name(s.topic)]}
     topics[demo.resolve_topic_name(demo.cfg.commands_topic)] = "std_msgs/msg/Float64MultiArray"
     topics[demo.resolve_topic_name(LABELS)] = "std_msgs/msg/Float64MultiArray"
-    rec = Recorder(topics)
+    rec = Recorder(topics, rtf)
     executor = SingleThreadedExecutor()
     executor.add_node(demo)
     executor.add_node(rec)
