@@ -52,7 +52,7 @@ TRAJ = "/joint_trajectory_controller/joint_trajectory"
 TIMING = f"{NODE}/debug/command_timing"
 PERIOD = 0.02
 ANT_JOINTS = ("hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4")
-# Timing row columns (controller_node._timing_row).
+# Timing row columns (loop.ControlLoop._timing_row).
 TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED = range(8)
 WAITING, RUNNING, SAFE, ESTOP = 0.0, 1.0, 2.0, 3.0
 
