@@ -137,5 +137,8 @@ class SimWorker:
     def cancel_pending(self) -> None:
         pass  # nothing waits un-started; a result in flight still arrives, as with the thread
 
+    def uses(self, policy) -> bool:
+        return self._in_flight is not None and self._in_flight[1].policy is policy
+
     def stop(self, timeout: float = 5.0) -> bool:
         return True

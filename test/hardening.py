@@ -74,7 +74,7 @@ LATCHED = QoSProfile(
     depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
 )
 ANT_JOINTS = ("hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4")
-#: ~/debug/command_timing columns (controller_node._timing_row) and state codes.
+#: ~/debug/command_timing columns (loop.ControlLoop._timing_row) and state codes.
 TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED = range(8)
 WAITING, RUNNING, SAFE, ESTOP = 0.0, 1.0, 2.0, 3.0
 #: config/ant.yaml values the verdicts depend on.
@@ -1436,7 +1436,7 @@ def implausible_goes_safe(h: Harness, r: Result) -> None:
         node.close()
 
 
-#: The node's window for "recent" problems on /diagnostics (controller_node.RECENT_S), and some slack.
+#: The node's window for "recent" problems on /diagnostics (node_diagnostics.RECENT_S), and some slack.
 RECENT_WINDOW_S, CLEAR_SLACK_S = 10.0, 5.0
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from diffusion_controller.core.card import ModelCard
+from diffusion_controller.core.controller import ControlConfig
 from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.ros import config as cf
 
@@ -316,12 +318,71 @@ def test_schema_is_documented():
         cf.check_value(s, s.default)  # defaults pass their own checks
 
 
+def test_each_parameter_fills_one_typed_config_field():
+    """NodeConfig (SourceConfig) has exactly one field per parameter, of the parameter's type: from_params
+    builds it from the specification without naming parameters one by one."""
+    fields = {f.name: f.type for f in dataclasses.fields(cf.NodeConfig)}
+    assert fields.pop("sources") == "tuple[SourceConfig, ...]"
+    assert fields == {s.field: cf.KINDS[s.kind] for s in cf.NODE_PARAMS}
+    source_fields = {f.name: f.type for f in dataclasses.fields(cf.SourceConfig)}
+    assert source_fields.pop("name") == "str"
+    assert source_fields == {s.field: cf.KINDS[s.kind] for s in cf.SOURCE_PARAMS}
+    default = cf.spec_for("observations.s.timeout_s").default
+    assert cf.SourceConfig("s", "/t", cf.IMU, ("x",)).timeout_s == default
+
+
+def test_parameters_reach_the_core_under_their_control_name(ant_params):
+    """ParamSpec.control names the ControlConfig field a parameter becomes; a refusal of the core is
+    reported under the parameter's name (the core alone checks what it checks against a card)."""
+    control_fields = {f.name for f in dataclasses.fields(ControlConfig)}
+    assert {s.control for s in cf.NODE_PARAMS if s.control} <= control_fields
+    ant_params |= {"max_step_per_tick": 0.05, "observations.max_future_s": 0.02, "seed": -1}
+    cfg = cf.NodeConfig.from_params(ant_params)
+    card = ant_card()
+    control = cf.control_config(cfg, cf.validate_against_card(cfg, card), card)
+    assert (control.max_step_per_tick, control.future_tolerance_s, control.seed) == (0.05, 0.02, None)
+    assert control.command_timeout_s is None  # cmd_vel's timeout_s 0 = hold the last command
+    no_inpainting = dataclasses.replace(card, sampler_inpainting=False)
+    ant_params["blend"] = "inpaint"
+    assert "blend: 'inpaint' needs a sampler a prefix can steer" in errors_of(ant_params, no_inpainting)
+
+
+def test_the_readme_parameter_reference_is_the_specification():
+    """README.md's parameter table is rendered from PARAM_GROUPS; after changing a parameter, run
+    `python -m diffusion_controller.ros.config --readme`."""
+    text = (ROOT / "README.md").read_text()
+    assert cf.README_BEGIN in text and cf.README_END in text
+    assert cf.readme_with_parameter_table(text) == text, (
+        "README.md's parameter reference differs from ros/config.py: run "
+        "`python -m diffusion_controller.ros.config --readme`"
+    )
+    table = cf.parameter_table_markdown()
+    for s in (*cf.NODE_PARAMS, *cf.SOURCE_PARAMS):
+        assert f"| `{s.name}` | {s.kind} |" in table
+
+
+def test_descriptors_declare_real_types_ranges_and_read_only():
+    from rcl_interfaces.msg import ParameterType
+
+    from diffusion_controller.ros.params import descriptor
+
+    d = descriptor(cf.spec_for("rate_hz"))
+    assert d.type == ParameterType.PARAMETER_DOUBLE and not d.dynamic_typing
+    assert (d.floating_point_range[0].from_value, d.floating_point_range[0].to_value) == (0.0, 2000.0)
+    d = descriptor(cf.spec_for("threads"))
+    assert d.type == ParameterType.PARAMETER_INTEGER and d.integer_range[0].from_value == 1
+    assert descriptor(cf.spec_for("provider")).type == ParameterType.PARAMETER_STRING
+    assert descriptor(cf.spec_for("executor")).read_only
+    assert not descriptor(cf.spec_for("model_path")).read_only
+    assert descriptor(cf.spec_for("joints")).dynamic_typing  # an empty list has no ROS type
+
+
 # -- the shipped models (what the launch files default to; the launch files: test_launch_files.py) --------
 
 
 def test_every_shipped_model_fits_the_demo_config(ant_params):
     """models/*.onnx are what the launch files default to: each must configure with config/ant.yaml."""
-    from diffusion_controller.ros.controller_node import read_card
+    from diffusion_controller.ros.swapper import read_card
 
     cfg = cf.NodeConfig.from_params(ant_params)
     for path in sorted((ROOT / "models").glob("*.onnx")):

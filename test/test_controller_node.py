@@ -40,7 +40,8 @@ from trajectory_msgs.msg import JointTrajectory
 
 from diffusion_controller.core.card import ModelCard
 from diffusion_controller.ros import config as cf
-from diffusion_controller.ros.controller_node import carried_command, make_executor, nicer_thread
+from diffusion_controller.ros.controller_node import make_executor
+from diffusion_controller.ros.loop import carried_command, nicer_thread
 
 pytestmark = pytest.mark.ros
 
@@ -54,7 +55,7 @@ TRAJ = "/joint_trajectory_controller/joint_trajectory"
 TIMING = f"{NODE}/debug/command_timing"
 PERIOD = 0.02
 ANT_JOINTS = ("hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4")
-# Timing row columns (controller_node._timing_row).
+# Timing row columns (loop.ControlLoop._timing_row).
 TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED = range(8)
 WAITING, RUNNING, SAFE, ESTOP = 0.0, 1.0, 2.0, 3.0
 
@@ -716,6 +717,36 @@ def test_bad_configuration_is_reported_and_can_be_fixed(graph, models, tmp_path)
 
 def _wait_state(graph, name: str, label: str) -> bool:
     return wait_until(lambda: _safe_state(graph, name) == label, 20.0)
+
+
+def test_typed_parameters_take_integers_for_doubles_and_a_bad_startup_value_does_not_stop_the_process(
+    graph, models
+):
+    """Doubles are declared as doubles: `rate_hz:=100` (an integer) still works, at startup and in a set. A
+    startup value rclpy refuses (out of range) is logged, the process keeps running, and configure fails
+    naming it until a valid value is set. Startup-only parameters are read-only."""
+    name = "/typed/diffusion_controller"
+    proc = start(models["a"], "-p", "rate_hz:=100", "-p", "threads:=0", namespace="/typed")
+    try:
+        assert wait_log(proc, "configure failed", 30.0), proc.output()
+        assert "threads: 0 is outside [1, 64]" in proc.output()
+        assert proc.alive and _wait_state(graph, name, "unconfigured")
+
+        def set_param(**values):
+            req = SetParameters.Request()
+            req.parameters = [Parameter(k, value=v).to_parameter_msg() for k, v in values.items()]
+            return graph.call(SetParameters, f"{name}/set_parameters", req).results[0]
+
+        assert not set_param(executor="events").successful  # read at startup: read-only
+        assert set_param(threads=1).successful
+        assert set_param(rate_hz=50).successful  # an integer for a double: taken as 50.0
+        got = graph.call(GetParameters, f"{name}/get_parameters", GetParameters.Request(names=["rate_hz"]))
+        assert got.values[0].double_value == 50.0
+        assert change_state(graph, name, Transition.TRANSITION_CONFIGURE), proc.output()[-2000:]
+        assert "50.0 Hz" in proc.output()
+    finally:
+        rc, out = finish(proc, signal.SIGINT)
+    assert rc == 0, out[-3000:]
 
 
 def test_use_sim_time_follows_clock(graph, models, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -140,6 +141,30 @@ def test_stop_waits_for_the_predict_in_flight():
     policy.release.release()
     assert w.stop(timeout=5) is True
     assert w.poll() is None, "a result finished after stop() is not delivered"
+
+
+def test_a_replaced_policy_is_in_use_until_its_result_is_taken_then_nothing_holds_it():
+    """uses() is how the node knows when to free a model a swap replaced: while a predict with it runs or
+    its result waits, and after that no reference of the worker keeps it alive."""
+    old, new = GatedPolicy(CARD), ClockPolicy(CARD)
+    w = InferenceWorker(old)
+    try:
+        w.submit(request(0))
+        assert old.started.acquire(timeout=5)
+        w.set_policy(new)
+        assert w.uses(old) and not w.uses(new)  # the predict in flight
+        old.release.release()
+        deadline = time.monotonic() + 5
+        while w.busy and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert w.uses(old)  # its result, not yet taken
+        assert wait_result(w).policy is old
+        assert not w.uses(old)
+        ref = weakref.ref(old)
+        del old  # by reference count, at once: the node frees a model right after a tick this way
+        assert ref() is None, "something in the worker still holds the replaced policy"
+    finally:
+        assert w.stop(timeout=5)
 
 
 def test_control_ticks_never_wait_for_a_slow_predict():

@@ -36,6 +36,7 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"ControlConfig.{field}: {message}")
         self.field = field
+        self.reason = message  # without the field: a caller reports it under its own name for the field
 
 
 def _is_int(v: Any) -> bool:
@@ -121,7 +122,8 @@ class ControlConfig:
             raise ConfigError("seed", f"expected an integer or None, got {self.seed!r}")
 
     def check_card(self, card: Any, policy: Any = None) -> None:
-        """The checks that need the model: raises ConfigError naming the field."""
+        """The checks that need the model (without a policy, the card says whether it can inpaint):
+        raises ConfigError naming the field."""
         horizon, n_joints = int(card.horizon), len(card.action_joints)
         if self.execute_steps > horizon:
             got = self.execute_steps
@@ -133,8 +135,11 @@ class ControlConfig:
         unknown = sorted(set(self.obs_timeouts_s) - set(required))
         if unknown:
             raise ConfigError("obs_timeouts_s", f"unknown features {unknown}; required ones are {required}")
-        inpainting = getattr(policy, "supports_inpainting", False)
-        if self.blend == "inpaint" and policy is not None and not inpainting:
+        if policy is not None:
+            inpainting = getattr(policy, "supports_inpainting", False)
+        else:
+            inpainting = getattr(card, "sampler_inpainting", True)
+        if self.blend == "inpaint" and not inpainting:
             raise ConfigError("blend", inpaint_refusal(getattr(card, "sampler_kind", "?")))
 
 
@@ -384,6 +389,12 @@ class ControlCore:
             self._wait_cause = "new model layout"
             if not self._estopped:
                 self._state, self._reason = ControlState.WAITING, self._wait_cause
+
+    def uses(self, policy: Any) -> bool:
+        """`policy` is the running one, or a predict with it is in flight or its result not yet taken: a
+        caller that replaced it can free it once this is False (its last use is over)."""
+        with self._lock:
+            return policy is self._policy or self._worker.uses(policy)
 
     def ages(self, now: float) -> dict[str, float]:
         """Age (s) of the newest sample of every required feature; inf when never received."""

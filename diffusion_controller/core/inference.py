@@ -52,6 +52,7 @@ class WorkerLike(Protocol):
     def poll(self) -> InferenceResult | None: ...
     def set_policy(self, policy: Any) -> None: ...
     def cancel_pending(self) -> None: ...
+    def uses(self, policy: Any) -> bool: ...
     def stop(self, timeout: float = 5.0) -> bool: ...
 
 
@@ -81,6 +82,7 @@ class InferenceWorker:
         self._policy = policy
         self._pending: InferenceRequest | None = None
         self._result: InferenceResult | None = None
+        self._running: Any = None  # the policy of the predict in flight
         self._in_flight = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -122,6 +124,12 @@ class InferenceWorker:
             self._pending = None
             self._result = None
 
+    def uses(self, policy: Any) -> bool:
+        """A predict with `policy` is in flight, or its result waits to be taken."""
+        with self._cond:
+            running = self._in_flight and self._running is policy
+            return running or (self._result is not None and self._result.policy is policy)
+
     def stop(self, timeout: float = 5.0) -> bool:
         """Ask the thread to end after its current predict; True when it has ended within `timeout`."""
         with self._cond:
@@ -133,20 +141,27 @@ class InferenceWorker:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._pending is None and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                request, self._pending = self._pending, None
-                policy = self._policy
-                self._in_flight = True
-            result = compute(policy, request)
-            with self._cond:
-                self._in_flight = False
-                if not self._stopping:
-                    self._result = result
+        while self._run_one():
+            pass
+
+    def _run_one(self) -> bool:
+        """Wait for a request and compute it; False once stopping. A call of its own, so that no local of
+        the thread keeps a replaced policy alive between requests (see uses())."""
+        with self._cond:
+            while self._pending is None and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return False
+            request, self._pending = self._pending, None
+            self._running = self._policy
+            self._in_flight = True
+        result = compute(self._running, request)
+        with self._cond:
+            self._in_flight = False
+            self._running = None
+            if not self._stopping:
+                self._result = result
+        return True
 
 
 def compute(policy: Any, request: InferenceRequest) -> InferenceResult:

@@ -1,8 +1,11 @@
-"""Node configuration: the parameter schema, its validation, and the check against a model card.
+"""Node configuration: the parameter specification, its checks, and the check against a model card.
 
-Plain Python (no rclpy) so the whole configuration story is unit-testable without a ROS graph. The node
-declares exactly the parameters listed here, validates every set through `check_value`, and builds a
-`NodeConfig` on configure.
+Plain Python (no rclpy) so the whole configuration story is unit-testable without a ROS graph. Each
+parameter is specified once, in `PARAM_GROUPS` (name, type, default, description, range or choices, when
+it is read); from that one list the node declares its parameters with their ROS types (`ros/params.py`),
+`check_value` checks every value, `NodeConfig.from_params` builds the configuration, `control_config` the
+core's `ControlConfig`, and `parameter_table_markdown` the README's parameter reference
+(`python -m diffusion_controller.ros.config --readme` rewrites it; a test fails when it is out of date).
 
 Observation sources. ROS parameters cannot hold a list of dicts, so sources follow the ros2_control idiom
 of a name list plus per-name parameters:
@@ -24,16 +27,22 @@ at once so a user fixes a config in one pass.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
+import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from diffusion_controller.core.card import FEATURE_SIZES
+from diffusion_controller.core.controller import ConfigError as CoreConfigError
+from diffusion_controller.core.controller import ControlConfig
 from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.core.plausibility import POLICIES
 from diffusion_controller.core.safety import SAFE_MODES
-from diffusion_controller.core.scheduler import BLEND_MODES, inpaint_refusal
+from diffusion_controller.core.scheduler import BLEND_MODES
 
 
 class ConfigError(ValueError):
@@ -69,6 +78,8 @@ EXECUTORS = ("auto", "events", "single_threaded", "multi_threaded")
 STAMP_MODES = ("header", "receipt")
 IMPLAUSIBLE_POLICIES = ("auto", *POLICIES)
 TRAJECTORY_STAMPS = ("zero", "absolute")
+#: Watchdog timeout standing for "never stale" (the core wants a finite number).
+NEVER_S = 1e9
 
 
 def normalize_type(name: str) -> str:
@@ -87,145 +98,200 @@ def normalize_type(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Parameter schema
+# Parameter specification
+
+#: Parameter types as ROS names them (the README's Type column), and the type of their configuration field.
+KINDS = {
+    "bool": "bool",
+    "int": "int",
+    "double": "float",
+    "string": "str",
+    "double[]": "tuple[float, ...]",
+    "string[]": "tuple[str, ...]",
+}
+#: When a parameter is read: `live` ones may change while the node is configured; `configure` ones are read
+#: on configure (set them while unconfigured, or cleanup + configure); `startup` ones once, when the process
+#: starts (give them on the command line or in the params file; read-only afterwards).
+WHEN = ("live", "configure", "startup")
+#: Stands for a source's name in the per-source parameters `observations.<src>.*`.
+SRC = "<src>"
 
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One declared parameter. `live` ones may change while the node is configured; `startup` ones are
-    read once when the process starts (give them on the command line or in the params file); the rest
-    are read on configure (set them while unconfigured, or cleanup + configure)."""
+    """One parameter, specified once: the node declares it, every value is checked and the configuration
+    built from it, and the README's parameter reference is rendered from it."""
 
     name: str
     default: Any
-    kind: str  # bool | int | float | str | float_list | str_list
+    kind: str  # a KINDS key
     description: str
     range: tuple[float, float] | None = None
     choices: tuple[str, ...] | None = None
-    live: bool = False
-    startup: bool = False
+    when: str = "configure"  # a WHEN entry
+    #: The NodeConfig (per-source: SourceConfig) field it fills; by default the name without its group
+    #: (`outputs.commands.enabled` -> commands_enabled, `observations.<src>.topic` -> topic).
+    field: str = ""
+    #: The core's ControlConfig field it becomes, if any: the core's refusals are reported by this name.
+    control: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS or self.when not in WHEN:
+            raise ValueError(f"{self.name}: kind {self.kind!r} or when {self.when!r} unknown")
+        if not self.field:
+            parts = self.name.split(".")
+            parts = [p for p in parts[1:] if p != SRC] if len(parts) > 1 else parts
+            object.__setattr__(self, "field", "_".join(parts))
 
 
-NODE_PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("model_path", "", "str", "ONNX policy (card in its metadata). Setting it at runtime swaps the "
-              "model: checked now, loaded and warmed up in the background, swapped in between ticks.",
-              live=True),
-    ParamSpec("provider", "auto", "str", "ONNX Runtime provider: auto tries tensorrt, cuda, then cpu, "
-              "each until one starts; cuda or tensorrt fail the configure instead of running on the CPU.",
-              choices=PROVIDERS),
-    ParamSpec("precision", "fp32", "str", "TensorRT precision: fp16 builds the engine in half precision "
-              "(TensorRT only: an error with provider cuda or cpu; auto's cuda/cpu fallback runs fp32).",
-              choices=PRECISIONS),
-    ParamSpec("cuda_graph", True, "bool", "Replay the policy as a captured CUDA graph where one GPU provider "
-              "owns the whole graph (cuda, or tensorrt without nodes left to cuda); dropped with a log line "
-              "where ONNX Runtime cannot capture it."),
-    ParamSpec("device_id", 0, "int", "CUDA device the cuda and tensorrt providers run on.", range=(0, 63)),
-    ParamSpec("engine_cache_dir", "", "str", "TensorRT engine and timing cache root, one subdirectory per "
-              "model and GPU, built once (ahead of time with `build_engine`); empty = "
-              "~/.cache/diffusion_controller/tensorrt."),
-    ParamSpec("threads", 1, "int", "ONNX Runtime intra-op threads on the CPU (spinning off); keep a core "
-              "free for the control loop.", range=(1, 64)),
-    ParamSpec("steps", 0, "int", "DDIM steps K for denoiser graphs; 0 = the card's sampler.steps.",
-              range=(0, 1000)),
-    ParamSpec("seed", 0, "int", "Noise seed (request k uses seed + k) for reproducible runs; -1 = random.",
-              range=(-1, 2**31 - 1)),
-    ParamSpec("rate_hz", 0.0, "float", "Control rate; 0 = 1 / the card's control_period_s.",
-              range=(0.0, 2000.0)),
-    ParamSpec("exec_latency_s", 0.0, "float", "Time from publishing a command to it taking effect; actions "
-              "scheduled before now + this are stale.", range=(0.0, 1.0)),
-    ParamSpec("execute_steps", 1, "int", "Actions executed from a chunk before the next inference starts.",
-              range=(1, 1024)),
-    ParamSpec("blend", "none", "str", "How a new chunk joins the running one: none (replace), crossfade, "
-              "inpaint (the new chunk's first actions frozen to the old one; needs a fused graph), or "
-              "ensemble (each tick runs the mean of the last ensemble_chunks chunks' actions for it).",
-              choices=BLEND_MODES),
-    ParamSpec("crossfade_steps", 4, "int", "Actions over which crossfade ramps old -> new (0 = replace).",
-              range=(0, 1024)),
-    ParamSpec("ensemble_chunks", 4, "int", "Chunks averaged by blend ensemble (1 = replace); at one chunk "
-              "per tick, also the ticks of observation age the mean reaches back.", range=(1, 1024)),
-    ParamSpec("compensate_delay", True, "bool", "Stamp chunks with the observation time (true) or the "
-              "inference start (false, delay ignored: for comparisons)."),
-    ParamSpec("max_consecutive_misses", 5, "int", "Ticks without a valid action before the safe state.",
-              range=(1, 100000)),
-    ParamSpec("safe_mode", "hold", "str", "Safe state: hold the last command or go to default_pose.",
-              choices=SAFE_MODES),
-    ParamSpec("default_pose", [], "float_list", "Pose of safe_mode default_pose, one value per output "
-              "joint in `joints` order; empty = the middle of the card's limits."),
-    ParamSpec("max_step_per_tick", 0.2, "float", "Largest change of a joint command per tick (robot units).",
-              range=(1e-6, 1000.0)),
-    ParamSpec("joints", [], "str_list", "Output joint order/names; empty = the card's action joints."),
-    ParamSpec("model_joints", [], "str_list", "For each entry of `joints`, the card joint it carries; empty "
-              "= same names. Renames apply to JointState inputs too."),
-    ParamSpec("autostart", True, "bool", "Configure and activate at startup.", startup=True),
-    ParamSpec("loop_priority", 50, "int", "SCHED_FIFO priority of the control-loop thread (like "
-              "ros2_control's controller_manager; needs rtprio rights, else a warning and normal priority); "
-              "0 = normal.",
-              range=(0, 99)),
-    ParamSpec("executor_priority", 49, "int", "SCHED_FIFO priority of the main executor thread "
-              "(services, parameters, diagnostics; read at startup); below loop_priority. Under CPU load a "
-              "normal-priority thread holding Python's GIL would stall the loop thread; 0 = normal.",
-              range=(0, 99), startup=True),
-    ParamSpec("executor", "auto", "str", "Executor for services, parameters and diagnostics (read at "
-              "startup): auto = rclpy's EventsExecutor where rclpy has it (Kilted on), else "
-              "single_threaded. The control loop has a thread of its own, which also takes the sensor "
-              "messages (no executor callback per message).", choices=EXECUTORS, startup=True),
-    ParamSpec("diagnostics_period_s", 1.0, "float", "Period of /diagnostics.", range=(0.05, 60.0),
-              startup=True),
-    ParamSpec("observations.sources", [], "str_list", "Names of observation sources; each has "
-              "observations.<name>.{topic,type,features,timeout_s,stamp,frame}."),
-    ParamSpec("observations.max_future_s", 0.05, "float", "Reject observation stamps further than this in "
-              "the future.", range=(0.0, 10.0)),
-    ParamSpec("plausibility.joint_margin", 1.0, "float", "Joint positions of action joints are plausible "
-              "within the card's action limits widened by this (robot units; wide enough for a robot "
-              "lying down before it stands: the card does not know the physical range).",
-              range=(1e-6, 1000.0)),
-    ParamSpec("plausibility.command_sigmas", 3.0, "float", "A velocity command is inside the training range "
-              "within the card's normalization mean +- this many standard deviations.", range=(0.1, 1e6)),
-    ParamSpec("plausibility.sensor_sigmas", 50.0, "float", "Any other observation is plausible within the "
-              "card's normalization mean +- this many standard deviations (only garbage is outside).",
-              range=(0.1, 1e9)),
-    ParamSpec("max_model_mb", 512.0, "float", "Largest model file configure or a swap will read (MiB); a "
-              "larger model_path is refused before any reading.", range=(0.001, 1e6), live=True),
-    ParamSpec("outputs.commands.enabled", True, "bool", "Publish Float64MultiArray commands "
-              "(forward_command_controller)."),
-    ParamSpec("outputs.commands.topic", "~/commands", "str", "Command topic."),
-    ParamSpec("outputs.trajectory.enabled", True, "bool", "Publish the remaining chunk as a JointTrajectory "
-              "(joint_trajectory_controller)."),
-    ParamSpec("outputs.trajectory.topic", "~/joint_trajectory", "str", "Trajectory topic."),
-    ParamSpec("outputs.trajectory.stamp", "zero", "str", "Trajectory header stamp: zero (start on receipt) "
-              "or absolute (time of the first point minus one tick).", choices=TRAJECTORY_STAMPS),
-    ParamSpec("outputs.debug.enabled", True, "bool", "Publish ~/debug/command_timing every tick."),
-    ParamSpec("outputs.debug.topic", "~/debug/command_timing", "str", "Timing topic: [tick_time, exec_time, "
-              "action_time, obs_stamp, chunk_seq, index, state, missed]."),
-)
+_P = ParamSpec
+_SOURCE = f"observations.{SRC}."
+
+PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
+    ("Model", (
+        _P("model_path", "", "string", "ONNX policy; its card is in the model's metadata or a `.yaml` beside "
+           "it; empty = configure fails. Setting it while configured swaps the model: checked at once, "
+           "loaded and warmed up in the background, swapped in between two ticks.", when="live"),
+        _P("provider", "auto", "string", "ONNX Runtime provider: auto tries tensorrt, cuda, then cpu, each "
+           "until one starts; cuda or tensorrt fail the configure instead of running on the CPU.",
+           choices=PROVIDERS),
+        _P("precision", "fp32", "string", "TensorRT precision: fp16 builds the engine in half precision "
+           "(TensorRT only: an error with provider cuda or cpu; auto's cuda/cpu fallback runs fp32).",
+           choices=PRECISIONS),
+        _P("cuda_graph", True, "bool", "Replay the policy as a captured CUDA graph where one GPU provider "
+           "owns the whole graph (cuda, or tensorrt without nodes left to cuda); dropped with a log line "
+           "where ONNX Runtime cannot capture it."),
+        _P("device_id", 0, "int", "CUDA device the cuda and tensorrt providers run on.", range=(0, 63)),
+        _P("engine_cache_dir", "", "string", "TensorRT engine and timing cache root, one subdirectory per "
+           "model and GPU, built once (ahead of time with `build_engine`); empty = "
+           "`~/.cache/diffusion_controller/tensorrt`."),
+        _P("threads", 1, "int", "ONNX Runtime intra-op threads on the CPU (spinning off); keep a core free "
+           "for the control loop.", range=(1, 64)),
+        _P("steps", 0, "int", "DDIM steps K for denoiser graphs; 0 = the card's `sampler.steps`.",
+           range=(0, 1000)),
+        _P("seed", 0, "int", "Noise seed (request k uses seed + k) for reproducible runs; -1 = random.",
+           range=(-1, 2**31 - 1), control="seed"),
+        _P("max_model_mb", 512.0, "double", "Largest model file configure or a swap will read (MiB); a "
+           "larger `model_path` is refused before anything is read.", range=(0.001, 1e6), when="live"),
+    )),
+    ("Timing / blending", (
+        _P("rate_hz", 0.0, "double", "Control rate; 0 = 1 / the card's `control_period_s`.",
+           range=(0.0, 2000.0)),
+        _P("exec_latency_s", 0.0, "double", "Time from publishing a command to it taking effect; actions "
+           "due before now + this are stale.", range=(0.0, 1.0), control="exec_latency_s"),
+        _P("execute_steps", 1, "int", "Actions executed from a chunk before the next inference starts (at "
+           "most the model's horizon).", range=(1, 1024), control="execute_steps"),
+        _P("blend", "none", "string", "How a new chunk joins the running one: none (replace), crossfade, "
+           "inpaint (the new chunk's first actions frozen to the old one; needs a fused graph whose sampler "
+           "can inpaint), or ensemble (each tick runs the mean of the last `ensemble_chunks` chunks' "
+           "actions for it).", choices=BLEND_MODES, control="blend"),
+        _P("crossfade_steps", 4, "int", "Actions over which crossfade ramps old -> new (0 = replace; at "
+           "most the model's horizon).", range=(0, 1024), control="crossfade_steps"),
+        _P("ensemble_chunks", 4, "int", "Chunks averaged by blend ensemble (1 = replace); at one chunk per "
+           "tick, also the ticks of observation age the mean reaches back.", range=(1, 1024),
+           control="ensemble_chunks"),
+        _P("compensate_delay", True, "bool", "Stamp chunks with the observation time (true) or the inference "
+           "start (false, delay ignored: for comparisons).", control="compensate_delay"),
+    )),
+    ("Safety", (
+        _P("max_consecutive_misses", 5, "int", "Ticks without a valid action before the safe state.",
+           range=(1, 100000), control="max_consecutive_misses"),
+        _P("safe_mode", "hold", "string", "Safe state: hold the last command or go to `default_pose`.",
+           choices=SAFE_MODES, control="safe_mode"),
+        _P("default_pose", [], "double[]", "Pose of safe_mode default_pose, one value per output joint in "
+           "`joints` order; empty = the middle of the card's limits.", control="default_pose"),
+        _P("max_step_per_tick", 0.2, "double", "Largest change of a joint command per tick (robot units); "
+           "holds across deactivate, cleanup/configure, e-stop and swaps.", range=(1e-6, 1000.0),
+           control="max_step_per_tick"),
+        _P("plausibility.joint_margin", 1.0, "double", "Joint positions of action joints are plausible "
+           "within the card's action limits widened by this (robot units; wide enough for a robot lying "
+           "down before it stands: the card does not know the physical range).", range=(1e-6, 1000.0)),
+        _P("plausibility.command_sigmas", 3.0, "double", "A velocity command is inside the training range "
+           "within the card's normalization mean +- this many standard deviations.", range=(0.1, 1e6)),
+        _P("plausibility.sensor_sigmas", 50.0, "double", "Any other observation is plausible within the "
+           "card's normalization mean +- this many standard deviations (only garbage is outside).",
+           range=(0.1, 1e9)),
+    )),
+    ("Joints", (
+        _P("joints", [], "string[]", "Output joint order/names; empty = the card's action joints."),
+        _P("model_joints", [], "string[]", "For each entry of `joints`, the card joint it carries; empty = "
+           "same names. Renames apply to JointState inputs too."),
+    )),
+    ("Process", (
+        _P("autostart", True, "bool", "Configure and activate at startup.", when="startup"),
+        _P("loop_priority", 50, "int", "SCHED_FIFO priority of the control-loop thread (like ros2_control's "
+           "controller_manager; needs rtprio rights, else a warning and normal priority); 0 = normal.",
+           range=(0, 99)),
+        _P("executor_priority", 49, "int", "SCHED_FIFO priority of the main executor thread (services, "
+           "parameters, diagnostics); below loop_priority. Under CPU load a normal-priority thread holding "
+           "Python's GIL would stall the loop thread; 0 = normal.", range=(0, 99), when="startup"),
+        _P("executor", "auto", "string", "Executor for services, parameters and diagnostics: auto = rclpy's "
+           "EventsExecutor where rclpy has it (Kilted on), else single_threaded. The control loop has a "
+           "thread of its own, which also takes the sensor messages (no executor callback per message).",
+           choices=EXECUTORS, when="startup"),
+        _P("diagnostics_period_s", 1.0, "double", "Period of /diagnostics.", range=(0.05, 60.0),
+           when="startup"),
+    )),
+    ("Observations", (
+        _P("observations.sources", [], "string[]", "Names of the observation sources (`[A-Za-z0-9_]+`; at "
+           "least one); each has its own `observations.<src>.*` parameters, declared for the names listed "
+           "here.", field="source_names"),
+        _P("observations.max_future_s", 0.05, "double", "Reject observation stamps further than this ahead "
+           "of the node clock.", range=(0.0, 10.0), control="future_tolerance_s"),
+        _P(_SOURCE + "topic", f"~/{SRC}", "string", "Topic (relative, absolute or ~/; remappable)."),
+        _P(_SOURCE + "type", "", "string", "Message type (required): " + ", ".join(sorted(KINDS_BY_TYPE))
+           + " (`pkg/Type` and `Type` work too)."),
+        _P(_SOURCE + "features", [], "string[]", "Names of the card features this source fills (required)."),
+        _P(_SOURCE + "timeout_s", 0.1, "double", "Watchdog: a feature whose newest sample is older than this "
+           "is stale -> safe state; 0 = never. For a velocity_command: older reads as zero; 0 = hold.",
+           range=(0.0, 3600.0)),
+        _P(_SOURCE + "stamp", "header", "string", "Sample time: the header stamp (falls back to receipt for "
+           "types without a header or stamp 0) or the receipt time.", choices=STAMP_MODES),
+        _P(_SOURCE + "frame", "", "string", "Expected frame_id (Odometry: child_frame_id); empty = any."),
+        _P(_SOURCE + "implausible", "auto", "string", "Values outside the card's plausible bounds: clamp "
+           "them, reject the message, or safe (reject and hold the safe state until plausible input); "
+           "auto = clamp for a source of velocity commands only, else reject.", choices=IMPLAUSIBLE_POLICIES),
+    )),
+    ("Outputs", (
+        _P("outputs.commands.enabled", True, "bool", "Publish Float64MultiArray commands "
+           "(forward_command_controller)."),
+        _P("outputs.commands.topic", "~/commands", "string", "Command topic."),
+        _P("outputs.trajectory.enabled", True, "bool", "Publish the remaining chunk as a JointTrajectory "
+           "(joint_trajectory_controller)."),
+        _P("outputs.trajectory.topic", "~/joint_trajectory", "string", "Trajectory topic."),
+        _P("outputs.trajectory.stamp", "zero", "string", "Trajectory header stamp: zero (start on receipt) "
+           "or absolute (time of the first point minus one tick).", choices=TRAJECTORY_STAMPS),
+        _P("outputs.debug.enabled", True, "bool", "Publish ~/debug/command_timing every tick."),
+        _P("outputs.debug.topic", "~/debug/command_timing", "string", "Timing topic: [tick_time, exec_time, "
+           "action_time, obs_stamp, chunk_seq, index, state, missed]."),
+    )),
+)  # fmt: skip
+
+#: The node's own parameters, and the per-source ones with SRC standing for the source name.
+NODE_PARAMS = tuple(s for _, group in PARAM_GROUPS for s in group if SRC not in s.name)
+SOURCE_PARAMS = tuple(s for _, group in PARAM_GROUPS for s in group if SRC in s.name)
 
 
 def source_param_specs(source: str) -> tuple[ParamSpec, ...]:
     """The per-source parameters `observations.<source>.*`."""
-    p = f"observations.{source}."
-    return (
-        ParamSpec(p + "topic", f"~/{source}", "str", "Topic (relative, absolute or ~/; remappable)."),
-        ParamSpec(p + "type", "", "str", "Message type: " + ", ".join(sorted(KINDS_BY_TYPE)) + "."),
-        ParamSpec(p + "features", [], "str_list", "Names of the card features this source fills."),
-        ParamSpec(p + "timeout_s", 0.1, "float", "Watchdog: a feature whose newest sample is older than this "
-                  "is stale -> safe state; 0 = never. For a velocity_command: older reads as zero; 0 = hold.",
-                  range=(0.0, 3600.0)),
-        ParamSpec(p + "stamp", "header", "str", "Sample time: the header stamp (falls back to receipt for "
-                  "types without a header or stamp 0) or the receipt time.", choices=STAMP_MODES),
-        ParamSpec(p + "frame", "", "str", "Expected frame_id (Odometry: child_frame_id); '' = any."),
-        ParamSpec(p + "implausible", "auto", "str", "Values outside the card's plausible bounds: clamp them, "
-                  "reject the message, or safe (reject and hold the safe state until plausible input); "
-                  "auto = clamp for a source of velocity commands only, else reject.",
-                  choices=IMPLAUSIBLE_POLICIES),
+    return tuple(
+        dataclasses.replace(
+            s,
+            name=s.name.replace(SRC, source),
+            default=s.default.replace(SRC, source) if isinstance(s.default, str) else s.default,
+        )
+        for s in SOURCE_PARAMS
     )
 
 
 _SPEC_BY_NAME = {s.name: s for s in NODE_PARAMS}
-_SOURCE_FIELDS = {s.name.split(".")[-1] for s in source_param_specs("x")}
+_SOURCE_FIELDS = {s.field for s in SOURCE_PARAMS}
+#: ControlConfig field -> the parameter it comes from (how a refusal of the core is reported).
+_PARAM_OF_CONTROL = {s.control: s.name for s in NODE_PARAMS if s.control}
 
 
 def spec_for(name: str) -> ParamSpec | None:
-    """The schema entry of a parameter name, including per-source ones."""
+    """The specification of a parameter name, including per-source ones."""
     if name in _SPEC_BY_NAME:
         return _SPEC_BY_NAME[name]
     parts = name.split(".")
@@ -235,21 +301,23 @@ def spec_for(name: str) -> ParamSpec | None:
 
 
 def check_value(spec: ParamSpec, value: Any) -> Any:
-    """Coerce a parameter value to the spec's kind and check range/choices; raise ConfigError otherwise.
+    """The value as its configuration field holds it, after the spec's type, range and choices; ConfigError
+    otherwise. Where every bound is checked: on every set, on configure, in a params file (the descriptors
+    hand rclpy the same ranges, so `ros2 param describe` shows them).
 
-    Numbers are accepted as int or float (YAML `1` for a float parameter is no error here)."""
+    Numbers are accepted as int or float (YAML `1` for a double parameter is no error here)."""
     name, kind = spec.name, spec.kind
     if kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true/false, got {value!r}")
         return value
-    if kind == "str":
+    if kind == "string":
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         if spec.choices and value not in spec.choices:
             raise ConfigError(f"{name}: '{value}' is not one of {', '.join(spec.choices)}")
         return value
-    if kind in ("int", "float"):
+    if kind in ("int", "double"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         if kind == "int" and not float(value).is_integer():
@@ -260,25 +328,25 @@ def check_value(spec: ParamSpec, value: Any) -> Any:
         if spec.range and not spec.range[0] <= out <= spec.range[1]:
             raise ConfigError(f"{name}: {value} is outside [{spec.range[0]}, {spec.range[1]}]")
         return out
-    if kind in ("float_list", "str_list"):
-        items = [] if value is None else value
-        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        if kind == "str_list":
-            if not all(isinstance(v, str) for v in items):
-                raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
-            return tuple(items)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
-            raise ConfigError(f"{name}: expected a list of numbers, got {value!r}")
-        out_list = tuple(float(v) for v in items)
-        if not all(math.isfinite(v) for v in out_list):
-            raise ConfigError(f"{name}: values must be finite, got {value!r}")
-        return out_list
-    raise AssertionError(f"unknown kind {kind}")
+    items = [] if value is None else value  # double[] | string[]
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise ConfigError(f"{name}: expected a list, got {value!r}")
+    if kind == "string[]":
+        if not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+        return tuple(items)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+        raise ConfigError(f"{name}: expected a list of numbers, got {value!r}")
+    out_list = tuple(float(v) for v in items)
+    if not all(math.isfinite(v) for v in out_list):
+        raise ConfigError(f"{name}: values must be finite, got {value!r}")
+    return out_list
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Typed configuration
+# Typed configuration: one field per parameter (ParamSpec.field), values and defaults from the specification
+
+_SOURCE_DEFAULT = {s.field: s.default for s in SOURCE_PARAMS}
 
 
 @dataclass(frozen=True)
@@ -287,10 +355,10 @@ class SourceConfig:
     topic: str
     type: str
     features: tuple[str, ...]
-    timeout_s: float = 0.1
-    stamp: str = "header"
-    frame: str = ""
-    implausible: str = "auto"
+    timeout_s: float = _SOURCE_DEFAULT["timeout_s"]
+    stamp: str = _SOURCE_DEFAULT["stamp"]
+    frame: str = _SOURCE_DEFAULT["frame"]
+    implausible: str = _SOURCE_DEFAULT["implausible"]
 
 
 def implausible_policy(src: SourceConfig, card: Any) -> str:
@@ -306,46 +374,49 @@ def implausible_policy(src: SourceConfig, card: Any) -> str:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    model_path: str = ""
-    provider: str = "auto"
-    precision: str = "fp32"
-    cuda_graph: bool = True
-    device_id: int = 0
-    engine_cache_dir: str = ""
-    threads: int = 1
-    steps: int = 0
-    seed: int = 0
-    rate_hz: float = 0.0
-    exec_latency_s: float = 0.0
-    execute_steps: int = 1
-    blend: str = "none"
-    crossfade_steps: int = 4
-    ensemble_chunks: int = 4
-    compensate_delay: bool = True
-    max_consecutive_misses: int = 5
-    safe_mode: str = "hold"
-    default_pose: tuple[float, ...] = ()
-    max_step_per_tick: float = 0.2
-    joints: tuple[str, ...] = ()
-    model_joints: tuple[str, ...] = ()
-    autostart: bool = True
-    loop_priority: int = 50
-    executor_priority: int = 49
-    executor: str = "auto"
-    diagnostics_period_s: float = 1.0
-    max_future_s: float = 0.05
-    joint_margin: float = 1.0
-    command_sigmas: float = 3.0
-    sensor_sigmas: float = 50.0
-    max_model_mb: float = 512.0
-    commands_enabled: bool = True
-    commands_topic: str = "~/commands"
-    trajectory_enabled: bool = True
-    trajectory_topic: str = "~/joint_trajectory"
-    trajectory_stamp: str = "zero"
-    debug_enabled: bool = True
-    debug_topic: str = "~/debug/command_timing"
-    sources: tuple[SourceConfig, ...] = field(default_factory=tuple)
+    """The node's parameters as checked values (field names: ParamSpec.field; built by from_params)."""
+
+    model_path: str
+    provider: str
+    precision: str
+    cuda_graph: bool
+    device_id: int
+    engine_cache_dir: str
+    threads: int
+    steps: int
+    seed: int
+    max_model_mb: float
+    rate_hz: float
+    exec_latency_s: float
+    execute_steps: int
+    blend: str
+    crossfade_steps: int
+    ensemble_chunks: int
+    compensate_delay: bool
+    max_consecutive_misses: int
+    safe_mode: str
+    default_pose: tuple[float, ...]
+    max_step_per_tick: float
+    joint_margin: float
+    command_sigmas: float
+    sensor_sigmas: float
+    joints: tuple[str, ...]
+    model_joints: tuple[str, ...]
+    autostart: bool
+    loop_priority: int
+    executor_priority: int
+    executor: str
+    diagnostics_period_s: float
+    source_names: tuple[str, ...]
+    max_future_s: float
+    commands_enabled: bool
+    commands_topic: str
+    trajectory_enabled: bool
+    trajectory_topic: str
+    trajectory_stamp: str
+    debug_enabled: bool
+    debug_topic: str
+    sources: tuple[SourceConfig, ...]
 
     @classmethod
     def from_params(cls, values: Mapping[str, Any]) -> NodeConfig:
@@ -360,8 +431,8 @@ class NodeConfig:
                 errors.append(str(exc))
                 return check_value(spec, spec.default)
 
-        v = {s.name: get(s) for s in NODE_PARAMS}
-        names = v["observations.sources"]
+        v = {s.field: get(s) for s in NODE_PARAMS}
+        names = v["source_names"]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             errors.append(f"observations.sources: duplicate source names {dupes}")
@@ -370,28 +441,19 @@ class NodeConfig:
             if not src or not src.replace("_", "a").isalnum():
                 errors.append(f"observations.sources: '{src}' is not a valid name ([A-Za-z0-9_]+)")
                 continue
-            sv = {s.name.split(".")[-1]: get(s) for s in source_param_specs(src)}
-            try:
-                msg_type = normalize_type(sv["type"]) if sv["type"] else ""
-            except ConfigError as exc:
-                errors.append(f"observations.{src}.type: {exc}")
-                msg_type = ""
-            if not sv["type"]:
+            sv = {s.field: get(s) for s in source_param_specs(src)}
+            msg_type = sv["type"]
+            if not msg_type:
                 errors.append(f"observations.{src}.type: missing; one of {', '.join(sorted(KINDS_BY_TYPE))}")
+            else:
+                try:
+                    sv["type"] = normalize_type(msg_type)
+                except ConfigError as exc:
+                    errors.append(f"observations.{src}.type: {exc}")
+                    sv["type"] = ""
             if not sv["features"]:
                 errors.append(f"observations.{src}.features: empty; list the card features it fills")
-            sources.append(
-                SourceConfig(
-                    name=src,
-                    topic=sv["topic"],
-                    type=msg_type,
-                    features=sv["features"],
-                    timeout_s=sv["timeout_s"],
-                    stamp=sv["stamp"],
-                    frame=sv["frame"],
-                    implausible=sv["implausible"],
-                )
-            )
+            sources.append(SourceConfig(name=src, **sv))
         if not names:
             errors.append("observations.sources: empty; name at least one observation source")
         if v["model_joints"] and len(v["model_joints"]) != len(v["joints"]):
@@ -408,48 +470,7 @@ class NodeConfig:
             )
         if errors:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
-        return cls(
-            model_path=v["model_path"],
-            provider=v["provider"],
-            precision=v["precision"],
-            cuda_graph=v["cuda_graph"],
-            device_id=v["device_id"],
-            engine_cache_dir=v["engine_cache_dir"],
-            threads=v["threads"],
-            steps=v["steps"],
-            seed=v["seed"],
-            rate_hz=v["rate_hz"],
-            exec_latency_s=v["exec_latency_s"],
-            execute_steps=v["execute_steps"],
-            blend=v["blend"],
-            crossfade_steps=v["crossfade_steps"],
-            ensemble_chunks=v["ensemble_chunks"],
-            compensate_delay=v["compensate_delay"],
-            max_consecutive_misses=v["max_consecutive_misses"],
-            safe_mode=v["safe_mode"],
-            default_pose=v["default_pose"],
-            max_step_per_tick=v["max_step_per_tick"],
-            joints=v["joints"],
-            model_joints=v["model_joints"],
-            autostart=v["autostart"],
-            loop_priority=v["loop_priority"],
-            executor_priority=v["executor_priority"],
-            executor=v["executor"],
-            diagnostics_period_s=v["diagnostics_period_s"],
-            max_future_s=v["observations.max_future_s"],
-            joint_margin=v["plausibility.joint_margin"],
-            command_sigmas=v["plausibility.command_sigmas"],
-            sensor_sigmas=v["plausibility.sensor_sigmas"],
-            max_model_mb=v["max_model_mb"],
-            commands_enabled=v["outputs.commands.enabled"],
-            commands_topic=v["outputs.commands.topic"],
-            trajectory_enabled=v["outputs.trajectory.enabled"],
-            trajectory_topic=v["outputs.trajectory.topic"],
-            trajectory_stamp=v["outputs.trajectory.stamp"],
-            debug_enabled=v["outputs.debug.enabled"],
-            debug_topic=v["outputs.debug.topic"],
-            sources=tuple(sources),
-        )
+        return cls(**v, sources=tuple(sources))
 
 
 @dataclass(frozen=True)
@@ -542,16 +563,10 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
     else:
         default_pose = tuple((lo + hi) / 2.0 for lo, hi in zip(lower, upper, strict=True))
 
-    if cfg.execute_steps > card.horizon:
-        errors.append(f"execute_steps: {cfg.execute_steps} exceeds the card's horizon {card.horizon}")
     if cfg.crossfade_steps > card.horizon:
         errors.append(f"crossfade_steps: {cfg.crossfade_steps} exceeds the card's horizon {card.horizon}")
-    if cfg.blend == "inpaint" and not card.sampler_inpainting:
-        errors.append(f"blend: {inpaint_refusal(card.sampler_kind)}")
     period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else float(card.control_period_s)
-    if errors:
-        raise ConfigError(f"configuration does not fit model '{card.name}':\n  " + "\n  ".join(errors))
-    return Binding(
+    binding = Binding(
         output_joints=tuple(output_joints),
         output_index=output_index,
         rename=rename,
@@ -559,6 +574,45 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
         default_pose=default_pose,
         period_s=period,
     )
+    if not errors:
+        try:  # what the core checks against a card itself (execute_steps <= horizon, inpainting)
+            control_config(cfg, binding, card)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError(f"configuration does not fit model '{card.name}':\n  " + "\n  ".join(errors))
+    return binding
+
+
+def control_config(cfg: NodeConfig, binding: Binding, card: Any) -> ControlConfig:
+    """The core's configuration: the parameters naming a ControlConfig field (ParamSpec.control), per-source
+    timeouts as per-feature watchdog timeouts (0 = never stale), and a velocity command source's timeout as
+    the core's command timeout (0 = hold the last command). The core checks it against `card`; a refusal
+    is raised as a ConfigError naming the parameter."""
+    kinds = {f.name: f.kind for f in card.features}
+    timeout_of = {s.name: s.timeout_s for s in cfg.sources}
+    timeouts: dict[str, float] = {}
+    command_timeout: float | None = None
+    for feature, source in binding.feature_source.items():
+        timeout = timeout_of[source]
+        if kinds.get(feature) == "velocity_command":
+            command_timeout = timeout if timeout > 0 else None
+        else:
+            timeouts[feature] = timeout if timeout > 0 else NEVER_S
+    values = {s.control: getattr(cfg, s.field) for s in NODE_PARAMS if s.control}
+    values.update(
+        seed=None if cfg.seed < 0 else cfg.seed,
+        default_pose=binding.default_pose if cfg.safe_mode == "default_pose" else None,
+        obs_timeouts_s=timeouts,
+        command_timeout_s=command_timeout,
+    )
+    try:
+        control = ControlConfig(**values)
+        control.check_card(card)
+    except CoreConfigError as exc:
+        name = _PARAM_OF_CONTROL.get(exc.field, f"ControlConfig.{exc.field}")
+        raise ConfigError(f"{name}: {exc.reason}") from exc
+    return control
 
 
 def load_params_file(path: str, node_name: str = "diffusion_controller") -> dict[str, Any]:
@@ -594,3 +648,71 @@ def unknown_parameters(values: Mapping[str, Any], sources: Sequence[str] | None 
         names = ",".join(fields)
         problems.append(f"observations.{src}.{{{names}}} set but '{src}' is not in observations.sources")
     return problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The README's parameter reference, rendered from the specification
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+README_BEGIN = "<!-- parameters:begin: generated by `python -m diffusion_controller.ros.config --readme` -->"
+README_END = "<!-- parameters:end -->"
+
+
+def _shown(value: Any) -> str:
+    """A default as a params file would write it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return '""' if value == "" else str(value)
+
+
+def _number(x: float, kind: str) -> str:
+    return str(int(x)) if kind == "int" else f"{x:g}"
+
+
+def parameter_table_markdown() -> str:
+    """The parameter reference table of README.md (between README_BEGIN and README_END)."""
+    rows = ["| Name | Type | Default | When | Meaning |", "|---|---|---|---|---|"]
+    for title, specs in PARAM_GROUPS:
+        rows.append(f"| **{title}** | | | | |")
+        for s in specs:
+            meaning = s.description
+            if s.choices:
+                meaning += " One of " + ", ".join(f"`{c}`" for c in s.choices) + "."
+            if s.range:
+                meaning += f" Range {_number(s.range[0], s.kind)} to {_number(s.range[1], s.kind)}."
+            meaning = meaning.replace("|", "\\|")
+            rows.append(f"| `{s.name}` | {s.kind} | `{_shown(s.default)}` | {s.when} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def readme_with_parameter_table(text: str) -> str:
+    """`text` (README.md) with its parameter reference replaced by the current rendering."""
+    head, begin, rest = text.partition(README_BEGIN)
+    _, end, tail = rest.partition(README_END)
+    if not begin or not end:
+        raise ConfigError(f"README has no '{README_BEGIN}' ... '{README_END}' block")
+    return f"{head}{README_BEGIN}\n{parameter_table_markdown()}{README_END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the parameter reference, or (`--readme`) write it into README.md."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--readme", nargs="?", const=str(README), metavar="PATH",
+                        help="rewrite the parameter reference in this README (default: the repository's)")
+    args = parser.parse_args(argv)
+    if args.readme is None:
+        sys.stdout.write(parameter_table_markdown())
+        return 0
+    path = Path(args.readme)
+    text = path.read_text()
+    new = readme_with_parameter_table(text)
+    if new != text:
+        path.write_text(new)
+    print(f"{path}: parameter reference {'rewritten' if new != text else 'already up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The fixed-rate control loop: every period, take the sensor queues, tick the core, publish the command.
+
+The loop runs on a thread of its own (`ControlLoop`), from configure to cleanup: while inactive it only
+takes the observations (so they stay current and /diagnostics can tell before activate); while active it
+also ticks the core and publishes. Thread scheduling lives here too: the loop thread's real-time priority,
+and the normal (or nicer) priority of the threads that load and run models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+from diffusion_controller.core.controller import ControlCore, ControlState, TickResult
+from diffusion_controller.ros import config as cf
+from diffusion_controller.ros import conversions as cv
+from diffusion_controller.ros import diagnostics as dg
+from diffusion_controller.ros.intake import Intake, hidden_node
+
+#: Codes of ControlState in the debug timing topic.
+STATE_CODES = {
+    ControlState.WAITING: 0.0,
+    ControlState.RUNNING: 1.0,
+    ControlState.SAFE: 2.0,
+    ControlState.ESTOP: 3.0,
+}
+#: Commands must reach reliable controller subscriptions (a best-effort publisher cannot).
+COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+
+
+def set_thread_priority(priority: int) -> str | None:
+    """SCHED_FIFO at `priority` (> 0) or normal scheduling (0) for the calling thread only (threads it
+    starts later inherit it); None when done, else why not (no rtprio rights, not Linux)."""
+    try:
+        if priority > 0:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        else:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except (OSError, AttributeError) as exc:
+        return str(exc)
+    return None
+
+
+@contextlib.contextmanager
+def nicer_thread(increment: int):
+    """Run a block with the calling thread's nice value raised by `increment` (Linux nice is per thread;
+    raising it needs no rights; going back may not be allowed, then the thread stays nicer). Threads
+    created inside the block inherit it, so create sessions and workers outside."""
+    try:
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, before + increment))
+    except (OSError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid, before)
+
+
+@contextlib.contextmanager
+def normal_priority():
+    """Run a block at normal priority, and so the threads it starts (the inference worker): loading and
+    running a model must never be real-time work."""
+    try:
+        policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    except (OSError, AttributeError):
+        yield
+        return
+    if policy == os.SCHED_OTHER:
+        yield
+        return
+    set_thread_priority(0)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, policy, param)
+
+
+def carried_command(
+    last_sent: tuple[Sequence[str], np.ndarray] | None, binding: cf.Binding, action_dim: int
+) -> np.ndarray | None:
+    """The last command this node sent, in the new core's action order, when it names every output joint
+    of the new binding (a reconfigure may reorder or rename them); else None. The robot's controller still
+    holds that command, so a new core must start from it, not jump to the measured pose."""
+    if last_sent is None:
+        return None
+    names, values = last_sent
+    sent = dict(zip(names, np.asarray(values, dtype=float), strict=True))
+    out = list(binding.output_index)
+    if sorted(out) != list(range(action_dim)) or any(j not in sent for j in binding.output_joints):
+        return None
+    command = np.empty(action_dim)
+    command[out] = [sent[j] for j in binding.output_joints]
+    return command
+
+
+class ControlLoop:
+    """The control timer on a thread of its own, and what it does each period.
+
+    rclpy runs all callbacks of one node in the executor that spins it, so a timer of the main node would
+    wait behind whatever that executor is doing: a burst of 500 Hz sensor callbacks, a parameter call
+    that parses a model card. The loop timer therefore lives on a small hidden helper node
+    (`_<name>_loop`, same namespace and `use_sim_time`) spun by its own single-threaded executor, which
+    waits on nothing but that timer (and /clock under sim time). rcl timer semantics are kept: fixed grid,
+    sim time, skipped (not bunched) ticks. The tick publishes on the main node's lifecycle publishers,
+    which this loop creates and destroys; the observation subscriptions are its `Intake`.
+
+    `loaded` (swapper.Loaded) is read under `lock` every tick: a model swap replaces its parts between two
+    ticks. `diagnostics` counts and logs what the input did; `swapper` frees a replaced model after a tick.
+    """
+
+    def __init__(
+        self, node: Any, lock: threading.Lock, loaded: Any, diagnostics: Any, swapper: Any,
+        carried: tuple[Any, ControlState | None] = (None, None),
+    ) -> None:  # fmt: skip
+        cfg, binding = loaded.cfg, loaded.binding
+        self._lock, self._loaded, self._diag, self._swapper = lock, loaded, diagnostics, swapper
+        self._cfg = cfg
+        self._log = node.get_logger()
+        self._node = node
+        use_sim_time = bool(node.get_parameter("use_sim_time").value)
+        self._wall_time = not use_sim_time
+        self.active = False
+        self.stats = dg.LoopStats(period_s=binding.period_s)
+        # (output joints, values) of the last command published (see carried_command), and the last control
+        # state logged: both outlive a cleanup (carried()), the robot still holds that command.
+        self.last_sent: tuple[tuple[str, ...], np.ndarray] | None = carried[0]
+        self._last_state: ControlState | None = carried[1]
+        self._pub_cmd = self._pub_traj = self._pub_dbg = None
+        if cfg.commands_enabled:
+            self._pub_cmd = node.create_lifecycle_publisher(
+                cv.Float64MultiArray, cfg.commands_topic, COMMAND_QOS
+            )
+        if cfg.trajectory_enabled:
+            self._pub_traj = node.create_lifecycle_publisher(
+                cv.JointTrajectory, cfg.trajectory_topic, COMMAND_QOS
+            )
+        if cfg.debug_enabled:
+            self._pub_dbg = node.create_lifecycle_publisher(
+                cv.Float64MultiArray,
+                cfg.debug_topic,
+                QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE),
+            )
+        self.intake = Intake(node, cfg.sources, cv.MESSAGE_CLASSES, binding.period_s)
+
+        self._timer_node = hidden_node(node, "loop", [Parameter("use_sim_time", value=use_sim_time)])
+        self._timer = self._timer_node.create_timer(binding.period_s, self._on_tick)
+        self._timer.cancel()
+        self._executor = SingleThreadedExecutor(context=node.context)
+        self._executor.add_node(self._timer_node)
+        self._priority = cfg.loop_priority
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, name="control_loop", daemon=True)
+        self._thread.start()
+
+    # -- the thread ------------------------------------------------------------------------------------------
+    def _spin(self) -> None:
+        """Spin until close(): the thread leaves the executor by itself, so nothing it waits on is ever
+        destroyed under it (shutting an executor down from another thread can)."""
+        self._set_priority()
+        with contextlib.suppress(ExternalShutdownException, RuntimeError):  # context shut down
+            while not self._stop.is_set() and self._timer_node.context.ok():
+                self._executor.spin_once(timeout_sec=0.1)
+
+    def _set_priority(self) -> None:
+        """Real-time (SCHED_FIFO) scheduling for this thread only, like ros2_control's update thread: the
+        tick then preempts sensor processing and other programs the moment its timer is due."""
+        if self._priority <= 0:
+            return
+        why = set_thread_priority(self._priority)
+        if why is None:
+            self._log.info(f"control loop thread: SCHED_FIFO priority {self._priority}")
+        else:
+            self._log.warning(
+                f"control loop thread: no real-time priority ({why}); running at normal priority. Allow it "
+                "with rtprio limits (e.g. limits.conf '@realtime - rtprio 99') or set loop_priority:=0"
+            )
+
+    def now(self) -> float:
+        """Node-clock seconds as the timer sees them (sim time under use_sim_time)."""
+        return self._timer_node.get_clock().now().nanoseconds * 1e-9
+
+    def start(self) -> None:
+        """Start the timer: from now on the observations are taken every period."""
+        self._timer.reset()
+
+    def activate(self) -> None:
+        """Tick and publish from the next period on."""
+        self.stats.reset_phase()
+        self.active = True
+
+    def carried(self) -> tuple[Any, ControlState | None]:
+        """What the next configure's loop continues from (its `carried` argument)."""
+        return self.last_sent, self._last_state
+
+    def close(self) -> None:
+        """Stop the thread, then release the intake and the publishers."""
+        self._timer.cancel()
+        self._stop.set()
+        self._thread.join()  # within one spin_once timeout
+        self._executor.shutdown(timeout_sec=2.0)
+        self._timer_node.destroy_node()
+        self.intake.close()
+        for pub in (self._pub_cmd, self._pub_traj, self._pub_dbg):
+            if pub is not None:
+                self._node.destroy_lifecycle_publisher(pub)
+        self._pub_cmd = self._pub_traj = self._pub_dbg = None
+        self.active = False
+
+    # -- one period ----------------------------------------------------------------------------------------
+    def _take_observations(self, core: ControlCore, readers: dict[str, cv.SourceReader], now: float) -> None:
+        """Everything the sensors sent since the last period into the core's history (under the lock, so
+        a model swap cannot change the layout meanwhile)."""
+        diag = self._diag
+
+        def accept(source: str, stamp: float, values: dict[str, np.ndarray]) -> None:
+            for feature, value in values.items():
+                reason = core.observe(feature, stamp, value, now)
+                if reason:
+                    diag.fault(source, "rejected", f"{feature}: {reason}")
+
+        def reject(source: str, exc: cv.InputError) -> None:
+            if isinstance(exc, cv.ImplausibleInputError) and exc.go_safe:
+                topic = diag.topic(source)
+                for feature in exc.features:
+                    core.fault(feature, exc.stamp, f"{topic}: {exc}")
+            diag.rejected(source, exc)
+
+        self.intake.drain(readers, now, core.observation_spacing_s, accept, reject, diag.contradiction)
+
+    def _on_tick(self) -> None:
+        """One control period: take the observations, ask the core for the command and publish it."""
+        t0, t_wall = time.perf_counter(), time.monotonic()  # jitter is when the tick started, not ended
+        now = self.now()
+        loaded = self._loaded
+        with self._lock:
+            core, binding = loaded.core, loaded.binding
+            self._take_observations(core, loaded.readers, now)
+            if not self.active:
+                return
+            res = core.tick(now)
+        if res.command is not None:
+            sent = res.command[list(binding.output_index)]
+            self.last_sent = (binding.output_joints, sent)
+            if self._pub_cmd is not None:
+                self._pub_cmd.publish(cv.command_msg(sent))
+            if self._pub_traj is not None and res.trajectory is not None:
+                self._publish_trajectory(res.trajectory, binding)
+        if self._pub_dbg is not None:
+            self._pub_dbg.publish(cv.array_msg(self._timing_row(now, res, core)))
+        self.stats.tick(t_wall if self._wall_time else now, time.perf_counter() - t0)
+        if res.missed:
+            self._diag.missed_step(res.reason)
+        if self._swapper.retired:
+            self._swapper.free_retired(core)
+        if res.state != self._last_state:
+            self._state_changed(res.state, res.reason)
+
+    def _publish_trajectory(self, traj: Any, binding: cf.Binding) -> None:
+        times = np.asarray(traj.times, dtype=float)
+        positions = np.asarray(traj.positions, dtype=float)[:, list(binding.output_index)]
+        # First point one tick after the start, each later one at its scheduled spacing.
+        tfs = times - times[0] + binding.period_s
+        stamp = None
+        if self._cfg.trajectory_stamp == "absolute":
+            stamp = cv.sec_to_time(max(times[0] - binding.period_s, 0.0))
+        keep = np.concatenate([[True], np.diff(tfs) > 1e-9])  # strictly increasing, whatever the core gives
+        self._pub_traj.publish(cv.trajectory_msg(binding.output_joints, positions[keep], tfs[keep], stamp))
+
+    @staticmethod
+    def _timing_row(now: float, res: TickResult, core: ControlCore) -> list[float]:
+        nan = math.nan
+        action_time = res.action_time if res.action_time is not None else nan
+        index = res.action_index if res.action_index is not None else nan
+        obs_stamp = nan
+        if res.action_time is not None and res.action_index is not None:
+            card = core.card
+            obs_stamp = res.action_time - (card.first_offset + res.action_index) * card.control_period_s
+        return [
+            now, res.t_exec, action_time, obs_stamp,
+            res.chunk_seq if res.chunk_seq is not None else nan, index,
+            STATE_CODES.get(res.state, nan), 1.0 if res.missed else 0.0,
+        ]  # fmt: skip
+
+    def _state_changed(self, state: ControlState, reason: str) -> None:
+        """One log line per state change (the reason as it was then; /diagnostics has the current one)."""
+        old = self._last_state
+        self._last_state = state
+        text = f"control state {old.value if old else '-'} -> {state.value}"
+        text += f": {reason}" if reason else ""
+        if state in (ControlState.SAFE, ControlState.ESTOP):
+            self._log.warning(text)
+        else:
+            self._log.info(text)
+

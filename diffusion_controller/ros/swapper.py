@@ -1,0 +1,268 @@
+"""The model: loaded on configure, swapped at runtime when `model_path` is set, reported on ~/model.
+
+A swap checks at once only what needs no reading (the parameter call answers at once); a loader thread
+reads and checks the card against the configuration, hashes, loads and warms up the new model, then
+swaps it in between two ticks. Any failure keeps the old model running, says why (log, /diagnostics,
+~/model) and puts `model_path` back. The replaced model is freed right after a tick, once the core no
+longer uses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+from diffusion_controller.core.card import CardError, ModelCard, sidecar_path
+from diffusion_controller.core.controller import ControlCore
+from diffusion_controller.core.plausibility import Plausibility, PlausibilityLimits, PublisherAgreement
+from diffusion_controller.core.runtime import Policy
+from diffusion_controller.ros import config as cf
+from diffusion_controller.ros import conversions as cv
+from diffusion_controller.ros import diagnostics as dg
+from diffusion_controller.ros.loop import nicer_thread, set_thread_priority
+
+MIB = 1024 * 1024
+#: ~/model is latched: a late subscriber (a dashboard, a test) gets the current model at once.
+MODEL_QOS = QoSProfile(
+    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+)
+#: How much nicer than the node a model-swap loader thread runs: its warm-up predicts share the CPU with
+#: the inference of the model that is still driving the robot, which must win.
+LOADER_NICE_INCREMENT = 10
+
+
+def file_sha256(path: str) -> str:
+    """The model file's SHA-256 (hex), published on ~/model so an operator knows which weights drive."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 * MIB), b""):
+            digest.update(block)  # hashlib releases the GIL for blocks this large
+    return digest.hexdigest()
+
+
+def check_model_file(path: str, max_mb: float) -> int:
+    """Size of the model file at `path` (bytes) after the checks that need no reading; ConfigError else."""
+    if not path:
+        raise cf.ConfigError("model_path is empty; set it to an .onnx policy with a model card")
+    if os.path.isdir(path):
+        raise cf.ConfigError(f"model_path '{path}' is a directory, not an .onnx model file")
+    if not os.path.isfile(path):
+        raise cf.ConfigError(f"model_path '{path}' does not exist")
+    size = os.path.getsize(path)
+    if size > max_mb * MIB:
+        raise cf.ConfigError(
+            f"model_path '{path}' is {size / MIB:.1f} MiB, more than max_model_mb ({max_mb:g}); raise "
+            "max_model_mb to load it"
+        )
+    return size
+
+
+def read_card(path: str) -> ModelCard:
+    """The card of a model file without creating a session: its metadata, else the .yaml beside it."""
+    try:
+        return ModelCard.from_onnx(path)
+    except CardError as exc:
+        side = sidecar_path(path)
+        if "has no" in str(exc) and side.exists():
+            return ModelCard.from_yaml(side)
+        raise
+
+
+def check_swap_fits(running: cf.Binding, new: cf.Binding) -> None:
+    """A swap keeps what the robot side is wired to: the published joints and the control period."""
+    if new.output_joints != running.output_joints:
+        raise cf.ConfigError(
+            f"its action joints {list(new.output_joints)} change the published joints "
+            f"{list(running.output_joints)}; set `joints` to pin the order"
+        )
+    if abs(new.period_s - running.period_s) > 1e-9:
+        raise cf.ConfigError(
+            f"control period {new.period_s:.4f} s differs from the running {running.period_s:.4f} s; "
+            "set rate_hz or reconfigure"
+        )
+
+
+@dataclass
+class Loaded:
+    """What configure built for one model. A swap replaces policy, binding, readers, path and sha256 in
+    place, under the node's lock; the control loop reads them under it every tick."""
+
+    cfg: cf.NodeConfig
+    core: ControlCore
+    policy: Any
+    binding: cf.Binding
+    readers: dict[str, cv.SourceReader]
+    path: str
+    sha256: str
+
+
+class ModelSwapper:
+    """Loads the configured model, swaps it on a `model_path` set, publishes ~/model, frees replaced ones."""
+
+    def __init__(self, node: Any, lock: threading.Lock, diagnostics: Any) -> None:
+        self._node, self._lock, self._diag = node, lock, diagnostics
+        self._log = node.get_logger()
+        self._pub = node.create_publisher(DiagnosticStatus, "~/model", MODEL_QOS)
+        self.swaps = 0
+        self.failures = 0
+        self.target = ""  # the path being loaded
+        self.thread: threading.Thread | None = None
+        self.reverting = False  # set while the loader puts model_path back (not a swap request)
+        self.retired: list[Any] = []  # replaced policies, freed right after a tick (free_retired)
+
+    # -- configure -----------------------------------------------------------------------------------------
+    def check(self, cfg: cf.NodeConfig, path: str, max_mb: float) -> tuple[ModelCard, cf.Binding]:
+        """The part before any session exists: the file, its card, and the card vs the config."""
+        check_model_file(path, max_mb)
+        card = read_card(path)
+        return card, cf.validate_against_card(cfg, card)
+
+    def load(self, cfg: cf.NodeConfig) -> Loaded:
+        """Configure's model: checked, loaded + warmed up, and a core running it."""
+        _, binding = self.check(cfg, cfg.model_path, cfg.max_model_mb)
+        policy = self._load_policy(cfg, cfg.model_path)
+        sha256 = file_sha256(cfg.model_path)
+        core = ControlCore(policy.card, cf.control_config(cfg, binding, policy.card), policy)
+        readers = self._make_readers(cfg, policy.card, binding)
+        return Loaded(cfg, core, policy, binding, readers, cfg.model_path, sha256)
+
+    def _load_policy(self, cfg: cf.NodeConfig, path: str, warmup: int = 3) -> Any:
+        return Policy.load(
+            path, provider=cfg.provider, threads=cfg.threads, steps=cfg.steps or None, warmup=warmup,
+            log=lambda m: self._log.info(str(m)), precision=cfg.precision, cuda_graph=cfg.cuda_graph,
+            device_id=cfg.device_id, engine_cache_dir=cfg.engine_cache_dir,
+        )  # fmt: skip
+
+    def _make_readers(
+        self, cfg: cf.NodeConfig, card: ModelCard, binding: cf.Binding
+    ) -> dict[str, cv.SourceReader]:
+        readers = {}
+        plausible = Plausibility(
+            card, PlausibilityLimits(cfg.joint_margin, cfg.command_sigmas, cfg.sensor_sigmas)
+        )
+        for src in cfg.sources:
+            decoder = cv.SourceDecoder(src, card.features, binding.rename)
+            readers[src.name] = cv.SourceReader(
+                decoder, cfg.max_future_s, plausibility=plausible, policy=cf.implausible_policy(src, card),
+                on_note=lambda cause, text, n=src.name: self._diag.note(n, cause, text),
+                agreement=PublisherAgreement(card),
+            )  # fmt: skip
+        return readers
+
+    # -- swapping ------------------------------------------------------------------------------------------
+    def begin(self, path: str, max_mb: float) -> str:
+        """Start loading a new model_path in the background; '' or why not (also logged, counted and on
+        /diagnostics: said where an operator looks, not only in the caller's reply). Only what needs no
+        reading is checked here; the loader thread does the rest."""
+        loaded = self._node.loaded
+        if loaded is None:
+            return ""
+        if self.thread is not None:
+            reason = f"a model swap to '{self.target}' is still loading; try again when it is done"
+        else:
+            try:
+                check_model_file(path, max_mb)
+                reason = ""
+            except (cf.ConfigError, OSError) as exc:
+                reason = f"model_path rejected, the old model keeps running: {exc}"
+        if reason:
+            self.failures += 1
+            self._diag.record_error(reason)
+            self._log.warning(reason)
+            return reason
+        self.target = path
+        self.thread = threading.Thread(
+            target=self._swap, args=(loaded, path, max_mb), name="model_swap", daemon=True
+        )
+        self.thread.start()
+        self._log.info(f"model swap: loading '{path}' in the background")
+        self.publish("loading", dg.WARN, f"loading '{path}'; the old model keeps running meanwhile")
+        return ""
+
+    def _swap(self, loaded: Loaded, path: str, max_mb: float) -> None:
+        """Loader thread: read and check the card, hash, load + warm up, then swap between two ticks; on
+        any failure keep the old model, say why (log, /diagnostics, ~/model) and put model_path back."""
+        set_thread_priority(0)  # started from a real-time executor thread: loading is not real-time work
+        cfg, old_path = loaded.cfg, loaded.path
+        try:
+            card, binding = self.check(cfg, path, max_mb)
+            check_swap_fits(loaded.binding, binding)
+            sha256 = file_sha256(path)
+            policy = self._load_policy(cfg, path, warmup=0)
+            with nicer_thread(LOADER_NICE_INCREMENT):  # warm-up must not take CPU from the running model
+                policy.warm_up()
+            readers = self._make_readers(cfg, policy.card, binding)
+            with self._lock:
+                if self._node.loaded is not loaded:
+                    return  # cleaned up meanwhile
+                loaded.core.swap_policy(policy)
+                self.retired.append(loaded.policy)
+                loaded.policy, loaded.binding, loaded.readers = policy, binding, readers
+                loaded.path, loaded.sha256 = path, sha256
+            gc.freeze()  # the new model's objects are long-lived too (see the node's configure)
+            self.swaps += 1
+            self._log.info(f"model swap: now running '{card.name}' {card.version} on {policy.provider}")
+            self.publish("swapped", dg.OK, f"running '{card.name}' {card.version}")
+        except Exception as exc:  # any failure: the old model keeps running
+            self.failures += 1
+            why = f"model swap to '{path}' failed, the old model keeps running: {exc}"
+            self._diag.error(why)
+            self.publish("failed", dg.ERROR, why, attempted=path)
+            self.reverting = True
+            try:
+                self._node.set_parameters([Parameter("model_path", value=old_path)])
+            finally:
+                self.reverting = False
+        finally:
+            self.thread = None
+
+    def free_retired(self, core: ControlCore) -> None:
+        """Free a policy replaced by a swap, here, right after a tick has published. Destroying an ONNX
+        Runtime session holds the GIL (~10 ms for a DiffuseLoco-size model); here that falls into the
+        slack before the next tick instead of delaying one. Waits while the core still uses it (a predict
+        in flight, a result not yet taken)."""
+        if not core.uses(self.retired[0]):
+            del self.retired[0]  # the last reference: freed now
+
+    def release(self) -> None:
+        """Drop the replaced policies at cleanup: the core that used them is closed."""
+        self.retired = []
+
+    def join(self, timeout: float) -> None:
+        """Wait for a loader thread still running (process exit)."""
+        thread = self.thread
+        if thread is not None:
+            thread.join(timeout=timeout)
+
+    # -- ~/model -------------------------------------------------------------------------------------------
+    def publish(self, event: str, level: int, message: str, attempted: str = "") -> None:
+        """One ~/model status: what runs now (name, version, path, SHA-256, provider) and what happened."""
+        loaded = self._node.loaded
+        policy = loaded.policy if loaded is not None else None
+        card = getattr(policy, "card", None)
+        values = {
+            "event": event,
+            "path": loaded.path if loaded is not None else "",
+            "name": card.name if card is not None else "",
+            "version": card.version if card is not None else "",
+            "sha256": loaded.sha256 if loaded is not None else "",
+            "provider": str(getattr(policy, "provider", "")),
+            "steps": str(getattr(policy, "steps", "")),
+            "swaps": str(self.swaps),
+            "swap_failures": str(self.failures),
+            "attempted_path": attempted,
+        }
+        name = f"{self._node.get_fully_qualified_name()}: model"
+        msg = DiagnosticStatus(level=bytes([level]), name=name, message=message[:1000])
+        msg.values = [KeyValue(key=k, value=v) for k, v in values.items()]
+        with contextlib.suppress(Exception):  # a status message must never cost a swap or a transition
+            self._pub.publish(msg)
