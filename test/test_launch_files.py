@@ -29,7 +29,9 @@ FILES = {p.name: LaunchFile(p) for p in sorted((ROOT / "launch").glob("*.launch.
 CONTROLLER, SIM, DEMO = (FILES[f"{n}.launch.py"] for n in ("diffusion_controller", "sim", "demo"))
 #: Parameters rclpy declares on every node.
 ROS_OWN = {"use_sim_time"}
-TYPES = {"bool": "bool", "str": "str", "int": "int", "float": "float"}
+#: The Python type a ParameterValue(value_type=...) names for a parameter kind; the controller's kinds
+#: are ROS type names (config.KINDS), sim_node's Python ones.
+TYPES = {**{k: v for k, v in cf.KINDS.items() if "[" not in v}, "str": "str", "float": "float"}
 
 
 def sim_node_parameters() -> set[str]:

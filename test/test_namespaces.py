@@ -10,6 +10,7 @@ what it was told).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -24,7 +25,9 @@ pytestmark = pytest.mark.ros
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The cheapest shipped model (one network pass): two controllers and two simulators share this machine.
-MODEL = ROOT / "models" / "ant_locomotion_onestep.onnx"
+#: The default model: it tracks a turn in place (the one-step model barely does, ~0.08 rad/s for 0.8, so
+#: on a loaded machine its turn could not be told from standing still).
+MODEL = ROOT / "models" / "ant_locomotion.onnx"
 ROBOTS = ("robot1", "robot2")
 #: What each robot is told (vx m/s, yaw rate rad/s): one walks straight, the other turns in place.
 COMMANDS = {"robot1": (0.5, 0.0), "robot2": (0.0, 0.8)}
@@ -61,6 +64,12 @@ def planar(msg: Odometry) -> tuple[float, float, float]:
     return p.x, p.y, math.atan2(2 * (q.w * q.z + q.x * q.y), 1 - 2 * (q.y * q.y + q.z * q.z))
 
 
+def heading_change(probe: Probe, ns: str, t0: float) -> float:
+    """|Net heading change| of robot `ns` since `t0`, unwrapped over its ground-truth messages."""
+    headings = [planar(m)[2] for t, m in probe.received_timed(f"/{ns}/sim_node/ground_truth") if t >= t0]
+    return abs(sum(math.remainder(b - a, math.tau) for a, b in itertools.pairwise(headings)))
+
+
 def test_two_namespaced_robots_share_no_topic_and_each_controller_drives_its_own_sim() -> None:
     procs = [NodeProcess(cmd) for ns in ROBOTS for cmd in pair(ns)]
     try:
@@ -91,6 +100,7 @@ def test_two_namespaced_robots_share_no_topic_and_each_controller_drives_its_own
                 assert nodes_on(probe, topic) == nodes, topic
 
             # Behaviour: robot1 walks, robot2 turns in place; each does only what it was told.
+            t_start = time.monotonic()
             start = {ns: planar(probe.received(f"/{ns}/sim_node/ground_truth")[-1]) for ns in ROBOTS}
             end_time = time.monotonic() + 8.0
             while time.monotonic() < end_time:
@@ -101,10 +111,9 @@ def test_two_namespaced_robots_share_no_topic_and_each_controller_drives_its_own
                 time.sleep(0.1)
             end = {ns: planar(probe.received(f"/{ns}/sim_node/ground_truth")[-1]) for ns in ROBOTS}
             moved = {ns: math.dist(start[ns][:2], end[ns][:2]) for ns in ROBOTS}
-            turned = {ns: abs(math.remainder(end[ns][2] - start[ns][2], math.tau)) for ns in ROBOTS}
+            turned = {ns: heading_change(probe, ns, t_start) for ns in ROBOTS}
             summary = f"moved {moved}, turned {turned}"
-            # Measured here (3 runs): robot1 3.7-3.8 m and 0.03-0.08 rad, robot2 0.03-0.05 m and 0.55-0.68 rad
-            # (the one-step model turns in place slowly); crossed wires would swap or blur these.
+            # Crossed wires would swap or blur these.
             assert moved["robot1"] > 1.0 and moved["robot1"] > 5 * moved["robot2"], summary
             assert turned["robot2"] > 0.25 and turned["robot2"] > 2 * turned["robot1"], summary
     finally:
