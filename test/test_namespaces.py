@@ -99,7 +99,11 @@ def test_two_namespaced_robots_share_no_topic_and_each_controller_drives_its_own
             for topic, nodes in expected.items():
                 assert nodes_on(probe, topic) == nodes, topic
 
-            # Behaviour: robot1 walks, robot2 turns in place; each does only what it was told.
+            # Behaviour: robot1 walks, robot2 turns in place; each does only what it was told. The ground
+            # truth subscriptions may match later than the commands on a loaded machine: await them.
+            for ns in ROBOTS:
+                ok = probe.wait_for(f"/{ns}/sim_node/ground_truth", lambda m: len(m) > 0, 30)
+                assert ok, f"no /{ns}/sim_node/ground_truth: {logs()}"
             t_start = time.monotonic()
             start = {ns: planar(probe.received(f"/{ns}/sim_node/ground_truth")[-1]) for ns in ROBOTS}
             end_time = time.monotonic() + 8.0
