@@ -14,6 +14,7 @@ import gc
 import hashlib
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,10 @@ class Loaded:
     readers: dict[str, cv.SourceReader]
     path: str
     sha256: str
+
+
+#: How long a failed swap waits for the parameter set that started it to be stored before it reverts.
+REVERT_WAIT_S = 2.0
 
 
 class ModelSwapper:
@@ -213,17 +218,27 @@ class ModelSwapper:
             self._log.info(f"model swap: now running '{card.name}' {card.version} on {policy.provider}")
             self.publish("swapped", dg.OK, f"running '{card.name}' {card.version}")
         except Exception as exc:  # any failure: the old model keeps running
+            # model_path names the running model again before anyone hears of the failure.
+            self._revert(path, old_path)
             self.failures += 1
             why = f"model swap to '{path}' failed, the old model keeps running: {exc}"
             self._diag.error(why)
             self.publish("failed", dg.ERROR, why, attempted=path)
-            self.reverting = True
-            try:
-                self._node.set_parameters([Parameter("model_path", value=old_path)])
-            finally:
-                self.reverting = False
         finally:
             self.thread = None
+
+    def _revert(self, attempted: str, old_path: str) -> None:
+        """Set model_path back to the running model. rclpy stores the value of the set that started this
+        swap only after its callback returns: a loader that fails at once must wait for that, or the
+        set would overwrite the revert."""
+        deadline = time.monotonic() + REVERT_WAIT_S
+        while self._node.get_parameter("model_path").value != attempted and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.reverting = True
+        try:
+            self._node.set_parameters([Parameter("model_path", value=old_path)])
+        finally:
+            self.reverting = False
 
     def free_retired(self, core: ControlCore) -> None:
         """Free a policy replaced by a swap, here, right after a tick has published. Destroying an ONNX
