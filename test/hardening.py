@@ -1607,33 +1607,29 @@ def _swap_rejected(model_key: str | None, fragment: str, at_load: bool) -> Calla
     return body
 
 
-scenario("faults", "swap_missing_file", "model_path set to a file that does not exist")(
-    _swap_rejected(None, "does not exist", at_load=False)
-)
-scenario("faults", "swap_directory", "model_path set to a directory")(
-    _swap_rejected("directory", "is a directory", at_load=False)
-)
-scenario("faults", "swap_too_large", "model_path set to a file larger than max_model_mb")(
-    _swap_rejected("too_large", "more than max_model_mb", at_load=False)
-)
-scenario("faults", "swap_zeros_file", "model_path set to 256 MiB of zeros (under max_model_mb)")(
-    _swap_rejected("zeros", "not an ONNX model", at_load=True)
-)
-scenario("faults", "swap_truncated_file", "model_path set to an ONNX file cut in half")(
-    _swap_rejected("truncated", "truncated", at_load=True)
-)
-scenario("faults", "swap_card_mismatch", "a valid ONNX whose card says 100 Hz (the node runs 50 Hz)")(
-    _swap_rejected("period", "control period", at_load=True)
-)
-scenario("faults", "swap_reorders_joints", "a model whose action joints come in another order")(
-    _swap_rejected("reordered", "change the published joints", at_load=True)
-)
-scenario("faults", "swap_card_graph_mismatch", "a card that fits the config but not its own graph")(
-    _swap_rejected("graph_mismatch", "does not match its card", at_load=True)
-)
-scenario("faults", "swap_nan_model", "a valid model and card whose every output is NaN")(
-    _swap_rejected("nan", "non-finite", at_load=True)
-)
+#: Model swaps that cannot work: (name, what is set, model, what the reason says, found by the loader).
+SWAP_FAULTS = [
+    ("swap_missing_file", "model_path set to a file that does not exist",
+     None, "does not exist", False),
+    ("swap_directory", "model_path set to a directory",
+     "directory", "is a directory", False),
+    ("swap_too_large", "model_path set to a file larger than max_model_mb",
+     "too_large", "more than max_model_mb", False),
+    ("swap_zeros_file", "model_path set to 256 MiB of zeros (under max_model_mb)",
+     "zeros", "not an ONNX model", True),
+    ("swap_truncated_file", "model_path set to an ONNX file cut in half",
+     "truncated", "truncated", True),
+    ("swap_card_mismatch", "a valid ONNX whose card says 100 Hz (the node runs 50 Hz)",
+     "period", "control period", True),
+    ("swap_reorders_joints", "a model whose action joints come in another order",
+     "reordered", "change the published joints", True),
+    ("swap_card_graph_mismatch", "a card that fits the config but not its own graph",
+     "graph_mismatch", "does not match its card", True),
+    ("swap_nan_model", "a valid model and card whose every output is NaN",
+     "nan", "non-finite", True),
+]  # fmt: skip
+for _name, _description, _model, _fragment, _at_load in SWAP_FAULTS:
+    scenario("faults", _name, _description)(_swap_rejected(_model, _fragment, at_load=_at_load))
 
 
 #: Node parameters for the tunable models: their /cmd_vel yaw rate sets how long a predict takes, far
