@@ -73,19 +73,21 @@ class ChunkScheduler:
         self.exec_latency = float(exec_latency)
         self.blend = blend
         self.crossfade_steps = int(crossfade_steps)
-        self.current: Chunk | None = None
         # The newest chunks, newest last; the running one is the last (blend "ensemble" only).
         self.recent: deque[Chunk] = deque(maxlen=int(ensemble_chunks) if blend == "ensemble" else 1)
         self.newest_seq: int | None = None  # seq of the newest chunk applied (kept across clear())
         self._first_exec_time: float | None = None
-        # Chunks newer than the one running whose first action is still ahead, oldest first, with the
-        # running one first: a chunk runs until a newer one reaches its first slot (first_offset > 1 or a
-        # fast inference can have several waiting).
+        # The running chunk, then the newer ones whose first action is still ahead (first_offset > 1 or a
+        # fast inference can have several waiting): a chunk runs until a newer one reaches its first slot.
         self._queue: deque[Chunk] = deque()
+
+    @property
+    def current(self) -> Chunk | None:
+        """The newest chunk applied (the last one offered and not cleared)."""
+        return self._queue[-1] if self._queue else None
 
     def clear(self) -> None:
         """Drop the running chunk (reset, safe state); older chunks stay rejected as out of order."""
-        self.current = None
         self._queue.clear()
         self.recent.clear()
         self._first_exec_time = None
@@ -96,17 +98,16 @@ class ChunkScheduler:
         """Take a newly arrived chunk; None when applied, else why it was discarded."""
         if self.newest_seq is not None and chunk.seq <= self.newest_seq:
             return f"out of order: chunk {chunk.seq} arrived after chunk {self.newest_seq}"
-        first = chunk.first_valid_index(now + self.exec_latency)
+        t_exec = now + self.exec_latency
+        first = chunk.first_valid_index(t_exec)
         if first is None:
-            late = now + self.exec_latency - chunk.action_time(chunk.horizon - 1)
+            late = t_exec - chunk.action_time(chunk.horizon - 1)
             return f"stale on arrival: its last action is {late:.3f} s before t_exec"
         if self.blend == "crossfade" and self.current is not None and self.crossfade_steps > 0:
             chunk = self._crossfade(chunk, first)
-        t_exec = now + self.exec_latency
         while self._queue and self._queue[0].first_valid_index(t_exec) is None:
             self._queue.popleft()  # ran out: nothing of it can run any more
         self._queue.append(chunk)
-        self.current = chunk
         self.recent.append(chunk)
         self.newest_seq = chunk.seq
         self._first_exec_time = None
