@@ -121,6 +121,19 @@ class ControlConfig:
         if self.seed is not None and not _is_int(self.seed):
             raise ConfigError("seed", f"expected an integer or None, got {self.seed!r}")
 
+    def history_for(self, card: Any) -> ObservationHistory:
+        """The observation history of `card` under this configuration (a velocity command older than
+        command_timeout_s reads as zero); the node's core, the dataset converter and the demonstrator
+        build theirs here, so all compute the same rows."""
+        expire = {}
+        if self.command_timeout_s is not None:
+            expire = {f.name: self.command_timeout_s for f in card.features if f.kind == VELOCITY_COMMAND}
+        return ObservationHistory(card, future_tolerance_s=self.future_tolerance_s, expire_s=expire)
+
+    def timeouts_for(self, required: Any) -> dict[str, float]:
+        """The watchdog timeout of each required feature."""
+        return {n: self.obs_timeouts_s.get(n, self.obs_timeout_s) for n in required}
+
     def check_card(self, card: Any, policy: Any = None) -> None:
         """The checks that need the model (without a policy, the card says whether it can inpaint):
         raises ConfigError naming the field."""
@@ -272,12 +285,8 @@ class ControlCore:
         self._layout = layout_of(card)
         self._faults: dict[str, tuple[float, str]] = {}  # feature -> (stamp, why) of refused unsafe input
         self._period = float(card.control_period_s)
-        expire = {}
-        if cfg.command_timeout_s is not None:
-            expire = {f.name: cfg.command_timeout_s for f in card.features if f.kind == VELOCITY_COMMAND}
-        self._history = ObservationHistory(card, future_tolerance_s=cfg.future_tolerance_s, expire_s=expire)
-        timeouts = {n: cfg.obs_timeouts_s.get(n, cfg.obs_timeout_s) for n in self._history.required}
-        self._watchdog = Watchdog(timeouts)
+        self._history = cfg.history_for(card)
+        self._watchdog = Watchdog(cfg.timeouts_for(self._history.required))
         self._watchdog.healthy = False  # unhealthy until every required feature has been seen
         newest_seq = self._scheduler.newest_seq if self._scheduler is not None else None
         self._scheduler = ChunkScheduler(

@@ -269,6 +269,13 @@ class SourceReader:
         raise ImplausibleInputError(f"{text}; message ignored{then}", stamp, tuple(problems), safe)
 
 
+def plain_readers(cfg: cfgmod.NodeConfig, features: Sequence[Any], rename: Mapping[str, str],
+                  ) -> dict[str, SourceReader]:
+    """A reader per source with the node's decoding and stamp rules, without the plausibility checks
+    (which need a trained card): what building a dataset and demonstrating through ROS read with."""
+    return {s.name: SourceReader(SourceDecoder(s, features, rename), cfg.max_future_s) for s in cfg.sources}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Outputs
 

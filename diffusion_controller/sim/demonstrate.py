@@ -36,7 +36,6 @@ from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 
 from diffusion_controller.core.card import Layout, layout_from_dict
-from diffusion_controller.core.observation import ObservationHistory
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros.intake import Intake
@@ -71,6 +70,7 @@ class Demonstrator(Node):
         self.cfg = cf.NodeConfig.from_params(cf.load_params_file(config))
         self.layout = ant_layout()
         self.binding = cf.validate_against_card(self.cfg, layout_as_card(self.layout))
+        self.control = cf.control_config(self.cfg, self.binding, layout_as_card(self.layout))
         self.rng = np.random.default_rng(seed)
         self.action_noise = action_noise
         self.pub_cmd = self.create_publisher(Float64MultiArray, self.cfg.commands_topic, RELIABLE)
@@ -83,14 +83,8 @@ class Demonstrator(Node):
     def start_episode(self, seconds: float) -> None:
         """A fresh expert, history and schedule from now (sim time)."""
         self.expert = Expert()
-        self.readers = {
-            s.name: cv.SourceReader(cv.SourceDecoder(s, self.layout.features, self.binding.rename),
-                                    self.cfg.max_future_s)
-            for s in self.cfg.sources
-        }  # fmt: skip
-        self.history = ObservationHistory(
-            layout_as_card(self.layout), future_tolerance_s=self.cfg.max_future_s
-        )
+        self.readers = cv.plain_readers(self.cfg, self.layout.features, self.binding.rename)
+        self.history = self.control.history_for(layout_as_card(self.layout))
         self.schedule = random_schedule(self.rng, seconds)
         std = float(self.rng.uniform(0.0, self.action_noise)) if self.action_noise > 0 else 0.0
         noise_rng = np.random.default_rng(int(self.rng.integers(2**31)))

@@ -43,7 +43,7 @@ import numpy as np
 from rclpy.serialization import deserialize_message
 
 from diffusion_controller.core.card import Layout, read_layout
-from diffusion_controller.core.observation import ObservationError, ObservationHistory
+from diffusion_controller.core.observation import ObservationError
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 
@@ -137,20 +137,10 @@ def layout_as_card(layout: Layout) -> Any:
 class _Episode:
     """The node's readers and observation history for one stretch of continuous recording."""
 
-    def __init__(self, cfg: cf.NodeConfig, layout: Layout, binding: cf.Binding) -> None:
-        self.readers = {
-            s.name: cv.SourceReader(cv.SourceDecoder(s, layout.features, binding.rename), cfg.max_future_s)
-            for s in cfg.sources
-        }
-        kinds = {f.name: f.kind for f in layout.features}
-        expire = {}
-        for feature, source in binding.feature_source.items():
-            timeout = next(s.timeout_s for s in cfg.sources if s.name == source)
-            if kinds[feature] == "velocity_command" and timeout > 0:
-                expire[feature] = timeout  # older reads as zero, as in the node
-        self.history = ObservationHistory(
-            layout_as_card(layout), future_tolerance_s=cfg.max_future_s, expire_s=expire
-        )
+    def __init__(self, cfg: cf.NodeConfig, layout: Layout, binding: cf.Binding, control: Any) -> None:
+        self.readers = cv.plain_readers(cfg, layout.features, binding.rename)
+        self.history = control.history_for(layout_as_card(layout))
+        self.timeouts = control.timeouts_for(self.history.required)
         self.rows: list[np.ndarray] = []
         self.actions: list[np.ndarray] = []
         self.labels: list[tuple[float, np.ndarray]] = []  # (recording time, action in card order)
@@ -180,6 +170,7 @@ def dataset_from_bags(
 ) -> BagDataset:
     """Rows and labels from `bags` as the node configured by `cfg` computes them (module docstring)."""
     binding = cf.validate_against_card(cfg, layout_as_card(layout))
+    control = cf.control_config(cfg, binding, layout_as_card(layout))  # the node's timeouts
     period = layout.control_period_s
     labels = resolve(label_topic or cfg.commands_topic, namespace)
     by_topic = {resolve(s.topic, namespace): s for s in cfg.sources}
@@ -207,7 +198,7 @@ def dataset_from_bags(
                 ep.label_index, newer = newer, newer + 1
             action = ep.labels[ep.label_index][1]
             ages = ep.history.ages(t_k)
-            stale = [f for f, a in ages.items() if not a <= _timeout(cfg, binding, f)]
+            stale = [f for f, a in ages.items() if not a <= ep.timeouts[f]]
             if stale:
                 dropped["stale or missing observation"] += 1
                 _cut(ep, episodes, min_episode_rows)
@@ -221,7 +212,7 @@ def dataset_from_bags(
         if missing:
             raise BagError(f"{bag}: no messages on {missing} (the bag has {topics}); "
                            "record them, or set the topics (and --namespace) to match the bag")
-        ep = _Episode(cfg, layout, binding)
+        ep = _Episode(cfg, layout, binding, control)
         last_t = -math.inf
         for topic, msgtype, t_ns, raw in messages:
             if topic not in reports:
@@ -230,7 +221,7 @@ def dataset_from_bags(
             if t < last_t or (topic == labels and ep.labels and t - ep.labels[-1][0] > split_gap_s):
                 finish(ep, math.inf)  # a clock going back (sim reset) or a pause in the commands
                 _cut(ep, episodes, min_episode_rows)
-                ep = _Episode(cfg, layout, binding)
+                ep = _Episode(cfg, layout, binding, control)
             last_t = t
             report = reports[topic]
             report.add(t)
@@ -271,12 +262,6 @@ def dataset_from_bags(
     action = np.concatenate([np.stack(actions) for _, actions in episodes]).astype(np.float32)
     ends = np.cumsum([len(rows) for rows, _ in episodes]).astype(np.int64)
     return BagDataset(obs, action, ends, [r.summary() for r in reports.values()], dropped)
-
-
-def _timeout(cfg: cf.NodeConfig, binding: cf.Binding, feature: str) -> float:
-    source = binding.feature_source.get(feature)
-    timeout = next((s.timeout_s for s in cfg.sources if s.name == source), 0.0)
-    return timeout if timeout > 0 else math.inf
 
 
 def _cut(ep: _Episode, episodes: list[tuple[list, list]], min_rows: int) -> None:
