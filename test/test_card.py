@@ -193,13 +193,13 @@ def test_shipped_cards_name_their_spacing_and_without_the_field_a_card_means_lea
     models = Path(__file__).resolve().parents[1] / "models"
     onnx_files = sorted(models.glob("*.onnx"))
     spacing = {p.stem: ModelCard.from_onnx(p).diffusion.timestep_spacing for p in onnx_files}
-    # The node's default keeps the timesteps it was measured with; the others are new exports (trailing).
-    assert spacing == {"ant_locomotion": "leading", "ant_locomotion_denoiser": "trailing",
-                       "ant_locomotion_onestep": "trailing"}  # fmt: skip
+    # Every shipped model is a new export: trailing timesteps (the K=2 default starts at t=99).
+    assert spacing == dict.fromkeys(["ant_locomotion", "ant_locomotion_denoiser", "ant_locomotion_onestep"],
+                                    "trailing")  # fmt: skip
     for stem in spacing:
         from_yaml = ModelCard.from_yaml(models / f"{stem}.yaml", require_graph=False).to_dict()
         assert from_yaml == ModelCard.from_onnx(models / f"{stem}.onnx").to_dict()
-    text = (models / "ant_locomotion.yaml").read_text().replace(", timestep_spacing: leading", "")
+    text = (models / "ant_locomotion.yaml").read_text().replace(", timestep_spacing: trailing", "")
     assert "timestep_spacing" not in text
     card = ModelCard.from_yaml_text(text)
     assert card.diffusion.timestep_spacing == "leading"

@@ -122,14 +122,14 @@ def test_robot_specific_settings_reach_the_card(tmp_path: Path) -> None:
 
     data = synthetic_dataset(tmp_path / "d.npz", episodes=2, steps=20)
     cfg = replace(tiny_config(data, tmp_path / "run", 10), description="a 4-joint arm", action_units="m",
-                  beta_schedule="linear", prediction_type="sample", first_offset=2, history=2)
+                  beta_schedule="linear", prediction_type="epsilon", first_offset=2, history=2)
     ckpt = train(cfg, progress=False)
     card = torch.load(ckpt, weights_only=False)["card"]
     assert card["description"] == "a 4-joint arm" and card["action"]["units"] == "m"
     assert card["diffusion"]["beta_schedule"] == "linear"
-    assert card["diffusion"]["prediction_type"] == "sample"
+    assert card["diffusion"]["prediction_type"] == "epsilon"
     assert card["action"]["first_offset"] == 2 and card["observation"]["history"] == 2
     onnx_path = tmp_path / "arm.onnx"
     export_main([str(ckpt), str(onnx_path), "--graph", "fused"])
     policy = Policy.load(onnx_path, provider="cpu", warmup=1)
-    assert policy.card.diffusion.prediction_type == "sample" and policy.card.action_units == "m"
+    assert policy.card.diffusion.prediction_type == "epsilon" and policy.card.action_units == "m"

@@ -15,6 +15,9 @@ The student's card is a DDIM card with `sampler.kind: distilled`, prediction typ
 trailing spacing: DDIM with K=1 at t=T-1 and sample prediction returns the clipped network output, so the
 fused and denoiser graphs, the runtime and the node run it with no special case. The student never saw an
 inpainting prefix, so its card says `sampler.inpainting: false` and the node refuses `blend: inpaint`.
+The teacher may predict noise or the clean sample; a sample-prediction teacher (what train_policy writes
+by default) already is a one-step sampler at t=T-1, so the student starts from a working policy and
+distillation sharpens it towards the teacher's K-step chunk.
 
 A run directory holds `teacher_pairs.npz` (the precomputed teacher chunks, reused on resume),
 `state.pt`, `checkpoint.pt` (export it with export_policy) and `metrics.json`.
@@ -154,8 +157,8 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(cfg.teacher)
     card = ckpt.card
-    if card.diffusion.prediction_type != "epsilon" or card.sampler_kind != "ddim":
-        raise SystemExit(f"{cfg.teacher}: the teacher must be an epsilon-prediction DDIM policy")
+    if card.sampler_kind != "ddim":
+        raise SystemExit(f"{cfg.teacher}: the teacher must be a DDIM policy, not {card.sampler_kind}")
     teacher = Teacher(ckpt.network, card, cfg.teacher_steps, cfg.teacher_spacing)
     pairs = make_pairs(teacher, card, cfg, out / "teacher_pairs.npz")
     obs_n, noise, x0 = (torch.from_numpy(pairs[k]) for k in ("obs_n", "noise", "x0"))

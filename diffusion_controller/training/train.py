@@ -1,11 +1,17 @@
 """Train a diffusion policy on a `generate_dataset` file: ``train_policy``.
 
-Diffusion Policy's recipe for low-dimensional observations: epsilon prediction over a squared-cosine
-schedule, AdamW with warm-up and cosine decay, and an exponential moving average of the weights, which
-is what gets exported. Samples follow DiffuseLoco's delayed inputs: conditioned on observation rows
-k-history+1..k, the target chunk is action[k+first_offset .. k+first_offset+horizon-1], so the node has
-one control period for inference. Windows are clamped to their episode (repeating the first observation
-and the last action), as Diffusion Policy pads its sequences.
+Diffusion Policy's recipe for low-dimensional observations (squared-cosine schedule, AdamW with warm-up
+and cosine decay, an exponential moving average of the weights, which is what gets exported), except
+that the network predicts the clean sample by default, not the noise: few-step DDIM with trailing
+timesteps starts at t=T-1, where sqrt(alpha_bar) is about 0.003 with 100 steps, so a noise-predicting
+network's estimate of the clean chunk is divided by 0.003 there. The shipped ant policy at K=2 tracked at
+1.35x the expert predicting noise and 1.06x predicting the sample (docs/RESULTS.md); `--prediction-type
+epsilon` gives Diffusion Policy's choice.
+
+Samples follow DiffuseLoco's delayed inputs: conditioned on observation rows k-history+1..k, the target
+chunk is action[k+first_offset .. k+first_offset+horizon-1], so the node has one control period for
+inference. Windows are clamped to their episode (repeating the first observation and the last action),
+as Diffusion Policy pads its sequences.
 
 A run directory holds `state.pt` (everything needed to resume: weights, EMA, optimizer, step, RNG),
 `checkpoint.pt` (the export format of training/checkpoint.py, EMA weights), `loss.png` and
@@ -50,7 +56,7 @@ class TrainConfig:
     action_kind: str = "position"
     action_units: str = "rad"
     beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"
+    prediction_type: str = "sample"  # well-conditioned at t=T-1, where trailing DDIM starts
     seed: int = 0
     iterations: int = 20000
     batch_size: int = 256
@@ -285,8 +291,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     state_path = out / "state.pt"
     if state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=False)
-        # A run saved before a setting existed ran with its default.
-        saved = {**TrainConfig(data=cfg.data, out=cfg.out).__dict__, **st["config"]}
+        # A run saved before a setting existed ran with its default (then epsilon prediction).
+        defaults = {**TrainConfig(data=cfg.data, out=cfg.out).__dict__, "prediction_type": "epsilon"}
+        saved = {**defaults, **st["config"]}
         if saved != cfg.__dict__:
             raise SystemExit(f"{state_path} was written with other settings; use a new --out to start afresh")
         net.load_state_dict(st["net"])
