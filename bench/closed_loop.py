@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from diffusion_controller.core.card import ModelCard  # noqa: E402
 from diffusion_controller.core.ddim import TIMESTEP_SPACINGS  # noqa: E402
 from diffusion_controller.core.features import projected_gravity  # noqa: E402
 from diffusion_controller.core.scheduler import BLEND_MODES  # noqa: E402
@@ -148,7 +149,7 @@ def respaced(denoiser: Path, spacing: str, directory: Path) -> Path:
     """A copy of a denoiser model whose card samples with `spacing` (the network is the same)."""
     import shutil
 
-    from diffusion_controller.core.card import ModelCard, sidecar_path
+    from diffusion_controller.core.card import sidecar_path
 
     card = ModelCard.from_onnx(denoiser)
     if not spacing or card.diffusion.timestep_spacing == spacing:
@@ -432,8 +433,6 @@ def run_setting(
         rclpy.shutdown()
         codes = procs.stop()
     merged = merge_errors([r["errors"] for r in results])
-    from diffusion_controller.core.card import ModelCard
-
     card = ModelCard.from_onnx(model)
     if results:
         setting_plot = log_dir / f"velocity_{len(list(log_dir.glob('velocity_*.png')))}.png"
@@ -568,7 +567,13 @@ def main(argv: list[str] | None = None) -> int:
                 for c in (True, False)
             ]
         if "blend" in sweeps:
-            settings += [Setting(obs_delay_s=args.obs_delay, blend=b) for b in BLEND_MODES]
+            # A model no prefix can steer (one pass from full noise, distilled) cannot inpaint: that row
+            # runs the denoiser at its card's K instead, and its setting says so (K=...).
+            steerable = ModelCard.from_onnx(args.model).sampler_inpainting
+            den_k = ModelCard.from_onnx(args.denoiser).steps
+            for b in BLEND_MODES:
+                k = den_k if b == "inpaint" and not steerable else 0
+                settings.append(Setting(obs_delay_s=args.obs_delay, blend=b, steps=k))
     episodes = args.sweep_episodes if args.sweep is not None else args.episodes
 
     rows = []

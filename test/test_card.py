@@ -280,3 +280,18 @@ def test_frequency_on_another_kind_is_rejected():
     d["observation"]["features"][0]["frequency_hz"] = 1.5
     with pytest.raises(CardError, match=r"features\[0\]\.frequency_hz: expected no frequency_hz"):
         ModelCard.from_dict(d)
+
+
+def test_a_one_step_run_at_full_noise_cannot_claim_inpainting():
+    d = full_dict()
+    d["diffusion"]["timestep_spacing"] = "trailing"
+    d["sampler"] = {"kind": "ddim", "steps": 1, "eta": 0.0}
+    assert not ModelCard.from_dict(d).sampler_inpainting  # the default follows the timesteps
+    d["sampler"]["inpainting"] = True
+    with pytest.raises(CardError, match=r"sampler\.inpainting: 1 step\(s\) at timesteps \[99\] never see"):
+        ModelCard.from_dict(d)
+    d["sampler"]["steps"] = 2
+    assert ModelCard.from_dict(d).sampler_inpainting
+    d["diffusion"]["timestep_spacing"] = "leading"
+    d["sampler"]["steps"] = 1
+    assert ModelCard.from_dict(d).sampler_inpainting  # K=1 leading runs at t=0

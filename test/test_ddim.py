@@ -282,3 +282,15 @@ def test_offset_does_not_limit_trailing_or_linspace(spacing):
 def test_unknown_schedule_is_rejected():
     with pytest.raises(ValueError, match="beta_schedule"):
         ddim.make_betas("cosine", 100, 1e-4, 0.02)
+
+
+def test_a_prefix_steers_only_a_run_that_sees_it_above_the_noise():
+    """Overwrite-inpainting shows each step the prefix at weight sqrt(a_t): K=1 at t=T-1 of a squared-cosine
+    schedule sees it at 0.0005 and cannot be steered by it; any later step or a flatter schedule can."""
+    trailing = DDIMConfig(timestep_spacing="trailing")
+    assert not trailing.prefix_steers(1)
+    assert trailing.prefix_steers(2)  # t=49 sees it at 0.69
+    assert DDIMConfig(timestep_spacing="leading").prefix_steers(1)  # K=1 leading is t=0
+    assert DDIMConfig(beta_schedule="linear", timestep_spacing="trailing").prefix_steers(1)  # 0.60 at t=99
+    linear_1000 = DDIMConfig(beta_schedule="linear", train_timesteps=1000, timestep_spacing="trailing")
+    assert not linear_1000.prefix_steers(1)  # 0.006 at t=999

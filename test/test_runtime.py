@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import threading
 
@@ -113,6 +114,17 @@ def test_runtime_steps_for_denoiser_and_fixed_steps_for_fused(models):
     with pytest.raises(ModelError, match="K=2"):
         load(models["fused"], steps=5)
     assert load(models["fused"], steps=2).steps == 2
+
+
+def test_a_denoiser_run_at_one_step_from_full_noise_cannot_be_steered(models, tmp_path):
+    """The K chosen at run time decides whether a prefix can steer: K=1 trailing sees only t=99."""
+    card = ModelCard.from_onnx(models["denoiser"])
+    path = tmp_path / "trailing.onnx"
+    shutil.copyfile(models["denoiser"], path)
+    card.replace(diffusion=dataclasses.replace(card.diffusion, timestep_spacing="trailing")).to_onnx(path)
+    assert load(path).supports_inpainting
+    assert not load(path, steps=1).supports_inpainting
+    assert load(models["denoiser"], steps=1).supports_inpainting  # leading: t=0
 
 
 def test_auto_provider_logs_what_it_got_and_why_not_the_others(models):

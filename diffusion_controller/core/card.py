@@ -676,8 +676,19 @@ class _Parser:
         eta = self.number(s, "eta", p, default=0.0)
         if eta < 0:
             self.err(f"{p}.eta", f"expected >= 0, got {eta}")
-        # A distilled one-step sampler never saw a prefix in training: by default it cannot be steered.
-        inpainting = self.boolean(s, "inpainting", p, default=kind != "distilled")
+        # A distilled one-step sampler never saw a prefix in training, and a DDIM run whose steps all see
+        # the prefix buried in noise (K=1 at t=T-1) ignores it: by default neither can be steered.
+        try:
+            steers = dif.prefix_steers(steps)
+        except ValueError:
+            steers = True  # the step count itself is refused below
+        inpainting = self.boolean(s, "inpainting", p, default=kind != "distilled" and steers)
+        if inpainting and not steers:
+            self.err(
+                f"{p}.inpainting",
+                f"{steps} step(s) at timesteps {dif.timesteps(steps).tolist()} never see the prefix above "
+                "the noise, so it cannot steer the chunk; set inpainting: false",
+            )
         if kind == "distilled":
             if steps != 1:
                 self.err(f"{p}.steps", f"a distilled sampler runs in exactly 1 step, got {steps}")

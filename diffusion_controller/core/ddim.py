@@ -67,6 +67,10 @@ class StepCoefficients:
     std: float  # eta * sigma_t: weight of the fresh variance noise
 
 
+#: Weight of the prefix in a noised sample below which a denoising step cannot be steered by it.
+PREFIX_SIGNAL_MIN = 0.1
+
+
 @dataclass(frozen=True)
 class DDIMConfig:
     """The card's `diffusion` section plus the sampler's eta; builds the per-K step plan."""
@@ -103,6 +107,13 @@ class DDIMConfig:
             # the extra one rounding to -1; the first K are diffusers' timesteps.
             return (np.round(np.arange(t, 0, -t / k))[:k] - 1).astype(np.int64)
         return np.linspace(0, t - 1, k).round()[::-1].astype(np.int64)
+
+    def prefix_steers(self, steps: int) -> bool:
+        """Whether overwrite-inpainting can steer a K-step run: some step must see the prefix above the
+        noise (sqrt(a_t) >= PREFIX_SIGNAL_MIN). A single step at t=T-1 of a squared-cosine schedule sees it
+        at 0.0005: the rest of the chunk ignores the prefix, which is only pasted over its start."""
+        ac = self.alphas_cumprod()
+        return bool(np.sqrt(ac[self.timesteps(steps)]).max() >= PREFIX_SIGNAL_MIN)
 
     def plan(self, steps: int, eta: float = 0.0) -> tuple[StepCoefficients, ...]:
         """Coefficients of every step of a K-step DDIM run (float64 from the float32 schedule)."""

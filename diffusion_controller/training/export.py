@@ -219,7 +219,9 @@ def export_onnx(
         "parameters": network.parameter_count(),
         "weights": weights,
     }
-    card = card.replace(steps=steps, eta=eta, graph=spec, network=info)
+    # K=1 at t=T-1 never sees an inpainting prefix above the noise: such a card says it cannot be steered.
+    inpainting = card.sampler_inpainting and card.diffusion.prefix_steers(steps)
+    card = card.replace(steps=steps, eta=eta, graph=spec, network=info, sampler_inpainting=inpainting)
 
     module = FusedPolicy(network, card, steps, eta) if graph == "fused" else DenoiserPolicy(network, card)
     module.eval()  # the exporter restores the module's mode afterwards: it must be eval (no dropout)

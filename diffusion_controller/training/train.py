@@ -3,8 +3,8 @@
 Diffusion Policy's recipe for low-dimensional observations (squared-cosine schedule, AdamW with warm-up
 and cosine decay, an exponential moving average of the weights, which is what gets exported), except
 that the network predicts the clean sample by default, not the noise: few-step DDIM with trailing
-timesteps starts at t=T-1, where sqrt(alpha_bar) is about 0.003 with 100 steps, so a noise-predicting
-network's estimate of the clean chunk is divided by 0.003 there. The shipped ant policy at K=2 tracked at
+timesteps starts at t=T-1, where sqrt(alpha_bar) is 0.0005 with 100 steps, so a noise-predicting
+network's estimate of the clean chunk is divided by 0.0005 there. The shipped ant policy at K=2 tracked at
 1.35x the expert predicting noise and 1.06x predicting the sample (docs/RESULTS.md); `--prediction-type
 epsilon` gives Diffusion Policy's choice.
 
