@@ -63,7 +63,7 @@ def generate_test_description(arguments):
         PythonLaunchDescriptionSource(str(SHARE / "launch" / "demo.launch.py")),
         launch_arguments={
             **arguments,
-            "model_path": str(SHARE / "models" / "ant_locomotion_onestep.onnx"),  # the cheapest
+            "model_path": str(SHARE / "models" / "ant_locomotion.onnx"),  # one network pass
         }.items(),
     )
     return launch.LaunchDescription([demo, launch_testing.actions.ReadyToTest()])

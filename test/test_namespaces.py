@@ -24,9 +24,9 @@ from std_msgs.msg import Float64MultiArray
 pytestmark = pytest.mark.ros
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The cheapest shipped model (one network pass): two controllers and two simulators share this machine.
-#: The default model: it tracks a turn in place (the one-step model barely does, ~0.08 rad/s for 0.8, so
-#: on a loaded machine its turn could not be told from standing still).
+#: The default model (one network pass, so two controllers and two simulators fit on this machine); it
+#: tracks a turn in place (an earlier distilled one-step model barely did, ~0.08 rad/s for 0.8, so on a
+#: loaded machine its turn could not be told from standing still).
 MODEL = ROOT / "models" / "ant_locomotion.onnx"
 ROBOTS = ("robot1", "robot2")
 #: What each robot is told (vx m/s, yaw rate rad/s): one walks straight, the other turns in place.
