@@ -268,6 +268,11 @@ class ModelCard(Layout):
         onnx.save(model, str(path))
         return path
 
+    def inpaints_at(self, steps: int) -> bool:
+        """Whether an inpainting prefix steers a run of this model at K=`steps` (a denoiser graph may run
+        at another K than its card's): the card must allow it and some step must see the prefix."""
+        return self.sampler_inpainting and self.diffusion.prefix_steers(steps)
+
     def replace(self, **changes: Any) -> ModelCard:
         """A re-validated copy with some fields changed (e.g. graph=GraphSpec(...))."""
         import dataclasses
@@ -676,12 +681,14 @@ class _Parser:
         eta = self.number(s, "eta", p, default=0.0)
         if eta < 0:
             self.err(f"{p}.eta", f"expected >= 0, got {eta}")
+        try:
+            dif.check_steps(steps)
+            steers = dif.prefix_steers(steps)
+        except ValueError as e:
+            self.err(f"{p}.{e}".split(":")[0], str(e).split(": ", 1)[1])
+            steers = True  # no timesteps to judge by: only the step count is reported
         # A distilled one-step sampler never saw a prefix in training, and a DDIM run whose steps all see
         # the prefix buried in noise (K=1 at t=T-1) ignores it: by default neither can be steered.
-        try:
-            steers = dif.prefix_steers(steps)
-        except ValueError:
-            steers = True  # the step count itself is refused below
         inpainting = self.boolean(s, "inpainting", p, default=kind != "distilled" and steers)
         if inpainting and not steers:
             self.err(
@@ -699,10 +706,6 @@ class _Parser:
                 )
             if eta != 0:
                 self.err(f"{p}.eta", f"a distilled sampler is deterministic (eta 0), got {eta}")
-        try:
-            dif.check_steps(steps)
-        except ValueError as e:
-            self.err(f"{p}.{e}".split(":")[0], str(e).split(": ", 1)[1])
         return kind, steps, eta, inpainting
 
     def graph(self, d: dict, required: bool) -> GraphSpec | None:

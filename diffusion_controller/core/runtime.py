@@ -382,8 +382,7 @@ class Policy:
         self.cuda_graph = cand.cuda_graph  # checked by the first runs in load()
         self.device_id = device_id if cand.provider != "cpu" else None
         self.engine_cache: Path | None = None
-        # A denoiser graph run at another K than its card's: that K decides whether a prefix can steer.
-        self.supports_inpainting = card.sampler_inpainting and card.diffusion.prefix_steers(steps)
+        self.supports_inpainting = card.inpaints_at(steps)
         self.graph_kind = card.graph.kind
         self._lock = threading.Lock()
         self._rng = np.random.default_rng()

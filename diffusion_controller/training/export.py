@@ -220,7 +220,7 @@ def export_onnx(
         "weights": weights,
     }
     # K=1 at t=T-1 never sees an inpainting prefix above the noise: such a card says it cannot be steered.
-    inpainting = card.sampler_inpainting and card.diffusion.prefix_steers(steps)
+    inpainting = card.inpaints_at(steps)
     card = card.replace(steps=steps, eta=eta, graph=spec, network=info, sampler_inpainting=inpainting)
 
     module = FusedPolicy(network, card, steps, eta) if graph == "fused" else DenoiserPolicy(network, card)
