@@ -40,6 +40,7 @@ from diffusion_controller.core.card import ModelCard  # noqa: E402
 from diffusion_controller.core.ddim import TIMESTEP_SPACINGS  # noqa: E402
 from diffusion_controller.core.features import projected_gravity  # noqa: E402
 from diffusion_controller.core.scheduler import BLEND_MODES  # noqa: E402
+from diffusion_controller.ros import dds  # noqa: E402
 from diffusion_controller.ros.config import load_params_file  # noqa: E402
 from diffusion_controller.sim.ant import Ant, AntConfig, SensorNoise  # noqa: E402
 from diffusion_controller.sim.evaluate import Rollout, rollout, tracking_errors  # noqa: E402
@@ -542,9 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds < 10.0:
         p.error("--seconds must be at least 10 (stand, two skills, stand)")
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    # Shared-memory transport leaves lock files behind when a process is killed; UDP on loopback does not.
-    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "UDPv4")
+    dds.one_host_udp(os.environ)
     os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
     log_dir = Path(tempfile.mkdtemp(prefix="closed_loop_"))
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_controller.ros import dds
 from diffusion_controller.ros.config import EXECUTORS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,8 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = 20.0 if args.quick else args.duration
     row_seconds = 12.0 if args.quick else args.row_seconds
     os.environ.setdefault("ROS_DOMAIN_ID", str(60 + os.getpid() % 40))
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    dds.one_host_udp(os.environ)
 
     models = make_models(args.model_dir, args.steps)
     load0 = os.getloadavg()[0]

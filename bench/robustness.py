@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "test"))  # the scenarios and ROS helpers shared with the test suite
 
+from diffusion_controller.ros import dds  # noqa: E402
+
 #: One bad input per topic and the replace-mode ones (--quick).
 QUICK_INPUT = {
     "joint_states_duplicated_joint",
@@ -63,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path, default=None, help="where the scenario models go")
     args = ap.parse_args(argv)
     os.environ.setdefault("ROS_DOMAIN_ID", str(60 + os.getpid() % 40))
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
-    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "UDPv4")
+    dds.one_host_udp(os.environ)
 
     import hardening as hd
 

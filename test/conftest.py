@@ -4,14 +4,15 @@ import os
 
 import pytest
 
+from diffusion_controller.ros import dds
+
 # One DDS domain per pytest process so concurrent runs (developers, CI) never hear each other; domain
 # ids 0..101 are valid with Fast DDS' default port mapping.
 os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
-# Fast DDS' shared-memory transport leaves port lock files behind when a test kills a node, and later
-# processes then log errors about them; UDP on loopback has no such state.
-os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "UDPv4")
+# Discovery on this host only, over UDP on loopback: Fast DDS's shared memory can stop a process's
+# reception for 333 ms when another joins (diffusion_controller/ros/dds.py), and it leaves port lock files
+# behind when a test kills a node.
+dds.one_host_udp(os.environ)
 
 #: Ticks a hardening scenario may miss under pytest (2% of them, at least 2): CI and developer machines are
 #: shared, so a tick or two may be lost to other programs; bench/robustness.py holds the node to zero.

@@ -131,16 +131,21 @@ class NodeProcess:
     def __init__(
         self,
         cmd: Sequence[str],
-        env: dict[str, str] | None = None,
+        env: dict[str, str | None] | None = None,
         cwd: str | None = None,
         nice: int = 0,
     ):
         """`nice` < 0 raises the process's scheduling weight where the system allows it (root or
-        CAP_SYS_NICE), as a controller is deployed beside other work; elsewhere it runs at normal priority."""
+        CAP_SYS_NICE), as a controller is deployed beside other work; elsewhere it runs at normal priority.
+        `env` adds to the test's environment; a None value removes that variable."""
         self.cmd = list(cmd)
         full_env = dict(os.environ)
         full_env["PYTHONUNBUFFERED"] = "1"
-        full_env.update(env or {})
+        for name, value in (env or {}).items():
+            if value is None:
+                full_env.pop(name, None)
+            else:
+                full_env[name] = value
         self._log = tempfile.NamedTemporaryFile(prefix="node_", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
             self.cmd,

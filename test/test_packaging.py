@@ -29,7 +29,7 @@ ROS_MODULES = {
 
 
 def _data_files() -> list[Path]:
-    files = [*ROOT.glob("launch/*.py"), *ROOT.glob("config/*.yaml")]
+    files = [*ROOT.glob("launch/*.py"), *ROOT.glob("config/*.yaml"), *ROOT.glob("config/*.xml")]
     files += [*ROOT.glob("urdf/*.xacro"), *ROOT.glob("worlds/*.sdf")]
     files += [*ROOT.glob("models/*.onnx"), *ROOT.glob("models/*.yaml")]
     return files

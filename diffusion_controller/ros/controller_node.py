@@ -25,6 +25,7 @@ the GIL); a loader thread runs model swaps.
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import sys
 import threading
@@ -44,6 +45,7 @@ from diffusion_controller.core.card import CardError
 from diffusion_controller.core.controller import ConfigError as CoreConfigError
 from diffusion_controller.core.runtime import ModelError
 from diffusion_controller.ros import config as cf
+from diffusion_controller.ros import dds
 from diffusion_controller.ros import diagnostics as dg
 from diffusion_controller.ros.loop import ControlLoop, carried_command, normal_priority, set_thread_priority
 from diffusion_controller.ros.node_diagnostics import NodeDiagnostics
@@ -256,6 +258,7 @@ def main(args: list[str] | None = None) -> int:
     """
     # Python hands the GIL over every 5 ms by default; a control loop needs it back sooner.
     sys.setswitchinterval(0.0005)
+    transport = dds.choose_transport(os.environ)  # before the participant exists
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -263,6 +266,8 @@ def main(args: list[str] | None = None) -> int:
     node = executor = None
     try:
         node = ControllerNode()
+        if transport is not None:
+            (node.get_logger().warning if transport.warning else node.get_logger().info)(transport.message)
         executor, kind = make_executor(str(node.get_parameter("executor").value))
         node.get_logger().info(f"main executor: {kind}")
         executor.add_node(node)
