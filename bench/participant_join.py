@@ -5,7 +5,7 @@ discovers a new process (eProsima/Fast-DDS#6535; diffusion_controller/ros/dds.py
 (tiny policy, the hardening harness's sensor process) and a witness process subscribing to the joint
 states, then, `--joins` times, a process that joins the graph for 2 s (the wrong-type driver of the
 hardening scenarios), and counts the node's non-RUNNING episodes (stale inputs: SAFE) and the witness's
-receive gaps over 50 ms. The pause hits about one join in twenty, so it takes tens of joins to see.
+receive gaps over 50 ms. The pause hits a few joins in a hundred, so it takes tens of joins to see.
 
 --transport (set before any process starts; every process inherits it):
   profile       all on config/fastdds_localhost_udp.xml (what the tests use): UDP on loopback only;

@@ -5,7 +5,7 @@ participant first opens it, and a check that lands between two watchdog rounds s
 timeout (333 ms by default) while the opening thread holds the participant's discovery lock
 (eProsima/Fast-DDS#6535). Every receive thread of that participant takes the same lock for each message,
 so when a process joins the host's graph the participant that discovers it can stop receiving anything
-for a third of a second (measured here: about one join in twenty; docs/RESULTS.md). For this node that is
+for a third of a second (measured here: 5 joins in 167; docs/RESULTS.md). For this node that is
 every input stale and the robot held. Over UDP (loopback on one host) no thread waits on another process,
 so the node's own participant leaves shared memory out; its messages are small, UDP costs nothing here.
 
