@@ -92,7 +92,7 @@ def profile_path() -> Path:
         from ament_index_python.packages import get_package_share_directory
 
         return Path(get_package_share_directory("diffusion_controller")) / "config" / PROFILE_NAME
-    except Exception:  # no ament index (pip install): data_files land under sys.prefix
+    except (ImportError, LookupError):  # no ament index, or the package not in it (pip install): sys.prefix
         return Path(sys.prefix) / "share" / "diffusion_controller" / "config" / PROFILE_NAME
 
 
