@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import platform
 import queue
+import re
 import threading
 import time
 import weakref
@@ -185,6 +186,39 @@ def _why(e: BaseException) -> str:
     return text.splitlines()[-1] if text else type(e).__name__
 
 
+#: How ONNX Runtime says it lacks an operator: unknown to it, known without a kernel here, unknown at
+#: that opset. (domain:op, op, op) groups.
+_MISSING_OP = re.compile(
+    r"(?:(?P<dom>[\w.]+):(?P<op1>\w+)\(-?\d+\) is not a registered function/op)"
+    r"|(?:Could not find an implementation for (?P<op2>\w+)\(\d+\) node)"
+    r"|(?:No Op registered for (?P<op3>\w+) with domain_version)"
+)
+
+
+def missing_operator(error: str) -> str | None:
+    """The operator an ONNX Runtime session error says this runtime cannot run, or None."""
+    m = _MISSING_OP.search(error)
+    if m is None:
+        return None
+    if m["op1"]:
+        return f"{m['op1']} ({m['dom']})"
+    return m["op2"] or m["op3"]
+
+
+def _unrunnable(path: Path, card: ModelCard, op: str) -> ModelError:
+    """The refusal of a graph whose operator this runtime lacks, with the export that fits it."""
+    if card.graph is not None and card.graph.ops == "ort_fused":
+        fix = (
+            "its card says graph.ops ort_fused (ONNX Runtime's fused com.microsoft operators); export it "
+            "with `export_policy --ops standard` (ONNX opset 17 only) for this runtime"
+        )
+    else:
+        fix = "use an ONNX Runtime that supports the graph's opset, or export at a lower --opset"
+    return ModelError(
+        f"model {path}: this ONNX Runtime ({ort.__version__}) cannot run the graph's {op} operator: {fix}"
+    )
+
+
 def _engine_cache(root: str, path: Path, device_id: int, log: Callable[[str], None]) -> Path | None:
     """The TensorRT cache directory for this model and GPU, created; None (with a log line) when it
     cannot be, so TensorRT still starts, only without reusing engines."""
@@ -296,6 +330,11 @@ class Policy:
             raise ModelError(str(e)) from e
 
         problems = providers.gpu_problems() if provider != "cpu" else {}
+        if card.graph.ops == "ort_fused" and problems.get("tensorrt") is None and "tensorrt" in problems:
+            problems = dict(problems) | {
+                "tensorrt": "TensorRT cannot run an ort_fused graph's com.microsoft operators (Attention, "
+                "MultiHeadAttention, SkipLayerNormalization, BiasGelu); export with --ops standard for it"
+            }
         cache = None
         if provider in ("auto", "tensorrt") and problems.get("tensorrt") is None:
             cache = _engine_cache(engine_cache_dir, path, device_id, log)
@@ -318,6 +357,9 @@ class Policy:
                 sess = session_factory(str(path), _session_options(threads, cand.provider != "cpu"),
                                        list(cand.entries))  # fmt: skip
             except Exception as e:  # ORT's Fail / EPFail / InvalidGraph derive from Exception only
+                op = missing_operator(str(e))
+                if op is not None and cand.provider == "cpu":  # the CPU runs every standard operator
+                    raise _unrunnable(path, card, op) from e
                 errors.append(f"{cand.label}: {_why(e)}")
                 if cand.provider != "cpu":
                     log(f"policy: {cand.label} did not start: {_why(e)}")

@@ -58,11 +58,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffusion_controller.core.card import GRAPH_INPUTS, GRAPH_OUTPUTS, GraphSpec, ModelCard, sidecar_path
+from diffusion_controller.core.card import (
+    GRAPH_INPUTS,
+    GRAPH_OPS,
+    GRAPH_OUTPUTS,
+    GraphSpec,
+    ModelCard,
+    sidecar_path,
+)
 from diffusion_controller.core.ddim import TIMESTEP_SPACINGS
 from diffusion_controller.core.runtime import INT8_FORMS, u8s8_problem
 from diffusion_controller.training import ddim_torch
 from diffusion_controller.training.checkpoint import check_card_fits, load_checkpoint
+from diffusion_controller.training.fused_graph import build_fused
 from diffusion_controller.training.network import DiffusionTransformer
 
 OPSET = 17
@@ -188,10 +196,13 @@ def export_onnx(
     weights: str = "fp32",
     int8_form: str = INT8_FORM,
     timestep_spacing: str | None = None,
+    ops: str | None = None,
 ) -> Path:
     """Export `network` with `card` (graph section ignored) to out_path (.onnx) and its .yaml card.
 
     timestep_spacing: the card's diffusion.timestep_spacing for this export (None keeps the card's).
+    ops: the card's graph.ops (None: ort_fused for a fused graph, standard for a denoiser); ort_fused is
+    built by training/fused_graph.py, standard by torch.onnx.export at `opset`.
     """
     import onnx
 
@@ -199,6 +210,13 @@ def export_onnx(
         raise ValueError(f"graph: expected one of {list(GRAPH_INPUTS)}, got {graph!r}")
     if weights not in WEIGHTS:
         raise ValueError(f"weights: expected one of {list(WEIGHTS)}, got {weights!r}")
+    ops = ops or ("ort_fused" if graph == "fused" else "standard")
+    if ops not in GRAPH_OPS:
+        raise ValueError(f"ops: expected one of {list(GRAPH_OPS)}, got {ops!r}")
+    if ops == "ort_fused" and graph != "fused":
+        raise ValueError("ops: ort_fused is built for the fused graph only; a denoiser is exported standard")
+    if ops == "ort_fused" and opset != OPSET:
+        raise ValueError(f"opset: the ort_fused graph is built at opset {OPSET}; got {opset}")
     if int8_form not in INT8_FORMS:
         raise ValueError(f"int8_form: expected one of {list(INT8_FORMS)}, got {int8_form!r}")
     if timestep_spacing is not None:  # card.replace validates it (CardError, a ValueError)
@@ -210,7 +228,7 @@ def export_onnx(
     if not (eta >= 0 and math.isfinite(eta)):
         raise ValueError(f"eta: expected a finite value >= 0, got {eta}")
     in_names, out_names = GRAPH_INPUTS[graph], GRAPH_OUTPUTS[graph]
-    spec = GraphSpec(graph, {r: r for r in in_names}, {r: r for r in out_names})
+    spec = GraphSpec(graph, {r: r for r in in_names}, {r: r for r in out_names}, ops)
     info = dict(card.network) | {
         "architecture": "diffusion_transformer",
         "layers": network.cfg.layers,
@@ -227,26 +245,15 @@ def export_onnx(
     module.eval()  # the exporter restores the module's mode afterwards: it must be eval (no dropout)
     inputs = example_inputs(card, graph, steps, eta)
     args = tuple(torch.from_numpy(inputs[r]) for r in in_names)
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        # The legacy exporter is deprecated upstream but is the one that needs no onnxscript.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(
-            module,
-            args,
-            buf,
-            input_names=list(in_names),
-            output_names=list(out_names),
-            opset_version=opset,
-            dynamo=False,
-            do_constant_folding=True,
-        )
+    with torch.no_grad():
         expected = module(*args).numpy()
-    model = _inline_weight_identities(onnx.load_from_string(buf.getvalue()))
+    if ops == "ort_fused":
+        model = build_fused(network, card, card.diffusion.plan(steps, eta), eta)
+    else:
+        model = _torch_export(module, args, in_names, out_names, opset)
     model.producer_name = "diffusion_controller.export"
-    spacing = card.diffusion.timestep_spacing
-    model.doc_string = f"{card.name} {card.version}: {graph} graph, DDIM K={steps} ({spacing}), eta={eta}"
+    sampler = f"DDIM K={steps} ({card.diffusion.timestep_spacing}), eta={eta}"
+    model.doc_string = f"{card.name} {card.version}: {graph} graph, {ops} ops, {sampler}"
     onnx.checker.check_model(model, full_check=True)
     data = model.SerializeToString()
 
@@ -269,6 +276,28 @@ def export_onnx(
         tmp_path.unlink(missing_ok=True)
     card.to_yaml(sidecar_path(out_path))
     return out_path
+
+
+def _torch_export(module: nn.Module, args: tuple, in_names, out_names, opset: int) -> Any:
+    """The module traced by torch.onnx.export (graph ops standard)."""
+    import onnx
+
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The legacy exporter is deprecated upstream but is the one that needs no onnxscript.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module,
+            args,
+            buf,
+            input_names=list(in_names),
+            output_names=list(out_names),
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    return _inline_weight_identities(onnx.load_from_string(buf.getvalue()))
 
 
 def _inline_weight_identities(model: Any) -> Any:
@@ -316,6 +345,7 @@ def _quantize_int8(
     """Replace the checked float graph at `path` by its int8-weight version; returns the card it carries
     (network.int8_form, and int8_max_abs_diff: largest output difference from the float model on the
     check inputs)."""
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     options = {
@@ -325,7 +355,10 @@ def _quantize_int8(
     }[form]
     q_path = path.with_name(path.stem + "_int8.onnx")
     try:
-        quantize_dynamic(path, q_path, per_channel=True, **options)
+        # onnx's shape inference gives no type to the outputs of ONNX Runtime's com.microsoft operators
+        # (graph ops ort_fused): every tensor here is float32.
+        extra = {"DefaultTensorType": TensorProto.FLOAT}
+        quantize_dynamic(path, q_path, per_channel=True, extra_options=extra, **options)
         diff = _ort_parity(q_path, inputs, names, expected)
         # Fused graphs output robot units; a denoiser outputs the normalized model prediction (~N(0, 1)).
         span = float(np.max(card.action_max - card.action_min)) if graph == "fused" else 2.0
@@ -358,7 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the checkpoint card's)")
     p.add_argument("--name", default=None, help="card name override ([a-z0-9_]+)")
     p.add_argument("--version", default=None, help="card version override")
-    p.add_argument("--opset", type=int, default=OPSET)
+    p.add_argument(
+        "--ops", choices=GRAPH_OPS, default=None,
+        help="fused graph: ort_fused (default; ONNX Runtime's fused attention and normalization kernels, "
+        "~80 nodes per denoising step, what a GPU needs) or standard (ONNX opset 17 only, ~450 nodes per "
+        "step: TensorRT, older or other runtimes); a denoiser is always standard",
+    )  # fmt: skip
+    p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset of a standard graph")
     p.add_argument("--no-verify", action="store_true", help="skip the torch vs ONNX Runtime parity check")
     p.add_argument(
         "--timestep-spacing",
@@ -401,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             weights=a.weights,
             int8_form=a.int8_form,
             timestep_spacing=a.timestep_spacing,
+            ops=a.ops,
         )
     except (ValueError, RuntimeError) as e:
         print(f"export_policy: error: {e}", file=sys.stderr)
@@ -410,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         net = ModelCard.from_onnx(out).network
         form, diff = net.get("int8_form"), net.get("int8_max_abs_diff")
         note = f", int8 weights ({form}): max output change {diff} on the check inputs"
-    print(f"wrote {out} and {sidecar_path(out)} ({a.graph} graph, {a.timestep_spacing} timesteps{note})")
+    what = f"{a.graph} graph, {ModelCard.from_onnx(out).graph.ops} ops, {a.timestep_spacing} timesteps{note}"
+    print(f"wrote {out} and {sidecar_path(out)} ({what})")
     return 0
 
 
