@@ -9,8 +9,9 @@ providers are tried, and what a session really runs on, is core/providers.py; lo
 candidates in order. A Policy serializes its own predict calls with a lock; separate CPU Policy objects
 (e.g. the running one and one being loaded for a swap) share nothing. A GPU Policy runs its session on a
 thread of its own (ORT keeps a CUDA graph per calling thread, so the graph load() captures is the one
-every predict replays), and all GPU sessions share providers.GPU_LOCK so that a new session's capture
-never overlaps the running one's device work.
+every predict replays), and all GPU sessions pass providers.GPU_LOCK (a GpuGate): only the runs that may
+capture (and freeing a session) are exclusive, so a new session's capture never overlaps the running
+one's device work, while its creation and first, slow run do not hold the running policy's chunks.
 
 Graph forms (see training/export.py): `fused` runs the whole DDIM chain in one session run, with K
 fixed by the card and inpainting in the graph; `denoiser` runs the K-step loop here with core/ddim.py,
@@ -152,7 +153,8 @@ class _DeviceThread:
 
     def release(self, *objects: Any) -> None:
         """Drop the last references to a freed Policy's session and device buffers on this thread under
-        GPU_LOCK (freeing CUDA memory during another session's capture would break it), then end."""
+        GPU_LOCK's exclusive side (freeing CUDA memory during another session's capture would break it),
+        then end."""
 
         keep = list(objects)
         del objects
@@ -386,6 +388,7 @@ class Policy:
         self.graph_kind = card.graph.kind
         self._lock = threading.Lock()
         self._rng = np.random.default_rng()
+        self._runs = 0  # session runs so far (which of them may capture: providers.CAPTURE_RUNS)
         self._setup(self.graph_kind == "fused")
         self._device_thread = None
         if cand.provider != "cpu":
@@ -509,10 +512,13 @@ class Policy:
 
     # -- inference ------------------------------------------------------------------------------------
     def _run(self) -> None:
-        """One session run. On a GPU: upload the changed inputs, run, download the output, all under
-        GPU_LOCK (a capture in another session must not see these calls). The CPU reads host buffers."""
+        """One session run. On a GPU: upload the changed inputs, run, download the output, through
+        GPU_LOCK: exclusive for the runs that may capture (no other GPU call may meet a capture), shared
+        otherwise (see GpuGate). The CPU reads host buffers."""
         if self._device:
-            with GPU_LOCK:
+            self._runs += 1
+            capture = self.cuda_graph and self._runs in providers.CAPTURE_RUNS
+            with GPU_LOCK.exclusive() if capture else GPU_LOCK.shared():
                 for role in self._dirty:
                     self._device[role].update_inplace(self._host[role])
                 self._dirty.clear()
