@@ -54,6 +54,17 @@ def test_auto_tries_tensorrt_then_cuda_then_cpu_each_with_and_without_capture():
     assert cands[-1].entries == (CPU,)
 
 
+def test_device_0_is_not_named_and_tf32_is_off_unless_asked():
+    """ORT 1.26+ looks for a plugin EP device whenever `device_id` is given and warns on every session
+    when there is none (see providers._device_option); device 0 is ORT's default, so it is left out.
+    TF32 is the CUDA EP's default: off here, so the GPU computes float32 as the CPU does."""
+    for c in pv.plan("auto", problems=BOTH)[0][:4]:
+        assert all("device_id" not in o for o in opts(c).values())
+        assert opts(c)[CUDA]["use_tf32"] == "0"
+    for c in pv.plan("cuda", device_id=2, tf32=True, problems=BOTH)[0]:
+        assert opts(c)[CUDA]["use_tf32"] == "1" and opts(c)[CUDA]["device_id"] == "2"
+
+
 def test_capture_is_requested_from_one_gpu_ep_only():
     """Finding 1: with TensorRT registered, ORT needs every node on TensorRT to capture; capture switched
     on for CUDA too made any CUDA node fail the session. TensorRT captures alone; CUDA never beside it."""
@@ -177,7 +188,16 @@ def test_tensorrt_failure_falls_back_to_cuda_with_one_log_line(gpu, models, tmp_
     assert [(c[0], c[1]) for c in f.calls] == [("tensorrt", True), ("cuda", True)]  # no 2nd TRT build
     assert (p.provider, p.cuda_graph, p.precision, p.device_id) == ("cuda", True, "fp32", 0)
     assert any("tensorrt (fp32, CUDA graph) did not start" in line and "EP_FAIL" in line for line in lines)
-    assert "cuda, CUDA graph, GPU 0" in lines[-1] and "40 nodes on cuda" in lines[-1]
+    assert "cuda, CUDA graph, TF32 off, GPU 0" in lines[-1] and "40 nodes on cuda" in lines[-1]
+
+
+def test_tf32_is_chosen_at_load_and_said_in_the_log_line(gpu, models):
+    f = Factory()
+    lines: list[str] = []
+    p = load(models["fused"], f, lines, provider="cuda", tf32=True)
+    assert f.calls[0][2][0][1]["use_tf32"] == "1" and p.tf32
+    assert "cuda, CUDA graph, TF32 on, GPU 0" in lines[-1]
+    assert not load(models["fused"], Factory(), provider="cpu", tf32=True).tf32  # the CPU has no TF32
 
 
 def test_capture_refused_retries_the_same_provider_without_it(gpu, models, tmp_path):

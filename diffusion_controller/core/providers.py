@@ -206,14 +206,34 @@ class Candidate:
         return self.provider + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _device_option(device_id: int) -> dict[str, str]:
+    """The device_id provider option, left out for device 0 (ORT's default device).
+
+    Since 1.26, ORT's Python binding (onnxruntime_pybind_state.cc, CreateExecutionProviderFactoryInstance)
+    first looks for a *plugin* EP device registered for the provider (register_execution_provider_library)
+    matching the `device_id` option, and only then falls back to the built-in CUDA/TensorRT EP; when the
+    options carry `device_id` and no plugin device matches, it logs "No registered plugin EP device found
+    for 'CUDAExecutionProvider' with device_id=0" on the process-wide logger (the session's
+    log_severity_level does not reach it) for every session. Nothing here registers plugin EPs, so the
+    lookup can only fail: without the key ORT skips the warning and uses device 0 all the same. Another
+    device must be named, and then ORT still prints that line once per session (harmless: the built-in
+    EP runs on that device).
+    """
+    return {"device_id": str(device_id)} if device_id else {}
+
+
 def _entries(short: str, cuda_graph: bool, precision: str, device_id: int, cache: Path | None,
-             cuda_ok: bool) -> tuple[Any, ...]:  # fmt: skip
-    dev = str(device_id)
-    cuda = (CUDA, {"device_id": dev, "enable_cuda_graph": "1" if cuda_graph and short == "cuda" else "0"})
+             cuda_ok: bool, tf32: bool = False) -> tuple[Any, ...]:  # fmt: skip
+    dev = _device_option(device_id)
+    cuda = (CUDA, dev | {
+        "enable_cuda_graph": "1" if cuda_graph and short == "cuda" else "0",
+        # ORT's CUDA EP default is TF32 on (10-bit mantissa in float32 matmuls: 4e-3 action differences
+        # from the CPU on an H200); off unless asked, so the GPU computes what the CPU does.
+        "use_tf32": "1" if tf32 else "0",
+    })  # fmt: skip
     if short == "cuda":
         return (cuda, CPU)
-    opts = {
-        "device_id": dev,
+    opts = dev | {
         "trt_fp16_enable": "1" if precision == "fp16" else "0",
         "trt_cuda_graph_enable": "1" if cuda_graph else "0",
     }
@@ -235,12 +255,13 @@ def plan(
     device_id: int = 0,
     engine_cache: Path | None = None,
     problems: Mapping[str, str | None],
+    tf32: bool = False,
 ) -> tuple[list[Candidate], list[str]]:
     """The sessions to try in order, and notes to log; raises ValueError for a request that cannot work.
 
     `problems` maps tensorrt/cuda to why it cannot load here (None: it can; absent: not checked, so not
     used), see gpu_problems(). `engine_cache` is the TensorRT engine and timing cache directory (None:
-    no cache).
+    no cache). `tf32`: the CUDA EP's use_tf32 (TensorFloat-32 matmuls; off: float32 as on the CPU).
     """
 
     def ok(p: str) -> bool:
@@ -270,7 +291,7 @@ def plan(
     for short in usable:
         prec = precision if short == "tensorrt" else "fp32"
         for graph in (True, False) if cuda_graph else (False,):
-            entries = _entries(short, graph, prec, device_id, engine_cache, ok("cuda"))
+            entries = _entries(short, graph, prec, device_id, engine_cache, ok("cuda"), tf32)
             cands.append(Candidate(short, entries, graph, prec))
     if provider == "auto":
         if precision == "fp16" and usable != ["tensorrt"]:

@@ -262,12 +262,16 @@ class Policy:
         device_id: int = 0,
         engine_cache_dir: str = "",
         session_factory: SessionFactory = ort_session,
+        tf32: bool = False,
     ) -> Policy:
         """Load, validate and warm up a model. Raises ModelError (or CardError for an invalid card).
 
         provider auto | tensorrt | cuda | cpu, precision fp32 | fp16 (TensorRT), cuda_graph (capture where
         one GPU EP owns the graph), device_id (CUDA device), engine_cache_dir (TensorRT engines; "" = the
-        user cache): see core/providers.py. `session_factory` stands in for ort.InferenceSession in tests.
+        user cache), tf32 (the CUDA EP's TensorFloat-32 matmuls; off: float32 as on the CPU): see
+        core/providers.py. `session_factory` stands in for ort.InferenceSession in tests. An fp16 graph
+        (card network.precision fp16, export --precision fp16) loads like any other; precision is the
+        TensorRT build flag.
         """
         t0 = time.perf_counter()
         path = Path(path)
@@ -304,7 +308,7 @@ class Policy:
         try:
             candidates, notes = providers.plan(
                 provider, precision=precision, cuda_graph=cuda_graph, device_id=device_id,
-                engine_cache=cache, problems=problems,
+                engine_cache=cache, problems=problems, tf32=tf32,
             )  # fmt: skip
         except ValueError as e:
             raise ModelError(str(e)) from e
@@ -334,6 +338,7 @@ class Policy:
                 skip.add(cand.provider)
                 continue
             self = cls._open(path, card, steps, threads, sess, cand, nodes, device_id)
+            self.tf32 = tf32 and cand.provider != "cpu"
             # A GPU session's first runs are where capture happens and engines meet real inputs: run
             # them here, so a failure moves on to the next candidate instead of failing the first tick.
             probe = 3 if cand.cuda_graph else (1 if cand.provider != "cpu" else 0)
@@ -380,7 +385,11 @@ class Policy:
         self.providers = list(sess.get_providers())  # registered, in order
         self.placement = nodes  # nodes per EP as ORT placed them (None: not recorded)
         self.provider = cand.provider
-        self.precision = cand.precision if cand.provider == "tensorrt" else "fp32"
+        # fp16: TensorRT's build flag, or an fp16 graph (training/fp16.py) on any provider
+        self.graph_precision = card.network.get("precision", "fp32")
+        trt_fp16 = cand.provider == "tensorrt" and cand.precision == "fp16"
+        self.precision = "fp16" if trt_fp16 or self.graph_precision == "fp16" else "fp32"
+        self.tf32 = False
         self.cuda_graph = cand.cuda_graph  # checked by the first runs in load()
         self.device_id = device_id if cand.provider != "cpu" else None
         self.engine_cache: Path | None = None
@@ -398,11 +407,14 @@ class Policy:
 
     def describe(self) -> str:
         """What runs, in words: e.g. "tensorrt fp16, CUDA graph, GPU 0 (412 nodes on tensorrt)"."""
+        graph16 = self.graph_precision == "fp16"
         if self.provider == "cpu":
-            return "cpu"
+            return "cpu, fp16 graph" if graph16 else "cpu"
         parts = [self.provider] + (["fp16"] if self.precision == "fp16" else [])
-        text = " ".join(parts) + (", CUDA graph" if self.cuda_graph else "") + f", GPU {self.device_id}"
-        return f"{text} ({_nodes_text(self.placement)})"
+        text = " ".join(parts) + (" graph" if graph16 else "") + (", CUDA graph" if self.cuda_graph else "")
+        if self.provider == "cuda":  # the CUDA EP's matmul mode (TensorRT decides its own)
+            text += ", TF32 on" if self.tf32 else ", TF32 off"
+        return f"{text}, GPU {self.device_id} ({_nodes_text(self.placement)})"
 
     def warm_up(self, n: int = 3) -> None:
         """Run `n` predicts on the observation mean (first runs allocate and tune); raises ModelError when

@@ -143,7 +143,7 @@ class ModelSwapper:
     def _load_policy(self, cfg: cf.NodeConfig, path: str, warmup: int = 3) -> Any:
         return Policy.load(
             path, provider=cfg.provider, threads=cfg.threads, steps=cfg.steps or None, warmup=warmup,
-            log=lambda m: self._log.info(str(m)), precision=cfg.precision, cuda_graph=cfg.cuda_graph,
+            log=lambda m: self._log.info(str(m)), precision=cfg.precision, cuda_graph=cfg.cuda_graph, tf32=cfg.tf32,
             device_id=cfg.device_id, engine_cache_dir=cfg.engine_cache_dir,
         )  # fmt: skip
 
