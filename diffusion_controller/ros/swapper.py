@@ -143,8 +143,8 @@ class ModelSwapper:
     def _load_policy(self, cfg: cf.NodeConfig, path: str, warmup: int = 3) -> Any:
         return Policy.load(
             path, provider=cfg.provider, threads=cfg.threads, steps=cfg.steps or None, warmup=warmup,
-            log=lambda m: self._log.info(str(m)), precision=cfg.precision, cuda_graph=cfg.cuda_graph, tf32=cfg.tf32,
-            device_id=cfg.device_id, engine_cache_dir=cfg.engine_cache_dir,
+            log=lambda m: self._log.info(str(m)), precision=cfg.precision, cuda_graph=cfg.cuda_graph,
+            device_id=cfg.device_id, engine_cache_dir=cfg.engine_cache_dir, tf32=cfg.tf32,
         )  # fmt: skip
 
     def _make_readers(
