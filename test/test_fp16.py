@@ -54,7 +54,8 @@ def test_an_fp16_export_is_carded_and_runs_close_to_float32(exported):
     p32 = Policy.load(exported["fp32"], provider="cpu", log=lambda _m: None)
     assert p16.precision == "fp16" and p32.precision == "fp32"
     assert "provider cpu, fp16 graph" in lines[-1]
-    obs = card.obs_mean + card.obs_std * np.random.default_rng(0).standard_normal((card.history, card.obs_dim))
+    rng = np.random.default_rng(0)
+    obs = card.obs_mean + card.obs_std * rng.standard_normal((card.history, card.obs_dim))
     diff = np.abs(p16.predict(obs, seed=3) - p32.predict(obs, seed=3)).max()
     assert 0 < diff < 0.02 * float(np.max(card.action_max - card.action_min))
 
