@@ -361,7 +361,7 @@ def model_rows(paths: list[Path], threads: int, runs: int) -> list[dict]:
         rows.append({
             "model": name, "graph": c.graph.kind, "sampler": c.sampler_kind, "steps": pol.steps,
             "spacing": c.diffusion.timestep_spacing, "weights": c.network.get("weights", "fp32"),
-            "ms_p50": p50, "ms_p99": p99, "vs_first": p50 / base,
+            "ms_p50": p50, "ms_p99": p99, "vs_first": p50 / base, "runs_on": pol.describe(),
         })  # fmt: skip
     return rows
 
