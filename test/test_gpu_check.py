@@ -106,3 +106,18 @@ def test_the_loop_and_test_summaries(capsys):
     assert "0.47 ok" in out and "1.32 MISS" in out and "7.330*" in out
     assert "control loop 100 Hz on cuda with swaps: missed ticks 0" in out
     assert "shipped model ant_locomotion.onnx" in out and "MISS" in out
+
+
+def test_where_rclpy_does_not_import_the_node_level_part_says_so(tmp_path, monkeypatch, capsys):
+    from diffusion_controller.core import providers
+
+    gc = load()
+    monkeypatch.setattr(gc, "gpu_problem", lambda: None)
+    monkeypatch.setattr(providers, "gpu_name", lambda _d: "NVIDIA H200 (test)")
+    monkeypatch.setattr(gc, "rclpy_problem", lambda: "rclpy does not import here (test)")
+    out = tmp_path / "g.json"
+    assert gc.main(["--out", str(out), "--skip-bench", "--skip-tests"]) == 0
+    report = json.loads(out.read_text())
+    assert report["gpu"] and report["gpu_name"] == "NVIDIA H200 (test)"
+    assert report["control_loop"] == {"skipped": "node-level part skipped: rclpy does not import here (test)"}
+    assert "control loop: node-level part skipped: rclpy does not import here (test)" in capsys.readouterr().out
