@@ -120,4 +120,5 @@ def test_where_rclpy_does_not_import_the_node_level_part_says_so(tmp_path, monke
     report = json.loads(out.read_text())
     assert report["gpu"] and report["gpu_name"] == "NVIDIA H200 (test)"
     assert report["control_loop"] == {"skipped": "node-level part skipped: rclpy does not import here (test)"}
-    assert "control loop: node-level part skipped: rclpy does not import here (test)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "control loop: node-level part skipped: rclpy does not import here (test)" in printed
