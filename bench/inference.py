@@ -254,7 +254,7 @@ def torch_cuda_graph_chunk(
         return x[0] * half + center
 
     graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: run() writes into the static inputs outside of it
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up off the default stream, as torch's docs ask before capture
