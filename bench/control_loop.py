@@ -324,7 +324,12 @@ def measure_row(
             return float(hz) > 0.5 * SENSOR_HZ["js"] * scale
 
         if not wait(fed, 20.0):
-            raise RuntimeError(f"the sensor process did not reach {500 * scale:.0f} Hz on joint states")
+            if node.poll() is not None:  # the node's /diagnostics never came: say that, not the sensors
+                raise RuntimeError(f"the node exited ({node.returncode}); see its log in the --model-dir")
+            raise RuntimeError(
+                f"the sensor process did not reach {500 * scale:.0f} Hz on joint states (or the node, which "
+                "reports it on /diagnostics, is not configured: see its log in the --model-dir)"
+            )
         if not wait(lambda: obs.rows and obs.rows[-1][STATE] == RUNNING, 30.0):
             raise RuntimeError("the node is not RUNNING")
         time.sleep(2.0)  # settle
