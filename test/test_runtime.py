@@ -319,9 +319,11 @@ def test_predict_in_a_worker_while_another_policy_loads(models, provider):
         stop.set()
         t.join(10)
     assert not errors and results
-    for r in results:
+    for r in results:  # the running session's replays repeat exactly, whatever loaded meanwhile
         np.testing.assert_array_equal(r, want)
-    np.testing.assert_array_equal(loaded[-1].predict(obs, seed=1), want)
+    # another session of the same file: exact on the CPU; on a GPU its kernels may be chosen apart
+    atol = 0.0 if provider == "cpu" else 1e-5
+    np.testing.assert_allclose(loaded[-1].predict(obs, seed=1), want, rtol=0, atol=atol)
 
 
 def test_a_model_that_outputs_nan_is_refused_at_load(models, tmp_path):
