@@ -39,7 +39,7 @@ the DiffuseLoco-size rows.
 
     .venv/bin/python bench/inference.py [--quick] [--json] [--threads N] [--runs N] [--ks 1,2,5,10]
         [--provider cpu|cuda|tensorrt|all] [--engine-cache-dir DIR] [--models A.onnx B.onnx ...]
-        [--models-only] [--no-torch-cuda-graph] [--no-fp16]
+        [--models-only] [--no-torch-cuda-graph] [--no-fp16] [--tf32]
 """
 
 from __future__ import annotations
@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the fused graph converted to fp16 (export --precision fp16): its largest action error against "
         "float32 on the CPU, and a cuda CUDA-graph row where cuda loads (default: on)",
     )  # fmt: skip
+    ap.add_argument("--tf32", action="store_true", help="ORT cuda rows with TF32 matmuls (node param tf32)")
     a = ap.parse_args(argv)
     runs = a.runs or (15 if a.quick else 500)
     models = model_rows(a.models or shipped_models(), a.threads, max(runs, 50))
@@ -493,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     gpu[name] = Policy.load(
                         path, provider=prov, precision=prec, cuda_graph=graph, threads=a.threads,
-                        engine_cache_dir=a.engine_cache_dir, log=quiet,
+                        engine_cache_dir=a.engine_cache_dir, log=quiet, tf32=a.tf32,
                     )  # fmt: skip
                 except ModelError as e:  # a provider present but failing: say so, time the rest
                     gpu_skipped[f"{name} K={k}"] = str(e)
@@ -674,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                     "provider": a.provider,
                     "gpu_skipped": gpu_skipped,
                     "nodes_per_step": nodes,
+                    "tf32": a.tf32,
                 }
             )
         )
