@@ -19,7 +19,10 @@ published command); a stale action is one with action_time < exec_time - period/
 Swap windows run from the parameter call until /diagnostics names the new model, plus one second.
 
     .venv/bin/python bench/control_loop.py [--duration 60 | --quick] [--json] [--steps K]
-        [--rates 50 100] [--sensor-scale 1 4] [--executor ...]
+        [--rates 50 100] [--sensor-scale 1 4] [--executor ...] [--provider cpu|cuda|tensorrt|auto]
+
+`--provider cuda` runs the node's policy on the GPU (a CUDA graph, as the node does by default), so the
+swaps measure a GPU swap: the new model's session creation and capture beside the running one's chunks.
 
 Models are generated once (torch export, about a minute) into --model-dir and reused.
 """
@@ -264,7 +267,7 @@ def wait(pred, timeout: float) -> bool:
     return bool(pred())
 
 
-def start_node(model: Path, rate_hz: float, executor: str, log) -> subprocess.Popen:
+def start_node(model: Path, rate_hz: float, executor: str, log, provider: str = "cpu") -> subprocess.Popen:
     return subprocess.Popen(
         [
             sys.executable,
@@ -276,7 +279,7 @@ def start_node(model: Path, rate_hz: float, executor: str, log) -> subprocess.Po
             "-p",
             f"model_path:={model}",
             "-p",
-            "provider:=cpu",
+            f"provider:={provider}",
             "-p",
             "threads:=1",
             "-p",
@@ -321,7 +324,12 @@ def measure_row(
             return float(hz) > 0.5 * SENSOR_HZ["js"] * scale
 
         if not wait(fed, 20.0):
-            raise RuntimeError(f"the sensor process did not reach {500 * scale:.0f} Hz on joint states")
+            if node.poll() is not None:  # the node's /diagnostics never came: say that, not the sensors
+                raise RuntimeError(f"the node exited ({node.returncode}); see its log in the --model-dir")
+            raise RuntimeError(
+                f"the sensor process did not reach {500 * scale:.0f} Hz on joint states (or the node, which "
+                "reports it on /diagnostics, is not configured: see its log in the --model-dir)"
+            )
         if not wait(lambda: obs.rows and obs.rows[-1][STATE] == RUNNING, 30.0):
             raise RuntimeError("the node is not RUNNING")
         time.sleep(2.0)  # settle
@@ -403,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "diffusion_controller_bench"
     )
+    ap.add_argument(
+        "--provider", default="cpu", choices=["cpu", "cuda", "tensorrt", "auto"],
+        help="the node's provider (default cpu); cuda runs the policy as a CUDA graph, swaps included",
+    )  # fmt: skip
     ap.add_argument("--sensors", type=float, default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--stall-log", type=Path, default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args(argv)
@@ -421,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rate in args.rates:
             with open(args.model_dir / f"control_loop_node_{rate:g}hz.log", "w") as log:
-                node = start_node(models[0], rate, args.executor, log)
+                node = start_node(models[0], rate, args.executor, log, args.provider)
                 try:
                     for scale in args.sensor_scale:
                         reference = not rows
@@ -458,13 +470,14 @@ def main(argv: list[str] | None = None) -> int:
         },
         steps=args.steps,
         executor=args.executor,
+        provider=args.provider,
         duration_s=duration,
         loadavg_start=load0,
         loadavg_end=os.getloadavg()[0],
         cores=os.cpu_count(),
         node_exit_codes=exit_codes,
     )
-    print_report(result, args.steps, args.executor, load0)
+    print_report(result, args.steps, args.executor, load0, args.provider)
     if args.json:
         print(json.dumps(result))
     return 0
@@ -492,10 +505,10 @@ def us_per_message(rows: list[dict], rate: float, scales: list[float]) -> float:
     return 1e6 * cpu / extra if extra > 0 else math.nan
 
 
-def print_report(result: dict, steps: int, executor: str, load0: float) -> None:
+def print_report(result: dict, steps: int, executor: str, load0: float, provider: str = "cpu") -> None:
     print(
-        f"control loop, DiffuseLoco-size policy (6x256, K={steps}) on CPU, executor {executor}, "
-        f"load avg {load0:.2f} -> {result['loadavg_end']:.2f}"
+        f"control loop, DiffuseLoco-size policy (6x256, K={steps}), provider {provider}, "
+        f"executor {executor}, load avg {load0:.2f} -> {result['loadavg_end']:.2f}"
     )
     print(
         f"  {'rate':>6s} {'sensors':>8s} {'input/s':>8s} {'node CPU':>9s} {'jitter p99':>11s} "

@@ -19,7 +19,17 @@ GPU rows (`--provider cuda|tensorrt|all`, default all): the fused graph per K on
 CUDA graphs and on TensorRT fp32 and fp16 (each as Policy.load reports it really runs: a capture ONNX
 Runtime refuses is dropped and said so), timed in the same interleaved runs. Where a provider cannot
 load here, its rows are printed as skipped with the reason (`gpu_skipped` in the JSON); `--provider cpu`
-leaves them out. The CPU rows always run on the CPU.
+leaves them out. The CPU rows always run on the CPU. Beside them, in the same interleaved runs: the
+fused graph converted to fp16 (export --precision fp16) on CUDA with a CUDA graph (`cuda_graph_fp16`),
+and the torch peer (`torch_cuda_graph`, `--no-torch-cuda-graph` leaves it out): the training network with
+the same sampler loop captured in a torch.cuda.CUDAGraph over static buffers, host copies included, i.e.
+what a PyTorch user would deploy; `ort_vs_torch_cuda_graph` is each ORT GPU row's p50 over the peer's
+(< 1: ORT faster). Where torch has no CUDA the peer is skipped with the reason (`gpu_skipped`).
+
+Also printed: the fp16 graph's largest action error against the float32 graph (both on ORT CPU,
+`max_abs_diff_fp16_vs_fp32`), and nodes per denoising step (`nodes_per_step`: the K=2 fused graph minus
+the K=1 one) in the file (non-Constant nodes), in ORT's CPU-optimized graph, and as a session places them
+per provider (cpu; cuda where it loads).
 
 Model rows (`--models`, default: every fused model shipped in models/, then the denoiser at the card's
 K): each exported model times one chunk as the node runs it (Policy.predict on the same observation,
@@ -29,7 +39,7 @@ the DiffuseLoco-size rows.
 
     .venv/bin/python bench/inference.py [--quick] [--json] [--threads N] [--runs N] [--ks 1,2,5,10]
         [--provider cpu|cuda|tensorrt|all] [--engine-cache-dir DIR] [--models A.onnx B.onnx ...]
-        [--models-only]
+        [--models-only] [--no-torch-cuda-graph] [--no-fp16] [--tf32]
 """
 
 from __future__ import annotations
@@ -207,6 +217,120 @@ def torch_chunk(
     return run
 
 
+def torch_cuda_graph_problem() -> str | None:
+    """Why the torch CUDA-graph peer cannot run here, or None."""
+    if not torch.cuda.is_available():
+        built = torch.version.cuda or "no CUDA"
+        return f"torch has no usable CUDA device here (torch {torch.__version__}, built for {built})"
+    return None
+
+
+def torch_cuda_graph_chunk(
+    net: DiffusionTransformer, card: ModelCard, k: int, device: int = 0
+) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], str]:
+    """What a PyTorch user would deploy on a GPU: the training network with the same sampler loop and
+    normalization, captured once in a torch.cuda.CUDAGraph over static device buffers; a call copies the
+    observation and noise in (through pinned host buffers), replays, and copies the actions out. Returns
+    (chunk function, what it runs on). The network is a copy; `net` stays on the CPU."""
+    import copy
+
+    dev = torch.device("cuda", device)
+    gnet = copy.deepcopy(net).to(dev).eval()
+    plan = card.diffusion.plan(k, 0.0)
+    f32 = dict(dtype=torch.float32, device=dev)
+    mean, std = torch.tensor(card.obs_mean, **f32), torch.tensor(card.obs_std, **f32)
+    center = torch.tensor((card.action_max + card.action_min) / 2, **f32)
+    half = torch.tensor((card.action_max - card.action_min) / 2, **f32)
+    tsteps = {c.timestep: torch.tensor([c.timestep], device=dev) for c in plan}
+    obs_host = torch.zeros((1, card.history, card.obs_dim), dtype=torch.float32).pin_memory()
+    noise_host = torch.zeros((1, card.horizon, card.action_dim), dtype=torch.float32).pin_memory()
+    out_host = torch.zeros((card.horizon, card.action_dim), dtype=torch.float32).pin_memory()
+    obs_dev, noise_dev = obs_host.to(dev), noise_host.to(dev)
+
+    def chain() -> torch.Tensor:
+        o = (obs_dev - mean) / std
+        den = lambda x, c: gnet(x, tsteps[c.timestep], o)  # noqa: E731
+        x = ddim_torch.sample_loop(den, noise_dev, plan, card.diffusion)
+        return x[0] * half + center
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():  # not inference_mode: run() writes into the static inputs outside of it
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as torch's docs ask before capture
+            for _ in range(3):
+                chain()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        with torch.cuda.graph(graph):
+            out_dev = chain()
+    torch.cuda.synchronize(dev)
+
+    def run(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        obs_host[0].copy_(torch.from_numpy(np.asarray(obs, dtype=np.float32)))
+        noise_host[0].copy_(torch.from_numpy(noise))
+        obs_dev.copy_(obs_host, non_blocking=True)
+        noise_dev.copy_(noise_host, non_blocking=True)
+        graph.replay()
+        out_host.copy_(out_dev, non_blocking=True)
+        torch.cuda.current_stream(dev).synchronize()
+        return out_host.numpy().astype(np.float64)
+
+    tf32 = "TF32 on" if torch.backends.cuda.matmul.allow_tf32 else "TF32 off"
+    return run, f"torch CUDA graph, {tf32}, GPU {device} ({torch.cuda.get_device_name(dev)})"
+
+
+def count_nodes(path: Path) -> int:
+    """Non-Constant nodes of an ONNX file's main graph (the onnx package's view of the file)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return sum(1 for n in graph.node if n.op_type != "Constant")
+
+
+def placed_nodes(path: Path, provider: str, threads: int) -> dict[str, int] | None:
+    """Nodes per EP after ONNX Runtime's optimizations, as a session on `provider` places them."""
+    import onnxruntime as ort
+
+    from diffusion_controller.core.runtime import _session_options
+
+    entries = [(providers.CUDA, {"use_tf32": "0"}), providers.CPU] if provider == "cuda" else [providers.CPU]
+    sess = ort.InferenceSession(str(path), _session_options(threads, True), providers=entries)
+    return providers.placement(sess)
+
+
+def optimized_nodes(path: Path, threads: int) -> int:
+    """Non-Constant nodes of the graph ONNX Runtime's CPU optimizations make (optimized_model_filepath)."""
+    import onnxruntime as ort
+
+    from diffusion_controller.core.runtime import _session_options
+
+    so = _session_options(threads, False)
+    out = path.with_name(path.stem + "_ort_optimized.onnx")
+    so.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(path), so, providers=[providers.CPU])
+    return count_nodes(out)
+
+
+def nodes_per_step(net: DiffusionTransformer, card: ModelCard, tmp: Path, threads: int,
+                   gpu: bool) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Nodes per denoising step: the K=2 fused graph minus the K=1 one, in the file (non-Constant nodes),
+    in the graph ONNX Runtime's CPU optimizations write out, and as a session places them (per provider:
+    cpu, and cuda where usable; its session options, so what the node gets)."""
+    paths = {k: export_onnx(net, card, tmp / f"count{k}.onnx", graph="fused", steps=k, verify=False)
+             for k in (1, 2)}  # fmt: skip
+    out = {"file": {f"k{k}": float(count_nodes(p)) for k, p in paths.items()}}
+    out["ort_cpu_optimized_file"] = {f"k{k}": float(optimized_nodes(p, threads)) for k, p in paths.items()}
+    for prov in ("cpu", "cuda") if gpu else ("cpu",):
+        placed = {k: placed_nodes(p, prov, threads) for k, p in paths.items()}
+        if all(v is not None for v in placed.values()):
+            out[f"ort_{prov}"] = {f"k{k}": float(sum(v.values())) for k, v in placed.items()}
+            if prov != "cpu":
+                out[f"ort_{prov}"] |= {f"k{k}_on_{prov}": float(v.get(prov, 0)) for k, v in placed.items()}
+    for v in out.values():
+        v["per_step"] = v["k2"] - v["k1"]
+    return out
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -237,7 +361,7 @@ def model_rows(paths: list[Path], threads: int, runs: int) -> list[dict]:
         rows.append({
             "model": name, "graph": c.graph.kind, "sampler": c.sampler_kind, "steps": pol.steps,
             "spacing": c.diffusion.timestep_spacing, "weights": c.network.get("weights", "fp32"),
-            "ms_p50": p50, "ms_p99": p99, "vs_first": p50 / base,
+            "ms_p50": p50, "ms_p99": p99, "vs_first": p50 / base, "runs_on": pol.describe(),
         })  # fmt: skip
     return rows
 
@@ -279,6 +403,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine-cache-dir", default="", help="TensorRT engines (default: the node's default)")
     ap.add_argument("--models", type=Path, nargs="+", default=None, help="exported models to time")
     ap.add_argument("--models-only", action="store_true", help="only the model rows")
+    ap.add_argument(
+        "--torch-cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+        help="time the torch peer on the GPU: the training network with the same sampler loop captured in "
+        "a torch CUDA graph (default: on; skipped with the reason where torch has no CUDA)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--fp16", action=argparse.BooleanOptionalAction, default=True,
+        help="the fused graph converted to fp16 (export --precision fp16): its largest action error against "
+        "float32 on the CPU, and a cuda CUDA-graph row where cuda loads (default: on)",
+    )  # fmt: skip
+    ap.add_argument("--tf32", action="store_true", help="ORT cuda rows with TF32 matmuls (node param tf32)")
     a = ap.parse_args(argv)
     runs = a.runs or (15 if a.quick else 500)
     models = model_rows(a.models or shipped_models(), a.threads, max(runs, 50))
@@ -303,8 +438,17 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     quiet = lambda _m: None  # noqa: E731
     gpu_run, gpu_skipped = gpu_configs(a.provider)
+    if a.fp16 and "cuda_graph" in gpu_run:
+        gpu_run["cuda_graph_fp16"] = ("cuda", "fp32", True)  # the fp16 graph (precision is TensorRT's flag)
+    elif a.fp16 and "cuda_graph" in gpu_skipped:
+        gpu_skipped["cuda_graph_fp16"] = gpu_skipped["cuda_graph"]
+    torch_graph_why = torch_cuda_graph_problem() if a.provider in ("all", "cuda") else None
+    if a.provider in ("all", "cuda") and a.torch_cuda_graph and torch_graph_why is not None:
+        gpu_skipped["torch_cuda_graph"] = torch_graph_why
+    use_torch_graph = a.provider in ("all", "cuda") and a.torch_cuda_graph and torch_graph_why is None
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
+        nodes = nodes_per_step(net, card, Path(tmp), a.threads, gpu="cuda" in gpu_run)
         den_path = export_onnx(net, card, Path(tmp) / "denoiser.onnx", graph="denoiser", verify=False)
         for k in ks:
             fused_path = export_onnx(
@@ -330,17 +474,40 @@ def main(argv: list[str] | None = None) -> int:
                     int8_skipped = f"{type(e).__name__}: {e}"
                 else:
                     fns["int8"] = lambda p=int8: p.predict(obs, noise=noise)
+            fp16_path, fp16_err, fp16_why = None, None, None
+            if a.fp16:
+                try:
+                    fp16_path = export_onnx(
+                        net, card, Path(tmp) / f"fused{k}_fp16.onnx", graph="fused", steps=k, precision="fp16"
+                    )
+                    fp16_cpu = Policy.load(fp16_path, provider="cpu", threads=a.threads, log=quiet)
+                    a16, a32 = fp16_cpu.predict(obs, noise=noise), fused.predict(obs, noise=noise)
+                    fp16_err = float(np.abs(a16 - a32).max())
+                    del fp16_cpu  # timed on the GPU only: fp16 kernels on the CPU are slow, not the point
+                except Exception as e:  # an optional figure: say why, keep benchmarking the rest
+                    fp16_path, fp16_why = None, f"{type(e).__name__}: {e}"
             gpu: dict[str, Policy] = {}
             for name, (prov, prec, graph) in gpu_run.items():
+                path = fp16_path if name.endswith("_fp16") and prov == "cuda" else fused_path
+                if path is None:
+                    continue
                 try:
                     gpu[name] = Policy.load(
-                        fused_path, provider=prov, precision=prec, cuda_graph=graph, threads=a.threads,
-                        engine_cache_dir=a.engine_cache_dir, log=quiet,
+                        path, provider=prov, precision=prec, cuda_graph=graph, threads=a.threads,
+                        engine_cache_dir=a.engine_cache_dir, log=quiet, tf32=a.tf32,
                     )  # fmt: skip
                 except ModelError as e:  # a provider present but failing: say so, time the rest
                     gpu_skipped[f"{name} K={k}"] = str(e)
                 else:
                     fns[name] = lambda p=gpu[name]: p.predict(obs, noise=noise)
+            torch_graph_on = None
+            if use_torch_graph:
+                try:
+                    peer, torch_graph_on = torch_cuda_graph_chunk(net, card, k)
+                except Exception as e:  # say why, time the rest
+                    gpu_skipped[f"torch_cuda_graph K={k}"] = f"{type(e).__name__}: {e}"
+                else:
+                    fns["torch_cuda_graph"] = lambda peer=peer: peer(obs, noise)
             ref = eager(obs, noise)
             diffs = {name: float(np.abs(fn() - ref).max()) for name, fn in fns.items() if name != "torch"}
             ts = timed_interleaved(fns, runs)
@@ -383,6 +550,21 @@ def main(argv: list[str] | None = None) -> int:
                     "precision": pol.precision, "cuda_graph": pol.cuda_graph, "runs_on": pol.describe(),
                     "max_abs_diff": diffs[name],
                 }  # fmt: skip
+            if fp16_err is not None:
+                r["max_abs_diff_fp16_vs_fp32"] = fp16_err  # fp16 graph vs float32 graph, both ORT CPU
+            if fp16_why is not None:
+                r["fp16_skipped"] = fp16_why
+            if torch_graph_on is not None:
+                gp50, gp99 = p50_p99(ts["torch_cuda_graph"])
+                r["gpu"]["torch_cuda_graph"] = {
+                    "ms_p50": gp50, "ms_p99": gp99, "speedup_vs_torch": tp50 / gp50, "provider": "torch",
+                    "precision": "fp32", "cuda_graph": True, "runs_on": torch_graph_on,
+                    "max_abs_diff": diffs["torch_cuda_graph"],
+                }  # fmt: skip
+                # ORT's GPU rows over the torch peer (p50; < 1: ORT faster)
+                r["ort_vs_torch_cuda_graph"] = {
+                    n: g["ms_p50"] / gp50 for n, g in r["gpu"].items() if n != "torch_cuda_graph"
+                }
             r["best_path"] = min(paths, key=paths.__getitem__)
             r["speedup_best_vs_torch"] = tp50 / paths[r["best_path"]]  # int8 included (numerics differ)
             results.append(r)
@@ -455,8 +637,23 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['k']:>3} {name:>14} {g['ms_p50']:>7.3f}ms {g['ms_p99']:>7.3f}ms "
                     f"{g['speedup_vs_torch']:>8.1f}x {g['max_abs_diff']:>9.1e}  {g['runs_on']}"
                 )
+    for r in results:
+        if "ort_vs_torch_cuda_graph" in r:
+            ratios = ", ".join(f"{n} {v:.2f}" for n, v in r["ort_vs_torch_cuda_graph"].items())
+            print(f"K={r['k']}: ORT / torch CUDA graph (p50): {ratios}")
+    if any("max_abs_diff_fp16_vs_fp32" in r for r in results):
+        errs = ", ".join(f"K={r['k']} {r['max_abs_diff_fp16_vs_fp32']:.1e}" for r in results
+                         if "max_abs_diff_fp16_vs_fp32" in r)  # fmt: skip
+        print(f"fp16 graph, largest action error against float32 (ORT CPU, rad): {errs}")
+    placed = " ".join(
+        f"{src} {v['per_step']:.0f} (K=1 {v['k1']:.0f}, K=2 {v['k2']:.0f});" for src, v in nodes.items()
+    )
+    print(f"nodes per denoising step (fused graph, K=2 minus K=1): {placed}")
     for name, why in gpu_skipped.items():
         print(f"GPU row {name} skipped: {why}")
+    for r in results:
+        if "fp16_skipped" in r:
+            print(f"K={r['k']}: fp16 graph skipped: {r['fp16_skipped']}")
     if a.json:
         print(
             json.dumps(
@@ -477,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
                     "int8_form": a.int8_form,
                     "provider": a.provider,
                     "gpu_skipped": gpu_skipped,
+                    "nodes_per_step": nodes,
+                    "tf32": a.tf32,
                 }
             )
         )

@@ -34,15 +34,21 @@ class Sub:
 class GpuStandIn:
     """A real CPU session that reports what a GPU session would, and can fail its runs."""
 
-    active = 0  # runs in progress, over all stand-ins (the swap-exclusion test reads the maximum)
+    active = 0  # runs in progress, over all stand-ins (the swap tests read the maximum)
     max_active = 0
+    capturing = 0  # capture runs in progress
+    capture_overlaps = 0  # runs that met a capture in progress (ORT: the capture and that call fail)
     count_lock = threading.Lock()
+    #: The run that captures in a session with capture on (ORT 1.31: 2 regular runs, then the capture).
+    CAPTURE_RUN = 3
 
     released_on: ClassVar[list[tuple[str, bool]]] = []  # (thread, GPU_LOCK held) where each was freed
 
-    def __init__(self, sess, registered, nodes, fail_runs: bool = False, run_sleep: float = 0.0):
+    def __init__(self, sess, registered, nodes, fail_runs: bool = False, run_sleep: float = 0.0,
+                 graph: bool = False, run_hook=None):  # fmt: skip
         self._sess, self._registered, self._nodes = sess, registered, nodes
         self.fail_runs, self.run_sleep, self.runs = fail_runs, run_sleep, 0
+        self.graph, self.run_hook = graph, run_hook  # run_hook(session, run number) inside each run
         self.threads: set[str] = set()  # names of the threads that ran it
 
     def __del__(self):
@@ -59,16 +65,23 @@ class GpuStandIn:
         if self.fail_runs:
             raise Fail("CUDA failure 901: operation not permitted when stream is capturing")
         cls = GpuStandIn
+        capture = self.graph and self.runs + 1 == cls.CAPTURE_RUN
         with cls.count_lock:
+            if cls.capturing or (capture and cls.active):
+                cls.capture_overlaps += 1
             cls.active += 1
+            cls.capturing += capture
             cls.max_active = max(cls.max_active, cls.active)
         try:
+            if self.run_hook is not None:
+                self.run_hook(self, self.runs + 1)
             time.sleep(self.run_sleep)
             self.runs += 1
             self._sess.run_with_iobinding(io, run_options)
         finally:
             with cls.count_lock:
                 cls.active -= 1
+                cls.capturing -= capture
 
     def __getattr__(self, name):
         return getattr(self._sess, name)
@@ -78,9 +91,12 @@ class Factory:
     """Plays ORT: `refuse` maps (provider, capture) to the message ORT's Fail carries; `runs_on` maps a
     provider to where the session really puts the nodes (default: on it)."""
 
-    def __init__(self, refuse=None, runs_on=None, fail_capture_runs=False, run_sleep=0.0):
+    def __init__(self, refuse=None, runs_on=None, fail_capture_runs=False, run_sleep=0.0, create_hook=None,
+                 run_hook=None):  # fmt: skip
+        """create_hook(path) runs inside each GPU session's creation; run_hook: see GpuStandIn."""
         self.refuse, self.runs_on = refuse or {}, runs_on or {}
         self.fail_capture_runs, self.run_sleep = fail_capture_runs, run_sleep
+        self.create_hook, self.run_hook = create_hook, run_hook
         self.calls: list[tuple[str, bool, list]] = []
         self.sessions: list = []
 
@@ -99,11 +115,14 @@ class Factory:
         if short == "cpu":
             self.sessions.append(sess)
             return sess
+        if self.create_hook is not None:
+            self.create_hook(path)
         where = pv.PROVIDERS[self.runs_on.get(short, short)]
         registered = [e[0] if isinstance(e, tuple) else e for e in entries]
         s = GpuStandIn(
-            sess, registered, [(where, 40), (CPU, 2)], graph and self.fail_capture_runs, self.run_sleep
-        )
+            sess, registered, [(where, 40), (CPU, 2)], graph and self.fail_capture_runs, self.run_sleep,
+            graph, self.run_hook,
+        )  # fmt: skip
         self.sessions.append(s)
         return s
 

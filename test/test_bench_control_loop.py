@@ -60,3 +60,15 @@ def test_missed_ticks_inside_a_machine_stall_are_counted_apart_from_the_others()
     assert cl.missed_in(t, 0.02, []) == 0
     assert cl.missed_in(t, 0.02, [(0.0, 1.0)]) == 4
     assert cl.missed_in(t, 0.02, [(0.25, 0.30)]) == 0  # a stall while ticks kept coming excuses nothing
+
+
+def test_the_node_is_started_as_a_module_on_the_chosen_provider(monkeypatch):
+    """--provider reaches the node (default cpu); the node starts with `python -m`, no console script, so
+    scripts/gpu_check runs it from a plain PYTHONPATH checkout."""
+    started = []
+    monkeypatch.setattr(cl.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
+    cl.start_node(Path("m.onnx"), 100.0, "auto", None)
+    cl.start_node(Path("m.onnx"), 100.0, "auto", None, "cuda")
+    provs = [next(a for a in c if a.startswith("provider:=")) for c in started]
+    assert provs == ["provider:=cpu", "provider:=cuda"]
+    assert started[0][:3] == [sys.executable, "-m", "diffusion_controller.ros.controller_node"]

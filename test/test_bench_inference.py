@@ -42,9 +42,50 @@ def test_quick_inference_bench_prints_every_figure():
     assert row["best_path"] in ("step", "fused", "int8")
     assert row["max_abs_diff_fused"] <= 1e-3  # same numerics as torch
     assert 0 < row["max_abs_diff_int8"] < 1.0  # rounded by int8, not broken
+    assert 0 < row["max_abs_diff_fp16_vs_fp32"] < 0.05  # the fp16 graph: rounded, not broken
+    assert "fp16 graph, largest action error against float32" in out.stdout
+    nodes = report["nodes_per_step"]
+    for src in ("file", "ort_cpu_optimized_file", "ort_cpu"):
+        assert nodes[src]["per_step"] == nodes[src]["k2"] - nodes[src]["k1"] > 0, (src, nodes[src])
+    assert "nodes per denoising step (fused graph, K=2 minus K=1): file " in out.stdout
     if providers.gpu_provider_problem(providers.CUDA) is not None:  # no GPU: the GPU rows say so
-        assert set(report["gpu_skipped"]) == set(load_bench().GPU_CONFIGS) and row["gpu"] == {}
+        ort_rows = set(load_bench().GPU_CONFIGS) | {"cuda_graph_fp16"}
+        assert ort_rows <= set(report["gpu_skipped"]) and row["gpu"] == {}
         assert "GPU row cuda_graph skipped: no cuda here:" in out.stdout
+    else:  # a GPU: the node's CUDA-graph path against the torch peer, nodes as placed on cuda
+        assert {"cuda_graph", "cuda_graph_fp16"} <= set(row["gpu"]) and "ort_cuda" in nodes
+        assert row["gpu"]["cuda_graph"]["max_abs_diff"] <= 1e-3
+    if load_bench().torch_cuda_graph_problem() is not None:
+        assert "torch has no usable CUDA device" in report["gpu_skipped"]["torch_cuda_graph"]
+        assert "GPU row torch_cuda_graph skipped: torch has no usable CUDA device" in out.stdout
+    else:
+        peer = row["gpu"]["torch_cuda_graph"]
+        assert peer["max_abs_diff"] <= 1e-3 and peer["ms_p50"] > 0
+        assert set(row["ort_vs_torch_cuda_graph"]) == set(row["gpu"]) - {"torch_cuda_graph"}
+
+
+def test_the_torch_cuda_graph_peer_matches_eager_torch():
+    """The peer replays the same chain as the eager torch row (skipped where torch has no CUDA)."""
+    import numpy as np
+    import torch
+
+    bench = load_bench()
+    why = bench.torch_cuda_graph_problem()
+    if why is not None:
+        assert "torch has no usable CUDA device here" in why
+        pytest.skip(why)
+    card = bench.diffuseloco_card()
+    torch.manual_seed(0)
+    net = bench.DiffusionTransformer(NetworkConfig(layers=1, heads=2, width=32)).eval()
+    rng = np.random.default_rng(0)
+    obs = rng.standard_normal((card.history, card.obs_dim))
+    for k in (1, 3):
+        peer, runs_on = bench.torch_cuda_graph_chunk(net, card, k)
+        eager = bench.torch_chunk(net, card, k)
+        for _ in range(2):  # replayed twice with new inputs: the static buffers take them
+            noise = rng.standard_normal((card.horizon, card.action_dim)).astype(np.float32)
+            np.testing.assert_allclose(peer(obs, noise), eager(obs, noise), atol=1e-4)
+        assert runs_on.startswith("torch CUDA graph, TF32 ")
 
 
 def test_gpu_rows_are_chosen_by_provider_and_skipped_with_the_reason(monkeypatch):

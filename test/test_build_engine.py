@@ -14,7 +14,7 @@ from diffusion_controller.training.tiny import make_tiny_model
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("engine_model"), graph="fused", steps=2)
+    return make_tiny_model(tmp_path_factory.mktemp("engine_model"), graph="fused", steps=2, ops="standard")
 
 
 def test_without_tensorrt_it_says_why_and_exits_0(model, tmp_path):

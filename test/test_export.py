@@ -115,7 +115,7 @@ def test_both_graph_forms_follow_the_timestep_spacing(tmp_path, graph):
         loaded = ModelCard.from_onnx(path)
         assert loaded.diffusion.timestep_spacing == spacing
         assert ModelCard.from_yaml(sidecar_path(path)).to_dict() == loaded.to_dict()
-        got[spacing] = Policy.load(path, log=lambda _m: None).predict(obs, noise=noise)
+        got[spacing] = Policy.load(path, provider="cpu", log=lambda _m: None).predict(obs, noise=noise)
         want, timesteps = diffusers_actions(net, card, spacing, obs, noise, 2)
         assert timesteps == {"leading": [50, 0], "trailing": [99, 49]}[spacing]
         assert np.max(np.abs(got[spacing] - want)) <= 1e-4, spacing
@@ -154,7 +154,7 @@ def test_int8_denoiser_graph_runs_with_k_chosen_at_run_time(tmp_path):
     f32 = export_onnx(net, card, tmp_path / "d.onnx", graph="denoiser")
     i8 = export_onnx(net, card, tmp_path / "dq.onnx", graph="denoiser", weights="int8")
     assert ModelCard.from_onnx(i8).network["weights"] == "int8"
-    a, b = (Policy.load(p, steps=4, log=lambda _m: None) for p in (f32, i8))
+    a, b = (Policy.load(p, provider="cpu", steps=4, log=lambda _m: None) for p in (f32, i8))
     obs = np.broadcast_to(card.obs_mean, (card.history, card.obs_dim))
     diff = np.abs(a.predict(obs, seed=1) - b.predict(obs, seed=1)).max()
     assert 0 < diff <= 0.05 * np.max(card.action_max - card.action_min)
@@ -166,7 +166,7 @@ def test_every_int8_form_exports_and_names_itself(tmp_path, form, monkeypatch):
     card = tiny_card(steps=2, horizon=6, history=3)
     net = tiny_network(card, layers=2, heads=2, width=64, seed=3)
     path = export_onnx(net, card, tmp_path / "q.onnx", graph="fused", weights="int8", int8_form=form)
-    policy = Policy.load(path, log=lambda _m: None)
+    policy = Policy.load(path, provider="cpu", log=lambda _m: None)
     assert policy.card.network["int8_form"] == form
     assert 0 < policy.card.network["int8_max_abs_diff"] <= 0.1 * np.max(card.action_max - card.action_min)
     with pytest.raises(ValueError, match="int8_form"):
@@ -210,8 +210,8 @@ def test_loader_refuses_signed_int8_weights_on_a_cpu_without_vnni(tmp_path, monk
     f32 = export_onnx(tiny_network(card, width=64), card, tmp_path / "f.onnx")
     loaded = ModelCard.from_onnx(path)
     monkeypatch.setattr(runtime, "u8s8_problem", lambda: "this x86 CPU has no VNNI (test)")
-    Policy.load(path, log=lambda _m: None)  # u8u8: fine anywhere
-    Policy.load(f32, log=lambda _m: None)
+    Policy.load(path, provider="cpu", log=lambda _m: None)  # u8u8: fine anywhere
+    Policy.load(f32, provider="cpu", log=lambda _m: None)
     for network, named in (
         (dict(loaded.network) | {"int8_form": "u8s8"}, "int8_form u8s8, and"),
         ({k: v for k, v in loaded.network.items() if k != "int8_form"}, "before the card named"),
@@ -220,10 +220,10 @@ def test_loader_refuses_signed_int8_weights_on_a_cpu_without_vnni(tmp_path, monk
         old.to_onnx(path)
         old.to_yaml(sidecar_path(path))
         with pytest.raises(ModelError, match="saturate on x86 CPUs without VNNI") as info:
-            Policy.load(path, log=lambda _m: None)
+            Policy.load(path, provider="cpu", log=lambda _m: None)
         assert named in str(info.value) and "no VNNI (test)" in str(info.value)
         monkeypatch.setattr(runtime, "u8s8_problem", lambda: None)
-        Policy.load(path, log=lambda _m: None)  # with VNNI it loads
+        Policy.load(path, provider="cpu", log=lambda _m: None)  # with VNNI it loads
         monkeypatch.setattr(runtime, "u8s8_problem", lambda: "this x86 CPU has no VNNI (test)")
 
 

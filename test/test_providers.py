@@ -26,8 +26,8 @@ from diffusion_controller.training.tiny import make_tiny_model
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("gpu_models")
-    return {
-        "fused": make_tiny_model(d, graph="fused", steps=2),
+    return {  # ops standard: what TensorRT runs (an ort_fused graph is refused by it, test_fused_graph)
+        "fused": make_tiny_model(d, graph="fused", steps=2, ops="standard"),
         "denoiser": make_tiny_model(d, graph="denoiser", steps=2),
     }
 
@@ -52,6 +52,17 @@ def test_auto_tries_tensorrt_then_cuda_then_cpu_each_with_and_without_capture():
     for c in cands[:4]:
         assert all(o["device_id"] == "1" for o in opts(c).values())
     assert cands[-1].entries == (CPU,)
+
+
+def test_device_0_is_not_named_and_tf32_is_off_unless_asked():
+    """ORT 1.26+ looks for a plugin EP device whenever `device_id` is given and warns on every session
+    when there is none (see providers._device_option); device 0 is ORT's default, so it is left out.
+    TF32 is the CUDA EP's default: off here, so the GPU computes float32 as the CPU does."""
+    for c in pv.plan("auto", problems=BOTH)[0][:4]:
+        assert all("device_id" not in o for o in opts(c).values())
+        assert opts(c)[CUDA]["use_tf32"] == "0"
+    for c in pv.plan("cuda", device_id=2, tf32=True, problems=BOTH)[0]:
+        assert opts(c)[CUDA]["use_tf32"] == "1" and opts(c)[CUDA]["device_id"] == "2"
 
 
 def test_capture_is_requested_from_one_gpu_ep_only():
@@ -135,7 +146,7 @@ def test_what_runs_comes_from_node_placement_not_registration():
     assert pv.placement(unrecorded) is None and pv.runs_on([CUDA, CPU], None) == "cuda"
 
 
-def test_engine_cache_path_is_keyed_by_model_content_gpu_and_ort(tmp_path):
+def test_engine_cache_path_is_keyed_by_model_content_gpu_and_ort(tmp_path, monkeypatch):
     a, b = tmp_path / "m.onnx", tmp_path / "other" / "m.onnx"
     b.parent.mkdir()
     a.write_bytes(b"model one")
@@ -146,7 +157,14 @@ def test_engine_cache_path_is_keyed_by_model_content_gpu_and_ort(tmp_path):
     assert pv.engine_cache_path(tmp_path / "cache", b, 0, "NVIDIA H200") != pa  # new weights, new engine
     assert pv.engine_cache_path(tmp_path / "cache", a, 0, "NVIDIA H200") == pa  # built once, reused
     assert pv.engine_cache_path(tmp_path / "cache", a, 1).name.startswith("device1-")
-    assert pv.gpu_name(0) is None  # no driver here
+    name = pv.gpu_name(0)  # the driver's name where there is a GPU ("NVIDIA H200"), else None
+    assert name is None or (isinstance(name, str) and name.strip() == name and name)
+
+    def no_driver(*_a, **_kw):
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(pv.ctypes, "CDLL", no_driver)
+    assert pv.gpu_name(0) is None  # no driver: no name, and the key falls back to the device number
 
 
 # -- the load loop with stand-in sessions -------------------------------------------------------------------
@@ -170,7 +188,16 @@ def test_tensorrt_failure_falls_back_to_cuda_with_one_log_line(gpu, models, tmp_
     assert [(c[0], c[1]) for c in f.calls] == [("tensorrt", True), ("cuda", True)]  # no 2nd TRT build
     assert (p.provider, p.cuda_graph, p.precision, p.device_id) == ("cuda", True, "fp32", 0)
     assert any("tensorrt (fp32, CUDA graph) did not start" in line and "EP_FAIL" in line for line in lines)
-    assert "cuda, CUDA graph, GPU 0" in lines[-1] and "40 nodes on cuda" in lines[-1]
+    assert "cuda, CUDA graph, TF32 off, GPU 0" in lines[-1] and "40 nodes on cuda" in lines[-1]
+
+
+def test_tf32_is_chosen_at_load_and_said_in_the_log_line(gpu, models):
+    f = Factory()
+    lines: list[str] = []
+    p = load(models["fused"], f, lines, provider="cuda", tf32=True)
+    assert f.calls[0][2][0][1]["use_tf32"] == "1" and p.tf32
+    assert "cuda, CUDA graph, TF32 on, GPU 0" in lines[-1]
+    assert not load(models["fused"], Factory(), provider="cpu", tf32=True).tf32  # the CPU has no TF32
 
 
 def test_capture_refused_retries_the_same_provider_without_it(gpu, models, tmp_path):
@@ -245,7 +272,7 @@ def test_gpu_path_uploads_only_changed_inputs_and_matches_the_cpu(gpu, models):
 
 
 def test_gpu_runs_wait_for_the_gpu_lock_and_cpu_runs_do_not(gpu, models):
-    """Finding 4: a swap's new session captures in its first runs; no other GPU run may overlap."""
+    """Finding 4: `with GPU_LOCK` (its exclusive side, what a capture holds) holds GPU runs, not CPU ones."""
     g = load(models["fused"], Factory(), provider="cuda")
     c = Policy.load(models["fused"], provider="cpu", log=lambda _m: None)
     obs = np.broadcast_to(g.card.obs_mean, (g.card.history, g.card.obs_dim))
@@ -266,8 +293,11 @@ def test_gpu_runs_wait_for_the_gpu_lock_and_cpu_runs_do_not(gpu, models):
     assert done == {"cpu": True, "gpu": True}
 
 
-def test_a_swap_never_runs_two_gpu_sessions_at_once(gpu, models):
-    GpuStandIn.active = GpuStandIn.max_active = 0
+def test_a_capture_never_overlaps_another_gpu_run_but_other_runs_may(gpu, models):
+    """A swap's new session captures in its first runs (ORT's global capture mode: any other thread's CUDA
+    call breaks it), so those runs are exclusive; the running policy's replays and the new session's
+    other runs share the GPU (before, every run was exclusive and the running policy waited on the swap)."""
+    GpuStandIn.active = GpuStandIn.max_active = GpuStandIn.capture_overlaps = GpuStandIn.capturing = 0
     f = Factory(run_sleep=0.002)
     running = load(models["fused"], f, provider="cuda", warmup=0)
     obs = np.broadcast_to(running.card.obs_mean, (running.card.history, running.card.obs_dim))
@@ -286,13 +316,87 @@ def test_a_swap_never_runs_two_gpu_sessions_at_once(gpu, models):
     try:
         for _ in range(3):  # the swap thread's loads: capture probe + warm-up on a second session
             new = load(models["denoiser"], f, provider="cuda", warmup=0)
-            new.warm_up(2)
+            new.warm_up(4)
     finally:
         stop.set()
         t.join(10)
     assert not errors
     assert f.sessions[0].runs > 3 and all(s.runs > 0 for s in f.sessions)
-    assert GpuStandIn.max_active == 1
+    assert GpuStandIn.capture_overlaps == 0
+    assert GpuStandIn.max_active == 2  # replays overlapped the new sessions' ordinary runs
+
+
+@pytest.mark.parametrize("capture_run", [2, 3])
+def test_predict_is_not_blocked_while_another_policy_loads(gpu, models, monkeypatch, capture_run):
+    """Policy A predicts while policy B is inside its session creation, and again while B is inside its
+    first (regular, slow: cuDNN start, arena growth) run; only B's capture runs exclude A. Events, no
+    timing: B is held at each point until A's predict has returned. ORT 1.31 captures in run 3, older
+    releases in run 2; both are covered by providers.CAPTURE_RUNS."""
+    monkeypatch.setattr(GpuStandIn, "CAPTURE_RUN", capture_run)
+    GpuStandIn.capture_overlaps = GpuStandIn.capturing = GpuStandIn.active = 0
+    a = load(models["fused"], Factory(), provider="cuda")
+    obs = np.broadcast_to(a.card.obs_mean, (a.card.history, a.card.obs_dim))
+    in_create, in_first_run, go_on = threading.Event(), threading.Event(), threading.Event()
+    held_at: list[str] = []
+
+    def create_hook(_path):
+        held_at.append("creation")
+        in_create.set()
+        assert go_on.wait(10)
+        go_on.clear()
+
+    def run_hook(_sess, n):
+        if n == 1:
+            held_at.append("first run")
+            in_first_run.set()
+            assert go_on.wait(10)
+
+    fb = Factory(create_hook=create_hook, run_hook=run_hook)
+    loaded: list[Policy] = []
+    loader = threading.Thread(target=lambda: loaded.append(load(models["fused"], fb, provider="cuda")))
+    loader.start()
+    try:
+        assert in_create.wait(10)
+        a.predict(obs, seed=0)  # returns while B is still creating its session
+        go_on.set()
+        assert in_first_run.wait(10)
+        a.predict(obs, seed=1)  # returns while B is inside its first run
+        assert not loaded
+    finally:
+        go_on.set()
+        loader.join(10)
+    assert held_at == ["creation", "first run"]
+    (b,) = loaded
+    assert b.cuda_graph and fb.sessions[0].runs >= 3
+    assert GpuStandIn.capture_overlaps == 0
+
+
+def test_a_predict_waits_for_a_capture_in_progress(gpu, models):
+    """The other side: while B's capture run is in progress, A's predict waits until it ends."""
+    GpuStandIn.capture_overlaps = GpuStandIn.capturing = GpuStandIn.active = 0
+    a = load(models["fused"], Factory(), provider="cuda")
+    obs = np.broadcast_to(a.card.obs_mean, (a.card.history, a.card.obs_dim))
+    in_capture, go_on = threading.Event(), threading.Event()
+
+    def run_hook(_sess, n):
+        if n == GpuStandIn.CAPTURE_RUN:
+            in_capture.set()
+            assert go_on.wait(10)
+
+    fb = Factory(run_hook=run_hook)
+    loader = threading.Thread(target=lambda: load(models["fused"], fb, provider="cuda"))
+    loader.start()
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (a.predict(obs, seed=0), done.set()))
+    try:
+        assert in_capture.wait(10)
+        waiter.start()
+        assert not done.wait(0.2)  # still waiting (a missed wake-up would make this pass: see below)
+    finally:
+        go_on.set()
+        loader.join(10)
+        waiter.join(10)
+    assert done.is_set() and GpuStandIn.capture_overlaps == 0
 
 
 def test_every_run_of_a_gpu_session_is_on_its_own_thread(gpu, models):

@@ -23,6 +23,8 @@ from diffusion_controller.core.ddim import BETA_SCHEDULES, PREDICTION_TYPES, TIM
 
 FORMAT = "diffusion_controller/model_card@1"
 METADATA_KEY = "model_card"
+#: network.precision: the graph's weights and compute (inputs and outputs are float32 either way).
+NETWORK_PRECISIONS = ("fp32", "fp16")
 #: libyaml's safe loader where PyYAML has it (4x faster: the card is parsed on a running node's swaps).
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -498,6 +500,7 @@ class _Parser:
         s_kind, steps, eta, inpainting = self.sampler(d, diffusion)
         graph = self.graph(d, require_graph)
         network = self.free(d, "network")
+        self.network_precision(network)
         training = self.free(d, "training")
         if self.errors:
             raise CardError(self.errors, self.source)
@@ -541,6 +544,15 @@ class _Parser:
             self.err(key, f"expected a mapping, got {type(v).__name__}")
             return {}
         return v
+
+    def network_precision(self, network: dict) -> None:
+        """network.precision: fp32 (absent: the same) or fp16 (an fp16 graph, training/fp16.py)."""
+        v = network.get("precision", "fp32")
+        if v not in NETWORK_PRECISIONS:
+            self.err("network.precision", f"expected one of {list(NETWORK_PRECISIONS)}, got {v!r}")
+        elif v == "fp16" and network.get("weights", "fp32") != "fp32":
+            why = f"fp16 with weights {network.get('weights')!r}: expected fp32 weights"
+            self.err("network.precision", why)
 
     def action(self, d: dict):
         p = "action"

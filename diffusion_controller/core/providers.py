@@ -27,7 +27,8 @@ import hashlib
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,79 @@ _PROVIDER_LIBS = {TRT: "libonnxruntime_providers_tensorrt.so", CUDA: "libonnxrun
 #: Session config key that makes ORT keep each node's EP (get_provider_graph_assignment_info).
 RECORD_PLACEMENT = "session.record_ep_graph_assignment_info"
 
-#: Held by every run of a GPU session, process-wide. ORT captures CUDA graphs in the global stream-capture
-#: mode, where any other thread's CUDA call (a copy, a run of the policy that is still controlling the
-#: robot) breaks the capture; a swap's new session captures during its first runs, so no two GPU runs may
-#: overlap. CPU sessions never take it. Session creation does not take it (a TensorRT engine build would
-#: hold the running policy for minutes): it captures nothing, and the card's static shapes let TensorRT
-#: build at creation, not in a run.
-GPU_LOCK = threading.Lock()
+class GpuGate:
+    """Which GPU work may overlap: a shared side for ordinary runs, an exclusive side for captures.
+
+    ORT captures a CUDA graph in the global stream-capture mode (cudaStreamCaptureModeGlobal), where any
+    other thread's potentially unsafe CUDA call (a synchronous copy, an allocation) breaks the capture and
+    fails that call. So a session's capture runs take the exclusive side, and so does freeing a session
+    (cudaFree during a capture). Everything else takes the shared side and may overlap: the running
+    policy's replays, a new session's first (regular) run, where cuDNN/cuBLAS start and the arena grows
+    (the slow part of a load), and runs without capture. Before, one lock held every run, so the running
+    policy's chunks waited behind a swap's whole warm-up. A waiting exclusive request stops new shared
+    entries (writer preference), so a capture is not starved by a 100 Hz loop. Session creation takes
+    neither (a TensorRT engine build would hold the running policy for minutes; it captures nothing).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0  # exclusive requests waiting
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    def acquire(self) -> None:
+        """Take the exclusive side (waits for every shared holder to leave)."""
+        with self._cond:
+            self._waiting += 1
+            try:
+                self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+
+    def release(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def __enter__(self) -> None:  # `with GPU_LOCK:` is the exclusive side
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def locked(self) -> bool:
+        """Whether the exclusive side is held."""
+        with self._cond:
+            return self._exclusive
+
+
+#: The process-wide gate of every GPU session (see GpuGate).
+GPU_LOCK = GpuGate()
+#: A CUDA-graph session's runs that may capture: ORT's CUDA and TensorRT EPs run
+#: min_num_runs_before_cuda_graph_capture_ regular runs first (1 in older releases, 2 in 1.2x/1.3x) and
+#: capture in the next one, so runs 2 and 3 (1-based) take the exclusive side; run 1 never captures.
+CAPTURE_RUNS = range(2, 4)
 
 
 def gpu_provider_problem(provider: str) -> str | None:
@@ -139,14 +206,34 @@ class Candidate:
         return self.provider + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _device_option(device_id: int) -> dict[str, str]:
+    """The device_id provider option, left out for device 0 (ORT's default device).
+
+    Since 1.26, ORT's Python binding (onnxruntime_pybind_state.cc, CreateExecutionProviderFactoryInstance)
+    first looks for a *plugin* EP device registered for the provider (register_execution_provider_library)
+    matching the `device_id` option, and only then falls back to the built-in CUDA/TensorRT EP; when the
+    options carry `device_id` and no plugin device matches, it logs "No registered plugin EP device found
+    for 'CUDAExecutionProvider' with device_id=0" on the process-wide logger (the session's
+    log_severity_level does not reach it) for every session. Nothing here registers plugin EPs, so the
+    lookup can only fail: without the key ORT skips the warning and uses device 0 all the same. Another
+    device must be named, and then ORT still prints that line once per session (harmless: the built-in
+    EP runs on that device).
+    """
+    return {"device_id": str(device_id)} if device_id else {}
+
+
 def _entries(short: str, cuda_graph: bool, precision: str, device_id: int, cache: Path | None,
-             cuda_ok: bool) -> tuple[Any, ...]:  # fmt: skip
-    dev = str(device_id)
-    cuda = (CUDA, {"device_id": dev, "enable_cuda_graph": "1" if cuda_graph and short == "cuda" else "0"})
+             cuda_ok: bool, tf32: bool = False) -> tuple[Any, ...]:  # fmt: skip
+    dev = _device_option(device_id)
+    cuda = (CUDA, dev | {
+        "enable_cuda_graph": "1" if cuda_graph and short == "cuda" else "0",
+        # ORT's CUDA EP default is TF32 on (10-bit mantissa in float32 matmuls: 4e-3 action differences
+        # from the CPU on an H200); off unless asked, so the GPU computes what the CPU does.
+        "use_tf32": "1" if tf32 else "0",
+    })  # fmt: skip
     if short == "cuda":
         return (cuda, CPU)
-    opts = {
-        "device_id": dev,
+    opts = dev | {
         "trt_fp16_enable": "1" if precision == "fp16" else "0",
         "trt_cuda_graph_enable": "1" if cuda_graph else "0",
     }
@@ -168,12 +255,13 @@ def plan(
     device_id: int = 0,
     engine_cache: Path | None = None,
     problems: Mapping[str, str | None],
+    tf32: bool = False,
 ) -> tuple[list[Candidate], list[str]]:
     """The sessions to try in order, and notes to log; raises ValueError for a request that cannot work.
 
     `problems` maps tensorrt/cuda to why it cannot load here (None: it can; absent: not checked, so not
     used), see gpu_problems(). `engine_cache` is the TensorRT engine and timing cache directory (None:
-    no cache).
+    no cache). `tf32`: the CUDA EP's use_tf32 (TensorFloat-32 matmuls; off: float32 as on the CPU).
     """
 
     def ok(p: str) -> bool:
@@ -203,7 +291,7 @@ def plan(
     for short in usable:
         prec = precision if short == "tensorrt" else "fp32"
         for graph in (True, False) if cuda_graph else (False,):
-            entries = _entries(short, graph, prec, device_id, engine_cache, ok("cuda"))
+            entries = _entries(short, graph, prec, device_id, engine_cache, ok("cuda"), tf32)
             cands.append(Candidate(short, entries, graph, prec))
     if provider == "auto":
         if precision == "fp16" and usable != ["tensorrt"]:

@@ -9,8 +9,9 @@ providers are tried, and what a session really runs on, is core/providers.py; lo
 candidates in order. A Policy serializes its own predict calls with a lock; separate CPU Policy objects
 (e.g. the running one and one being loaded for a swap) share nothing. A GPU Policy runs its session on a
 thread of its own (ORT keeps a CUDA graph per calling thread, so the graph load() captures is the one
-every predict replays), and all GPU sessions share providers.GPU_LOCK so that a new session's capture
-never overlaps the running one's device work.
+every predict replays), and all GPU sessions pass providers.GPU_LOCK (a GpuGate): only the runs that may
+capture (and freeing a session) are exclusive, so a new session's capture never overlaps the running
+one's device work, while its creation and first, slow run do not hold the running policy's chunks.
 
 Graph forms (see training/export.py): `fused` runs the whole DDIM chain in one session run, with K
 fixed by the card and inpainting in the graph; `denoiser` runs the K-step loop here with core/ddim.py,
@@ -153,7 +154,8 @@ class _DeviceThread:
 
     def release(self, *objects: Any) -> None:
         """Drop the last references to a freed Policy's session and device buffers on this thread under
-        GPU_LOCK (freeing CUDA memory during another session's capture would break it), then end."""
+        GPU_LOCK's exclusive side (freeing CUDA memory during another session's capture would break it),
+        then end."""
 
         keep = list(objects)
         del objects
@@ -215,7 +217,8 @@ def _unrunnable(path: Path, card: ModelCard, op: str) -> ModelError:
     else:
         fix = "use an ONNX Runtime that supports the graph's opset, or export at a lower --opset"
     return ModelError(
-        f"model {path}: this ONNX Runtime ({ort.__version__}) cannot run the graph's {op} operator: {fix}"
+        f"model {path}: ONNX Runtime cannot load it: this ONNX Runtime ({ort.__version__}) has no {op} "
+        f"operator: {fix}"
     )
 
 
@@ -294,12 +297,16 @@ class Policy:
         device_id: int = 0,
         engine_cache_dir: str = "",
         session_factory: SessionFactory = ort_session,
+        tf32: bool = False,
     ) -> Policy:
         """Load, validate and warm up a model. Raises ModelError (or CardError for an invalid card).
 
         provider auto | tensorrt | cuda | cpu, precision fp32 | fp16 (TensorRT), cuda_graph (capture where
         one GPU EP owns the graph), device_id (CUDA device), engine_cache_dir (TensorRT engines; "" = the
-        user cache): see core/providers.py. `session_factory` stands in for ort.InferenceSession in tests.
+        user cache), tf32 (the CUDA EP's TensorFloat-32 matmuls; off: float32 as on the CPU): see
+        core/providers.py. `session_factory` stands in for ort.InferenceSession in tests. An fp16 graph
+        (card network.precision fp16, export --precision fp16) loads like any other; precision is the
+        TensorRT build flag.
         """
         t0 = time.perf_counter()
         path = Path(path)
@@ -341,7 +348,7 @@ class Policy:
         try:
             candidates, notes = providers.plan(
                 provider, precision=precision, cuda_graph=cuda_graph, device_id=device_id,
-                engine_cache=cache, problems=problems,
+                engine_cache=cache, problems=problems, tf32=tf32,
             )  # fmt: skip
         except ValueError as e:
             raise ModelError(str(e)) from e
@@ -374,6 +381,7 @@ class Policy:
                 skip.add(cand.provider)
                 continue
             self = cls._open(path, card, steps, threads, sess, cand, nodes, device_id)
+            self.tf32 = tf32 and cand.provider != "cpu"
             # A GPU session's first runs are where capture happens and engines meet real inputs: run
             # them here, so a failure moves on to the next candidate instead of failing the first tick.
             probe = 3 if cand.cuda_graph else (1 if cand.provider != "cpu" else 0)
@@ -420,7 +428,11 @@ class Policy:
         self.providers = list(sess.get_providers())  # registered, in order
         self.placement = nodes  # nodes per EP as ORT placed them (None: not recorded)
         self.provider = cand.provider
-        self.precision = cand.precision if cand.provider == "tensorrt" else "fp32"
+        # fp16: TensorRT's build flag, or an fp16 graph (training/fp16.py) on any provider
+        self.graph_precision = card.network.get("precision", "fp32")
+        trt_fp16 = cand.provider == "tensorrt" and cand.precision == "fp16"
+        self.precision = "fp16" if trt_fp16 or self.graph_precision == "fp16" else "fp32"
+        self.tf32 = False
         self.cuda_graph = cand.cuda_graph  # checked by the first runs in load()
         self.device_id = device_id if cand.provider != "cpu" else None
         self.engine_cache: Path | None = None
@@ -428,6 +440,7 @@ class Policy:
         self.graph_kind = card.graph.kind
         self._lock = threading.Lock()
         self._rng = np.random.default_rng()
+        self._runs = 0  # session runs so far (which of them may capture: providers.CAPTURE_RUNS)
         self._setup(self.graph_kind == "fused")
         self._device_thread = None
         if cand.provider != "cpu":
@@ -437,11 +450,14 @@ class Policy:
 
     def describe(self) -> str:
         """What runs, in words: e.g. "tensorrt fp16, CUDA graph, GPU 0 (412 nodes on tensorrt)"."""
+        graph16 = self.graph_precision == "fp16"
         if self.provider == "cpu":
-            return "cpu"
+            return "cpu, fp16 graph" if graph16 else "cpu"
         parts = [self.provider] + (["fp16"] if self.precision == "fp16" else [])
-        text = " ".join(parts) + (", CUDA graph" if self.cuda_graph else "") + f", GPU {self.device_id}"
-        return f"{text} ({_nodes_text(self.placement)})"
+        text = " ".join(parts) + (" graph" if graph16 else "") + (", CUDA graph" if self.cuda_graph else "")
+        if self.provider == "cuda":  # the CUDA EP's matmul mode (TensorRT decides its own)
+            text += ", TF32 on" if self.tf32 else ", TF32 off"
+        return f"{text}, GPU {self.device_id} ({_nodes_text(self.placement)})"
 
     def warm_up(self, n: int = 3) -> None:
         """Run `n` predicts on the observation mean (first runs allocate and tune); raises ModelError when
@@ -551,10 +567,13 @@ class Policy:
 
     # -- inference ------------------------------------------------------------------------------------
     def _run(self) -> None:
-        """One session run. On a GPU: upload the changed inputs, run, download the output, all under
-        GPU_LOCK (a capture in another session must not see these calls). The CPU reads host buffers."""
+        """One session run. On a GPU: upload the changed inputs, run, download the output, through
+        GPU_LOCK: exclusive for the runs that may capture (no other GPU call may meet a capture), shared
+        otherwise (see GpuGate). The CPU reads host buffers."""
         if self._device:
-            with GPU_LOCK:
+            self._runs += 1
+            capture = self.cuda_graph and self._runs in providers.CAPTURE_RUNS
+            with GPU_LOCK.exclusive() if capture else GPU_LOCK.shared():
                 for role in self._dirty:
                     self._device[role].update_inplace(self._host[role])
                 self._dirty.clear()

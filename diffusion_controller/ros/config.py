@@ -162,6 +162,9 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
         _P("cuda_graph", True, "bool", "Replay the policy as a captured CUDA graph where one GPU provider "
            "owns the whole graph (cuda, or tensorrt without nodes left to cuda); dropped with a log line "
            "where ONNX Runtime cannot capture it."),
+        _P("tf32", False, "bool", "Let the cuda provider compute float32 matmuls in TensorFloat-32 (faster "
+           "on Ampere and later, ~1e-3 action differences from the CPU); off = float32 as on the CPU. Said "
+           "in the log line that describes the session."),
         _P("device_id", 0, "int", "CUDA device the cuda and tensorrt providers run on.", range=(0, 63)),
         _P("engine_cache_dir", "", "string", "TensorRT engine and timing cache root, one subdirectory per "
            "model and GPU, built once (ahead of time with `build_engine`); empty = "
@@ -381,6 +384,7 @@ class NodeConfig:
     provider: str
     precision: str
     cuda_graph: bool
+    tf32: bool
     device_id: int
     engine_cache_dir: str
     threads: int

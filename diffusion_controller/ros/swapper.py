@@ -144,7 +144,7 @@ class ModelSwapper:
         return Policy.load(
             path, provider=cfg.provider, threads=cfg.threads, steps=cfg.steps or None, warmup=warmup,
             log=lambda m: self._log.info(str(m)), precision=cfg.precision, cuda_graph=cfg.cuda_graph,
-            device_id=cfg.device_id, engine_cache_dir=cfg.engine_cache_dir,
+            device_id=cfg.device_id, engine_cache_dir=cfg.engine_cache_dir, tf32=cfg.tf32,
         )  # fmt: skip
 
     def _make_readers(

@@ -76,6 +76,8 @@ from diffusion_controller.training.network import DiffusionTransformer
 OPSET = 17
 PARITY_TOL = 1e-4
 WEIGHTS = ("fp32", "int8")
+#: Graph precisions (card network.precision; fp16: training/fp16.py).
+PRECISIONS = ("fp32", "fp16")
 #: Default int8 form: no saturation on any CPU (runtime.INT8_FORMS says what each form is).
 INT8_FORM = "u8u8"
 #: What a new export's timesteps are unless asked otherwise (export_policy --timestep-spacing).
@@ -83,6 +85,8 @@ TIMESTEP_SPACING = "trailing"
 #: An int8 graph whose actions move more than this fraction of the action range from the float graph's
 #: is refused: the quantization broke the model rather than rounding it.
 INT8_MAX_RANGE_FRACTION = 0.1
+#: The same bound for an fp16 graph (rounding to 11 significant bits moves actions by ~1e-3).
+FP16_MAX_RANGE_FRACTION = 0.02
 
 
 class _Normalizer(nn.Module):
@@ -197,12 +201,14 @@ def export_onnx(
     int8_form: str = INT8_FORM,
     timestep_spacing: str | None = None,
     ops: str | None = None,
+    precision: str = "fp32",
 ) -> Path:
     """Export `network` with `card` (graph section ignored) to out_path (.onnx) and its .yaml card.
 
     timestep_spacing: the card's diffusion.timestep_spacing for this export (None keeps the card's).
     ops: the card's graph.ops (None: ort_fused for a fused graph, standard for a denoiser); ort_fused is
     built by training/fused_graph.py, standard by torch.onnx.export at `opset`.
+    precision fp16: the checked float32 graph converted to fp16 (training/fp16.py), checked again.
     """
     import onnx
 
@@ -219,6 +225,10 @@ def export_onnx(
         raise ValueError(f"opset: the ort_fused graph is built at opset {OPSET}; got {opset}")
     if int8_form not in INT8_FORMS:
         raise ValueError(f"int8_form: expected one of {list(INT8_FORMS)}, got {int8_form!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and weights != "fp32":
+        raise ValueError(f"precision fp16 converts fp32 weights; weights {weights!r} cannot be combined")
     if timestep_spacing is not None:  # card.replace validates it (CardError, a ValueError)
         card = card.replace(diffusion=dataclasses.replace(card.diffusion, timestep_spacing=timestep_spacing))
     check_card_fits(card, network.cfg)
@@ -271,6 +281,8 @@ def export_onnx(
                 raise RuntimeError(f"ONNX Runtime output differs from torch by {diff:.3g} (> {PARITY_TOL})")
         if weights == "int8":
             card = _quantize_int8(tmp_path, card, inputs, in_names, expected, graph, int8_form)
+        if precision == "fp16":
+            card = _convert_fp16(tmp_path, card, inputs, in_names, expected, graph)
         tmp_path.replace(out_path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -328,6 +340,7 @@ def _ort_parity(path: Path, inputs: dict[str, np.ndarray], names, expected: np.n
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3  # an fp16 graph's "cannot constant fold" notes are not errors
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     got = sess.run(None, {n: inputs[n] for n in names})[0]
     return float(np.max(np.abs(got - expected)))
@@ -382,6 +395,32 @@ def _quantize_int8(
     return card
 
 
+def _convert_fp16(
+    path: Path, card: ModelCard, inputs: dict[str, np.ndarray], names, expected: np.ndarray, graph: str
+) -> ModelCard:
+    """Replace the float32 graph at `path` by its fp16 version; returns the card it carries
+    (network.precision fp16, fp16_max_abs_diff: largest output difference on the check inputs)."""
+    import onnx
+
+    from diffusion_controller.training import fp16
+
+    why = fp16.available()
+    if why is not None:
+        raise RuntimeError(f"precision fp16: {why}")
+    onnx.save(fp16.to_fp16(onnx.load(str(path))), str(path))
+    diff = _ort_parity(path, inputs, names, expected)
+    span = float(np.max(card.action_max - card.action_min)) if graph == "fused" else 2.0
+    if not diff <= FP16_MAX_RANGE_FRACTION * span:
+        raise RuntimeError(
+            f"fp16 moves the output by {diff:.3g} (> {FP16_MAX_RANGE_FRACTION:.0%} of its range {span:.3g}): "
+            "not exported; keep precision fp32"
+        )
+    info = dict(card.network) | {"precision": "fp16", "fp16_max_abs_diff": round(diff, 6)}
+    card = card.replace(network=info)
+    card.to_onnx(path)
+    return card
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="export_policy", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="checkpoint written by training.checkpoint.save_checkpoint")
@@ -419,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         "weights, saturates nowhere, coarser), u8s8 (int8 weights: saturates on x86 CPUs without VNNI, "
         "where the loader refuses it)",
     )  # fmt: skip
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32",
+        help="fp16: weights and compute in half precision, inputs and outputs float32 (for the cuda "
+        "provider; checked against the float32 graph, written to the card's network.precision)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     if a.out.suffix != ".onnx":
         p.error(f"out: expected a path ending in .onnx, got {a.out}")
@@ -441,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             int8_form=a.int8_form,
             timestep_spacing=a.timestep_spacing,
             ops=a.ops,
+            precision=a.precision,
         )
     except (ValueError, RuntimeError) as e:
         print(f"export_policy: error: {e}", file=sys.stderr)
@@ -450,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         net = ModelCard.from_onnx(out).network
         form, diff = net.get("int8_form"), net.get("int8_max_abs_diff")
         note = f", int8 weights ({form}): max output change {diff} on the check inputs"
+    if a.precision == "fp16":
+        note += f", fp16: max output change {ModelCard.from_onnx(out).network.get('fp16_max_abs_diff')}"
     what = f"{a.graph} graph, {ModelCard.from_onnx(out).graph.ops} ops, {a.timestep_spacing} timesteps{note}"
     print(f"wrote {out} and {sidecar_path(out)} ({what})")
     return 0

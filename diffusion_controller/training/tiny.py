@@ -153,12 +153,13 @@ def make_tiny_model(
     layers: int = 1,
     heads: int = 2,
     width: int = 32,
+    ops: str | None = None,
     **card_options: Any,
 ) -> Path:
     """Build, export and card a random tiny policy; returns `<out_dir>/<name>.onnx` (card beside it).
 
     name defaults to `tiny_ant_<graph>`; `card_options` go to `tiny_card` (prediction_type, clip_sample,
-    beta_schedule, train_timesteps, period, first_offset).
+    beta_schedule, train_timesteps, period, first_offset); ops: the export's graph ops (None: its default).
     """
     from diffusion_controller.training.export import export_onnx
 
@@ -176,4 +177,4 @@ def make_tiny_model(
     net = tiny_network(card, layers=layers, heads=heads, width=width, seed=seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return export_onnx(net, card, out_dir / f"{name}.onnx", graph=graph, steps=steps, eta=eta)
+    return export_onnx(net, card, out_dir / f"{name}.onnx", graph=graph, steps=steps, eta=eta, ops=ops)
