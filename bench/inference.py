@@ -116,6 +116,7 @@ def diffuseloco_card() -> ModelCard:
 GPU_CONFIGS = {
     "cuda": ("cuda", "fp32", False),
     "cuda_graph": ("cuda", "fp32", True),
+    "cuda_graph_standard": ("cuda", "fp32", True),  # the traced opset-17 graph (export --ops standard)
     "tensorrt_fp32": ("tensorrt", "fp32", True),
     "tensorrt_fp16": ("tensorrt", "fp16", True),
 }
@@ -312,12 +313,12 @@ def optimized_nodes(path: Path, threads: int) -> int:
 
 
 def nodes_per_step(net: DiffusionTransformer, card: ModelCard, tmp: Path, threads: int,
-                   gpu: bool) -> dict[str, dict[str, float]]:  # fmt: skip
+                   gpu: bool, ops: str = "ort_fused") -> dict[str, dict[str, float]]:  # fmt: skip
     """Nodes per denoising step: the K=2 fused graph minus the K=1 one, in the file (non-Constant nodes),
     in the graph ONNX Runtime's CPU optimizations write out, and as a session places them (per provider:
     cpu, and cuda where usable; its session options, so what the node gets)."""
-    paths = {k: export_onnx(net, card, tmp / f"count{k}.onnx", graph="fused", steps=k, verify=False)
-             for k in (1, 2)}  # fmt: skip
+    paths = {k: export_onnx(net, card, tmp / f"count{ops}{k}.onnx", graph="fused", steps=k, verify=False,
+                            ops=ops) for k in (1, 2)}  # fmt: skip
     out = {"file": {f"k{k}": float(count_nodes(p)) for k, p in paths.items()}}
     out["ort_cpu_optimized_file"] = {f"k{k}": float(optimized_nodes(p, threads)) for k, p in paths.items()}
     for prov in ("cpu", "cuda") if gpu else ("cpu",):
@@ -449,18 +450,24 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         nodes = nodes_per_step(net, card, Path(tmp), a.threads, gpu="cuda" in gpu_run)
+        nodes_standard = nodes_per_step(net, card, Path(tmp), a.threads, "cuda" in gpu_run, ops="standard")
         den_path = export_onnx(net, card, Path(tmp) / "denoiser.onnx", graph="denoiser", verify=False)
         for k in ks:
             fused_path = export_onnx(
                 net, card, Path(tmp) / f"fused{k}.onnx", graph="fused", steps=k, verify=False
             )
             fused = Policy.load(fused_path, provider="cpu", threads=a.threads, log=quiet)
+            standard_path = export_onnx(
+                net, card, Path(tmp) / f"standard{k}.onnx", steps=k, verify=False, ops="standard"
+            )  # the traced graph the node ran before the ort_fused one: the baseline of the same run
+            standard = Policy.load(standard_path, provider="cpu", threads=a.threads, log=quiet)
             step = Policy.load(den_path, provider="cpu", threads=a.threads, steps=k, log=quiet)
             eager = torch_chunk(net, card, k)
             fns = {
                 "torch": lambda eager=eager: eager(obs, noise),
                 "step": lambda p=step: p.predict(obs, noise=noise),
                 "fused": lambda p=fused: p.predict(obs, noise=noise),
+                "fused_standard": lambda p=standard: p.predict(obs, noise=noise),
             }
             int8_skipped = None
             if a.int8:
@@ -489,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu: dict[str, Policy] = {}
             for name, (prov, prec, graph) in gpu_run.items():
                 path = fp16_path if name.endswith("_fp16") and prov == "cuda" else fused_path
+                path = standard_path if name.endswith("_standard") else path
                 if path is None:
                     continue
                 try:
@@ -530,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                 "max_abs_diff_step": diffs["step"],
                 "max_abs_diff_fused": diffs["fused"],
             }
+            stp50, stp99 = p50_p99(ts["fused_standard"])
+            r |= {"ort_fused_standard_ms_p50": stp50, "ort_fused_standard_ms_p99": stp99,
+                  "fused_vs_standard_p50": fp50 / stp50}  # fmt: skip
             paths = {"step": sp50, "fused": fp50}
             if int8_skipped is not None:
                 r["int8_skipped"] = int8_skipped
@@ -649,6 +660,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{src} {v['per_step']:.0f} (K=1 {v['k1']:.0f}, K=2 {v['k2']:.0f});" for src, v in nodes.items()
     )
     print(f"nodes per denoising step (fused graph, K=2 minus K=1): {placed}")
+    placed = " ".join(f"{src} {v['per_step']:.0f};" for src, v in nodes_standard.items())
+    print(f"  the same with the traced graph (export --ops standard): {placed}")
+    ratios = ", ".join(
+        f"K={r['k']} {r['ort_fused_ms_p50']:.2f} / {r['ort_fused_standard_ms_p50']:.2f} ms = "
+        f"{r['fused_vs_standard_p50']:.2f}" for r in results
+    )
+    print(f"CPU fused p50, ort_fused / standard graph (same run; < 1: the new graph is faster): {ratios}")
     for name, why in gpu_skipped.items():
         print(f"GPU row {name} skipped: {why}")
     for r in results:
@@ -675,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
                     "provider": a.provider,
                     "gpu_skipped": gpu_skipped,
                     "nodes_per_step": nodes,
+                    "nodes_per_step_standard": nodes_standard,
                     "tf32": a.tf32,
                 }
             )

@@ -92,7 +92,8 @@ def test_gpu_rows_are_chosen_by_provider_and_skipped_with_the_reason(monkeypatch
     bench = load_bench()
     monkeypatch.setattr(providers, "gpu_problems", lambda: {"tensorrt": "no TensorRT (test)", "cuda": None})
     run, skipped = bench.gpu_configs("all")
-    assert list(run) == ["cuda", "cuda_graph"] and [c[2] for c in run.values()] == [False, True]
+    assert list(run) == ["cuda", "cuda_graph", "cuda_graph_standard"]
+    assert [c[2] for c in run.values()] == [False, True, True]
     assert skipped == {n: "no tensorrt here: no TensorRT (test)" for n in ("tensorrt_fp32", "tensorrt_fp16")}
     assert bench.gpu_configs("cuda") == (run, {})
     assert bench.gpu_configs("cpu") == ({}, {})
