@@ -50,6 +50,7 @@ class GpuStandIn:
         self.fail_runs, self.run_sleep, self.runs = fail_runs, run_sleep, 0
         self.graph, self.run_hook = graph, run_hook  # run_hook(session, run number) inside each run
         self.threads: set[str] = set()  # names of the threads that ran it
+        self.graph_ids: list[str | None] = []  # each run's gpu_graph_id run option (None: not set)
 
     def __del__(self):
         GpuStandIn.released_on.append((threading.current_thread().name, pv.GPU_LOCK.locked()))
@@ -65,7 +66,13 @@ class GpuStandIn:
         if self.fail_runs:
             raise Fail("CUDA failure 901: operation not permitted when stream is capturing")
         cls = GpuStandIn
-        capture = self.graph and self.runs + 1 == cls.CAPTURE_RUN
+        try:
+            graph_id = run_options.get_run_config_entry(pv.SKIP_CAPTURE[0]) if run_options else None
+        except RuntimeError:  # ORT: no such entry
+            graph_id = None
+        self.graph_ids.append(graph_id)
+        # ORT's kCudaGraphAnnotationSkip: such a run never captures (nor replays)
+        capture = self.graph and self.runs + 1 == cls.CAPTURE_RUN and graph_id != pv.SKIP_CAPTURE[1]
         with cls.count_lock:
             if cls.capturing or (capture and cls.active):
                 cls.capture_overlaps += 1

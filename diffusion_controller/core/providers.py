@@ -114,10 +114,16 @@ class GpuGate:
 
 #: The process-wide gate of every GPU session (see GpuGate).
 GPU_LOCK = GpuGate()
-#: A CUDA-graph session's runs that may capture: ORT's CUDA and TensorRT EPs run
-#: min_num_runs_before_cuda_graph_capture_ regular runs first (1 in older releases, 2 in 1.2x/1.3x) and
-#: capture in the next one, so runs 2 and 3 (1-based) take the exclusive side; run 1 never captures.
-CAPTURE_RUNS = range(2, 4)
+#: A CUDA-graph session's runs that may capture (1-based), which take the exclusive side. Run 1 is told
+#: not to capture (SKIP_CAPTURE) and stays shared: it is the slow one (cuBLAS and cuDNN handles, arena
+#: growth), and the running policy must not wait on it. ORT's CUDA and TensorRT EPs capture after
+#: min_num_runs_before_cuda_graph_capture_ regular runs (1 or 2 by release, counted with or without the
+#: skipped run), so in run 2, 3 or 4; on an H200 with ORT 1.31 a capture outside runs 2-3 met the running
+#: policy's replay (CUDA error 900), hence the margin. Policy.load makes these runs, so a session leaves
+#: load() captured and every later run is a shared replay.
+CAPTURE_RUNS = range(2, 6)
+#: Run option that makes a run skip CUDA graph capture and replay (ORT's kCudaGraphAnnotationSkip).
+SKIP_CAPTURE = ("gpu_graph_id", "-1")
 
 
 def gpu_provider_problem(provider: str) -> str | None:

@@ -384,7 +384,10 @@ class Policy:
             self.tf32 = tf32 and cand.provider != "cpu"
             # A GPU session's first runs are where capture happens and engines meet real inputs: run
             # them here, so a failure moves on to the next candidate instead of failing the first tick.
-            probe = 3 if cand.cuda_graph else (1 if cand.provider != "cpu" else 0)
+            # A CUDA-graph session runs here until the last run that may capture (providers.CAPTURE_RUNS).
+            per_predict = 1 if self.graph_kind == "fused" else self.steps  # session runs per chunk
+            last = providers.CAPTURE_RUNS[-1]
+            probe = -(-last // per_predict) if cand.cuda_graph else int(cand.provider != "cpu")
             try:
                 self.warm_up(probe)
             except ModelError:
@@ -550,6 +553,8 @@ class Policy:
         self._dirty = {r for r in self._host if r != self._out_role}
         self._mask_clear = True  # prefix_mask is all zero (no upload needed to keep it so)
         self._run_options = ort.RunOptions()
+        self._first_run_options = ort.RunOptions()  # run 1 of a CUDA-graph session: never captures
+        self._first_run_options.add_run_config_entry(*providers.SKIP_CAPTURE)
         h, a = c.horizon, c.action_dim
         self._noise_shape = (self.steps + 1, h, a) if c.eta > 0 else (h, a)
         self._noise = self._host["noise"][0] if fused else np.zeros(self._noise_shape, np.float32)
@@ -573,11 +578,12 @@ class Policy:
         if self._device:
             self._runs += 1
             capture = self.cuda_graph and self._runs in providers.CAPTURE_RUNS
+            options = self._first_run_options if self.cuda_graph and self._runs == 1 else self._run_options
             with GPU_LOCK.exclusive() if capture else GPU_LOCK.shared():
                 for role in self._dirty:
                     self._device[role].update_inplace(self._host[role])
                 self._dirty.clear()
-                self.session.run_with_iobinding(self._io, self._run_options)
+                self.session.run_with_iobinding(self._io, options)
                 np.copyto(self._host[self._out_role], self._device[self._out_role].numpy())
         else:
             self.session.run_with_iobinding(self._io, self._run_options)
