@@ -78,6 +78,7 @@ EXECUTORS = ("auto", "events", "single_threaded", "multi_threaded")
 STAMP_MODES = ("header", "receipt")
 IMPLAUSIBLE_POLICIES = ("auto", *POLICIES)
 TRAJECTORY_STAMPS = ("zero", "absolute")
+POLICY_SOURCES = ("local", "remote")
 #: Watchdog timeout standing for "never stale" (the core wants a finite number).
 NEVER_S = 1e9
 
@@ -253,6 +254,27 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
            "them, reject the message, or safe (reject and hold the safe state until plausible input); "
            "auto = clamp for a source of velocity commands only, else reject.", choices=IMPLAUSIBLE_POLICIES),
     )),
+    ("Remote policy", (
+        _P("policy.source", "local", "string", "Where chunks come from: local (this node runs the model) or "
+           "remote (a `policy_node`, maybe on another computer, publishes them on `policy.chunk_topic`; "
+           "only the model card of `model_path` is read here: joints, limits, period, horizon).",
+           choices=POLICY_SOURCES, field="policy_source"),
+        _P("policy.chunk_topic", "policy/chunk", "string", "JointTrajectory chunks of a remote policy "
+           "(best effort, keep last 10: a lost chunk is superseded by the next one, a resent one would "
+           "arrive stale). The policy node publishes one per controller namespace.", field="chunk_topic"),
+        _P("policy.executed_topic", "policy/executed", "string", "Remote mode: each command as a stamped "
+           "JointState (tick time, card action joints), the previous_action the policy node conditions on.",
+           field="executed_topic"),
+        _P("policy.chunk_timeout_s", 0.2, "double", "Remote mode: no usable chunk for this long -> safe "
+           "state (the loop never waits for the link).", range=(0.001, 60.0), field="chunk_timeout_s",
+           control="chunk_timeout_s"),
+        _P("policy.robots", [], "string[]", "Policy node: namespaces of the controllers it serves (one "
+           "observation history each; requests due together run in one pass); empty = its own namespace.",
+           when="startup", field="robots"),
+        _P("policy.batch", True, "bool", "Policy node: run the requests of the robots due together in one "
+           "pass of one worker thread (a loop of single runs: the exported graphs have batch size 1); false "
+           "= a worker thread per robot.", when="startup", field="batch"),
+    )),
     ("Outputs", (
         _P("outputs.commands.enabled", True, "bool", "Publish Float64MultiArray commands "
            "(forward_command_controller)."),
@@ -417,6 +439,12 @@ class NodeConfig:
     trajectory_stamp: str
     debug_enabled: bool
     debug_topic: str
+    policy_source: str
+    chunk_topic: str
+    executed_topic: str
+    chunk_timeout_s: float
+    robots: tuple[str, ...]
+    batch: bool
     sources: tuple[SourceConfig, ...]
 
     @classmethod
@@ -606,6 +634,7 @@ def control_config(cfg: NodeConfig, binding: Binding, card: Any) -> ControlConfi
         default_pose=binding.default_pose if cfg.safe_mode == "default_pose" else None,
         obs_timeouts_s=timeouts,
         command_timeout_s=command_timeout,
+        chunk_timeout_s=cfg.chunk_timeout_s if cfg.policy_source == "remote" else None,
     )
     try:
         control = ControlConfig(**values)
