@@ -124,12 +124,19 @@ class Relay:
         self._thread.join(timeout=2.0)
 
 
+def message_class(name: str) -> type:
+    """The message class of `pkg/msg/Type`."""
+    import importlib
+
+    pkg, _, cls = name.replace("/msg/", "/").partition("/")
+    return getattr(importlib.import_module(f"{pkg}.msg"), cls)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console script `link_emulator` (ROS arguments after --ros-args go to rclpy)."""
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
-    from rosidl_runtime_py.utilities import get_message
 
     from diffusion_controller.ros import dds
     from diffusion_controller.ros.chunks import CHUNK_QOS
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     node = rclpy.create_node("link_emulator")
     if transport is not None:
         node.get_logger().info(transport.message)
-    relay = Relay(node, get_message(a.type), a.topic_in, a.topic_out, LinkModel(config), CHUNK_QOS)
+    relay = Relay(node, message_class(a.type), a.topic_in, a.topic_out, LinkModel(config), CHUNK_QOS)
     node.get_logger().info(f"relaying {node.resolve_topic_name(a.topic_in)} -> "
                            f"{node.resolve_topic_name(a.topic_out)}: {config}")  # fmt: skip
     executor = SingleThreadedExecutor()
