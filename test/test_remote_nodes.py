@@ -27,6 +27,7 @@ from test_controller_node import (
     MISSED,
     RUNNING,
     SAFE,
+    SENSOR_TOPICS,
     STATE,
     TICK,
     TIMING,
@@ -65,6 +66,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("models")
     return {
         "50hz": make_tiny_model(d / "a", name="tiny_remote", horizon=16),
+        "50hz_b": make_tiny_model(d / "c", name="tiny_remote_b", horizon=16, seed=1),
+        "short": make_tiny_model(d / "d", name="tiny_short", horizon=8),
         "100hz": make_tiny_model(d / "b", name="tiny_remote_100", horizon=16, period=0.01),
     }
 
@@ -106,6 +109,37 @@ def test_policy_node_killed_mid_run(models, graph):
         assert wait_until(lambda: graph.received("/diffusion_policy/model"), 10.0)
         values = {kv.key: kv.value for kv in graph.received("/diffusion_policy/model")[-1].values}
         assert values["name"] == "tiny_remote" and values["model_id"] == chunk.header.frame_id
+
+        # A chunk that does not fit the robot is refused, with the reason on /diagnostics.
+        diag = graph.collect(DiagnosticArray, "/diagnostics")
+        bad = graph.publisher(CHUNKS, JointTrajectory, CHUNK_QOS)
+        wrong = JointTrajectory()
+        wrong.header.stamp = chunk.header.stamp
+        wrong.joint_names = ["elbow", *chunk.joint_names[1:]]
+        wrong.points = chunk.points
+        for _ in range(5):
+            bad.publish(wrong)
+            time.sleep(0.05)
+        assert wait_until(lambda: int(diag_values(diag, "policy").get("chunks_refused", 0)) > 0, 5.0)
+        assert "joint names" in diag_values(diag, "policy")["last_error"]
+
+        # Swaps on the policy node: the same layout goes through, another horizon is refused.
+        res = graph.set_parameters("/diffusion_policy", model_path=str(models["50hz_b"]))
+        assert res is not None and res[0].successful
+        assert wait_until(
+            lambda: graph.received(CHUNKS)[-1].header.frame_id.startswith("model=tiny_remote_b;"), 20
+        )
+        res = graph.set_parameters("/diffusion_policy", model_path=str(models["short"]))
+        assert res is not None and res[0].successful  # checked in the loader thread
+        assert wait_until(
+            lambda: any(
+                kv.key == "event" and kv.value == "failed"
+                for m in graph.received("/diffusion_policy/model")
+                for kv in m.values
+            ),
+            20,
+        )
+        assert graph.received(CHUNKS)[-1].header.frame_id.startswith("model=tiny_remote_b;")
         time.sleep(1.0)
 
         t_mono0 = time.monotonic()
@@ -192,3 +226,35 @@ def test_100hz_loop_behind_a_lossy_reordering_link(models, graph):
     missed = int(after["missed_ticks"]) - int(before["missed_ticks"])
     assert missed <= max(MISSED_TICK_FLOOR, MISSED_TICK_BUDGET * ticks), (missed, ticks)
     assert float(after["rate_hz"]) == pytest.approx(100.0, rel=0.1)
+
+
+def test_one_policy_node_serves_two_namespaced_controllers(models, graph):
+    """Two controllers (robot1, robot2; the feeder's sensors for both) and one policy node serving both."""
+    model = models["50hz"]
+    feeder = SensorFeeder(graph)
+    sensors = [
+        a for src, topic in SENSOR_TOPICS.items() for a in ("-p", f"observations.{src}.topic:={topic}")
+    ]
+    ctls = [
+        start(model, "-p", "policy.source:=remote", "-p", "outputs.debug.topic:=~/debug/command_timing",
+              namespace=ns)
+        for ns in ("robot1", "robot2")
+    ]  # fmt: skip
+    pol = policy_node(model, "-p", "policy.robots:=[robot1,robot2]", *sensors)
+    diag = graph.collect(DiagnosticArray, "/diagnostics")
+    try:
+        for ns in ("robot1", "robot2"):
+            assert wait_until(
+                lambda ns=ns: diag_values(diag, "control loop", f"/{ns}/diffusion_controller").get("state")
+                == "running",
+                60.0,
+            ), pol.output()[-3000:]
+        assert wait_until(lambda: diag_values(diag, "policy", "/diffusion_policy").get("chunks.robot2"), 10.0)
+        values = diag_values(diag, "policy", "/diffusion_policy")
+        assert int(values["chunks.robot1"]) > 10 and int(values["chunks.robot2"]) > 10
+    finally:
+        feeder.close()
+        rc = pol.stop()
+        for c in ctls:
+            c.stop()
+    assert rc == 0

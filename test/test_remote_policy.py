@@ -244,3 +244,31 @@ def test_link_model_is_seeded_and_does_what_it_is_told():
         LinkConfig(loss=1.5)
     with pytest.raises(ValueError):
         LinkConfig(delay_s=0.01, jitter_s=0.02)
+
+
+def test_remote_mode_refuses_what_a_policy_node_cannot_honour():
+    from pathlib import Path
+
+    from diffusion_controller.core.card import ModelCard
+    from diffusion_controller.ros import config as cf
+
+    root = Path(__file__).resolve().parents[1]
+    params = cf.load_params_file(str(root / "config" / "ant.yaml"))
+    card = ModelCard.from_onnx(root / "models" / "ant_locomotion.onnx")
+    remote = params | {"policy.source": "remote"}
+    cf.validate_against_card(cf.NodeConfig.from_params(remote), card)
+    control = cf.control_config(
+        cf.NodeConfig.from_params(remote),
+        cf.validate_against_card(cf.NodeConfig.from_params(remote), card),
+        card,
+    )
+    assert control.chunk_timeout_s == 0.2
+    local = cf.NodeConfig.from_params(params)
+    assert cf.control_config(local, cf.validate_against_card(local, card), card).chunk_timeout_s is None
+    for change, fragment in (
+        ({"blend": "inpaint"}, "blend: inpaint"),
+        ({"execute_steps": 2}, "execute_steps"),
+        ({"compensate_delay": False}, "compensate_delay"),
+    ):
+        with pytest.raises(cf.ConfigError, match=fragment):
+            cf.validate_against_card(cf.NodeConfig.from_params(remote | change), card)

@@ -544,8 +544,9 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
             owner.setdefault(name, []).append(src.name)
     for name, feat in features.items():
         if feat.kind == "previous_action" and feat.size != card.action_dim:
-            errors.append(f"card feature '{name}': previous_action size {feat.size} != action_dim "
-                          f"{card.action_dim}")
+            errors.append(
+                f"card feature '{name}': previous_action size {feat.size} != action_dim {card.action_dim}"
+            )
         if feat.kind in COMPUTED_KINDS:
             continue
         srcs = owner.get(name, [])
@@ -555,8 +556,10 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
                 "source; add it to the features of one source"
             )
         elif len(srcs) > 1:
-            errors.append(f"card feature '{name}' is filled by several sources ({', '.join(srcs)}); "
-                          "exactly one must fill it")
+            errors.append(
+                f"card feature '{name}' is filled by several sources ({', '.join(srcs)}); "
+                "exactly one must fill it"
+            )
 
     card_joints = tuple(card.action_joints)
     model_joints = cfg.model_joints or cfg.joints or card_joints
@@ -584,14 +587,31 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
             pose = [0.0] * len(card_joints)
             for i, k in enumerate(output_index):
                 pose[k] = cfg.default_pose[i]
-            bad = [output_joints[i] for i, k in enumerate(output_index)
-                   if not lower[k] <= pose[k] <= upper[k]]
+            bad = [
+                output_joints[i] for i, k in enumerate(output_index) if not lower[k] <= pose[k] <= upper[k]
+            ]
             if bad:
                 errors.append(f"default_pose: outside the card's action limits for joints {bad}")
             default_pose = tuple(pose)
     else:
         default_pose = tuple((lo + hi) / 2.0 for lo, hi in zip(lower, upper, strict=True))
 
+    if cfg.policy_source == "remote":  # what a policy node computing on its own cannot honour
+        if cfg.blend == "inpaint":
+            errors.append(
+                "blend: inpaint sends the running chunk with each request; a remote policy gets "
+                "no request (use ensemble, crossfade or none with policy.source remote)"
+            )
+        if cfg.execute_steps != 1:
+            errors.append(
+                "execute_steps: a remote policy sends a chunk whenever the observations advance; "
+                "with policy.source remote it must be 1"
+            )
+        if not cfg.compensate_delay:
+            errors.append(
+                "compensate_delay: a remote chunk is always stamped with its observations' time; "
+                "with policy.source remote it must be true"
+            )
     if cfg.crossfade_steps > card.horizon:
         errors.append(f"crossfade_steps: {cfg.crossfade_steps} exceeds the card's horizon {card.horizon}")
     period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else float(card.control_period_s)
@@ -729,8 +749,13 @@ def readme_with_parameter_table(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Print the parameter reference, or (`--readme`) write it into README.md."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--readme", nargs="?", const=str(README), metavar="PATH",
-                        help="rewrite the parameter reference in this README (default: the repository's)")
+    parser.add_argument(
+        "--readme",
+        nargs="?",
+        const=str(README),
+        metavar="PATH",
+        help="rewrite the parameter reference in this README (default: the repository's)",
+    )
     args = parser.parse_args(argv)
     if args.readme is None:
         sys.stdout.write(parameter_table_markdown())

@@ -72,7 +72,7 @@ class Robot:
     (previous_action) and chunk publisher, all under its namespace."""
 
     def __init__(self, node: PolicyNode, index: int, namespace: str, cfg: cf.NodeConfig) -> None:
-        self.name = namespace or node.get_namespace()
+        self.name = namespace.strip("/") or node.get_namespace()
         card, binding = node.card, node.binding
 
         def topic(name: str) -> str:
