@@ -46,6 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "ant.yaml"
 CHUNKS = "/policy/chunk"
 TIMEOUT = 0.2
+#: The test's own sensor feeder (a Python thread in this process) may stall past the 0.1 s observation
+#: timeouts while a node process starts on a shared machine; these tests are about the chunks.
+RELAXED = [a for src in ("joint_states", "imu", "odom") for a in ("-p", f"observations.{src}.timeout_s:=0.5")]
 MAX_STEP = 0.25  # config/ant.yaml
 
 
@@ -93,7 +96,7 @@ def test_policy_node_killed_mid_run(models, graph):
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)  # fmt: skip
     graph.subscribe("/diffusion_policy/model", DiagnosticStatus, latched)
     feeder = SensorFeeder(graph)
-    ctl = remote_controller(model)
+    ctl = remote_controller(model, *RELAXED)
     pol = policy_node(model)
     try:
         assert wait_until(lambda: any(r[STATE] == RUNNING for r in rows_since(graph, 0.0)), 60.0), (
@@ -140,7 +143,8 @@ def test_policy_node_killed_mid_run(models, graph):
             20,
         )
         assert graph.received(CHUNKS)[-1].header.frame_id.startswith("model=tiny_remote_b;")
-        time.sleep(1.0)
+        # running steadily (one second of RUNNING rows) before the kill
+        assert wait_until(lambda: (rows_since(graph, time.monotonic() - 1.0)[:, STATE] == RUNNING).all(), 20)
 
         t_mono0 = time.monotonic()
         t_kill = time.time()
@@ -168,18 +172,20 @@ def test_policy_node_killed_mid_run(models, graph):
 
     rows = rows_since(graph, t_mono0)
     cmds = [(t, np.asarray(m.data)) for t, m in graph.received_timed(CMD) if t >= t_mono0]
-    # Commands never stop: one per tick all along (a loaded machine may lose a tick or two in DDS).
-    gaps = np.diff([t for t, _ in cmds])
-    assert gaps.max() < 0.1, gaps.max()
-    assert len(cmds) > 0.8 * (cmds[-1][0] - cmds[0][0]) / 0.02
+    # Commands never stop: a tick every period on the node's clock (a loaded machine may skip one), each
+    # publishing a command; the probe got (nearly) all of them.
+    ticks = rows[:, TICK]
+    assert np.diff(ticks).max() < 0.1, np.diff(ticks).max()
+    assert len(cmds) >= 0.95 * len(rows), (len(cmds), len(rows))
     steps = np.abs(np.diff(np.array([c for _, c in cmds]), axis=0))
     assert steps.max() <= MAX_STEP + 1e-9
     # Safe within chunk_timeout_s + one tick of the kill (+10 ms for a chunk already on the wire and the
     # timer's own lateness on a shared machine).
     safe = rows[rows[:, STATE] == SAFE]
     assert len(safe), out[-3000:]
-    assert safe[0, TICK] - t_kill <= TIMEOUT + 0.02 + 0.01, safe[0, TICK] - t_kill
-    assert safe[0, TICK] - t_kill > TIMEOUT - 0.05  # the chunks it still had kept it running until then
+    assert safe[0, TICK] - t_kill <= TIMEOUT + 0.02 + 0.01, (safe[0, TICK] - t_kill, out[-3000:])
+    # the chunks it still had kept it running until then
+    assert safe[0, TICK] - t_kill > TIMEOUT - 0.05, (safe[0, TICK] - t_kill, out[-3000:])
     # RUNNING again within 1 s of the policy node's first chunk after its return.
     assert running_again - first_chunk < 1.0
     assert rc_ctl == 0 and rc_pol == 0
@@ -189,11 +195,7 @@ def test_100hz_loop_behind_a_lossy_reordering_link(models, graph):
     model = models["100hz"]
     graph.clear()
     feeder = SensorFeeder(graph)
-    # The test's own sensor feeder may stall on a shared machine; this test is about the link.
-    relaxed = [
-        a for src in ("joint_states", "imu", "odom") for a in ("-p", f"observations.{src}.timeout_s:=0.5")
-    ]
-    ctl = remote_controller(model, *relaxed)
+    ctl = remote_controller(model, *RELAXED)
     pol = policy_node(model, "-p", "policy.chunk_topic:=policy/chunk_tx")
     link_cmd = console_script("link_emulator", "diffusion_controller.sim.link_emulator")
     link = NodeProcess([*link_cmd, "--in", "/policy/chunk_tx", "--out", "/policy/chunk", "--delay", "0.01",
@@ -237,7 +239,7 @@ def test_one_policy_node_serves_two_namespaced_controllers(models, graph):
     ]
     ctls = [
         start(model, "-p", "policy.source:=remote", "-p", "outputs.debug.topic:=~/debug/command_timing",
-              namespace=ns)
+              namespace=f"/{ns}")
         for ns in ("robot1", "robot2")
     ]  # fmt: skip
     pol = policy_node(model, "-p", "policy.robots:=[robot1,robot2]", *sensors)
@@ -248,7 +250,7 @@ def test_one_policy_node_serves_two_namespaced_controllers(models, graph):
                 lambda ns=ns: diag_values(diag, "control loop", f"/{ns}/diffusion_controller").get("state")
                 == "running",
                 60.0,
-            ), pol.output()[-3000:]
+            ), pol.output()[-1500:] + ctls[0].output()[-2500:]
         assert wait_until(lambda: diag_values(diag, "policy", "/diffusion_policy").get("chunks.robot2"), 10.0)
         values = diag_values(diag, "policy", "/diffusion_policy")
         assert int(values["chunks.robot1"]) > 10 and int(values["chunks.robot2"]) > 10
