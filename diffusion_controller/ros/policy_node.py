@@ -22,6 +22,7 @@ model and sets model_path back. ~/model (latched) says what runs, with `ros2 top
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -63,6 +64,8 @@ NODE_NAME = "diffusion_policy"
 CHECKS_PER_PERIOD = 4
 #: Stamps going back this many messages in a row on one robot: its clock went back (a new timeline).
 BACKWARDS_LIMIT = 20
+#: A robot is due at most once per PACE control periods (< 1: a check landing a little early still counts).
+PACE = 0.9
 #: Observation stamps further apart than this between two requests: the history restarts at the newest.
 GAP_S = 0.5
 
@@ -100,6 +103,8 @@ class Robot:
         self.chunk_topic = topic(cfg.chunk_topic)
         self.pub = node.create_publisher(cv.JointTrajectory, self.chunk_topic, ch.CHUNK_QOS)
         self.last_t_obs: float | None = None
+        self.last_request = -math.inf  # node clock; paces requests to one per control period
+        self.period = binding.period_s
         self.seq = 0
         self.backwards = 0
         self.rejected = 0
@@ -138,13 +143,20 @@ class Robot:
 
     def new_timeline(self) -> None:
         self.history.reset()
+        self.last_request = -math.inf
         for reader in self.readers.values():
             reader.last_stamp = None
         self.last_t_obs = None
         self.backwards = 0
 
     def request(self, now: float, seed: int | None) -> InferenceRequest | None:
-        """A request when the observations advanced since the last one, else None."""
+        """A request when the observations advanced since the last one, at most one per control period
+        (as the controller's tick asks: faster sensors would only spend the model on near-equal chunks),
+        else None. The node's clock only paces; no stamp comes from it."""
+        if now < self.last_request:
+            self.last_request = -math.inf  # the node's clock went back (sim time reset)
+        if now - self.last_request < PACE * self.period:
+            return None
         t_obs = self.history.newest_common_stamp()
         if t_obs is None or (self.last_t_obs is not None and t_obs <= self.last_t_obs):
             return None
@@ -155,6 +167,7 @@ class Robot:
         except ObservationError:
             return None
         self.last_t_obs = t_obs
+        self.last_request = now
         self.seq += 1
         request_seed = None if seed is None else (seed + self.seq) % 2**32
         return InferenceRequest(self.seq, t_obs, now, obs, None, None, request_seed)
