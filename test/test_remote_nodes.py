@@ -251,9 +251,10 @@ def test_one_policy_node_serves_two_namespaced_controllers(models, graph):
                 == "running",
                 60.0,
             ), pol.output()[-1500:] + ctls[0].output()[-2500:]
-        assert wait_until(lambda: diag_values(diag, "policy", "/diffusion_policy").get("chunks.robot2"), 10.0)
-        values = diag_values(diag, "policy", "/diffusion_policy")
-        assert int(values["chunks.robot1"]) > 10 and int(values["chunks.robot2"]) > 10
+        def chunks(ns: str) -> int:
+            return int(diag_values(diag, "policy", "/diffusion_policy").get(f"chunks.{ns}", 0))
+
+        assert wait_until(lambda: chunks("robot1") > 10 and chunks("robot2") > 10, 10.0)
     finally:
         feeder.close()
         rc = pol.stop()

@@ -271,9 +271,10 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
         _P("policy.robots", [], "string[]", "Policy node: namespaces of the controllers it serves (one "
            "observation history each; requests due together run in one pass); empty = its own namespace.",
            when="startup", field="robots"),
-        _P("policy.batch", True, "bool", "Policy node: run the requests of the robots due together in one "
-           "pass of one worker thread (a loop of single runs: the exported graphs have batch size 1); false "
-           "= a worker thread per robot.", when="startup", field="batch"),
+        _P("policy.batch", False, "bool", "Policy node: true runs the requests of the robots due together in "
+           "one pass of one worker thread (a loop of single runs: the exported graphs have batch size 1; "
+           "measured: no CPU saved, later robots wait for earlier ones); false = a worker thread per robot.",
+           when="startup", field="batch"),
     )),
     ("Outputs", (
         _P("outputs.commands.enabled", True, "bool", "Publish Float64MultiArray commands "

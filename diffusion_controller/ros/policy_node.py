@@ -9,10 +9,11 @@ writes a stamp from its own clock, so the two computers need no synchronized clo
 from the controller's stamped commands (`policy.executed_topic`).
 
 Several robots: `policy.robots: [robot1, robot2, ...]` serves one controller per namespace (its sensors,
-commands and chunk topic under that namespace). Every period/4 the node takes the sensor queues; robots
-whose observations advanced are due, and the due ones run together in one pass of the worker thread. The
-exported graphs have batch size 1, so a pass is a loop of single runs; `policy.batch: false` gives each
-robot a worker of its own instead (bench/remote_policy.py measures both).
+commands and chunk topic under that namespace). Every period/4 the node takes the sensor queues; a robot
+whose observations advanced (at most once a period) is due. Each robot has a worker thread of its own, or
+with `policy.batch: true` the due robots run together in one pass of one worker. The exported graphs
+have batch size 1, so a pass is a loop of single runs: bench/remote_policy.py measured no CPU saved and
+the later robots of a pass waiting for the earlier ones, hence the default.
 
 Model swaps: setting `model_path` loads and warms up the new model in a loader thread and swaps it in
 between two passes; a model with another observation or action layout is refused; a failure keeps the old
