@@ -664,13 +664,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"per skill ({who}): {per_skill}")
     if args.demo:
         r = rows[0]
+        where = ""
+        if r["remote"]:
+            where = " from a policy node in its own process"
+            if r["link_delay_s"] or r["link_jitter_s"] or r["link_loss"]:
+                where += (f" behind a {r['link_delay_s'] * 1000:.0f} +- {r['link_jitter_s'] * 1000:.0f} ms "
+                          f"link losing {r['link_loss'] * 100:.0f}% of the chunks")  # fmt: skip
         print(
-            f"\nThe diffusion policy ({args.model.name}) drove the simulated ant through ROS for "
+            f"\nThe diffusion policy ({args.model.name}){where} drove the simulated ant through ROS for "
             f"{args.seconds:.0f} s of stand/walk/turn commands with {r['obs_delay_s'] * 1000:.0f} ms sensor "
             f"delay: {'no fall' if r['falls'] == 0 else 'it FELL'}, "
             f"velocity-tracking error {r['policy_vel_err']:.3f} "
             f"(the expert gait: {r['expert_vel_err']:.3f}), {r['stale_actions_published']} stale actions, "
-            f"model {r['compute_ms_p50']:.1f} ms per chunk on {r['provider']}."
+            + (
+                f"model {r['compute_ms_p50']:.1f} ms per chunk on {r['provider']}."
+                if not r["remote"]
+                else f"chunks {r['inference_ms_p50']:.0f} ms old on arrival (p50), "
+                f"{r['missed_steps']:.0f} missed steps."
+            )
         )
     summary = summarize(rows, reference)
     (args.out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
