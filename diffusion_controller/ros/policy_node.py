@@ -206,6 +206,11 @@ class Worker:
             self._batch = batch
             self._cond.notify()
 
+    def set_policy(self, policy: Any) -> None:
+        """Run `policy` from the next pass on (a pass in progress finishes with the old one)."""
+        with self._cond:
+            self.policy = policy
+
     def stop(self) -> None:
         with self._cond:
             self._stop = True
@@ -352,14 +357,13 @@ class PolicyNode(Node):
                 )
             policy = self._load(path)
             for worker in set(self.workers.values()):
-                with worker._cond:
-                    worker.policy = policy
+                worker.set_policy(policy)
             self.policy, self.card, self.path = policy, card, path
             self.model_id = model_id_text(card.name, card.version, policy.steps)
             self.swaps += 1
             self._log.info(f"model swap: now running '{card.name}' {card.version} on {policy.provider}")
             self._publish_model("swapped", dg.OK, f"running '{card.name}' {card.version}")
-        except (cf.ConfigError, CardError, ModelError, OSError) as exc:
+        except Exception as exc:  # any failure: the old model keeps running
             deadline = time.monotonic() + 2.0
             while self.get_parameter("model_path").value != path and time.monotonic() < deadline:
                 time.sleep(0.005)
