@@ -195,7 +195,11 @@ def test_100hz_loop_behind_a_lossy_reordering_link(models, graph):
     model = models["100hz"]
     graph.clear()
     feeder = SensorFeeder(graph)
-    ctl = remote_controller(model, *RELAXED)
+    # Chunks stop when this test's own sensor feeder stalls (seen for 0.2 s at load average 8); the test is
+    # about 20% loss and reordering, so the loop here tolerates a stalled feeder (the kill test holds the
+    # default chunk timeout).
+    stalls = ["-p", "policy.chunk_timeout_s:=0.5", "-p", "max_consecutive_misses:=50"]
+    ctl = start(model, "-p", "policy.source:=remote", *RELAXED, *stalls)
     pol = policy_node(model, "-p", "policy.chunk_topic:=policy/chunk_tx")
     link_cmd = console_script("link_emulator", "diffusion_controller.sim.link_emulator")
     link = NodeProcess([*link_cmd, "--in", "/policy/chunk_tx", "--out", "/policy/chunk", "--delay", "0.01",
@@ -220,7 +224,7 @@ def test_100hz_loop_behind_a_lossy_reordering_link(models, graph):
     rows = rows_since(graph, t0, t1)
     assert len(rows) > 400, len(rows)
     run = rows[(rows[:, STATE] == RUNNING) & (rows[:, MISSED] == 0)]
-    assert len(run) > 0.9 * len(rows), np.unique(rows[:, STATE], return_counts=True)
+    assert len(run) > 0.9 * len(rows), (np.unique(rows[:, STATE], return_counts=True), ctl.output()[-2500:])
     # No stale action published (DESIGN: stale iff t_i < t_exec - period / 2).
     assert np.all(run[:, ACTION] >= run[:, EXEC] - 0.005 - 1e-9)
     assert (rows[:, STATE] != SAFE).all(), ctl.output()[-3000:]
@@ -251,6 +255,7 @@ def test_one_policy_node_serves_two_namespaced_controllers(models, graph):
                 == "running",
                 60.0,
             ), pol.output()[-1500:] + ctls[0].output()[-2500:]
+
         def chunks(ns: str) -> int:
             return int(diag_values(diag, "policy", "/diffusion_policy").get(f"chunks.{ns}", 0))
 
