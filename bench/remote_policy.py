@@ -1,7 +1,7 @@
 """Remote policy benchmarks: one policy node serving several controllers; 100 Hz behind a lossy link.
 
     python bench/remote_policy.py fleet [--robots 4] [--seconds 20]   # batched pass vs a worker per robot
-    python bench/remote_policy.py link [--seconds 30]                 # 100 Hz, 20% loss + reordering
+    python bench/remote_policy.py link [--seconds 30] [--baseline]    # 100 Hz, 20% loss + reordering
 
 fleet: `--robots` controller_node processes (namespaces robot1..N, `policy.source: remote`) and one
 policy_node (`policy.robots: [robot1, ...]`, the shipped model) on this machine; this process publishes
@@ -264,7 +264,7 @@ def fleet(robots: int, seconds: float, batch: bool, log_dir: Path) -> dict:
     }
 
 
-def link(seconds: float, log_dir: Path) -> dict:
+def link(seconds: float, log_dir: Path, local: bool = False) -> dict:
     from diffusion_controller.training.tiny import make_tiny_model
 
     model = make_tiny_model(log_dir / "tiny", name="tiny_100hz", horizon=16, period=0.01)
@@ -272,23 +272,18 @@ def link(seconds: float, log_dir: Path) -> dict:
     bench = Bench([""])
     relaxed = [a for s in ("joint_states", "imu", "odom") for a in ("-p", f"observations.{s}.timeout_s:=0.5")]
     try:
-        procs.start("controller", controller("", model, *relaxed))
-        procs.start(
-            "policy",
-            [
-                "diffusion_controller.ros.policy_node",
-                "--ros-args",
-                "--params-file",
-                str(CONFIG),
-                "-p",
-                f"model_path:={model}",
-                "-p",
-                "policy.chunk_topic:=policy/chunk_tx",
-            ],
-        )
-        procs.start("link", ["diffusion_controller.sim.link_emulator", "--in", "/policy/chunk_tx", "--out",
-                             "/policy/chunk", "--delay", "0.01", "--jitter", "0.005", "--loss", "0.2",
-                             "--reorder", "0.2", "--reorder-s", "0.02", "--duplicate", "0.05"])  # fmt: skip
+        args = controller("", model, *relaxed)
+        if local:  # the baseline: the same controller running the model itself; no policy node, no link
+            args[args.index("policy.source:=remote")] = "policy.source:=local"
+        procs.start("controller", args)
+        if not local:
+            procs.start("policy", ["diffusion_controller.ros.policy_node", "--ros-args", "--params-file",
+                                   str(CONFIG), "-p", f"model_path:={model}", "-p",
+                                   "policy.chunk_topic:=policy/chunk_tx"])  # fmt: skip
+            link_args = ["--in", "/policy/chunk_tx", "--out", "/policy/chunk", "--delay", "0.01",
+                         "--jitter", "0.005", "--loss", "0.2", "--reorder", "0.2", "--reorder-s", "0.02",
+                         "--duplicate", "0.05"]  # fmt: skip
+            procs.start("link", ["diffusion_controller.sim.link_emulator", *link_args])
         name = "/diffusion_controller: control loop"
         if not wait(lambda: bench.diag.get(name, {}).get("state") == "running", 90.0):
             raise RuntimeError(f"controller did not run; logs in {log_dir}")
@@ -329,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=("fleet", "link"))
     p.add_argument("--robots", type=int, default=4)
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--baseline", action="store_true", help="link: also the same controller running the model")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     dds.one_host_udp(os.environ)
@@ -347,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{100 * v['within_one_period_of_due']:.1f}%, missed steps "
                       f"{v['missed_steps']}")  # fmt: skip
     else:
-        out = link(args.seconds, log_dir)
+        out = {"remote behind the link": link(args.seconds, log_dir)}
+        if args.baseline:
+            out["local (baseline)"] = link(args.seconds, log_dir / "local", local=True)
         print(json.dumps(out, indent=1))
     print(f"logs: {log_dir}")
     if args.json:
