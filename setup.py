@@ -33,6 +33,8 @@ setup(
     entry_points={
         "console_scripts": [
             "controller_node = diffusion_controller.ros.controller_node:main",
+            "policy_node = diffusion_controller.ros.policy_node:main",
+            "link_emulator = diffusion_controller.sim.link_emulator:main",
             "sim_node = diffusion_controller.sim.sim_node:main",
             "export_policy = diffusion_controller.training.export:main",
             "generate_dataset = diffusion_controller.sim.dataset:main",

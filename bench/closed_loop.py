@@ -13,6 +13,9 @@ runs the same sequences, with the same delay and sensor noise, in-process in the
     python bench/closed_loop.py --sweep         # K x timestep spacing, delay x compensation, blending
     python bench/closed_loop.py --sweep k       # one of them (k, delay, blend)
     python bench/closed_loop.py --model PATH    # any exported fused model (e.g. a distilled one)
+    python bench/closed_loop.py --remote --link-delay 0.1 --link-jitter 0.02 --link-loss 0.05
+                                                # policy_node + controller (policy.source remote) + a link
+    python bench/closed_loop.py --sweep remote  # local, link 100 +- 20 ms 5% loss, link 250 ms
     add --json for one JSON object on the last line
 """
 
@@ -51,7 +54,7 @@ DENOISER = ROOT / "models" / "ant_locomotion_denoiser.onnx"
 CONFIG = ROOT / "config" / "ant.yaml"
 CONFIG_BLEND = str(load_params_file(str(CONFIG)).get("blend", "none"))  # what users of the config run
 PERIOD = 0.02
-SWEEPS = ("k", "delay", "blend")
+SWEEPS = ("k", "delay", "blend", "remote")
 FALL_HEIGHT, FALL_GRAVITY_Z = 0.22, -0.5  # the sim's own fall criterion (sim/ant.py AntConfig)
 # Sensor noise of the training data (sim/dataset.py), so the policy sees what it was trained on.
 NOISE = {
@@ -138,12 +141,26 @@ class Setting:
     compensate_delay: bool = True
     blend: str = CONFIG_BLEND
     spacing: str = ""  # denoiser rows: DDIM timestep spacing ("" = the denoiser card's)
+    remote: bool = False  # the policy in a policy_node process, chunks over DDS (and the link below)
+    link_delay_s: float = 0.0  # link_emulator between them when any of these is set
+    link_jitter_s: float = 0.0
+    link_loss: float = 0.0
+
+    @property
+    def link(self) -> bool:
+        return self.remote and (self.link_delay_s > 0 or self.link_jitter_s > 0 or self.link_loss > 0)
 
     def label(self) -> str:
         k = self.steps or "card"
         comp = "on" if self.compensate_delay else "off"
         spacing = f" {self.spacing}" if self.spacing else ""
-        return f"K={k}{spacing} delay={self.obs_delay_s * 1000:.0f}ms comp={comp} blend={self.blend}"
+        where = ""
+        if self.remote:
+            where = " remote"
+            if self.link:
+                where += (f" link={self.link_delay_s * 1000:.0f}+-{self.link_jitter_s * 1000:.0f}ms "
+                          f"loss={self.link_loss * 100:.0f}%")  # fmt: skip
+        return f"K={k}{spacing} delay={self.obs_delay_s * 1000:.0f}ms comp={comp} blend={self.blend}{where}"
 
 
 def respaced(denoiser: Path, spacing: str, directory: Path) -> Path:
@@ -216,6 +233,24 @@ class Processes:
             "outputs.trajectory.enabled:=false",
         ]
         self._start("sim", [py, "-m", "diffusion_controller.sim.sim_node", "--ros-args", *sim_args], log_dir)
+        if setting.remote:
+            # Same parameters for the policy node (model, K, seed, observation sources); the controller
+            # loads no model. With a link, the policy publishes on chunk_tx and link_emulator relays.
+            chunk_topic = "policy/chunk_tx" if setting.link else "policy/chunk"
+            pairs = list(zip(ctl_args[::2], ctl_args[1::2], strict=True))
+            pol_args = [a for pair in pairs if not pair[1].startswith("outputs.") for a in pair]
+            self._start(
+                "policy",
+                [py, "-m", "diffusion_controller.ros.policy_node", "--ros-args", *pol_args,
+                 "-p", f"policy.chunk_topic:={chunk_topic}"],
+                log_dir,
+            )  # fmt: skip
+            if setting.link:
+                link = ["--in", "/policy/chunk_tx", "--out", "/policy/chunk", "--delay",
+                        str(setting.link_delay_s), "--jitter", str(setting.link_jitter_s), "--loss",
+                        str(setting.link_loss), "--seed", str(seed)]  # fmt: skip
+                self._start("link", [py, "-m", "diffusion_controller.sim.link_emulator", *link], log_dir)
+            ctl_args += ["-p", "policy.source:=remote"]
         self._start(
             "controller",
             [py, "-m", "diffusion_controller.ros.controller_node", "--ros-args", *ctl_args],
@@ -294,7 +329,7 @@ class Operator:
     def _on_diag(self, msg) -> None:
         with self.lock:
             for st in msg.status:
-                if "diffusion_controller" in st.name:
+                if "diffusion_controller" in st.name and not st.name.endswith(": model"):
                     for kv in st.values:
                         self.diag[kv.key] = kv.value
 
@@ -457,6 +492,10 @@ def run_setting(
         "compute_ms_p50": diag_number(diag, "compute_p50_ms"),  # the model alone
         "compute_ms_p99": diag_number(diag, "compute_p99_ms"),
         "provider": diag.get("provider", "?"),
+        "chunks_received": diag_number(diag, "chunks_received"),
+        "chunks_dropped": diag_number(diag, "chunks_dropped"),
+        "chunks_refused": diag_number(diag, "chunks_refused"),
+        "safe_entries": diag_number(diag, "safe_entries"),
         "exit_codes": codes,
     }
 
@@ -528,6 +567,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the node's blend (default: config/ant.yaml's, {CONFIG_BLEND}; sweeps vary it)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="policy_node + controller_node (policy.source remote) instead of one node",
+    )
+    p.add_argument("--link-delay", type=float, default=0.0, help="--remote: one-way chunk link delay (s)")
+    p.add_argument("--link-jitter", type=float, default=0.0, help="--remote: uniform +- jitter (s)")
+    p.add_argument("--link-loss", type=float, default=0.0, help="--remote: chunk loss probability")
     p.add_argument("--json", action="store_true")
     p.add_argument("--model", type=Path, default=MODEL, help="fused .onnx to evaluate")
     p.add_argument("--denoiser", type=Path, default=DENOISER, help="denoiser .onnx for the K sweep")
@@ -548,7 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="closed_loop_"))
 
     compensate = not args.no_compensation
-    reference = Setting(obs_delay_s=args.obs_delay, compensate_delay=compensate, blend=args.blend)
+    reference = Setting(obs_delay_s=args.obs_delay, compensate_delay=compensate, blend=args.blend,
+                        remote=args.remote, link_delay_s=args.link_delay, link_jitter_s=args.link_jitter,
+                        link_loss=args.link_loss)  # fmt: skip
     settings = [reference]
     if args.sweep is not None:
         sweeps = args.sweep or list(SWEEPS)
@@ -573,6 +622,13 @@ def main(argv: list[str] | None = None) -> int:
             for b in BLEND_MODES:
                 k = den_k if b == "inpaint" and not steerable else 0
                 settings.append(Setting(obs_delay_s=args.obs_delay, blend=b, steps=k))
+        if "remote" in sweeps:  # issue 25's target rows: local vs the policy behind a link
+            base = Setting(obs_delay_s=args.obs_delay, blend=args.blend)
+            settings += [
+                base,
+                dataclasses.replace(base, remote=True, link_delay_s=0.1, link_jitter_s=0.02, link_loss=0.05),
+                dataclasses.replace(base, remote=True, link_delay_s=0.25),
+            ]
     episodes = args.sweep_episodes if args.sweep is not None else args.episodes
 
     rows = []
@@ -591,12 +647,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(
-        f"{'setting':<53} {'falls':>5} {'policy err':>10} {'expert err':>10} {'ratio':>6} {'missed':>6} "
+        f"{'setting':<80} {'falls':>5} {'policy err':>10} {'expert err':>10} {'ratio':>6} {'missed':>6} "
         f"{'stale':>5} {'model ms p50/p99':>17}"
     )
     for r in rows:
         print(
-            f"{r['setting']:<53} {r['falls']:>2}/{r['episodes']:<2} {r['policy_vel_err']:>10.3f} "
+            f"{r['setting']:<80} {r['falls']:>2}/{r['episodes']:<2} {r['policy_vel_err']:>10.3f} "
             f"{r['expert_vel_err']:>10.3f} {r['ratio_to_expert']:>6.2f} {r['missed_steps']:>6.0f} "
             f"{r['stale_actions_published']:>5} {r['compute_ms_p50']:>8.2f}/{r['compute_ms_p99']:<8.2f}"
         )
@@ -608,13 +664,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"per skill ({who}): {per_skill}")
     if args.demo:
         r = rows[0]
+        where = ""
+        if r["remote"]:
+            where = " from a policy node in its own process"
+            if r["link_delay_s"] or r["link_jitter_s"] or r["link_loss"]:
+                where += (f" behind a {r['link_delay_s'] * 1000:.0f} +- {r['link_jitter_s'] * 1000:.0f} ms "
+                          f"link losing {r['link_loss'] * 100:.0f}% of the chunks")  # fmt: skip
         print(
-            f"\nThe diffusion policy ({args.model.name}) drove the simulated ant through ROS for "
+            f"\nThe diffusion policy ({args.model.name}){where} drove the simulated ant through ROS for "
             f"{args.seconds:.0f} s of stand/walk/turn commands with {r['obs_delay_s'] * 1000:.0f} ms sensor "
             f"delay: {'no fall' if r['falls'] == 0 else 'it FELL'}, "
             f"velocity-tracking error {r['policy_vel_err']:.3f} "
             f"(the expert gait: {r['expert_vel_err']:.3f}), {r['stale_actions_published']} stale actions, "
-            f"model {r['compute_ms_p50']:.1f} ms per chunk on {r['provider']}."
+            + (
+                f"model {r['compute_ms_p50']:.1f} ms per chunk on {r['provider']}."
+                if not r["remote"]
+                else f"chunks {r['inference_ms_p50']:.0f} ms old on arrival (p50), "
+                f"{r['missed_steps']:.0f} missed steps."
+            )
         )
     summary = summarize(rows, reference)
     (args.out / "results.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -1,6 +1,7 @@
 """The demo: the simulated ant (sim.launch.py) and the controller driving it, both on the sim's clock.
 
     ros2 launch diffusion_controller demo.launch.py [model_path:=...] [namespace:=robot1] [log_level:=info]
+    ros2 launch diffusion_controller demo.launch.py policy_source:=remote   # + policy_node.launch.py
 
 Every argument shown here is handed to the included files explicitly, each include in a scope of its
 own: launch configurations are global to a launch, so an include would otherwise read whatever the
@@ -15,8 +16,9 @@ of its own. (In Gazebo, robots in one world share its /clock.)
 
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, GroupAction, IncludeLaunchDescription
+from launch.conditions import IfCondition
 from launch.launch_description_sources import PythonLaunchDescriptionSource
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
 from launch_ros.actions import SetRemap
 from launch_ros.substitutions import FindPackageShare
 
@@ -64,9 +66,15 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument(
             "log_level", default_value="info", choices=LOG_LEVELS, description="Both nodes' log level."
         ),
+        DeclareLaunchArgument(
+            "policy_source",
+            default_value="local",
+            choices=["local", "remote"],
+            description="remote: the policy in a policy_node process of its own, chunks over DDS.",
+        ),
     ]
 
-    def include(launch_file: str, arguments: list[str]) -> GroupAction:
+    def include(launch_file: str, arguments: list[str], condition: IfCondition | None = None) -> GroupAction:
         """`launch_file` with exactly `arguments` passed on, in a scope that ends with it; the clock is
         the namespace's (`clock` resolves to /clock without one)."""
         source = PythonLaunchDescriptionSource(PathJoinSubstitution([share, "launch", launch_file]))
@@ -77,6 +85,7 @@ def generate_launch_description() -> LaunchDescription:
                 IncludeLaunchDescription(source, launch_arguments=passed.items()),
             ],
             scoped=True,
+            condition=condition,
         )
 
     sim = include(
@@ -85,6 +94,10 @@ def generate_launch_description() -> LaunchDescription:
     )
     controller = include(
         "diffusion_controller.launch.py",
-        ["config", "model_path", "use_sim_time", "autostart", "namespace", "log_level"],
+        ["config", "model_path", "use_sim_time", "autostart", "namespace", "log_level", "policy_source"],
     )
-    return LaunchDescription([*args, sim, controller])
+    remote = IfCondition(PythonExpression(["'", LaunchConfiguration("policy_source"), "' == 'remote'"]))
+    policy = include(
+        "policy_node.launch.py", ["config", "model_path", "use_sim_time", "namespace", "log_level"], remote
+    )
+    return LaunchDescription([*args, sim, controller, policy])

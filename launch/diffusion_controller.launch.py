@@ -6,8 +6,10 @@
 With autostart:=true (default) the node configures and activates itself; with false it waits in
 `unconfigured` for a lifecycle manager (`ros2 lifecycle set /diffusion_controller configure`).
 `namespace` moves the node and, because the shipped configs name topics relatively, its sensor and
-command topics too. `log_level` is the node's own (rcl and rmw keep theirs). Everything else (provider,
-threads, blending, safety) is set in the config file.
+command topics too. `policy_source:=remote` runs the robot half of a remote policy: no model is loaded (the
+card of `model_path` is still read), chunks come from a `policy_node` (policy_node.launch.py, maybe on
+another computer) on `policy/chunk`. `log_level` is the node's own (rcl and rmw keep theirs).
+Everything else (provider, threads, blending, safety) is set in the config file.
 """
 
 from launch import LaunchDescription
@@ -54,6 +56,12 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument(
             "autostart", default_value="true", description="Configure and activate at startup."
         ),
+        DeclareLaunchArgument(
+            "policy_source",
+            default_value="local",
+            choices=["local", "remote"],
+            description="local: run the model here; remote: take chunks from a policy_node.",
+        ),
     ]
     node = LifecycleNode(
         package="diffusion_controller",
@@ -68,6 +76,7 @@ def generate_launch_description() -> LaunchDescription:
                 "model_path": ParameterValue(LaunchConfiguration("model_path"), value_type=str),
                 "use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool),
                 "autostart": ParameterValue(LaunchConfiguration("autostart"), value_type=bool),
+                "policy.source": ParameterValue(LaunchConfiguration("policy_source"), value_type=str),
             },
         ],
         arguments=[

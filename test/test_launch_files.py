@@ -83,17 +83,35 @@ def test_controller_launch_passes_each_argument_to_a_node_parameter_of_its_type(
     assert config_of(keyword(node.call, "namespace")) == "namespace"
     assert node.parameter_files == ["config"]  # the params file first, the arguments override it
     params = node.parameter_dicts
-    assert set(params) == {"model_path", "use_sim_time", "autostart"}
+    assert set(params) == {"model_path", "use_sim_time", "autostart", "policy.source"}
     for name, value in params.items():
         kind = controller_parameter_kind(name)
         assert kind is not None, f"{name} is not a parameter of the node"
-        assert config_of(value) == name, f"parameter {name} takes argument {config_of(value)}"
+        argument = name.replace(".", "_")  # launch argument policy_source -> parameter policy.source
+        assert config_of(value) == argument, f"parameter {name} takes argument {config_of(value)}"
         assert keyword(value, "value_type").id == TYPES[kind], name
     assert share_path(CONTROLLER, CONTROLLER.default("config")) == ROOT / "config" / "ant.yaml"
     assert share_path(CONTROLLER, CONTROLLER.default("model_path")) == ROOT / "models" / "ant_locomotion.onnx"
     assert (ROOT / "models" / "ant_locomotion.onnx").exists()
+    assert CONTROLLER.choices("policy_source") == list(cf.POLICY_SOURCES)
     # The shipped params file holds only parameters the node declares.
     assert cf.unknown_parameters(cf.load_params_file(str(ROOT / "config" / "ant.yaml"))) == []
+
+
+def test_policy_launch_passes_each_argument_to_a_node_parameter_of_its_type() -> None:
+    from diffusion_controller.ros.policy_node import NODE_NAME as POLICY_NAME
+
+    f = FILES["policy_node.launch.py"]
+    (node,) = f.nodes
+    assert node.literal("executable") == "policy_node"
+    assert ast.literal_eval(f.constant("NODE_NAME")) == POLICY_NAME
+    assert node.parameter_files == ["config"]
+    params = node.parameter_dicts
+    assert set(params) == {"model_path", "use_sim_time"}
+    for name, value in params.items():
+        assert config_of(value) == name
+        assert keyword(value, "value_type").id == TYPES[controller_parameter_kind(name)], name
+    assert share_path(f, f.default("config")) == ROOT / "config" / "ant.yaml"
 
 
 def test_sim_launch_passes_each_argument_to_a_sim_node_parameter() -> None:
@@ -127,7 +145,7 @@ def demo_includes() -> dict[str, list[str]]:
 
 def test_demo_hands_each_include_exactly_the_arguments_that_file_declares() -> None:
     includes = demo_includes()
-    assert set(includes) == {"sim.launch.py", "diffusion_controller.launch.py"}
+    assert set(includes) == {"sim.launch.py", "diffusion_controller.launch.py", "policy_node.launch.py"}
     for file, names in includes.items():
         assert sorted(names) == sorted(FILES[file].declared), file
         assert set(names) <= set(DEMO.declared), file

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .chunk import Chunk
+from .external import ExternalChunks, NoWorker
 from .inference import InferenceRequest, InferenceWorker, WorkerLike, check_actions
 from .latency import LatencyForecaster
 from .observation import NOT_REQUIRED_KINDS, VELOCITY_COMMAND, ObservationError, ObservationHistory
@@ -67,6 +68,7 @@ class ControlConfig:
     max_step_per_tick: float = 0.2
     latency_window: int = 10
     seed: int | None = 0
+    chunk_timeout_s: float | None = None  # external chunks: none accepted for this long -> SAFE
 
     def __post_init__(self) -> None:
         def number(name: str, *, positive: bool = False, optional: bool = False) -> None:
@@ -120,6 +122,7 @@ class ControlConfig:
         integer("latency_window", 1)
         if self.seed is not None and not _is_int(self.seed):
             raise ConfigError("seed", f"expected an integer or None, got {self.seed!r}")
+        number("chunk_timeout_s", positive=True, optional=True)
 
     def history_for(self, card: Any) -> ObservationHistory:
         """The observation history of `card` under this configuration (a velocity command older than
@@ -250,17 +253,24 @@ class ControlCore:
     """observe() sensor samples, tick(now) once per control period, publish TickResult.command."""
 
     def __init__(
-        self, card: Any, config: ControlConfig, policy: Any = None, *, worker: WorkerLike | None = None
-    ) -> None:
+        self, card: Any, config: ControlConfig, policy: Any = None, *, worker: WorkerLike | None = None,
+        external: bool = False,
+    ) -> None:  # fmt: skip
         if policy is not None and layout_of(policy.card) != layout_of(card):
             raise ValueError("policy.card has a different observation/action layout than the card given")
+        if external and policy is not None:
+            raise ValueError("external: chunks come from offer_chunk(), no policy runs here")
         config.check_card(card, policy)
         self.config = config
         self._lock = threading.Lock()
         self._policy = policy
-        self._worker: WorkerLike = worker if worker is not None else InferenceWorker(policy)
-        if worker is not None:
+        # external: chunks computed elsewhere (a policy node) enter through offer_chunk(); no worker runs.
+        self._external = ExternalChunks() if external else None
+        if worker is None:
+            worker = NoWorker() if external else InferenceWorker(policy)
+        else:
             worker.set_policy(policy)
+        self._worker: WorkerLike = worker
         self._forecaster = LatencyForecaster(config.latency_window)
         self._counters = _Counters()
         self._next_seq = 0
@@ -320,6 +330,16 @@ class ControlCore:
             if fault is not None and stamp > fault[0]:
                 del self._faults[feature]  # a newer good sample: the input is plausible again
             return None
+
+    def offer_chunk(self, actions: Any, t_obs: float, received: float, source: str = "") -> None:
+        """A chunk computed elsewhere (external mode): actions (horizon, action_dim) in card order for the
+        observations stamped `t_obs`, received at node time `received`. It enters at the next tick exactly
+        where the inference worker's results enter (same checks, scheduler, blending, stale rule, safety).
+        Never blocks; a burst keeps only the newest few."""
+        if self._external is None:
+            raise RuntimeError("offer_chunk: this core runs its own policy (built without external=True)")
+        with self._lock:
+            self._external.offer(actions, float(t_obs), float(received), source)
 
     def fault(self, feature: str, stamp: float, reason: str) -> None:
         """An input of `feature` stamped `stamp` was refused as unsafe to act on (a source with the `safe`
@@ -462,6 +482,8 @@ class ControlCore:
         self._min_seq = self._next_seq
         self._worker.cancel_pending()
         self._last_request_t_obs = None
+        if self._external is not None:  # a remote chunk must be conditioned on observations from now on
+            self._external.require_after(self._history.newest_common_stamp())
 
     def _restart(self, reason: str, clear_history: bool = False) -> None:
         self._history.reset(keep_newest=not clear_history)
@@ -472,6 +494,8 @@ class ControlCore:
         if clear_history:
             self._watchdog.healthy = False
             self._faults.clear()  # stamps of another timeline
+            if self._external is not None:
+                self._external.new_timeline()
         self._wait_cause = reason
         if not self._estopped:
             self._state, self._reason = ControlState.WAITING, reason
@@ -501,6 +525,8 @@ class ControlCore:
         """Why no usable action is there: the last chunk's fate, or the inference still running."""
         if self._miss_cause:
             return self._miss_cause
+        if self._external is not None:
+            return self._external.silence(now)
         if self._worker.busy:
             return f"inference requested {now - self._last_request_now:.3f} s ago has not answered"
         return "no new chunk in time"
@@ -549,6 +575,17 @@ class ControlCore:
                 return self._hold_result(t_exec, self._safety.safe_command())
             self._state, self._reason = ControlState.WAITING, self._waiting_reason(status)
             return self._hold_result(t_exec, self._waiting_command())
+
+        timeout = self.config.chunk_timeout_s
+        if self._external is not None and timeout is not None and self._state is ControlState.RUNNING:
+            silent = now - self._external.last_accepted
+            if silent > timeout:  # the link or the policy node is gone: safe now, whatever is left
+                self._scheduler.clear()
+                self._require_fresh_chunk()
+                why = f"no chunk from the policy for {silent:.3f} s (chunk_timeout_s {timeout:g})"
+                self._enter_safe(why)
+                self._safe_why = "chunk timeout"
+                return self._hold_result(t_exec, self._safety.safe_command())
 
         selection = self._scheduler.select(now)
         if selection is not None:
@@ -605,7 +642,7 @@ class ControlCore:
         return self._safety.hold()
 
     def _waiting_reason(self, status: WatchdogStatus) -> str:
-        if self._policy is None:
+        if self._policy is None and self._external is None:
             return "waiting for a policy"
         missing = self._history.missing()
         if missing:
@@ -619,6 +656,10 @@ class ControlCore:
 
     def _collect(self, now: float) -> None:
         """Take a finished inference result, if any, and offer it to the scheduler."""
+        if self._external is not None:
+            for actions, t_obs, received, source in self._external.take():
+                self._collect_external(now, actions, t_obs, received, source)
+            return
         result = self._worker.poll()
         if result is None:
             return
@@ -651,6 +692,32 @@ class ControlCore:
             c.chunks_dropped += 1
         self._last_drop = why or ""
         self._miss_cause = f"chunk dropped: {why}" if why else ""
+
+    def _collect_external(self, now: float, actions: Any, t_obs: float, received: float, source: str) -> None:
+        """One chunk from elsewhere into the scheduler, as _collect does with the worker's results."""
+        c, ext = self._counters, self._external
+        assert ext is not None
+        c.chunks_received += 1
+        self._forecaster.record_inference(max(0.0, received - t_obs))  # observation -> arrival here
+        why = ext.refusal(t_obs, now + self.config.future_tolerance_s)
+        if why is None:
+            checked, error = check_actions(actions, self.card)
+            why = None if checked is not None else f"chunk rejected: {error}"
+        if why is not None:
+            c.chunks_dropped += 1
+            self._miss_cause = why
+            self._last_drop = why
+            return
+        seq = self._next_seq
+        self._next_seq += 1
+        offset = int(self.card.first_offset)
+        chunk = Chunk(checked, t_obs, self._period, offset, seq, received, now)
+        dropped = self._scheduler.offer(chunk, now)
+        ext.accepted(t_obs, received, usable=dropped is None)
+        if dropped is not None:
+            c.chunks_dropped += 1
+        self._last_drop = dropped or ""
+        self._miss_cause = f"chunk dropped: {dropped}" if dropped else ""
 
     def _maybe_request(self, now: float, status: WatchdogStatus) -> None:
         """Hand the worker a new request when it is free and the schedule calls for one."""

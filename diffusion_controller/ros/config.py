@@ -78,6 +78,7 @@ EXECUTORS = ("auto", "events", "single_threaded", "multi_threaded")
 STAMP_MODES = ("header", "receipt")
 IMPLAUSIBLE_POLICIES = ("auto", *POLICIES)
 TRAJECTORY_STAMPS = ("zero", "absolute")
+POLICY_SOURCES = ("local", "remote")
 #: Watchdog timeout standing for "never stale" (the core wants a finite number).
 NEVER_S = 1e9
 
@@ -256,6 +257,28 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
            "them, reject the message, or safe (reject and hold the safe state until plausible input); "
            "auto = clamp for a source of velocity commands only, else reject.", choices=IMPLAUSIBLE_POLICIES),
     )),
+    ("Remote policy", (
+        _P("policy.source", "local", "string", "Where chunks come from: local (this node runs the model) or "
+           "remote (a `policy_node`, maybe on another computer, publishes them on `policy.chunk_topic`; "
+           "only the model card of `model_path` is read here: joints, limits, period, horizon).",
+           choices=POLICY_SOURCES, field="policy_source"),
+        _P("policy.chunk_topic", "policy/chunk", "string", "JointTrajectory chunks of a remote policy "
+           "(best effort, keep last 10: a lost chunk is superseded by the next one, a resent one would "
+           "arrive stale). The policy node publishes one per controller namespace.", field="chunk_topic"),
+        _P("policy.executed_topic", "policy/executed", "string", "Remote mode: each command as a stamped "
+           "JointState (tick time, card action joints), the previous_action the policy node conditions on.",
+           field="executed_topic"),
+        _P("policy.chunk_timeout_s", 0.2, "double", "Remote mode: no usable chunk for this long -> safe "
+           "state (the loop never waits for the link).", range=(0.001, 60.0), field="chunk_timeout_s",
+           control="chunk_timeout_s"),
+        _P("policy.robots", [], "string[]", "Policy node: namespaces of the controllers it serves (one "
+           "observation history each; requests due together run in one pass); empty = its own namespace.",
+           when="startup", field="robots"),
+        _P("policy.batch", False, "bool", "Policy node: true runs the requests of the robots due together in "
+           "one pass of one worker thread (a loop of single runs: the exported graphs have batch size 1; "
+           "measured: no CPU saved, later robots wait for earlier ones); false = a worker thread per robot.",
+           when="startup", field="batch"),
+    )),
     ("Outputs", (
         _P("outputs.commands.enabled", True, "bool", "Publish Float64MultiArray commands "
            "(forward_command_controller)."),
@@ -421,6 +444,12 @@ class NodeConfig:
     trajectory_stamp: str
     debug_enabled: bool
     debug_topic: str
+    policy_source: str
+    chunk_topic: str
+    executed_topic: str
+    chunk_timeout_s: float
+    robots: tuple[str, ...]
+    batch: bool
     sources: tuple[SourceConfig, ...]
 
     @classmethod
@@ -520,8 +549,9 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
             owner.setdefault(name, []).append(src.name)
     for name, feat in features.items():
         if feat.kind == "previous_action" and feat.size != card.action_dim:
-            errors.append(f"card feature '{name}': previous_action size {feat.size} != action_dim "
-                          f"{card.action_dim}")
+            errors.append(
+                f"card feature '{name}': previous_action size {feat.size} != action_dim {card.action_dim}"
+            )
         if feat.kind in COMPUTED_KINDS:
             continue
         srcs = owner.get(name, [])
@@ -531,8 +561,10 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
                 "source; add it to the features of one source"
             )
         elif len(srcs) > 1:
-            errors.append(f"card feature '{name}' is filled by several sources ({', '.join(srcs)}); "
-                          "exactly one must fill it")
+            errors.append(
+                f"card feature '{name}' is filled by several sources ({', '.join(srcs)}); "
+                "exactly one must fill it"
+            )
 
     card_joints = tuple(card.action_joints)
     model_joints = cfg.model_joints or cfg.joints or card_joints
@@ -560,14 +592,31 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
             pose = [0.0] * len(card_joints)
             for i, k in enumerate(output_index):
                 pose[k] = cfg.default_pose[i]
-            bad = [output_joints[i] for i, k in enumerate(output_index)
-                   if not lower[k] <= pose[k] <= upper[k]]
+            bad = [
+                output_joints[i] for i, k in enumerate(output_index) if not lower[k] <= pose[k] <= upper[k]
+            ]
             if bad:
                 errors.append(f"default_pose: outside the card's action limits for joints {bad}")
             default_pose = tuple(pose)
     else:
         default_pose = tuple((lo + hi) / 2.0 for lo, hi in zip(lower, upper, strict=True))
 
+    if cfg.policy_source == "remote":  # what a policy node computing on its own cannot honour
+        if cfg.blend == "inpaint":
+            errors.append(
+                "blend: inpaint sends the running chunk with each request; a remote policy gets "
+                "no request (use ensemble, crossfade or none with policy.source remote)"
+            )
+        if cfg.execute_steps != 1:
+            errors.append(
+                "execute_steps: a remote policy sends a chunk whenever the observations advance; "
+                "with policy.source remote it must be 1"
+            )
+        if not cfg.compensate_delay:
+            errors.append(
+                "compensate_delay: a remote chunk is always stamped with its observations' time; "
+                "with policy.source remote it must be true"
+            )
     if cfg.crossfade_steps > card.horizon:
         errors.append(f"crossfade_steps: {cfg.crossfade_steps} exceeds the card's horizon {card.horizon}")
     period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else float(card.control_period_s)
@@ -610,6 +659,7 @@ def control_config(cfg: NodeConfig, binding: Binding, card: Any) -> ControlConfi
         default_pose=binding.default_pose if cfg.safe_mode == "default_pose" else None,
         obs_timeouts_s=timeouts,
         command_timeout_s=command_timeout,
+        chunk_timeout_s=cfg.chunk_timeout_s if cfg.policy_source == "remote" else None,
     )
     try:
         control = ControlConfig(**values)
@@ -704,8 +754,13 @@ def readme_with_parameter_table(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Print the parameter reference, or (`--readme`) write it into README.md."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--readme", nargs="?", const=str(README), metavar="PATH",
-                        help="rewrite the parameter reference in this README (default: the repository's)")
+    parser.add_argument(
+        "--readme",
+        nargs="?",
+        const=str(README),
+        metavar="PATH",
+        help="rewrite the parameter reference in this README (default: the repository's)",
+    )
     args = parser.parse_args(argv)
     if args.readme is None:
         sys.stdout.write(parameter_table_markdown())

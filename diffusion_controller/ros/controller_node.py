@@ -105,7 +105,7 @@ class ControllerNode(LifecycleNode):
             self._params.declare_sources()
             cfg = self._params.config()
             loaded = self.swapper.load(cfg)
-            card = loaded.policy.card
+            card = loaded.core.card
             carried = carried_command(self._carried[0], loaded.binding, len(card.action_joints))
             if carried is not None and loaded.core.continue_from(carried):
                 self._log.info("first commands rate-limited against the last one this node sent")
@@ -125,8 +125,10 @@ class ControllerNode(LifecycleNode):
         gc.collect()
         gc.freeze()
         policy = loaded.policy
+        runs = f"on {policy.provider}, K={policy.steps}" if policy is not None else (
+            f"computed remotely (chunks on {self.resolve_topic_name(cfg.chunk_topic)})")
         self._log.info(
-            f"configured: model '{card.name}' {card.version} on {policy.provider}, K={policy.steps}, "
+            f"configured: model '{card.name}' {card.version} {runs}, "
             f"{1.0 / loaded.binding.period_s:.1f} Hz, sources {[s.name for s in cfg.sources]}"
         )
         self.swapper.publish("loaded", dg.OK, f"running '{card.name}' {card.version}")

@@ -164,8 +164,15 @@ class Intake:
     hidden node takes no command-line arguments of its own.
     """
 
-    def __init__(self, node: Any, sources: Sequence[cf.SourceConfig], classes: dict, period_s: float) -> None:
-        self.node = hidden_node(node, "intake")
+    def __init__(
+        self,
+        node: Any,
+        sources: Sequence[cf.SourceConfig],
+        classes: dict,
+        period_s: float,
+        role: str = "intake",
+    ) -> None:
+        self.node = hidden_node(node, role)
         depth = queue_depth(period_s)
         self.sources = {
             s.name: SourceIntake(self.node, s, node.resolve_topic_name(s.topic), classes[s.type], depth)

@@ -22,6 +22,8 @@ from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
 from diffusion_controller.core.controller import ControlCore, ControlState, TickResult
+from diffusion_controller.core.external import ChunkFitError
+from diffusion_controller.ros import chunks as ch
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import diagnostics as dg
@@ -156,6 +158,16 @@ class ControlLoop:
                 QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE),
             )
         self.intake = Intake(node, cfg.sources, cv.MESSAGE_CLASSES, binding.period_s)
+        # Remote policy: its chunks are taken right before each tick, like the observations; the commands
+        # go back stamped (previous_action of the policy node's observation history).
+        self._chunks: ch.RawQueue | None = None
+        self._pub_exec = None
+        if cfg.policy_source == "remote":
+            topic = node.resolve_topic_name(cfg.chunk_topic)
+            self._chunks = ch.RawQueue(self.intake.node, cv.JointTrajectory, topic, ch.CHUNK_QOS)
+            self._pub_exec = node.create_lifecycle_publisher(
+                ch.JointState, cfg.executed_topic, ch.EXECUTED_QOS
+            )
 
         self._timer_node = hidden_node(node, "loop", [Parameter("use_sim_time", value=use_sim_time)])
         self._timer = self._timer_node.create_timer(binding.period_s, self._on_tick)
@@ -214,11 +226,14 @@ class ControlLoop:
         self._thread.join()  # within one spin_once timeout
         self._executor.shutdown(timeout_sec=2.0)
         self._timer_node.destroy_node()
+        if self._chunks is not None:
+            self._chunks.close()
+            self._chunks = None
         self.intake.close()
-        for pub in (self._pub_cmd, self._pub_traj, self._pub_dbg):
+        for pub in (self._pub_cmd, self._pub_traj, self._pub_dbg, self._pub_exec):
             if pub is not None:
                 self._node.destroy_lifecycle_publisher(pub)
-        self._pub_cmd = self._pub_traj = self._pub_dbg = None
+        self._pub_cmd = self._pub_traj = self._pub_dbg = self._pub_exec = None
         self.active = False
 
     # -- one period ----------------------------------------------------------------------------------------
@@ -242,6 +257,22 @@ class ControlLoop:
 
         self.intake.drain(readers, now, core.observation_spacing_s, accept, reject, diag.contradiction)
 
+    def _take_chunks(self, core: ControlCore, now: float) -> None:
+        """Every chunk the policy node sent since the last period into the core (non-blocking); one that
+        does not fit the card is refused with the reason on /diagnostics."""
+        assert self._chunks is not None
+        for msg, received in self._chunks.take(now):
+            if msg is None:
+                self._diag.chunk_refused("chunk refused: the message does not deserialize")
+                continue
+            self._diag.remote_model = ch.model_of(msg) or repr(msg.header.frame_id)
+            try:
+                actions, t_obs = ch.read_chunk(msg, core.card)
+            except ChunkFitError as exc:
+                self._diag.chunk_refused(f"chunk refused ({self._diag.remote_model}): {exc}")
+                continue
+            core.offer_chunk(actions, t_obs, received)
+
     def _on_tick(self) -> None:
         """One control period: take the observations, ask the core for the command and publish it."""
         t0, t_wall = time.perf_counter(), time.monotonic()  # jitter is when the tick started, not ended
@@ -250,9 +281,13 @@ class ControlLoop:
         with self._lock:
             core, binding = loaded.core, loaded.binding
             self._take_observations(core, loaded.readers, now)
+            if self._chunks is not None:
+                self._take_chunks(core, now)
             if not self.active:
                 return
             res = core.tick(now)
+        if res.command is not None and self._pub_exec is not None:
+            self._pub_exec.publish(ch.executed_msg(core.card.action_joints, res.command, now))
         if res.command is not None:
             sent = res.command[list(binding.output_index)]
             self.last_sent = (binding.output_joints, sent)

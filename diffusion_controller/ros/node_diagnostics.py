@@ -61,6 +61,8 @@ class NodeDiagnostics:
         self._wrong_types: dict[str, str] = {}  # source topic -> publishers of another type on it
         self._wrong_types_logged: dict[tuple[str, str], float] = {}  # (topic, types) -> last seen (s)
         self._taken_before: dict[str, tuple[float, int]] = {}  # source -> (time, messages) at the last report
+        self.chunks_refused = 0  # remote chunks that did not fit the card
+        self.remote_model = ""  # what the newest remote chunk said about its model
         self._pub = node.create_publisher(dg.DiagnosticArray, "/diagnostics", 10)
         steady = Clock(clock_type=ClockType.STEADY_TIME)
         self._timer = node.create_timer(period_s, self.publish, callback_group=callback_group, clock=steady)
@@ -123,6 +125,12 @@ class NodeDiagnostics:
             f"{source}:contradiction",
             f"[{source}] contradictory publishers on {topic} ({nodes or 'nodes unknown'}): {why}",
         )
+
+    def chunk_refused(self, why: str) -> None:
+        """A remote chunk that does not fit the robot: counted, logged once per 10 s, on /diagnostics."""
+        self.chunks_refused += 1
+        self.record_error(why)
+        self._faults("chunk_refused", why)
 
     def missed_step(self, reason: str) -> None:
         self._events("missed_step", f"missed step: {reason}")
@@ -274,6 +282,9 @@ class NodeDiagnostics:
                 "swap_loading": swapper.target if swapper.thread else "",
                 "sha256": loaded.sha256,
                 "last_error": self._last_error or st.last_error,
+                "source": "local" if policy is not None else "remote",
+                "remote_model": self.remote_model,
+                "chunks_refused": self.chunks_refused,
             },
         )
         ages = core.ages(node.get_clock().now().nanoseconds * 1e-9)

@@ -133,7 +133,12 @@ class ModelSwapper:
 
     def load(self, cfg: cf.NodeConfig) -> Loaded:
         """Configure's model: checked, loaded + warmed up, and a core running it."""
-        _, binding = self.check(cfg, cfg.model_path, cfg.max_model_mb)
+        card, binding = self.check(cfg, cfg.model_path, cfg.max_model_mb)
+        if cfg.policy_source == "remote":  # a policy node computes the chunks: the card is all we need
+            sha256 = file_sha256(cfg.model_path)
+            core = ControlCore(card, cf.control_config(cfg, binding, card), external=True)
+            readers = self._make_readers(cfg, card, binding)
+            return Loaded(cfg, core, None, binding, readers, cfg.model_path, sha256)
         policy = self._load_policy(cfg, cfg.model_path)
         sha256 = file_sha256(cfg.model_path)
         core = ControlCore(policy.card, cf.control_config(cfg, binding, policy.card), policy)
@@ -171,6 +176,9 @@ class ModelSwapper:
         loaded = self._node.loaded
         if loaded is None:
             return ""
+        if loaded.policy is None:
+            return ("policy.source is remote: the model is swapped on the policy node (its model_path); "
+                    "here model_path only gives the card, read on configure")
         if self.thread is not None:
             reason = f"a model swap to '{self.target}' is still loading; try again when it is done"
         else:
@@ -263,7 +271,7 @@ class ModelSwapper:
         """One ~/model status: what runs now (name, version, path, SHA-256, provider) and what happened."""
         loaded = self._node.loaded
         policy = loaded.policy if loaded is not None else None
-        card = getattr(policy, "card", None)
+        card = loaded.core.card if loaded is not None else None
         values = {
             "event": event,
             "path": loaded.path if loaded is not None else "",
