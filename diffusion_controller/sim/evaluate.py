@@ -17,6 +17,7 @@ from diffusion_controller.sim.ant import (
     N_JOINTS,
     OBS_DIM,
     STANDING_POSE,
+    TORQUE_LIMIT,
     Ant,
     card_observation,
 )
@@ -59,7 +60,8 @@ def rollout(
     """Run ``policy(obs_row) -> targets`` on the ant through the command schedule.
 
     Row k: observation at t_k (before action k), previous_action = the target applied at step k-1
-    (standing pose at k=0). With ``perturb`` (DART-style data collection), the ant executes
+    (standing pose at k=0). An effort-driven ant (AntConfig.drive) takes ``policy``'s output as joint
+    torques (previous_action zero at k=0). With ``perturb`` (DART-style data collection), the ant executes
     ``perturb(target)`` while the recorded action stays the policy's own target: the data then shows how
     the expert recovers from states its clean execution would never reach. ``clock_offset_s`` shifts the
     gait clock (a random gait phase at the start of a dataset episode).
@@ -72,16 +74,23 @@ def rollout(
     act = np.zeros((n, N_JOINTS))
     vel = np.zeros((n, 3))
     times = np.zeros(n)
-    prev = STANDING_POSE.copy()
+    effort = ant.cfg.drive == "effort"
+    prev = np.zeros(N_JOINTS) if effort else STANDING_POSE.copy()
     fell = False
     k = 0
     for k in range(n):
         o = card_observation(ant.observe(), commands[k], prev, clock_offset_s)
         gt = ant.ground_truth()
         target = policy(o)
-        a = ant.set_target(target if perturb is None else perturb(target))
+        apply = ant.set_effort if effort else ant.set_target
+        a = apply(target if perturb is None else perturb(target))
         obs[k], times[k] = o, ant.time
-        act[k] = a if perturb is None else np.clip(target, ant.joint_lower, ant.joint_upper)
+        if perturb is None:
+            act[k] = a
+        elif effort:
+            act[k] = np.clip(target, -TORQUE_LIMIT, TORQUE_LIMIT)
+        else:
+            act[k] = np.clip(target, ant.joint_lower, ant.joint_upper)
         vel[k] = [gt.linear_velocity[0], gt.linear_velocity[1], gt.angular_velocity[2]]
         ant.step(period)
         prev = a
