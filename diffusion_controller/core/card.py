@@ -587,7 +587,7 @@ class _Parser:
                              f"'base_velocity', got {j!r}")  # fmt: skip
         if kind in ZERO_SAFE_KINDS and lower is not None and upper is not None and lower.shape == upper.shape:
             for i in np.flatnonzero(~((lower <= 0.0) & (upper >= 0.0))):
-                self.err(f"{p}.lower[{i}]", f"a {kind} action must allow 0 (its safe command): "
+                self.err(f"{p}.lower[{i}]", f"an action of kind {kind!r} must allow 0 (its safe command): "
                          f"[{lower[i]}, {upper[i]}] does not")  # fmt: skip
 
     def observation(self, d: dict, n_act: int | None):

@@ -369,6 +369,11 @@ class ControlCore:
             self._safety.reset(np.asarray(command, dtype=float), clamp=False)
             return True
 
+    @property
+    def winds_down(self) -> bool:
+        """The action kind must be brought to zero when commanding stops (velocity, effort, base velocity)."""
+        return self._safety.stops
+
     def stop_step(self) -> np.ndarray | None:
         """The next command of a wind-down when the node stops commanding (deactivate): one rate-limited step
         toward zero for a velocity or effort action (zero once there), None for a position action (the
