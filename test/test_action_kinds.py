@@ -176,7 +176,7 @@ def test_safe_modes_must_fit_the_action_kind():
     for kind in STOPPING_KINDS:
         card = clock_card(action_lower=LOWER, action_upper=UPPER, action_kind=kind)
         for mode in ("hold", "default_pose"):
-            with pytest.raises(ConfigError, match=f"safe_mode: a {kind} action is never held"):
+            with pytest.raises(ConfigError, match=f"safe_mode: {kind} actions are never held"):
                 ControlConfig(safe_mode=mode, default_pose=(0.0, 0.0)).check_card(card)
         ControlConfig(safe_mode="zero").check_card(card)
     with pytest.raises(ConfigError, match="safe_mode: 'zero' is for velocity"):

@@ -57,7 +57,7 @@ def test_outputs_must_fit_the_action_kind():
     # ant.yaml publishes a position trajectory: refused for a velocity model, naming the parameter.
     with pytest.raises(cf.ConfigError, match=r"outputs\.trajectory\.interface: 'position' cannot carry"):
         cf.validate_against_card(config(safe_mode="zero"), velocity)
-    with pytest.raises(cf.ConfigError, match="safe_mode: a velocity action is never held"):
+    with pytest.raises(cf.ConfigError, match="safe_mode: velocity actions are never held"):
         cf.validate_against_card(config(**{"outputs.trajectory.interface": "velocity"}), velocity)
     as_velocity = {"outputs.trajectory.interface": "velocity"}
     cf.validate_against_card(config(safe_mode="zero", **as_velocity), velocity)
