@@ -211,7 +211,8 @@ class Processes:
         ] + [a for k, v in NOISE.items() for a in ("-p", f"noise.{k}:={v}")]
         if effort:
             sim_args += ["-p", "drive:=effort", "-p", f"physics_timestep:={EFFORT_TIMESTEP_S}",
-                         "-p", "joint_states_rate_hz:=200.0", "-p", "imu_rate_hz:=200.0"]  # fmt: skip
+                         "-p", "joint_states_rate_hz:=200.0", "-p", "imu_rate_hz:=200.0",
+                         "-p", "clock_rate_hz:=400.0"]  # fmt: skip
         ctl_args = [
             "--params-file",
             str(config),

@@ -29,7 +29,7 @@ SAFE_MODES = ("hold", "default_pose", "zero")
 def safe_mode_refusal(kind: str, safe_mode: str) -> str | None:
     """Why `safe_mode` cannot guard actions of `kind`, or None when it can."""
     if kind in ZERO_SAFE_KINDS and safe_mode != "zero":
-        return (f"a {kind} action is never held (a held {kind} keeps the robot moving): expected 'zero' "
+        return (f"{kind} actions are never held (a held {kind} keeps the robot moving): expected 'zero' "
                 f"(ramp to zero at the rate limit), got {safe_mode!r}")  # fmt: skip
     if kind not in ZERO_SAFE_KINDS and safe_mode == "zero":
         return (f"'zero' is for velocity, effort and base_velocity actions; a {kind} action holds: 'hold' "

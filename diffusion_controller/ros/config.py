@@ -151,9 +151,10 @@ _SOURCE = f"observations.{SRC}."
 PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
     ("Model", (
         _P("model_path", "", "string", "ONNX policy; its card is in the model's metadata or a `.yaml` beside "
-           "it; empty = configure fails. Setting it while configured swaps the model: the call answers at "
-           "once; the file is read, checked, loaded and warmed up in a loader thread and swapped in between "
-           "two ticks; a failure keeps the old model and sets model_path back (see ~/model).", when="live"),
+           "it; empty = configure fails. Setting it while configured swaps the model: the call reads the "
+           "card and refuses, with the reason, a model that does not fit the configuration; the model is "
+           "loaded and warmed up in a loader thread and swapped in between two ticks; a failure there keeps "
+           "the old model and sets model_path back (see ~/model).", when="live"),
         _P("provider", "auto", "string", "ONNX Runtime provider: auto tries tensorrt, cuda, then cpu, each "
            "until one starts; cuda or tensorrt fail the configure instead of running on the CPU.",
            choices=PROVIDERS),

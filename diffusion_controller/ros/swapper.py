@@ -1,8 +1,9 @@
 """The model: loaded on configure, swapped at runtime when `model_path` is set, reported on ~/model.
 
-A swap checks at once only what needs no reading (the parameter call answers at once); a loader thread
-reads and checks the card against the configuration, hashes, loads and warms up the new model, then
-swaps it in between two ticks. Any failure keeps the old model running, says why (log, /diagnostics,
+A swap checks the file and its card against the configuration in the parameter call (the card reader
+seeks past the weights: a few small reads, whatever the model's size), so a model that does not fit is
+refused in the call's answer; a loader thread hashes, loads and warms up the new model, then swaps it in
+between two ticks. Any failure keeps the old model running, says why (log, /diagnostics,
 ~/model) and puts `model_path` back. The replaced model is freed right after a tick, once the core no
 longer uses it.
 """
@@ -166,18 +167,19 @@ class ModelSwapper:
     # -- swapping ------------------------------------------------------------------------------------------
     def begin(self, path: str, max_mb: float) -> str:
         """Start loading a new model_path in the background; '' or why not (also logged, counted and on
-        /diagnostics: said where an operator looks, not only in the caller's reply). Only what needs no
-        reading is checked here; the loader thread does the rest."""
+        /diagnostics: said where an operator looks, not only in the caller's reply). The file and its card
+        are checked against the configuration here; the loader thread loads (and checks the rest)."""
         loaded = self._node.loaded
         if loaded is None:
             return ""
         if self.thread is not None:
             reason = f"a model swap to '{self.target}' is still loading; try again when it is done"
         else:
-            try:
-                check_model_file(path, max_mb)
+            try:  # the card against the configuration: cheap (read_onnx_metadata seeks, never reads weights)
+                _, binding = self.check(loaded.cfg, path, max_mb)
+                check_swap_fits(loaded.binding, binding)
                 reason = ""
-            except (cf.ConfigError, OSError) as exc:
+            except (cf.ConfigError, CardError, OSError) as exc:
                 reason = f"model_path rejected, the old model keeps running: {exc}"
         if reason:
             self.failures += 1
