@@ -477,6 +477,27 @@ def test_watchdog_fires_when_a_stream_stops_and_recovers(topics, feeder, models)
     assert wait_until(lambda: running(topics["timing"]), 5.0), f"no recovery within 5 s: {state()}"
 
 
+def test_observation_ages_near_their_timeout_are_warned_before_the_watchdog_fires(topics, feeder, node):
+    """/odom 155 ms late (ant.yaml's odom timeout_s is 0.2; at 50 Hz its age is 155-175 ms at the ticks):
+    not stale yet, but one WARN line naming the parameter, and /diagnostics says so (issue 27)."""
+
+    def late_odom(t: float):
+        return feeder.odom(t - 0.155)
+
+    feeder.override["odom"] = late_odom
+    try:
+        assert wait_log(node, "observations.odom.timeout_s: /odom age p95", 10.0), node.output()[-2000:]
+        obs = diag_values(topics["diag"], "observations")
+        assert wait_until(lambda: "observations.odom.timeout_s" in diag_values(
+            topics["diag"], "observations").get("_message", ""), 5.0), obs  # fmt: skip
+        assert float(diag_values(topics["diag"], "observations")["age_p95_ms.odom"]) > 160.0
+        assert "stale observation" not in diag_values(topics["diag"], "control loop")["reason"]
+        assert node.output().count("observations.odom.timeout_s") == 1  # rate-limited: one line
+    finally:
+        del feeder.override["odom"]
+    assert wait_until(lambda: running(topics["timing"]), 5.0)
+
+
 def test_estop_and_resume(graph, topics, models):
     res = trigger(graph, "emergency_stop")
     assert res.success

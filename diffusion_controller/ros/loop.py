@@ -278,6 +278,7 @@ class ControlLoop:
         with self._lock:
             core, binding = loaded.core, loaded.binding
             self._take_observations(core, loaded.readers, now)
+            self._diag.tick_ages(core.ages(now), binding.feature_source)
             if not self.active:
                 return
             if self._winding_down is not None:
