@@ -697,6 +697,59 @@ def test_the_rate_limit_holds_between_any_two_published_commands_whatever_the_li
     assert rc == 0, out[-3000:]
 
 
+def effort_model(directory: Path) -> Path:
+    """A tiny policy whose card says its actions are joint torques (N m, +-150)."""
+    from diffusion_controller.core.card import ModelCard, sidecar_path
+    from diffusion_controller.training.tiny import make_tiny_model
+
+    path = make_tiny_model(directory, name="tiny_effort", seed=5)
+    limits = {"action_lower": np.full(8, -150.0), "action_upper": np.full(8, 150.0)}
+    card = ModelCard.from_onnx(path).replace(action_kind="effort", action_units="N m", **limits)
+    card.to_onnx(path)
+    card.to_yaml(sidecar_path(path))
+    return path
+
+
+def test_an_effort_model_ramps_its_torques_to_zero_on_estop_and_deactivate(graph, feeder, tmp_path):
+    """config/ant_effort.yaml with an effort card: torques are never held. The e-stop and deactivate bring
+    them to zero at max_step_per_tick (one step per tick, then exactly zero), and deactivate returns only
+    once the zero is sent (issue 27)."""
+    name, step = "/effort/diffusion_controller", 0.02
+    proc = start(effort_model(tmp_path), "-p", f"max_step_per_tick:={step}", "-p", "rate_hz:=50.0",
+                 config=ROOT / "config" / "ant_effort.yaml", namespace="/effort")  # fmt: skip
+    cmds = graph.collect(Float64MultiArray, f"{name}/commands")
+    timing = graph.collect(Float64MultiArray, f"{name}/debug/command_timing")
+
+    def values() -> np.ndarray:
+        return np.array([m.data for m in cmds.since(0.0)])
+
+    try:
+        assert wait_until(lambda: running(timing), 30.0), proc.output()[-3000:]
+        assert wait_until(lambda: np.abs(values()[-1]).max() > 5 * step, 10.0), values()[-1]
+        assert trigger(graph, "emergency_stop", name).success
+        time.sleep(1.0)
+        assert timing.last().data[STATE] == ESTOP
+        assert trigger(graph, "resume", name).success
+        assert wait_until(lambda: running(timing) and np.abs(values()[-1]).max() > 5 * step, 10.0)
+        assert change_state(graph, name, Transition.TRANSITION_DEACTIVATE)
+        time.sleep(0.5)
+        ticks = timing.count()
+        v = values()  # every command, the wind-down's last (those have no timing row)
+        assert len(v) > ticks
+    finally:
+        rc, out = finish(proc, signal.SIGTERM)
+    assert rc == 0, out[-3000:]
+    states = np.array([m.data[STATE] for m in timing.since(0.0)])[:ticks]  # one row per command, in order
+    assert np.abs(np.diff(v, axis=0)).max() <= step + 1e-9  # the rate limit, in N m per tick
+    mag = np.abs(v)
+    toward_zero = mag[1:] <= np.maximum(mag[:-1] - step, 0.0) + 1e-9  # command k+1 vs command k
+    estop = np.flatnonzero(states == ESTOP)
+    assert len(estop) > 20 and np.all(toward_zero[estop - 1])  # every e-stop tick one step nearer zero
+    ramp = int(np.ceil(mag[estop[0] - 1].max() / step))
+    assert np.all(v[estop[ramp:]] == 0.0) and mag[estop[0] - 1].max() > 5 * step  # ...then zero
+    assert np.all(toward_zero[ticks - 1 :]) and np.all(v[-1] == 0.0)  # deactivate's wind-down
+
+
 def _safe_state(graph, name: str) -> str:
     try:
         return lifecycle_state(graph, name, timeout=2.0)
