@@ -85,3 +85,13 @@ def test_messages_of_each_kind():
         assert all(len(p.positions) == 0 for p in msg.points)
     with pytest.raises(ValueError, match="strictly increasing"):
         cv.kind_trajectory_msg(["a"], np.ones((2, 1)), np.array([0.02, 0.01]), "velocity")
+
+
+def test_a_swap_keeps_the_action_kind():
+    from diffusion_controller.ros.swapper import check_same_kind
+
+    velocity = card_of("velocity", "rad/s", [-3.0] * 8, [3.0] * 8)
+    effort = card_of("effort", "N m", [-150.0] * 8, [150.0] * 8)
+    check_same_kind(velocity, velocity)
+    with pytest.raises(cf.ConfigError, match="its action kind is 'effort', the running model's 'velocity'"):
+        check_same_kind(velocity, effort)

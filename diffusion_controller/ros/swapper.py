@@ -93,6 +93,15 @@ def check_swap_fits(running: cf.Binding, new: cf.Binding) -> None:
         )
 
 
+def check_same_kind(running: Any, new: Any) -> None:
+    """A swap keeps the action kind: the robot's controller takes one interface (positions, velocities,
+    efforts or a Twist); another kind needs a reconfigure with outputs for it."""
+    old_kind, new_kind = getattr(running, "action_kind", "position"), getattr(new, "action_kind", "position")
+    if new_kind != old_kind:
+        raise cf.ConfigError(f"its action kind is {new_kind!r}, the running model's {old_kind!r}; "
+                             "reconfigure with outputs for it")  # fmt: skip
+
+
 @dataclass
 class Loaded:
     """What configure built for one model. A swap replaces policy, binding, readers, path and sha256 in
@@ -176,7 +185,8 @@ class ModelSwapper:
             reason = f"a model swap to '{self.target}' is still loading; try again when it is done"
         else:
             try:  # the card against the configuration: cheap (read_onnx_metadata seeks, never reads weights)
-                _, binding = self.check(loaded.cfg, path, max_mb)
+                card, binding = self.check(loaded.cfg, path, max_mb)
+                check_same_kind(loaded.policy.card, card)
                 check_swap_fits(loaded.binding, binding)
                 reason = ""
             except (cf.ConfigError, CardError, OSError) as exc:
@@ -202,6 +212,7 @@ class ModelSwapper:
         cfg, old_path = loaded.cfg, loaded.path
         try:
             card, binding = self.check(cfg, path, max_mb)
+            check_same_kind(loaded.policy.card, card)
             check_swap_fits(loaded.binding, binding)
             sha256 = file_sha256(path)
             policy = self._load_policy(cfg, path, warmup=0)
