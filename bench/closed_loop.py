@@ -193,7 +193,8 @@ class Processes:
         effort: bool = False,
     ) -> None:
         """`model`: the .onnx the controller runs (model_of(setting, ...)); `config` its params file;
-        `effort`: the sim's motors take torques (drive effort, 400 Hz physics, 200 Hz joint states/IMU)."""
+        `effort`: the sim's motors take torques (drive effort, 400 Hz physics, every sensor at the 200 Hz
+        control rate as in the model's training rows, /clock at every physics step)."""
         self.env = dict(os.environ)
         self.procs: list[tuple[str, subprocess.Popen]] = []
         py = sys.executable
@@ -212,7 +213,7 @@ class Processes:
         if effort:
             sim_args += ["-p", "drive:=effort", "-p", f"physics_timestep:={EFFORT_TIMESTEP_S}",
                          "-p", "joint_states_rate_hz:=200.0", "-p", "imu_rate_hz:=200.0",
-                         "-p", "clock_rate_hz:=400.0"]  # fmt: skip
+                         "-p", "odom_rate_hz:=200.0", "-p", "clock_rate_hz:=400.0"]  # fmt: skip
         ctl_args = [
             "--params-file",
             str(config),
