@@ -147,6 +147,7 @@ class Setting:
     steps: int = 0  # 0 = the fused model's own K; else the denoiser model with this K
     obs_delay_s: float = 0.04
     compensate_delay: bool = True
+    real_time_factor: float = 1.0  # the sim's pace; < 1 gives every process more wall time per tick
     blend: str = CONFIG_BLEND
     spacing: str = ""  # denoiser rows: DDIM timestep spacing ("" = the denoiser card's)
 
@@ -154,7 +155,8 @@ class Setting:
         k = self.steps or "card"
         comp = "on" if self.compensate_delay else "off"
         spacing = f" {self.spacing}" if self.spacing else ""
-        return f"K={k}{spacing} delay={self.obs_delay_s * 1000:.0f}ms comp={comp} blend={self.blend}"
+        pace = f" rtf={self.real_time_factor:g}" if self.real_time_factor != 1.0 else ""
+        return f"K={k}{spacing} delay={self.obs_delay_s * 1000:.0f}ms comp={comp} blend={self.blend}{pace}"
 
 
 def respaced(denoiser: Path, spacing: str, directory: Path) -> Path:
@@ -200,7 +202,7 @@ class Processes:
         py = sys.executable
         sim_args = [
             "-p",
-            "real_time_factor:=1.0",
+            f"real_time_factor:={setting.real_time_factor}",
             "-p",
             f"obs_delay_s:={setting.obs_delay_s}",
             "-p",
@@ -548,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the node's blend (default: the config's; config/ant.yaml: {CONFIG_BLEND}; sweeps vary it)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--real-time-factor", type=float, default=1.0,
+        help="the sim's pace (sim s per wall s); 0.5 halves the CPU load per sim second (diagnostics)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.add_argument("--model", type=Path, default=MODEL, help="fused .onnx to evaluate")
     p.add_argument("--denoiser", type=Path, default=DENOISER, help="denoiser .onnx for the K sweep")
@@ -580,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     compensate = not args.no_compensation and bool(
         load_params_file(str(args.config)).get("compensate_delay", True)
     )
-    reference = Setting(obs_delay_s=args.obs_delay, compensate_delay=compensate, blend=args.blend)
+    reference = Setting(obs_delay_s=args.obs_delay, compensate_delay=compensate, blend=args.blend,
+                        real_time_factor=args.real_time_factor)  # fmt: skip
     settings = [reference]
     if args.sweep is not None:
         sweeps = args.sweep or list(SWEEPS)
