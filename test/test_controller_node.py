@@ -489,7 +489,7 @@ def test_observation_ages_near_their_timeout_are_warned_before_the_watchdog_fire
         assert wait_log(node, "observations.odom.timeout_s: /odom age p95", 10.0), node.output()[-2000:]
         obs = diag_values(topics["diag"], "observations")
         assert wait_until(lambda: "observations.odom.timeout_s" in diag_values(
-            topics["diag"], "observations").get("_message", ""), 5.0), obs  # fmt: skip
+            topics["diag"], "observations").get("near_timeout", ""), 5.0), obs  # fmt: skip
         assert float(diag_values(topics["diag"], "observations")["age_p95_ms.odom"]) > 160.0
         assert "stale observation" not in diag_values(topics["diag"], "control loop")["reason"]
         assert node.output().count("observations.odom.timeout_s") == 1  # rate-limited: one line

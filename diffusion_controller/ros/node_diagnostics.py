@@ -308,14 +308,13 @@ class NodeDiagnostics:
         values.update(self._input_rates(loop.intake))
         values.update({f"age_p95_ms.{k}": 1000.0 * v for k, v in self._ages.p95().items()})
         late = self._late_sources()
+        values["near_timeout"] = "; ".join(late)  # also when a more urgent message is shown
         values["stale_events"] = st.stale_obs_events
         values["rejected_total"] = self._faults.total  # the core's refusals come through fault() too
         timeouts = core.config.obs_timeouts_s
         stale = [k for k, v in ages.items() if v > timeouts.get(k, math.inf)]
         if stale:
             obs_level, obs_msg = dg.ERROR, f"stale: {', '.join(stale)}"
-        elif late:
-            obs_level, obs_msg = dg.WARN, "; ".join(late)
         elif self._wrong_types:
             obs_level, obs_msg = dg.WARN, "publishers of the wrong type on " + ", ".join(self._wrong_types)
         elif self._intruders:
@@ -327,6 +326,8 @@ class NodeDiagnostics:
             obs_level, obs_msg = dg.WARN, f"rejected messages: {self._faults.last_message}"
         elif time.monotonic() - self._last_warning_time < RECENT_S:
             obs_level, obs_msg = dg.WARN, self._warnings.last_message
+        elif late:  # the least urgent WARN: nothing is refused or stale yet
+            obs_level, obs_msg = dg.WARN, "; ".join(late)
         else:
             obs_level, obs_msg = dg.OK, "fresh"
         return [control, pol, dg.Section("observations", obs_level, obs_msg, values)]
