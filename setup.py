@@ -20,9 +20,10 @@ setup(
         (f"share/{PACKAGE}/models", glob("models/*.onnx") + glob("models/*.yaml")),
     ],
     install_requires=["setuptools", "numpy", "pyyaml", "onnxruntime-gpu"],
-    # colcon test runs pytest only for packages that declare it (ament_python's template does both).
+    # colcon test runs pytest only for packages that declare it: extras_require["test"] is enough for
+    # colcon-core; `tests_require` (ament_python's template) makes setuptools print "Unknown distribution
+    # option" on stderr, which colcon reports as "1 package had stderr output".
     extras_require={"test": ["pytest"]},
-    tests_require=["pytest"],
     zip_safe=True,
     maintainer="diffusion_controller developers",
     maintainer_email="diffusion-controller@example.org",

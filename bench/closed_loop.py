@@ -16,6 +16,8 @@ runs the same sequences, with the same delay and sensor noise, in-process in the
     python bench/closed_loop.py --remote --link-delay 0.1 --link-jitter 0.02 --link-loss 0.05
                                                 # policy_node + controller (policy.source remote) + a link
     python bench/closed_loop.py --sweep remote  # local, link 100 +- 20 ms 5% loss, link 250 ms
+    python bench/closed_loop.py --model models/ant_effort.onnx   # the effort-driven ant (200 Hz torques;
+                                                # config/ant_effort.yaml, its expert at the same rate)
     add --json for one JSON object on the last line
 """
 
@@ -45,13 +47,14 @@ from diffusion_controller.core.features import projected_gravity  # noqa: E402
 from diffusion_controller.core.scheduler import BLEND_MODES  # noqa: E402
 from diffusion_controller.ros import dds  # noqa: E402
 from diffusion_controller.ros.config import load_params_file  # noqa: E402
-from diffusion_controller.sim.ant import Ant, AntConfig, SensorNoise  # noqa: E402
+from diffusion_controller.sim.ant import EFFORT_TIMESTEP_S, Ant, AntConfig, SensorNoise  # noqa: E402
 from diffusion_controller.sim.evaluate import Rollout, rollout, tracking_errors  # noqa: E402
-from diffusion_controller.sim.expert import Expert  # noqa: E402
+from diffusion_controller.sim.expert import EffortExpert, EffortExpertConfig, Expert  # noqa: E402
 
 MODEL = ROOT / "models" / "ant_locomotion.onnx"
 DENOISER = ROOT / "models" / "ant_locomotion_denoiser.onnx"
 CONFIG = ROOT / "config" / "ant.yaml"
+EFFORT_CONFIG = ROOT / "config" / "ant_effort.yaml"  # the default for a model whose card says effort
 CONFIG_BLEND = str(load_params_file(str(CONFIG)).get("blend", "none"))  # what users of the config run
 PERIOD = 0.02
 SWEEPS = ("k", "delay", "blend", "remote")
@@ -117,16 +120,24 @@ def merge_errors(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str,
 
 
 # ---- expert baseline (in-process, no ROS) --------------------------------------------------------------
-def run_expert(episodes: int, seconds: float, obs_delay: float, seed: int) -> dict:
+def run_expert(episodes: int, seconds: float, obs_delay: float, seed: int, effort: bool = False) -> dict:
+    """The expert on the same sequences, delay and noise; `effort`: the torque expert at 200 Hz on the
+    effort-driven ant (knowing its sensor delay, as in its training data)."""
     errs, falls = [], 0
     for ep in range(episodes):
         noise = SensorNoise(**NOISE)
-        ant = Ant(AntConfig(noise=noise, seed=seed + ep, obs_delay_s=obs_delay))
+        if effort:
+            ant = Ant(AntConfig(noise=noise, seed=seed + ep, obs_delay_s=obs_delay, drive="effort",
+                                timestep=EFFORT_TIMESTEP_S))  # fmt: skip
+            expert = EffortExpert(EffortExpertConfig(lookahead_s=obs_delay))
+        else:
+            ant = Ant(AntConfig(noise=noise, seed=seed + ep, obs_delay_s=obs_delay))
+            expert = Expert()
         ant.reset(randomize=False)
-        expert = Expert()
-        r = rollout(ant, expert.act, command_sequence(ep, seconds), stop_on_fall=True)
+        period = expert.period
+        r = rollout(ant, expert.act, command_sequence(ep, seconds), period, stop_on_fall=True)
         falls += int(r.fell)
-        errs.append(tracking_errors(r))
+        errs.append(tracking_errors(r, period=period))
     merged = merge_errors(errs)
     return {"falls": falls, "vel_err": vel_error(merged), "per_skill": merged}
 
@@ -139,6 +150,7 @@ class Setting:
     steps: int = 0  # 0 = the fused model's own K; else the denoiser model with this K
     obs_delay_s: float = 0.04
     compensate_delay: bool = True
+    real_time_factor: float = 1.0  # the sim's pace; < 1 gives every process more wall time per tick
     blend: str = CONFIG_BLEND
     spacing: str = ""  # denoiser rows: DDIM timestep spacing ("" = the denoiser card's)
     remote: bool = False  # the policy in a policy_node process, chunks over DDS (and the link below)
@@ -154,9 +166,9 @@ class Setting:
         k = self.steps or "card"
         comp = "on" if self.compensate_delay else "off"
         spacing = f" {self.spacing}" if self.spacing else ""
-        where = ""
+        where = f" rtf={self.real_time_factor:g}" if self.real_time_factor != 1.0 else ""
         if self.remote:
-            where = " remote"
+            where += " remote"
             if self.link:
                 where += (f" link={self.link_delay_s * 1000:.0f}+-{self.link_jitter_s * 1000:.0f}ms "
                           f"loss={self.link_loss * 100:.0f}%")  # fmt: skip
@@ -195,14 +207,18 @@ class Processes:
         log_dir: Path,
         model: Path,
         controller_threads: int = 1,
+        config: Path = CONFIG,
+        effort: bool = False,
     ) -> None:
-        """`model`: the .onnx the controller runs (model_of(setting, ...))."""
+        """`model`: the .onnx the controller runs (model_of(setting, ...)); `config` its params file;
+        `effort`: the sim's motors take torques (drive effort, 400 Hz physics, every sensor at the 200 Hz
+        control rate as in the model's training rows, /clock at every physics step)."""
         self.env = dict(os.environ)
         self.procs: list[tuple[str, subprocess.Popen]] = []
         py = sys.executable
         sim_args = [
             "-p",
-            "real_time_factor:=1.0",
+            f"real_time_factor:={setting.real_time_factor}",
             "-p",
             f"obs_delay_s:={setting.obs_delay_s}",
             "-p",
@@ -212,9 +228,13 @@ class Processes:
             "-p",
             "joint_states_rate_hz:=100.0",
         ] + [a for k, v in NOISE.items() for a in ("-p", f"noise.{k}:={v}")]
+        if effort:
+            sim_args += ["-p", "drive:=effort", "-p", f"physics_timestep:={EFFORT_TIMESTEP_S}",
+                         "-p", "joint_states_rate_hz:=200.0", "-p", "imu_rate_hz:=200.0",
+                         "-p", "odom_rate_hz:=200.0", "-p", "clock_rate_hz:=400.0"]  # fmt: skip
         ctl_args = [
             "--params-file",
-            str(CONFIG),
+            str(config),
             "-p",
             f"model_path:={model}",
             "-p",
@@ -371,7 +391,7 @@ def diag_number(diag: dict[str, str], *names: str) -> float:
     return math.nan
 
 
-def run_episode(op: Operator, ep: int, seconds: float) -> dict:
+def run_episode(op: Operator, ep: int, seconds: float, control_period: float = PERIOD) -> dict:
     """Reset the robot, stand 1 s, play the sequence (sim time), return its tracking metrics."""
     op.send((0.0, 0.0, 0.0))
     op.reset_sim()
@@ -416,7 +436,7 @@ def run_episode(op: Operator, ep: int, seconds: float) -> dict:
     if len(timing):
         t_exec, t_action = timing[:, 1], timing[:, 2]
         running = np.isfinite(t_action)
-        stale = int(np.sum(running & (t_action < t_exec - PERIOD / 2 - 1e-6)))
+        stale = int(np.sum(running & (t_action < t_exec - control_period / 2 - 1e-6)))
     return {
         "fell": fell or bool(len(truth) and truth[:, 4].any()),
         "errors": tracking_errors(r, period=PERIOD),
@@ -435,11 +455,13 @@ def run_setting(
     model: Path = MODEL,
     denoiser: Path = DENOISER,
     verbose: bool = True,
+    config: Path = CONFIG,
 ) -> dict:
     import rclpy
 
     model = model_of(setting, model, denoiser, log_dir)  # once: a respaced denoiser is written here
-    procs = Processes(setting, seed, log_dir, model)
+    card = ModelCard.from_onnx(model)
+    procs = Processes(setting, seed, log_dir, model, config=config, effort=card.action_kind == "effort")
     rclpy.init()
     op = Operator()
     try:
@@ -453,7 +475,7 @@ def run_setting(
             raise RuntimeError(f"nodes did not come up (exited: {procs.alive()}); see logs in {log_dir}")
         results = []
         for ep in range(episodes):
-            r = run_episode(op, ep, seconds)
+            r = run_episode(op, ep, seconds, float(card.control_period_s))
             results.append(r)
             if verbose:
                 print(
@@ -469,7 +491,6 @@ def run_setting(
         rclpy.shutdown()
         codes = procs.stop()
     merged = merge_errors([r["errors"] for r in results])
-    card = ModelCard.from_onnx(model)
     if results:
         setting_plot = log_dir / f"velocity_{len(list(log_dir.glob('velocity_*.png')))}.png"
         plot(setting_plot, results[0]["trace"], f"policy, {setting.label()}, episode 1")
@@ -563,8 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         help="compensate_delay false: chunks stamped with the inference start (sweeps vary it)",
     )  # fmt: skip
     p.add_argument(
-        "--blend", choices=BLEND_MODES, default=CONFIG_BLEND,
-        help=f"the node's blend (default: config/ant.yaml's, {CONFIG_BLEND}; sweeps vary it)",
+        "--blend", choices=BLEND_MODES, default=None,
+        help=f"the node's blend (default: the config's; config/ant.yaml: {CONFIG_BLEND}; sweeps vary it)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -575,9 +596,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-delay", type=float, default=0.0, help="--remote: one-way chunk link delay (s)")
     p.add_argument("--link-jitter", type=float, default=0.0, help="--remote: uniform +- jitter (s)")
     p.add_argument("--link-loss", type=float, default=0.0, help="--remote: chunk loss probability")
+    p.add_argument(
+        "--real-time-factor", type=float, default=1.0,
+        help="the sim's pace (sim s per wall s); 0.5 halves the CPU load per sim second (diagnostics)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.add_argument("--model", type=Path, default=MODEL, help="fused .onnx to evaluate")
     p.add_argument("--denoiser", type=Path, default=DENOISER, help="denoiser .onnx for the K sweep")
+    p.add_argument(
+        "--config", type=Path, default=None,
+        help="the node's params file (default: config/ant.yaml; config/ant_effort.yaml for an effort model)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "closed_loop")
     args = p.parse_args(argv)
     if args.demo:
@@ -589,15 +618,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.seconds < 10.0:
         p.error("--seconds must be at least 10 (stand, two skills, stand)")
+    effort = ModelCard.from_onnx(args.model).action_kind == "effort"
+    if args.config is None:
+        args.config = EFFORT_CONFIG if effort else CONFIG
+    if args.blend is None:
+        args.blend = str(load_params_file(str(args.config)).get("blend", "none"))
     args.out.mkdir(parents=True, exist_ok=True)
     dds.one_host_udp(os.environ)
     os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
     log_dir = Path(tempfile.mkdtemp(prefix="closed_loop_"))
 
-    compensate = not args.no_compensation
+    # The config's delay compensation unless --no-compensation (the effort model was trained without it).
+    compensate = not args.no_compensation and bool(
+        load_params_file(str(args.config)).get("compensate_delay", True)
+    )
     reference = Setting(obs_delay_s=args.obs_delay, compensate_delay=compensate, blend=args.blend,
                         remote=args.remote, link_delay_s=args.link_delay, link_jitter_s=args.link_jitter,
-                        link_loss=args.link_loss)  # fmt: skip
+                        link_loss=args.link_loss, real_time_factor=args.real_time_factor)  # fmt: skip
     settings = [reference]
     if args.sweep is not None:
         sweeps = args.sweep or list(SWEEPS)
@@ -635,9 +672,11 @@ def main(argv: list[str] | None = None) -> int:
     expert_cache: dict[float, dict] = {}
     for s in settings:
         print(f"[closed_loop] {s.label()}: {episodes} episode(s) of {args.seconds:.0f} s", flush=True)
-        row = run_setting(s, episodes, args.seconds, args.seed, log_dir, args.model, args.denoiser)
+        row = run_setting(
+            s, episodes, args.seconds, args.seed, log_dir, args.model, args.denoiser, config=args.config
+        )
         if s.obs_delay_s not in expert_cache:
-            expert_cache[s.obs_delay_s] = run_expert(episodes, args.seconds, s.obs_delay_s, args.seed)
+            expert_cache[s.obs_delay_s] = run_expert(episodes, args.seconds, s.obs_delay_s, args.seed, effort)
         ex = expert_cache[s.obs_delay_s]
         row["expert_vel_err"] = ex["vel_err"]
         row["expert_falls"] = ex["falls"]

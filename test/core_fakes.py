@@ -34,6 +34,7 @@ class FakeCard:
     first_offset: int = 1
     control_period_s: float = 0.02
     name: str = "fake"
+    action_kind: str = "position"
 
     @property
     def obs_dim(self) -> int:

@@ -481,6 +481,27 @@ def test_watchdog_fires_when_a_stream_stops_and_recovers(topics, feeder, models)
     assert wait_until(lambda: running(topics["timing"]), 5.0), f"no recovery within 5 s: {state()}"
 
 
+def test_observation_ages_near_their_timeout_are_warned_before_the_watchdog_fires(topics, feeder, node):
+    """/odom 155 ms late (ant.yaml's odom timeout_s is 0.2; at 50 Hz its age is 155-175 ms at the ticks):
+    not stale yet, but one WARN line naming the parameter, and /diagnostics says so (issue 27)."""
+
+    def late_odom(t: float):
+        return feeder.odom(t - 0.155)
+
+    feeder.override["odom"] = late_odom
+    try:
+        assert wait_log(node, "observations.odom.timeout_s: /odom age p95", 10.0), node.output()[-2000:]
+        obs = diag_values(topics["diag"], "observations")
+        assert wait_until(lambda: "observations.odom.timeout_s" in diag_values(
+            topics["diag"], "observations").get("near_timeout", ""), 5.0), obs  # fmt: skip
+        assert float(diag_values(topics["diag"], "observations")["age_p95_ms.odom"]) > 160.0
+        assert "stale observation" not in diag_values(topics["diag"], "control loop")["reason"]
+        assert node.output().count("observations.odom.timeout_s") == 1  # rate-limited: one line
+    finally:
+        del feeder.override["odom"]
+    assert wait_until(lambda: running(topics["timing"]), 5.0)
+
+
 def test_estop_and_resume(graph, topics, models):
     res = trigger(graph, "emergency_stop")
     assert res.success
@@ -517,12 +538,13 @@ def test_model_swap_without_missing_a_tick(graph, topics, node, models):
     [
         ("missing", "does not exist"),
         ("directory", "is a directory"),
+        # The card is read and checked against the configuration in the parameter call (issue 27).
+        ("corrupt", "ONNX"),
+        ("extra", "foot_contacts"),
     ],
 )
-def test_a_model_path_that_is_not_a_file_is_refused_at_once(
-    graph, topics, node, models, tmp_path, model, fragment
-):
-    path = {"missing": tmp_path / "nope.onnx", "directory": tmp_path}[model]
+def test_a_model_that_does_not_fit_is_refused_at_once(graph, topics, node, models, tmp_path, model, fragment):
+    path = {"missing": tmp_path / "nope.onnx", "directory": tmp_path}.get(model) or models.get(model)
     failures = int(diag_values(topics["diag"], "policy")["swap_failures"])
     t0 = time.monotonic()
     results = set_params(graph, model_path=str(path))
@@ -541,14 +563,12 @@ def test_a_model_path_that_is_not_a_file_is_refused_at_once(
 @pytest.mark.parametrize(
     ("model", "fragment"),
     [
-        ("corrupt", "ONNX"),
-        ("extra", "foot_contacts"),
         # Card fine in the metadata, but the .yaml beside it disagrees: only the full load finds that.
         ("stale_yaml", "differ"),
     ],
 )
 def test_a_swap_that_fails_in_the_loader_keeps_the_old_model(graph, topics, node, models, model, fragment):
-    """Everything that reads the file runs in the loader thread: the parameter call is accepted at once,
+    """What only the full load finds runs in the loader thread: the parameter call is accepted at once,
     the failure is logged, counted, on /diagnostics and ~/model, and model_path is put back."""
     before = diag_values(topics["diag"], "policy")["model"]
     failures = int(diag_values(topics["diag"], "policy")["swap_failures"])
@@ -679,6 +699,59 @@ def test_the_rate_limit_holds_between_any_two_published_commands_whatever_the_li
         f"{jumps[worst]:.4f} > max_step_per_tick {step}"
     )
     assert rc == 0, out[-3000:]
+
+
+def effort_model(directory: Path) -> Path:
+    """A tiny policy whose card says its actions are joint torques (N m, +-150)."""
+    from diffusion_controller.core.card import ModelCard, sidecar_path
+    from diffusion_controller.training.tiny import make_tiny_model
+
+    path = make_tiny_model(directory, name="tiny_effort", seed=5)
+    limits = {"action_lower": np.full(8, -150.0), "action_upper": np.full(8, 150.0)}
+    card = ModelCard.from_onnx(path).replace(action_kind="effort", action_units="N m", **limits)
+    card.to_onnx(path)
+    card.to_yaml(sidecar_path(path))
+    return path
+
+
+def test_an_effort_model_ramps_its_torques_to_zero_on_estop_and_deactivate(graph, feeder, tmp_path):
+    """config/ant_effort.yaml with an effort card: torques are never held. The e-stop and deactivate bring
+    them to zero at max_step_per_tick (one step per tick, then exactly zero), and deactivate returns only
+    once the zero is sent (issue 27)."""
+    name, step = "/effort/diffusion_controller", 0.02
+    proc = start(effort_model(tmp_path), "-p", f"max_step_per_tick:={step}", "-p", "rate_hz:=50.0",
+                 config=ROOT / "config" / "ant_effort.yaml", namespace="/effort")  # fmt: skip
+    cmds = graph.collect(Float64MultiArray, f"{name}/commands")
+    timing = graph.collect(Float64MultiArray, f"{name}/debug/command_timing")
+
+    def values() -> np.ndarray:
+        return np.array([m.data for m in cmds.since(0.0)])
+
+    try:
+        assert wait_until(lambda: running(timing), 30.0), proc.output()[-3000:]
+        assert wait_until(lambda: np.abs(values()[-1]).max() > 5 * step, 10.0), values()[-1]
+        assert trigger(graph, "emergency_stop", name).success
+        time.sleep(1.0)
+        assert timing.last().data[STATE] == ESTOP
+        assert trigger(graph, "resume", name).success
+        assert wait_until(lambda: running(timing) and np.abs(values()[-1]).max() > 5 * step, 10.0)
+        assert change_state(graph, name, Transition.TRANSITION_DEACTIVATE)
+        time.sleep(0.5)
+        ticks = timing.count()
+        v = values()  # every command, the wind-down's last (those have no timing row)
+        assert len(v) > ticks
+    finally:
+        rc, out = finish(proc, signal.SIGTERM)
+    assert rc == 0, out[-3000:]
+    states = np.array([m.data[STATE] for m in timing.since(0.0)])[:ticks]  # one row per command, in order
+    assert np.abs(np.diff(v, axis=0)).max() <= step + 1e-9  # the rate limit, in N m per tick
+    mag = np.abs(v)
+    toward_zero = mag[1:] <= np.maximum(mag[:-1] - step, 0.0) + 1e-9  # command k+1 vs command k
+    estop = np.flatnonzero(states == ESTOP)
+    assert len(estop) > 20 and np.all(toward_zero[estop - 1])  # every e-stop tick one step nearer zero
+    ramp = int(np.ceil(mag[estop[0] - 1].max() / step))
+    assert np.all(v[estop[ramp:]] == 0.0) and mag[estop[0] - 1].max() > 5 * step  # ...then zero
+    assert np.all(toward_zero[ticks - 1 :]) and np.all(v[-1] == 0.0)  # deactivate's wind-down
 
 
 def _safe_state(graph, name: str) -> str:

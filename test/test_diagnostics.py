@@ -62,3 +62,17 @@ def test_diagnostic_array_levels_and_values():
     assert loop.name == "/robot/diffusion_controller: control loop" and loop.level == bytes([0])
     assert {kv.key: kv.value for kv in loop.values} == {"rate_hz": "49.99", "ticks": "10"}
     assert obs.level == bytes([2]) and obs.values[0].value == "nan"
+
+
+def test_age_watch_names_the_sources_whose_age_p95_passes_80_percent_of_their_timeout():
+    w = dg.AgeWatch(window=100)
+    sources = {"joint_position": "joints", "joint_velocity": "joints", "base_linear_velocity": "odom"}
+    for k in range(100):
+        late = 0.17 if k % 10 == 0 else 0.02  # 10 % of the ticks: p95 is the late age
+        w.add({"joint_position": 0.01, "joint_velocity": 0.03, "base_linear_velocity": late,
+               "never": math.inf}, sources)  # fmt: skip
+    p95 = w.p95()
+    assert p95["joints"] == pytest.approx(0.03) and p95["odom"] == pytest.approx(0.17)
+    assert w.near_timeout({"joints": 0.1, "odom": 0.2}) == [("odom", pytest.approx(0.17), 0.2)]
+    assert w.near_timeout({"joints": 0.1, "odom": 0.0}) == []  # timeout 0: never stale, never warned
+    assert w.near_timeout({"joints": 0.035, "odom": 0.25}) == [("joints", pytest.approx(0.03), 0.035)]

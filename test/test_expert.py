@@ -224,3 +224,25 @@ def test_low_pass_noise_has_the_requested_spread() -> None:
     corr1 = np.corrcoef(samples[:-1, 0], samples[1:, 0])[0, 1]
     corr50 = np.corrcoef(samples[:-50, 0], samples[50:, 0])[0, 1]
     assert corr1 > 0.7 and abs(corr50) < 0.2
+
+
+def test_the_effort_expert_walks_the_torque_driven_ant_and_rows_feed_back_what_the_node_would():
+    """The ant's motors as torque motors at 200 Hz, the expert's PD computed from 40 ms old sensors
+    (knowing the delay): it walks without falling; each row's previous_action is the torque in force at
+    the row's sensor time (the node records its own commands that way), not the newest one."""
+    from diffusion_controller.sim.ant import EFFORT_PERIOD_S, EFFORT_TIMESTEP_S
+    from diffusion_controller.sim.expert import EffortExpert, EffortExpertConfig
+
+    delay = 0.04
+    ant = Ant(AntConfig(drive="effort", timestep=EFFORT_TIMESTEP_S, obs_delay_s=delay, seed=4,
+                        noise=SensorNoise.realistic()))  # fmt: skip
+    expert = EffortExpert(EffortExpertConfig(lookahead_s=delay))
+    r = rollout(ant, expert.act, [(1.0, (0.0, 0.0, 0.0)), (5.0, (0.3, 0.0, 0.0))], EFFORT_PERIOD_S)
+    assert not r.fell
+    assert tracking_errors(r, period=EFFORT_PERIOD_S)["walk_forward"]["vx"] < 0.12
+    lag = round(delay / EFFORT_PERIOD_S) + 1  # the command sent at the sensor time itself is not before it
+    prev = r.obs[:, OBS["previous_action"]]
+    np.testing.assert_allclose(prev[lag:], r.action[:-lag], atol=1e-6)
+    assert np.all(prev[:lag] == 0.0)
+    with pytest.raises(RuntimeError, match="drive='effort'"):
+        Ant().set_effort(np.zeros(8))

@@ -172,6 +172,27 @@ def test_sigint_exits_zero(sim) -> None:
     proc, _ = sim
     assert proc.alive
     assert proc.stop(signal.SIGINT) == 0
+    assert "Traceback" not in proc.output()
+
+
+def test_effort_drive_takes_torques_and_holds_them() -> None:
+    """drive:=effort: forward_effort_controller/commands are joint torques held until the next one."""
+    params = {"real_time_factor": 1.0, "drive": "effort", "physics_timestep": 0.0025}
+    with NodeProcess(SIM + ros_args(params)) as proc, Probe("effort_probe") as probe:
+        probe.subscribe("/joint_states", JointState)
+        assert probe.wait_for("/joint_states", lambda m: len(m) > 20, timeout=30), proc.output()
+        pub = probe.publisher("/forward_effort_controller/commands", Float64MultiArray)
+        assert probe.wait_for_subscriber(pub)
+        torque = np.zeros(len(JOINTS))
+        hip = JOINTS.index("hip_1")
+        torque[hip] = 30.0  # one command, then silence: the torque is held, the hip goes to its stop
+        pub.publish(Float64MultiArray(data=torque.tolist()))
+        assert wait_until(lambda: latest_positions(probe)[hip] > 0.45, timeout=5), latest_positions(probe)
+        assert np.allclose(probe.received("/joint_states")[-1].effort[hip], 30.0)
+        pub.publish(Float64MultiArray(data=[1.0, 2.0]))
+        assert wait_until(lambda: "forward_effort_controller: command must be 8" in proc.output(), timeout=5)
+        assert proc.stop(signal.SIGINT) == 0
+        assert "Traceback" not in proc.output()
 
 
 def test_a_second_sigint_during_the_cleanup_still_exits_zero() -> None:
@@ -183,6 +204,7 @@ def test_a_second_sigint_during_the_cleanup_still_exits_zero() -> None:
         proc.proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
         assert proc.stop(signal.SIGINT) == 0, proc.output()
+        assert "Traceback" not in proc.output()
 
 
 def test_observation_delay() -> None:

@@ -133,3 +133,12 @@ def test_robot_specific_settings_reach_the_card(tmp_path: Path) -> None:
     export_main([str(ckpt), str(onnx_path), "--graph", "fused"])
     policy = Policy.load(onnx_path, provider="cpu", warmup=1)
     assert policy.card.diffusion.prediction_type == "epsilon" and policy.card.action_units == "m"
+
+
+def test_without_a_description_the_card_names_its_data_not_the_ant(tmp_path: Path) -> None:
+    """train_policy on another robot's data must not write the demo ant's description into its card."""
+    data = synthetic_dataset(tmp_path / "arm_demos.npz", episodes=2, steps=20)
+    ckpt = train(tiny_config(data, tmp_path / "run", 10), progress=False)
+    description = torch.load(ckpt, weights_only=False)["card"]["description"]
+    assert "arm_demos.npz" in description and "40 rows, 2 episodes" in description
+    assert "ant" not in description.lower().replace("arm_demos", "")

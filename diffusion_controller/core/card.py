@@ -41,7 +41,19 @@ FEATURE_SIZES: dict[str, int | None] = {
     "generic": None,
 }
 JOINT_FEATURE_KINDS = ("joint_position", "joint_velocity")
-ACTION_KINDS = ("position",)
+ACTION_KINDS = ("position", "velocity", "effort", "base_velocity")
+#: Units each action kind may declare (action.units): joint space for the first three (revolute or
+#: prismatic joints), a geometry_msgs/Twist's for a base.
+ACTION_UNITS = {
+    "position": ("rad", "m"),
+    "velocity": ("rad/s", "m/s"),
+    "effort": ("N m", "N"),
+    "base_velocity": ("m/s, rad/s",),
+}
+#: The Twist fields a base_velocity action may name in action.joints (its "axes").
+TWIST_AXES = ("linear.x", "linear.y", "linear.z", "angular.x", "angular.y", "angular.z")
+#: Kinds whose safe command is zero: a held velocity or effort keeps the robot moving.
+ZERO_SAFE_KINDS = ("velocity", "effort", "base_velocity")
 #: ddim: K-step DDIM over a noise-predicting (or sample-predicting) network. distilled: a network trained
 #: to map the initial noise to the chunk in one pass (training/distill.py), run as one DDIM step with sample
 #: prediction at t = T-1 (which returns the clipped network output), so every graph form runs it as it is.
@@ -320,7 +332,7 @@ def layout_from_dict(d: Any, source: str | None = None) -> Layout:
         raise CardError(f"expected a mapping, got {type(d).__name__}", source)
     d = dict(d)
     # Fields a dataset does not need get placeholders; the card of the trained model states them.
-    d["action"] = {"horizon": 1, "first_offset": 0, "kind": ACTION_KINDS[0], "units": "-",
+    d["action"] = {"horizon": 1, "first_offset": 0, "kind": ACTION_KINDS[0], "units": "rad",
                    **(d.get("action") or {})}  # fmt: skip
     period = p.number(d, "control_period_s", "", positive=True)
     _, joints, lower, upper, *_ = p.action(d)
@@ -576,7 +588,26 @@ class _Parser:
         units = self.string(a, "units", p)
         if "units" in a and not units:
             self.err(f"{p}.units", "expected a non-empty string")
+        self.kind_limits(kind, units, joints, lower, upper)
         return a, joints, lower, upper, horizon, first_offset, kind, units
+
+    def kind_limits(self, kind: Any, units: Any, joints: Any, lower: Any, upper: Any) -> None:
+        """Units and limits that make sense for the action kind (safety drives zero-safe kinds to 0)."""
+        p = "action"
+        if kind not in ACTION_UNITS:
+            return
+        if units and units not in ACTION_UNITS[kind]:
+            allowed = list(ACTION_UNITS[kind])
+            self.err(f"{p}.units", f"expected one of {allowed} for kind {kind!r}, got {units!r}")
+        if kind == "base_velocity" and joints:
+            for i, j in enumerate(joints):
+                if j not in TWIST_AXES:
+                    self.err(f"{p}.joints[{i}]", f"expected a Twist field {list(TWIST_AXES)} for kind "
+                             f"'base_velocity', got {j!r}")  # fmt: skip
+        if kind in ZERO_SAFE_KINDS and lower is not None and upper is not None and lower.shape == upper.shape:
+            for i in np.flatnonzero(~((lower <= 0.0) & (upper >= 0.0))):
+                self.err(f"{p}.lower[{i}]", f"an action of kind {kind!r} must allow 0 (its safe command): "
+                         f"[{lower[i]}, {upper[i]}] does not")  # fmt: skip
 
     def observation(self, d: dict, n_act: int | None):
         p = "observation"

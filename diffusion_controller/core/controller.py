@@ -21,7 +21,7 @@ from .external import ExternalChunks, NoWorker
 from .inference import InferenceRequest, InferenceWorker, WorkerLike, check_actions
 from .latency import LatencyForecaster
 from .observation import NOT_REQUIRED_KINDS, VELOCITY_COMMAND, ObservationError, ObservationHistory
-from .safety import SAFE_MODES, SafetyFilter, Watchdog, WatchdogStatus
+from .safety import SAFE_MODES, SafetyFilter, Watchdog, WatchdogStatus, safe_mode_refusal
 from .scheduler import BLEND_MODES, ChunkScheduler, inpaint_refusal
 
 #: observe(now) earlier than the last tick by more than this is a clock jump, not thread interleaving.
@@ -141,6 +141,9 @@ class ControlConfig:
         """The checks that need the model (without a policy, the card says whether it can inpaint):
         raises ConfigError naming the field."""
         horizon, n_joints = int(card.horizon), len(card.action_joints)
+        why = safe_mode_refusal(getattr(card, "action_kind", "position"), self.safe_mode)
+        if why:
+            raise ConfigError("safe_mode", why)
         if self.execute_steps > horizon:
             got = self.execute_steps
             raise ConfigError("execute_steps", f"expected <= the model's horizon {horizon}, got {got}")
@@ -171,6 +174,7 @@ def layout_of(card: Any) -> tuple:
         tuple(card.action_joints),
         int(card.horizon),
         int(card.first_offset),
+        getattr(card, "action_kind", "position"),
     )
 
 
@@ -385,6 +389,18 @@ class ControlCore:
             self._safety.reset(np.asarray(command, dtype=float), clamp=False)
             return True
 
+    @property
+    def winds_down(self) -> bool:
+        """The action kind must be brought to zero when commanding stops (velocity, effort, base velocity)."""
+        return self._safety.stops
+
+    def stop_step(self) -> np.ndarray | None:
+        """The next command of a wind-down when the node stops commanding (deactivate): one rate-limited step
+        toward zero for a velocity or effort action (zero once there), None for a position action (the
+        robot's controller holds it). Call once per period until it returns zeros."""
+        with self._lock:
+            return self._safety.stop() if self._safety.stops else None
+
     def reset(self) -> None:
         """Drop the running chunk and the history (to the newest observation): WAITING for a fresh chunk."""
         with self._lock:
@@ -410,8 +426,9 @@ class ControlCore:
                 self._build_safety_from(card, last)
                 return
             last, joints = self._safety.last, tuple(self.card.action_joints)
+            kind = getattr(self.card, "action_kind", "position")
             self._build(card)
-            if tuple(card.action_joints) == joints:
+            if tuple(card.action_joints) == joints and getattr(card, "action_kind", "position") == kind:
                 self._safety.reset(last, clamp=False)
             self._scheduler.clear()
             self._require_fresh_chunk()
@@ -472,7 +489,8 @@ class ControlCore:
         cfg = self.config
         pose = None if cfg.default_pose is None else np.asarray(cfg.default_pose)
         limits = (card.action_lower, card.action_upper)
-        self._safety = SafetyFilter(*limits, cfg.max_step_per_tick, cfg.safe_mode, pose)
+        kind = getattr(card, "action_kind", "position")
+        self._safety = SafetyFilter(*limits, cfg.max_step_per_tick, cfg.safe_mode, pose, kind)
         self._safety.reset(last, clamp=False)
         if self._estopped:
             self._safety.estop()
@@ -510,7 +528,8 @@ class ControlCore:
         last = self._last_now
         if last is not None and now < last - tolerance:
             self._restart(f"clock jumped back by {last - now:.3f} s", clear_history=True)
-            self._safety.reset(None)  # a new episode: latch the measured pose again, not the old command
+            if not self._safety.stops:  # a velocity or effort keeps ramping to zero from where it was
+                self._safety.reset(None)  # a new episode: latch the measured pose again, not the old command
             self._last_now = None
         if tolerance == 0.0:
             self._last_now = now
@@ -634,7 +653,10 @@ class ControlCore:
         return TickResult(self._state, command, self._reason, t_exec, missed=missed, trajectory=trajectory)
 
     def _waiting_command(self) -> np.ndarray | None:
-        """Hold the last command; before the first one, latch the measured joint positions once known."""
+        """Hold the last command; before the first one, latch the measured joint positions once known. A
+        velocity or effort ramps to zero (zero from the start)."""
+        if self._safety.stops:
+            return self._safety.stop()
         if self._safety.last is None:
             measured = self._history.measured_action()
             if measured is not None:

@@ -1,8 +1,15 @@
 """The last line before the motors: command limits, rate limit, safe states, e-stop, and the watchdog.
 
 Whatever the policy, the scheduler or a bug produce, every command leaving the core passes SafetyFilter:
-finite, inside the card's joint limits, and at most `max_step` from the previous command. The watchdog
-decides when observations are too old to act on; the controller then switches to the safe state.
+finite, inside the card's action limits, and at most `max_step` from the previous command, in the action
+kind's units (rad, rad/s, N m, m/s). The watchdog decides when observations are too old to act on; the
+controller then switches to the safe state.
+
+What "safe" means depends on the action kind (card action.kind): a held position target keeps the robot
+where it is, a held velocity or effort keeps it moving. Position commands hold (or go to the default pose);
+velocity, effort and base-velocity commands are never repeated: every tick without a fresh policy action
+(a missed step, SAFE, ESTOP, WAITING, the wind-down after deactivate) moves them one `max_step` toward
+zero, i.e. they ramp to zero within the rate limit (for a velocity, an acceleration limit) and stay there.
 """
 
 from __future__ import annotations
@@ -13,14 +20,29 @@ from typing import NamedTuple
 
 import numpy as np
 
-SAFE_MODES = ("hold", "default_pose")
+from .card import ZERO_SAFE_KINDS
+
+#: hold / default_pose: position actions; zero: velocity, effort and base-velocity actions (ramp to zero).
+SAFE_MODES = ("hold", "default_pose", "zero")
+
+
+def safe_mode_refusal(kind: str, safe_mode: str) -> str | None:
+    """Why `safe_mode` cannot guard actions of `kind`, or None when it can."""
+    if kind in ZERO_SAFE_KINDS and safe_mode != "zero":
+        return (f"{kind} actions are never held (a held {kind} keeps the robot moving): expected 'zero' "
+                f"(ramp to zero at the rate limit), got {safe_mode!r}")  # fmt: skip
+    if kind not in ZERO_SAFE_KINDS and safe_mode == "zero":
+        return (f"'zero' is for velocity, effort and base_velocity actions; a {kind} action holds: 'hold' "
+                "or 'default_pose'")  # fmt: skip
+    return None
 
 
 class SafetyFilter:
     """Clamps and rate-limits commands; holds or returns to a default pose in the safe state.
 
     The invariant it keeps: `last` is None or finite, within [lower, upper], and each new output differs
-    from the previous output by at most `max_step` per joint. A rejected action holds the last command.
+    from the previous output by at most `max_step` per joint. A rejected action holds the last command
+    (position) or takes one step toward zero (velocity, effort, base velocity: `stops`).
     After a model swap narrowed the limits (`reset(last, clamp=False)`), a last command outside them is
     not snapped inside in one tick: commands move toward the limits by `max_step` per tick instead.
     """
@@ -32,6 +54,7 @@ class SafetyFilter:
         max_step: float,
         safe_mode: str = "hold",
         default_pose: np.ndarray | None = None,
+        kind: str = "position",
     ) -> None:
         self.lower = np.asarray(lower, dtype=float)
         self.upper = np.asarray(upper, dtype=float)
@@ -44,6 +67,14 @@ class SafetyFilter:
             raise ValueError(f"max_step must be finite and > 0, got {max_step}")
         if safe_mode not in SAFE_MODES:
             raise ValueError(f"safe_mode must be one of {SAFE_MODES}, got {safe_mode!r}")
+        why = safe_mode_refusal(kind, safe_mode)
+        if why:
+            raise ValueError(f"safe_mode: {why}")
+        self.kind = kind
+        #: Commands of this kind must not persist: no tick repeats one, they ramp to zero instead.
+        self.stops = kind in ZERO_SAFE_KINDS
+        if self.stops and not np.all((self.lower <= 0.0) & (self.upper >= 0.0)):
+            raise ValueError(f"a {kind} action's limits must include 0 (its safe command)")
         self.max_step = float(max_step)
         self.safe_mode = safe_mode
         self.default_pose: np.ndarray | None = None
@@ -88,11 +119,34 @@ class SafetyFilter:
         return self.last.copy(), True
 
     def hold(self) -> np.ndarray | None:
-        """The last command again."""
+        """What a tick without a policy action sends: the last command again (position), or one max-step
+        toward zero (a velocity or effort is never repeated while nonzero; zero before any command)."""
+        if self.stops:
+            return self.stop()
         return None if self.last is None else self.last.copy()
 
+    def stop(self) -> np.ndarray:
+        """One max-step toward zero (zero when there was no command): the next command of a wind-down."""
+        if self.last is None:
+            self.last = np.zeros(self.dim)
+        else:
+            self.last = self._limit(np.zeros_like(self.last), self.last)
+        return self.last.copy()
+
+    def wind_down(self) -> list[np.ndarray]:
+        """The commands that bring a velocity or effort to zero at the rate limit, zero last (none for a
+        position, which holds); the filter ends at zero. Sent when the node stops commanding (deactivate)."""
+        out: list[np.ndarray] = []
+        if not self.stops or self.last is None:
+            return out
+        while np.any(self.last != 0.0):
+            out.append(self.stop())
+        return out
+
     def safe_command(self) -> np.ndarray | None:
-        """The safe state's command: hold, or one max-step toward the default pose."""
+        """The safe state's command: hold, or one max-step toward the default pose, or toward zero."""
+        if self.stops:
+            return self.hold()
         if self.safe_mode == "hold" or self.last is None or self.latched:
             return self.hold()
         self.last = self._limit(self.default_pose, self.last)
@@ -126,7 +180,7 @@ class SafetyFilter:
             self.last = np.clip(anchor, self.lower, self.upper) if clamp else anchor.copy()
 
     def estop(self) -> None:
-        """Latch: every command holds the last one until resume()."""
+        """Latch: every command holds the last one (ramps to zero, for `stops` kinds) until resume()."""
         self.latched = True
 
     def resume(self) -> None:

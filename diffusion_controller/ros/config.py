@@ -43,6 +43,7 @@ from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.core.plausibility import POLICIES
 from diffusion_controller.core.safety import SAFE_MODES
 from diffusion_controller.core.scheduler import BLEND_MODES
+from diffusion_controller.ros.outputs import TRAJECTORY_INTERFACES, check_outputs
 
 
 class ConfigError(ValueError):
@@ -151,9 +152,10 @@ _SOURCE = f"observations.{SRC}."
 PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
     ("Model", (
         _P("model_path", "", "string", "ONNX policy; its card is in the model's metadata or a `.yaml` beside "
-           "it; empty = configure fails. Setting it while configured swaps the model: the call answers at "
-           "once; the file is read, checked, loaded and warmed up in a loader thread and swapped in between "
-           "two ticks; a failure keeps the old model and sets model_path back (see ~/model).", when="live"),
+           "it; empty = configure fails. Setting it while configured swaps the model: the call reads the "
+           "card and refuses, with the reason, a model that does not fit the configuration; the model is "
+           "loaded and warmed up in a loader thread and swapped in between two ticks; a failure there keeps "
+           "the old model and sets model_path back (see ~/model).", when="live"),
         _P("provider", "auto", "string", "ONNX Runtime provider: auto tries tensorrt, cuda, then cpu, each "
            "until one starts; cuda or tensorrt fail the configure instead of running on the CPU.",
            choices=PROVIDERS),
@@ -201,11 +203,14 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
     ("Safety", (
         _P("max_consecutive_misses", 5, "int", "Ticks without a valid action before the safe state.",
            range=(1, 100000), control="max_consecutive_misses"),
-        _P("safe_mode", "hold", "string", "Safe state: hold the last command or go to `default_pose`.",
+        _P("safe_mode", "hold", "string", "Safe state: hold the last command or go to `default_pose` "
+           "(position models); zero: ramp to zero at max_step_per_tick, never held (velocity, effort and "
+           "base_velocity models: required).",
            choices=SAFE_MODES, control="safe_mode"),
         _P("default_pose", [], "double[]", "Pose of safe_mode default_pose, one value per output joint in "
            "`joints` order; empty = the middle of the card's limits.", control="default_pose"),
-        _P("max_step_per_tick", 0.2, "double", "Largest change of a joint command per tick (robot units); "
+        _P("max_step_per_tick", 0.2, "double", "Largest change of a command per tick in the action kind's "
+           "units (rad, rad/s: an acceleration limit, N m, m/s); "
            "holds across deactivate, cleanup/configure, e-stop and swaps.", range=(1e-6, 1000.0),
            control="max_step_per_tick"),
         _P("plausibility.joint_margin", 1.0, "double", "Joint positions of action joints are plausible "
@@ -288,6 +293,11 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
         _P("outputs.trajectory.topic", "~/joint_trajectory", "string", "Trajectory topic."),
         _P("outputs.trajectory.stamp", "zero", "string", "Trajectory header stamp: zero (start on receipt) "
            "or absolute (time of the first point minus one tick).", choices=TRAJECTORY_STAMPS),
+        _P("outputs.trajectory.interface", "position", "string", "The point field the actions go into; must "
+           "be the card's action kind (positions, velocities or effort).", choices=TRAJECTORY_INTERFACES),
+        _P("outputs.twist.enabled", False, "bool", "Publish geometry_msgs/Twist (a base_velocity model's "
+           "only output, e.g. a diff_drive_controller's cmd_vel)."),
+        _P("outputs.twist.topic", "~/cmd_vel", "string", "Twist topic."),
         _P("outputs.debug.enabled", True, "bool", "Publish ~/debug/command_timing every tick."),
         _P("outputs.debug.topic", "~/debug/command_timing", "string", "Timing topic: [tick_time, exec_time, "
            "action_time, obs_stamp, chunk_seq, index, state, missed]."),
@@ -442,6 +452,9 @@ class NodeConfig:
     trajectory_enabled: bool
     trajectory_topic: str
     trajectory_stamp: str
+    trajectory_interface: str
+    twist_enabled: bool
+    twist_topic: str
     debug_enabled: bool
     debug_topic: str
     policy_source: str
@@ -617,6 +630,7 @@ def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
                 "compensate_delay: a remote chunk is always stamped with its observations' time; "
                 "with policy.source remote it must be true"
             )
+    errors += check_outputs(cfg, card)
     if cfg.crossfade_steps > card.horizon:
         errors.append(f"crossfade_steps: {cfg.crossfade_steps} exceeds the card's horizon {card.horizon}")
     period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else float(card.control_period_s)

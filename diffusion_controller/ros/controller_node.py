@@ -53,6 +53,8 @@ from diffusion_controller.ros.params import NodeParameters
 from diffusion_controller.ros.swapper import Loaded, ModelSwapper
 
 NODE_NAME = "diffusion_controller"
+#: Longest deactivate waits for a velocity/effort command's ramp to zero (the ticks send it).
+WIND_DOWN_TIMEOUT_S = 5.0
 
 
 class ControllerNode(LifecycleNode):
@@ -152,8 +154,9 @@ class ControllerNode(LifecycleNode):
         return ret
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
-        if self.loop is not None:
-            self.loop.active = False
+        if self.loop is not None and not self.loop.wind_down(WIND_DOWN_TIMEOUT_S):
+            self._log.error(f"deactivate: the velocity/effort command did not reach zero within "
+                            f"{WIND_DOWN_TIMEOUT_S} s (no ticks?); commands stopped anyway")  # fmt: skip
         self.lifecycle = "inactive"
         self._log.info("inactive: commands stopped")
         return super().on_deactivate(state)

@@ -329,3 +329,36 @@ def array_msg(values: Sequence[float]) -> Float64MultiArray:
     msg = Float64MultiArray()
     msg.data = [float(v) for v in values]
     return msg
+
+
+def twist_msg(axes: Sequence[str], values: np.ndarray) -> Twist:
+    """A Twist with the named fields ('linear.x', 'angular.z', ...) set, the others zero."""
+    msg = Twist()
+    for axis, v in zip(axes, values, strict=True):
+        part, comp = axis.split(".")
+        setattr(getattr(msg, part), comp, float(v))
+    return msg
+
+
+def kind_trajectory_msg(joint_names: Sequence[str], values: np.ndarray, times_from_start: np.ndarray,
+                        interface: str, stamp: Time | None = None) -> JointTrajectory:  # fmt: skip
+    """JointTrajectory of the remaining chunk with velocities or efforts only (a controller with that
+    command interface reads them); positions go through conversions.trajectory_msg."""
+    field = {"velocity": "velocities", "effort": "effort"}[interface]
+    times = np.asarray(times_from_start, dtype=float)
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 2 or values.shape != (len(times), len(joint_names)):
+        shape = f"{len(times)} points x {len(joint_names)} joints"
+        raise ValueError(f"values {values.shape} do not match {shape}")
+    if len(times) and (times[0] <= 0.0 or np.any(np.diff(times) <= 0.0)):
+        raise ValueError("time_from_start must be positive and strictly increasing")
+    msg = JointTrajectory()
+    if stamp is not None:
+        msg.header.stamp = stamp
+    msg.joint_names = list(joint_names)
+    for k in range(len(times)):
+        pt = JointTrajectoryPoint()
+        setattr(pt, field, values[k].tolist())
+        pt.time_from_start = sec_to_duration(float(times[k]))
+        msg.points.append(pt)
+    return msg

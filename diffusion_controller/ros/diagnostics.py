@@ -9,6 +9,7 @@ they are testable without a graph.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -56,6 +57,46 @@ class RateLimitedLog:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+class AgeWatch:
+    """The p95 of each observation source's age at the ticks (the age the watchdog compares with the
+    source's timeout_s), over the last `window` ticks: a source whose p95 passes `fraction` of its timeout
+    is about to make the node go SAFE or WAITING, which an operator should hear before it happens."""
+
+    def __init__(self, window: int = 400, fraction: float = 0.8) -> None:
+        self.window, self.fraction = window, fraction
+        self._ages: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()  # the loop thread adds, the diagnostics timer reads
+
+    def add(self, ages: Mapping[str, float], feature_source: Mapping[str, str]) -> None:
+        """One tick's feature ages (s; inf = never received, skipped), per source: its oldest feature."""
+        worst: dict[str, float] = {}
+        for feature, age in ages.items():
+            src = feature_source.get(feature)
+            if src is not None and math.isfinite(age):
+                worst[src] = max(age, worst.get(src, -math.inf))
+        with self._lock:
+            for src, age in worst.items():
+                self._ages.setdefault(src, deque(maxlen=self.window)).append(age)
+
+    def p95(self) -> dict[str, float]:
+        with self._lock:
+            copies = {src: list(ages) for src, ages in self._ages.items() if ages}
+        return {src: percentile(ages, 95) for src, ages in copies.items()}
+
+    def near_timeout(self, timeouts: Mapping[str, float]) -> list[tuple[str, float, float]]:
+        """(source, p95, timeout) of each source with a timeout (> 0) whose age p95 passes the fraction."""
+        out = []
+        for src, p in self.p95().items():
+            t = timeouts.get(src, 0.0)
+            if t > 0 and p > self.fraction * t:
+                out.append((src, p, t))
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._ages.clear()
 
 
 def percentile(values: Iterable[float], q: float) -> float:

@@ -142,7 +142,10 @@ class ControlLoop:
         # state logged: both outlive a cleanup (carried()), the robot still holds that command.
         self.last_sent: tuple[tuple[str, ...], np.ndarray] | None = carried[0]
         self._last_state: ControlState | None = carried[1]
-        self._pub_cmd = self._pub_traj = self._pub_dbg = None
+        self._pub_cmd = self._pub_traj = self._pub_dbg = self._pub_twist = None
+        if cfg.twist_enabled:
+            self._pub_twist = node.create_lifecycle_publisher(cv.Twist, cfg.twist_topic, COMMAND_QOS)
+        self._winding_down: threading.Event | None = None  # set by the tick that sent the wind-down's zero
         if cfg.commands_enabled:
             self._pub_cmd = node.create_lifecycle_publisher(
                 cv.Float64MultiArray, cfg.commands_topic, COMMAND_QOS
@@ -215,6 +218,31 @@ class ControlLoop:
         self.stats.reset_phase()
         self.active = True
 
+    def wind_down(self, timeout_s: float) -> bool:
+        """Stop commanding: a velocity or effort model's command ramps to zero at its rate limit, one step
+        per tick (the core's stop_step), before the ticks stop; a position model stops at once (its
+        controller holds the target). Blocks until the zero is sent or `timeout_s`; True when it was."""
+        done = threading.Event()
+        with self._lock:
+            if not self.active or not self._loaded.core.winds_down:
+                self.active = False
+                return True
+            self._winding_down = done
+        ok = done.wait(timeout_s)
+        with self._lock:
+            self._winding_down = None
+            self.active = False
+        return ok
+
+    def _publish(self, command: np.ndarray, binding: cf.Binding) -> None:
+        """The command on every enabled command output (Float64MultiArray or Twist)."""
+        sent = command[list(binding.output_index)]
+        self.last_sent = (binding.output_joints, sent)
+        if self._pub_cmd is not None:
+            self._pub_cmd.publish(cv.command_msg(sent))
+        if self._pub_twist is not None:
+            self._pub_twist.publish(cv.twist_msg(binding.output_joints, sent))
+
     def carried(self) -> tuple[Any, ControlState | None]:
         """What the next configure's loop continues from (its `carried` argument)."""
         return self.last_sent, self._last_state
@@ -230,10 +258,10 @@ class ControlLoop:
             self._chunks.close()
             self._chunks = None
         self.intake.close()
-        for pub in (self._pub_cmd, self._pub_traj, self._pub_dbg, self._pub_exec):
+        for pub in (self._pub_cmd, self._pub_traj, self._pub_dbg, self._pub_exec, self._pub_twist):
             if pub is not None:
                 self._node.destroy_lifecycle_publisher(pub)
-        self._pub_cmd = self._pub_traj = self._pub_dbg = self._pub_exec = None
+        self._pub_cmd = self._pub_traj = self._pub_dbg = self._pub_exec = self._pub_twist = None
         self.active = False
 
     # -- one period ----------------------------------------------------------------------------------------
@@ -283,16 +311,17 @@ class ControlLoop:
             self._take_observations(core, loaded.readers, now)
             if self._chunks is not None:
                 self._take_chunks(core, now)
+            self._diag.tick_ages(core.ages(now), binding.feature_source)
             if not self.active:
+                return
+            if self._winding_down is not None:
+                self._wind_down_tick(core, binding)
                 return
             res = core.tick(now)
         if res.command is not None and self._pub_exec is not None:
             self._pub_exec.publish(ch.executed_msg(core.card.action_joints, res.command, now))
         if res.command is not None:
-            sent = res.command[list(binding.output_index)]
-            self.last_sent = (binding.output_joints, sent)
-            if self._pub_cmd is not None:
-                self._pub_cmd.publish(cv.command_msg(sent))
+            self._publish(res.command, binding)
             if self._pub_traj is not None and res.trajectory is not None:
                 self._publish_trajectory(res.trajectory, binding)
         if self._pub_dbg is not None:
@@ -305,6 +334,14 @@ class ControlLoop:
         if res.state != self._last_state:
             self._state_changed(res.state, res.reason)
 
+    def _wind_down_tick(self, core: ControlCore, binding: cf.Binding) -> None:
+        """One step of the deactivate wind-down (under the lock); the zero ends it."""
+        command = core.stop_step()
+        if command is not None:
+            self._publish(command, binding)
+        if (command is None or not np.any(command)) and self._winding_down is not None:
+            self._winding_down.set()
+
     def _publish_trajectory(self, traj: Any, binding: cf.Binding) -> None:
         times = np.asarray(traj.times, dtype=float)
         positions = np.asarray(traj.positions, dtype=float)[:, list(binding.output_index)]
@@ -314,7 +351,12 @@ class ControlLoop:
         if self._cfg.trajectory_stamp == "absolute":
             stamp = cv.sec_to_time(max(times[0] - binding.period_s, 0.0))
         keep = np.concatenate([[True], np.diff(tfs) > 1e-9])  # strictly increasing, whatever the core gives
-        self._pub_traj.publish(cv.trajectory_msg(binding.output_joints, positions[keep], tfs[keep], stamp))
+        interface = self._cfg.trajectory_interface
+        if interface == "position":
+            msg = cv.trajectory_msg(binding.output_joints, positions[keep], tfs[keep], stamp)
+        else:  # the rows are velocities or efforts (ros/outputs.py checked the kind at configure)
+            msg = cv.kind_trajectory_msg(binding.output_joints, positions[keep], tfs[keep], interface, stamp)
+        self._pub_traj.publish(msg)
 
     @staticmethod
     def _timing_row(now: float, res: TickResult, core: ControlCore) -> list[float]:

@@ -46,6 +46,8 @@ class NodeDiagnostics:
         self._faults = dg.RateLimitedLog(self._log.warning)  # rejected input, per source and cause
         self._events = dg.RateLimitedLog(self._log.warning)  # missed steps
         self._warnings = dg.RateLimitedLog(self._log.warning)  # clamped input, contradicting publishers
+        self._ages = dg.AgeWatch()  # observation ages at the ticks, per source
+        self._late = dg.RateLimitedLog(self._log.warning, interval_s=30.0)  # ages near their timeout
         self._last_error = ""
         self._last_error_time = -math.inf
         self._last_fault_time = -math.inf
@@ -70,6 +72,7 @@ class NodeDiagnostics:
     def configure(self, cfg: cf.NodeConfig) -> None:
         """The configuration the checks and the topic names in messages refer to."""
         self._cfg = cfg
+        self._ages.clear()
         self._topics = {s.name: self._node.resolve_topic_name(s.topic) for s in cfg.sources}
 
     def topic(self, source: str) -> str:
@@ -131,6 +134,24 @@ class NodeDiagnostics:
         self.chunks_refused += 1
         self.record_error(why)
         self._faults("chunk_refused", why)
+
+    def tick_ages(self, ages: dict[str, float], feature_source: dict[str, str]) -> None:
+        """The observation ages the watchdog saw at a tick (control loop thread)."""
+        self._ages.add(ages, feature_source)
+
+    def _late_sources(self) -> list[str]:
+        """One WARN line per source (rate-limited) whose age p95 passed 80 % of its timeout_s; the texts."""
+        cfg = self._cfg
+        if cfg is None:
+            return []
+        texts = []
+        for src, p95, timeout in self._ages.near_timeout({s.name: s.timeout_s for s in cfg.sources}):
+            text = (f"observations.{src}.timeout_s: {self.topic(src)} age p95 {p95:.3f} s is "
+                    f"{100.0 * p95 / timeout:.0f} % of its timeout {timeout:.3f} s; past it the node stops "
+                    "commanding (raise the timeout or reduce the sensor latency)")  # fmt: skip
+            self._late(src, text)
+            texts.append(text)
+        return texts
 
     def missed_step(self, reason: str) -> None:
         self._events("missed_step", f"missed step: {reason}")
@@ -296,6 +317,9 @@ class NodeDiagnostics:
         values.update({f"other_publishers.{k}": v for k, v in self._intruders.items()})
         values.update({f"wrong_type.{k}": v for k, v in self._wrong_types.items()})
         values.update(self._input_rates(loop.intake))
+        values.update({f"age_p95_ms.{k}": 1000.0 * v for k, v in self._ages.p95().items()})
+        late = self._late_sources()
+        values["near_timeout"] = "; ".join(late)  # also when a more urgent message is shown
         values["stale_events"] = st.stale_obs_events
         values["rejected_total"] = self._faults.total  # the core's refusals come through fault() too
         timeouts = core.config.obs_timeouts_s
@@ -313,6 +337,8 @@ class NodeDiagnostics:
             obs_level, obs_msg = dg.WARN, f"rejected messages: {self._faults.last_message}"
         elif time.monotonic() - self._last_warning_time < RECENT_S:
             obs_level, obs_msg = dg.WARN, self._warnings.last_message
+        elif late:  # the least urgent WARN: nothing is refused or stale yet
+            obs_level, obs_msg = dg.WARN, "; ".join(late)
         else:
             obs_level, obs_msg = dg.OK, "fresh"
         return [control, pol, dg.Section("observations", obs_level, obs_msg, values)]

@@ -1,8 +1,9 @@
 """The model: loaded on configure, swapped at runtime when `model_path` is set, reported on ~/model.
 
-A swap checks at once only what needs no reading (the parameter call answers at once); a loader thread
-reads and checks the card against the configuration, hashes, loads and warms up the new model, then
-swaps it in between two ticks. Any failure keeps the old model running, says why (log, /diagnostics,
+A swap checks the file and its card against the configuration in the parameter call (the card reader
+seeks past the weights: a few small reads, whatever the model's size), so a model that does not fit is
+refused in the call's answer; a loader thread hashes, loads and warms up the new model, then swaps it in
+between two ticks. Any failure keeps the old model running, says why (log, /diagnostics,
 ~/model) and puts `model_path` back. The replaced model is freed right after a tick, once the core no
 longer uses it.
 """
@@ -92,6 +93,15 @@ def check_swap_fits(running: cf.Binding, new: cf.Binding) -> None:
         )
 
 
+def check_same_kind(running: Any, new: Any) -> None:
+    """A swap keeps the action kind: the robot's controller takes one interface (positions, velocities,
+    efforts or a Twist); another kind needs a reconfigure with outputs for it."""
+    old_kind, new_kind = getattr(running, "action_kind", "position"), getattr(new, "action_kind", "position")
+    if new_kind != old_kind:
+        raise cf.ConfigError(f"its action kind is {new_kind!r}, the running model's {old_kind!r}; "
+                             "reconfigure with outputs for it")  # fmt: skip
+
+
 @dataclass
 class Loaded:
     """What configure built for one model. A swap replaces policy, binding, readers, path and sha256 in
@@ -171,8 +181,8 @@ class ModelSwapper:
     # -- swapping ------------------------------------------------------------------------------------------
     def begin(self, path: str, max_mb: float) -> str:
         """Start loading a new model_path in the background; '' or why not (also logged, counted and on
-        /diagnostics: said where an operator looks, not only in the caller's reply). Only what needs no
-        reading is checked here; the loader thread does the rest."""
+        /diagnostics: said where an operator looks, not only in the caller's reply). The file and its card
+        are checked against the configuration here; the loader thread loads (and checks the rest)."""
         loaded = self._node.loaded
         if loaded is None:
             return ""
@@ -182,10 +192,12 @@ class ModelSwapper:
         if self.thread is not None:
             reason = f"a model swap to '{self.target}' is still loading; try again when it is done"
         else:
-            try:
-                check_model_file(path, max_mb)
+            try:  # the card against the configuration: cheap (read_onnx_metadata seeks, never reads weights)
+                card, binding = self.check(loaded.cfg, path, max_mb)
+                check_same_kind(loaded.policy.card, card)
+                check_swap_fits(loaded.binding, binding)
                 reason = ""
-            except (cf.ConfigError, OSError) as exc:
+            except (cf.ConfigError, CardError, OSError) as exc:
                 reason = f"model_path rejected, the old model keeps running: {exc}"
         if reason:
             self.failures += 1
@@ -208,6 +220,7 @@ class ModelSwapper:
         cfg, old_path = loaded.cfg, loaded.path
         try:
             card, binding = self.check(cfg, path, max_mb)
+            check_same_kind(loaded.policy.card, card)
             check_swap_fits(loaded.binding, binding)
             sha256 = file_sha256(path)
             policy = self._load_policy(cfg, path, warmup=0)

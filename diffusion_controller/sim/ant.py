@@ -35,6 +35,10 @@ CONTROL_PERIOD_S = 0.02
 STANDING_POSE = np.array([0.0, 1.0, 0.0, -1.0, 0.0, -1.0, 0.0, 1.0])
 TORQUE_LIMIT = 150.0  # gear 150 x ctrlrange 1 of the original motors
 GAIT_FREQUENCY_HZ = 1.5  # the expert's trot (sim/expert.py); the policy sees this clock
+# The effort-driven ant (AntConfig(drive="effort")): a torque loop at 200 Hz over 400 Hz physics, so each
+# command is held for exactly two physics steps.
+EFFORT_PERIOD_S = 0.005
+EFFORT_TIMESTEP_S = 0.0025
 
 # The observation row of the model card, in order (DESIGN.md); dataset and expert build rows with it.
 OBS_LAYOUT: tuple[dict, ...] = (
@@ -110,6 +114,9 @@ class AntConfig:
     seed: int = 0
     fall_height: float = 0.22  # m, torso centre below this = fallen (standing is ~0.5)
     fall_gravity_z: float = -0.5  # projected gravity z above this (tilt > 60 deg) = fallen
+    # "position": the motors are PD servos in MuJoCo (set_target); "effort": the motors are plain torque
+    # motors (set_effort, N m), as behind a forward_effort_controller.
+    drive: str = "position"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +163,10 @@ def _build_model(cfg: AntConfig) -> mujoco.MjModel:
     spec = mujoco.MjSpec.from_file(ant_xml_path())
     spec.option.timestep = cfg.timestep
     spec.option.integrator = mujoco.mjtIntegrator.mjINT_IMPLICITFAST
+    if cfg.drive == "effort":  # ant.xml's own motors: torque = gear x ctrl, ctrl in [-1, 1]
+        return spec.compile()
+    if cfg.drive != "position":
+        raise ValueError(f"AntConfig.drive must be 'position' or 'effort', got {cfg.drive!r}")
     for act in spec.actuators:
         joint = spec.joint(act.target)
         gear = float(act.gear[0])
@@ -252,8 +263,20 @@ class Ant:
         if not np.all(np.isfinite(q)):
             raise ValueError("non-finite joint target")
         self.target = q
-        self.data.ctrl[self._act] = q
+        if self.cfg.drive == "position":
+            self.data.ctrl[self._act] = q
         return q
+
+    def set_effort(self, torque: Sequence[float]) -> np.ndarray:
+        """Joint torques (N m, JOINTS order) of an effort-driven ant, clipped to the motors' limit; held
+        until the next call. Returns what was applied."""
+        if self.cfg.drive != "effort":
+            raise RuntimeError("set_effort needs AntConfig(drive='effort')")
+        tau = np.clip(np.asarray(torque, dtype=float), -TORQUE_LIMIT, TORQUE_LIMIT)
+        if tau.shape != (N_JOINTS,) or not np.all(np.isfinite(tau)):
+            raise ValueError("joint torques must be 8 finite values")
+        self.data.ctrl[self._act] = tau / self.model.actuator_gear[self._act, 0]
+        return tau
 
     def step(self, duration: float) -> None:
         """Advance the physics by ``duration`` seconds (rounded to whole physics steps)."""

@@ -22,7 +22,9 @@ File format: one ``.npz`` (``numpy.load(path)``), N rows over E episodes, concat
 - ``episode_ends`` (E,) int64: cumulative end index (exclusive) of each episode.
 - ``layout`` (str): JSON list of the features {name, kind, size[, joints | frequency_hz]}, the card's
   feature list.
-- ``period`` (float): control period in seconds (0.02).
+- ``period`` (float): control period in seconds (0.02; 0.005 with ``--drive effort``).
+- ``action_kind`` (str): ``position`` (joint targets, rad) or ``effort`` (joint torques, N m, with
+  ``--drive effort``: the ant's motors driven directly at 200 Hz by sim/expert.py's EffortExpert).
 - ``action_joints`` (8,) str, ``action_lower`` / ``action_upper`` (8,) float: joint ranges in rad
   from ant.xml, in action order.
 - ``meta`` (str): JSON with the generator's arguments, sensor noise and expert/ant settings.
@@ -42,16 +44,19 @@ import numpy as np
 
 from diffusion_controller.sim.ant import (
     CONTROL_PERIOD_S,
+    EFFORT_PERIOD_S,
+    EFFORT_TIMESTEP_S,
     GAIT_FREQUENCY_HZ,
     JOINTS,
     OBS_DIM,
+    TORQUE_LIMIT,
     Ant,
     AntConfig,
     SensorNoise,
     layout_json,
 )
 from diffusion_controller.sim.evaluate import SKILLS, Schedule, rollout, tracking_errors
-from diffusion_controller.sim.expert import Expert, ExpertConfig
+from diffusion_controller.sim.expert import EffortExpert, EffortExpertConfig, Expert, ExpertConfig
 
 # Command ranges the expert tracks well (measured with sim/evaluate.py; about 0.5 m/s is the trot's top).
 VX_RANGE = (0.1, 0.5)  # m/s, magnitude
@@ -100,6 +105,11 @@ class EpisodeSpec:
     obs_delay_s: float
     noise_scale: float
     action_noise: float = 0.0  # max std (rad) of DART noise on the executed targets; per episode U(0, max)
+    drive: str = "position"  # "effort": joint torques at 200 Hz from EffortExpert (N m; noise in N m)
+
+    @property
+    def period(self) -> float:
+        return EFFORT_PERIOD_S if self.drive == "effort" else CONTROL_PERIOD_S
 
 
 class LowPassNoise:
@@ -125,27 +135,35 @@ class LowPassNoise:
 def run_episode(spec: EpisodeSpec) -> dict:
     """One episode: arrays for the file plus its tracking errors and whether it fell."""
     rng = np.random.default_rng(spec.seed)
+    effort = spec.drive == "effort"
     ant = Ant(
         AntConfig(
             noise=SensorNoise.realistic(spec.noise_scale),
             obs_delay_s=spec.obs_delay_s,
             seed=int(rng.integers(2**31)),
+            drive=spec.drive,
+            **({"timestep": EFFORT_TIMESTEP_S} if effort else {}),
         )
     )
     ant.reset(randomize=True)
-    expert = Expert()
+    # The effort expert knows its sensors' delay (EffortExpertConfig.lookahead_s).
+    expert = EffortExpert(EffortExpertConfig(lookahead_s=spec.obs_delay_s)) if effort else Expert()
     clock_offset_s = float(rng.uniform()) / GAIT_FREQUENCY_HZ  # a random gait phase at the start
-    schedule = random_schedule(rng, spec.seconds)
+    schedule = random_schedule(rng, spec.seconds, spec.period)
     std = float(rng.uniform(0.0, spec.action_noise)) if spec.action_noise > 0 else 0.0
-    perturb = LowPassNoise(np.random.default_rng(int(rng.integers(2**31))), std) if std > 0 else None
-    r = rollout(ant, expert.act, schedule, perturb=perturb, clock_offset_s=clock_offset_s)
+    perturb = (
+        LowPassNoise(np.random.default_rng(int(rng.integers(2**31))), std, period=spec.period)
+        if std > 0
+        else None
+    )
+    r = rollout(ant, expert.act, schedule, spec.period, perturb=perturb, clock_offset_s=clock_offset_s)
     return {
         "obs": r.obs.astype(np.float32),
         "action": r.action.astype(np.float32),
         "command": r.command.astype(np.float32),
         "true_velocity": r.true_velocity.astype(np.float32),
         "fell": r.fell,
-        "errors": tracking_errors(r),
+        "errors": tracking_errors(r, period=spec.period),
     }
 
 
@@ -176,6 +194,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="DART: max std (rad) of low-pass noise on executed targets, per episode U(0, max)",
     )
+    ap.add_argument(
+        "--drive",
+        choices=("position", "effort"),
+        default="position",
+        help="position: joint targets at 50 Hz; effort: joint torques (N m) at 200 Hz (action noise in N m)",
+    )
     ap.add_argument("--workers", type=int, default=1)
     return ap.parse_args(argv)
 
@@ -184,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seeds = np.random.SeedSequence(args.seed).generate_state(args.episodes)
     specs = [
-        EpisodeSpec(int(s), args.episode_seconds, args.obs_delay, args.noise_scale, args.action_noise)
+        EpisodeSpec(
+            int(s), args.episode_seconds, args.obs_delay, args.noise_scale, args.action_noise, args.drive
+        )
         for s in seeds
     ]
     t0 = time.monotonic()
@@ -193,19 +219,24 @@ def main(argv: list[str] | None = None) -> int:
         with multiprocessing.Pool(args.workers) as pool:
             for i, res in enumerate(pool.imap(run_episode, specs)):
                 results.append(res)
-                _progress(i, len(specs), results, t0)
+                _progress(i, len(specs), results, t0, specs[0].period)
     else:
         for i, spec in enumerate(specs):
             results.append(run_episode(spec))
-            _progress(i, len(specs), results, t0)
+            _progress(i, len(specs), results, t0, spec.period)
 
     lengths = [len(r["obs"]) for r in results]
     ant = Ant()
+    effort = args.drive == "effort"
+    period = specs[0].period
+    expert = dataclasses.asdict(ExpertConfig())
+    if effort:
+        expert["effort"] = dataclasses.asdict(EffortExpertConfig(lookahead_s=args.obs_delay))
     meta = {
         "args": vars(args),
         "noise": dataclasses.asdict(SensorNoise.realistic(args.noise_scale)),
         "ant": {k: v for k, v in dataclasses.asdict(AntConfig()).items() if k not in ("noise", "seed")},
-        "expert": {k: np.asarray(v).tolist() for k, v in dataclasses.asdict(ExpertConfig()).items()},
+        "expert": {k: v if isinstance(v, dict) else np.asarray(v).tolist() for k, v in expert.items()},
         "vx_range": VX_RANGE,
         "wz_range": WZ_RANGE,
     }
@@ -218,16 +249,17 @@ def main(argv: list[str] | None = None) -> int:
         true_velocity=np.concatenate([r["true_velocity"] for r in results]),
         episode_ends=np.cumsum(lengths).astype(np.int64),
         layout=np.array(layout_json()),
-        period=np.array(CONTROL_PERIOD_S),
+        period=np.array(period),
         action_joints=np.array(JOINTS),
-        action_lower=ant.joint_lower,
-        action_upper=ant.joint_upper,
+        action_lower=np.full(len(JOINTS), -TORQUE_LIMIT) if effort else ant.joint_lower,
+        action_upper=np.full(len(JOINTS), TORQUE_LIMIT) if effort else ant.joint_upper,
+        action_kind=np.array(args.drive),
         meta=np.array(json.dumps(meta)),
     )
     falls = sum(r["fell"] for r in results)
     summary = summarize([r["errors"] for r in results])
     print(
-        f"wrote {args.out}: {sum(lengths)} rows, {sum(lengths) * CONTROL_PERIOD_S:.0f} s, "
+        f"wrote {args.out}: {sum(lengths)} rows, {sum(lengths) * period:.0f} s, "
         f"{len(results)} episodes, {falls} falls, {time.monotonic() - t0:.0f} s wall"
     )
     print("per-skill tracking (mean |cmd - v|, v averaged over one gait cycle; raw = per step):")
@@ -239,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _progress(i: int, n: int, results: list[dict], t0: float) -> None:
+def _progress(i: int, n: int, results: list[dict], t0: float, period: float) -> None:
     if (i + 1) % max(1, n // 10) == 0 or i + 1 == n:
-        secs = sum(len(r["obs"]) for r in results) * CONTROL_PERIOD_S
+        secs = sum(len(r["obs"]) for r in results) * period
         falls = sum(r["fell"] for r in results)
         print(
             f"[{i + 1}/{n}] {secs:.0f} s of data, {falls} falls, {time.monotonic() - t0:.0f} s wall",

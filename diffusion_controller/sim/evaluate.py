@@ -17,6 +17,7 @@ from diffusion_controller.sim.ant import (
     N_JOINTS,
     OBS_DIM,
     STANDING_POSE,
+    TORQUE_LIMIT,
     Ant,
     card_observation,
 )
@@ -59,7 +60,9 @@ def rollout(
     """Run ``policy(obs_row) -> targets`` on the ant through the command schedule.
 
     Row k: observation at t_k (before action k), previous_action = the target applied at step k-1
-    (standing pose at k=0). With ``perturb`` (DART-style data collection), the ant executes
+    (standing pose at k=0); with a sensor delay, the target in force at the sensors' time, as the node
+    records its own commands. An effort-driven ant (AntConfig.drive) takes ``policy``'s output as joint
+    torques (previous_action zero at k=0). With ``perturb`` (DART-style data collection), the ant executes
     ``perturb(target)`` while the recorded action stays the policy's own target: the data then shows how
     the expert recovers from states its clean execution would never reach. ``clock_offset_s`` shifts the
     gait clock (a random gait phase at the start of a dataset episode).
@@ -72,19 +75,33 @@ def rollout(
     act = np.zeros((n, N_JOINTS))
     vel = np.zeros((n, 3))
     times = np.zeros(n)
-    prev = STANDING_POSE.copy()
+    effort = ant.cfg.drive == "effort"
+    prev = np.zeros(N_JOINTS) if effort else STANDING_POSE.copy()
+    sent: list[tuple[float, np.ndarray]] = []  # (time applied, action), newest last
     fell = False
     k = 0
     for k in range(n):
-        o = card_observation(ant.observe(), commands[k], prev, clock_offset_s)
+        m = ant.observe()
+        # previous_action as the node computes it: the last command sent strictly before the row's sensor
+        # time (with no sensor delay, the one of step k-1).
+        while len(sent) > 1 and sent[1][0] < m.t - 1e-9:
+            sent.pop(0)
+        row_prev = sent[0][1] if sent and sent[0][0] < m.t - 1e-9 else prev
+        o = card_observation(m, commands[k], row_prev, clock_offset_s)
         gt = ant.ground_truth()
         target = policy(o)
-        a = ant.set_target(target if perturb is None else perturb(target))
+        apply = ant.set_effort if effort else ant.set_target
+        a = apply(target if perturb is None else perturb(target))
         obs[k], times[k] = o, ant.time
-        act[k] = a if perturb is None else np.clip(target, ant.joint_lower, ant.joint_upper)
+        if perturb is None:
+            act[k] = a
+        elif effort:
+            act[k] = np.clip(target, -TORQUE_LIMIT, TORQUE_LIMIT)
+        else:
+            act[k] = np.clip(target, ant.joint_lower, ant.joint_upper)
         vel[k] = [gt.linear_velocity[0], gt.linear_velocity[1], gt.angular_velocity[2]]
+        sent.append((ant.time, a))
         ant.step(period)
-        prev = a
         if ant.fallen():
             fell = True
             if stop_on_fall:

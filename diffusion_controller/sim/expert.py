@@ -22,7 +22,15 @@ import dataclasses
 import numpy as np
 
 from diffusion_controller.core.features import gait_phase
-from diffusion_controller.sim.ant import CONTROL_PERIOD_S, GAIT_FREQUENCY_HZ, JOINTS, OBS, STANDING_POSE
+from diffusion_controller.sim.ant import (
+    CONTROL_PERIOD_S,
+    EFFORT_PERIOD_S,
+    GAIT_FREQUENCY_HZ,
+    JOINTS,
+    OBS,
+    STANDING_POSE,
+    pd_torque,
+)
 
 LEG_ANGLES = np.deg2rad([45.0, 135.0, 225.0, 315.0])
 TANGENTS = np.stack([-np.sin(LEG_ANGLES), np.cos(LEG_ANGLES)], axis=1)  # (4, 2)
@@ -126,3 +134,36 @@ class Expert:
             q[HIP[leg]] = hip
             q[ANKLE[leg]] = STANDING_POSE[ANKLE[leg]] - ANKLE_SIGN[leg] * lift
         return q
+
+
+@dataclasses.dataclass
+class EffortExpertConfig:
+    # Softer than the position servo (kp 400, kd 24 inside the physics): this PD closes through the
+    # sensors, and with 40 ms of sensor delay kp 400 made the ant fall in every trial (docs/RESULTS.md).
+    kp: float = 120.0  # N m / rad
+    kd: float = 10.0  # N m s / rad
+    # The sensor delay the expert knows of: it extrapolates the joint positions over it (q + d qd),
+    # as the node's delay compensation stamps a chunk at its observation's time.
+    lookahead_s: float = 0.0
+
+
+class EffortExpert:
+    """The gait of Expert as joint torques: its position targets through a PD law computed at the
+    effort rate (200 Hz) from the observation row's joint state; the torque is held until the next call.
+    """
+
+    def __init__(self, cfg: EffortExpertConfig | None = None, period: float = EFFORT_PERIOD_S):
+        self.cfg = cfg or EffortExpertConfig()
+        self.gait = Expert(period=period)
+        self.period = period
+
+    def reset(self) -> None:
+        self.gait.reset()
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Joint torques (N m, JOINTS order) for the next period, from one card observation row."""
+        c = self.cfg
+        target = self.gait.act(obs)
+        q = np.asarray(obs[OBS["joint_position"]], dtype=float)
+        qd = np.asarray(obs[OBS["joint_velocity"]], dtype=float)
+        return pd_torque(target, q + c.lookahead_s * qd, qd, c.kp, c.kd)

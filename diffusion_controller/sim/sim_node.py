@@ -12,6 +12,9 @@ robot and topics", REFERENCES.md):
   each message carries its measurement time and is published ``obs_delay_s`` later;
 - ``forward_position_controller/commands`` (Float64MultiArray, joints in controller order; a wrong
   size or a non-finite value is logged and ignored; the last command is held forever);
+- with ``drive:=effort`` instead: ``forward_effort_controller/commands`` (Float64MultiArray, joint
+  torques in N m, clipped to the motors' 150 N m, held until the next one, as ros2_control's forward
+  effort controller does); the motors are then plain torque motors, no PD servo in the physics;
 - ``joint_trajectory_controller/joint_trajectory`` (JointTrajectory: joints by name, stamp 0 = now,
   linear between position-only points, cubic with velocities, a new one replaces the running one,
   the last point is held);
@@ -189,6 +192,10 @@ class SimNode(Node):
         )
         self.randomize_reset = p("randomize_reset", False, "Random heading/joints/position on reset.")
         self.fall_reset = p("fall_reset", True, "Reset automatically after the ant lies fallen for 1 s.")
+        self.drive = p("drive", "position", "Command interface: position (PD servos in the physics, "
+                       "position commands) or effort (torque motors, forward_effort_controller).")
+        if self.drive not in ("position", "effort"):
+            raise ValueError(f"drive must be 'position' or 'effort', got {self.drive!r}")
         kp = p("kp", AntConfig.kp, "Joint PD stiffness, N m/rad (position interface).")
         kd = p("kd", AntConfig.kd, "Joint PD damping, N m s/rad.")
         if self.initial_pose.shape != (N_JOINTS,):
@@ -196,7 +203,7 @@ class SimNode(Node):
         if self.rtf < 0 or self.delay < 0 or timestep <= 0:
             raise ValueError("real_time_factor, obs_delay_s must be >= 0 and physics_timestep > 0")
 
-        self.ant = Ant(AntConfig(timestep=timestep, kp=kp, kd=kd, noise=noise, seed=seed))
+        self.ant = Ant(AntConfig(timestep=timestep, kp=kp, kd=kd, noise=noise, seed=seed, drive=self.drive))
         self.ant.reset(randomize=self.randomize_reset, pose=self.initial_pose)
         self.periods = {k: (1.0 / v if v > 0 else None) for k, v in rates.items()}
         self.next_due = {k: 0.0 for k in rates}
@@ -207,24 +214,31 @@ class SimNode(Node):
         self.pub_imu = self.create_publisher(Imu, "imu_sensor_broadcaster/imu", reliable)
         self.pub_odom = self.create_publisher(Odometry, "odom", reliable)
         self.pub_truth = self.create_publisher(Odometry, "~/ground_truth", reliable)
-        self.create_subscription(
-            Float64MultiArray, "forward_position_controller/commands", self._on_forward, reliable
-        )
-        self.create_subscription(
-            JointTrajectory, "joint_trajectory_controller/joint_trajectory", self._on_trajectory, reliable
-        )
+        if self.drive == "effort":
+            self.create_subscription(
+                Float64MultiArray, "forward_effort_controller/commands", self._on_effort, reliable
+            )
+        else:
+            self.create_subscription(
+                Float64MultiArray, "forward_position_controller/commands", self._on_forward, reliable
+            )
+            self.create_subscription(
+                JointTrajectory, "joint_trajectory_controller/joint_trajectory", self._on_trajectory, reliable
+            )
         self.create_service(Trigger, "~/reset", self._on_reset)
 
         self.lock = threading.Lock()
         self.desired_pos = self.ant.target.copy()
         self.desired_vel = np.zeros(N_JOINTS)
+        self.effort = np.zeros(N_JOINTS)  # drive effort: the torques held until the next command
         self.trajectory: TrajectoryPlayer | None = None
         self.reset_requested = False
         self.fallen_since: float | None = None
         self.outbox: collections.deque[tuple[float, object, object]] = collections.deque()
         self.stop = threading.Event()
         self.get_logger().info(
-            f"ant sim: {1 / timestep:.0f} Hz physics, real_time_factor {self.rtf}, obs_delay {self.delay} s"
+            f"ant sim: {1 / timestep:.0f} Hz physics, {self.drive} drive, real_time_factor {self.rtf}, "
+            f"obs_delay {self.delay} s"
         )
 
     # ---- command callbacks (executor thread) -----------------------------------------------------
@@ -242,6 +256,17 @@ class SimNode(Node):
             self.trajectory = None
             self.desired_pos = data
             self.desired_vel = np.zeros(N_JOINTS)
+
+    def _on_effort(self, msg: Float64MultiArray) -> None:
+        data = np.asarray(msg.data, dtype=float)
+        if data.shape != (N_JOINTS,) or not np.all(np.isfinite(data)):
+            self.get_logger().error(
+                f"forward_effort_controller: command must be {N_JOINTS} finite torques, got {data.size} "
+                "values; ignored"
+            )
+            return
+        with self.lock:
+            self.effort = data
 
     def _on_trajectory(self, msg: JointTrajectory) -> None:
         with self.lock:
@@ -270,9 +295,12 @@ class SimNode(Node):
             with self.lock:
                 if self.reset_requested:
                     self._reset("reset requested")
-                if self.trajectory is not None:
-                    self.desired_pos, self.desired_vel = self.trajectory.sample(self.ant.time + dt)
-                self.ant.set_target(self.desired_pos)
+                if self.drive == "effort":
+                    self.ant.set_effort(self.effort)
+                else:
+                    if self.trajectory is not None:
+                        self.desired_pos, self.desired_vel = self.trajectory.sample(self.ant.time + dt)
+                    self.ant.set_target(self.desired_pos)
             self.ant.step(dt)
             self._publish_due()
             self._check_fall()
@@ -288,6 +316,7 @@ class SimNode(Node):
         self.trajectory = None
         self.desired_pos = self.ant.target.copy()
         self.desired_vel = np.zeros(N_JOINTS)
+        self.effort = np.zeros(N_JOINTS)
         self.reset_requested = False
         self.fallen_since = None
         self.get_logger().warning(f"ant reset ({why})")
@@ -389,8 +418,12 @@ def main(args: list[str] | None = None) -> int:
     executor.add_node(node)
 
     def spin() -> None:
+        """Spin until the node stops: the thread leaves the executor by itself, before the context is
+        shut down (shutting it down under a spinning executor raised RCLError 'the given context is not
+        valid' from this thread on Ctrl-C)."""
         with contextlib.suppress(ExternalShutdownException):
-            executor.spin()
+            while not node.stop.is_set() and rclpy.ok():
+                executor.spin_once(timeout_sec=0.1)
 
     spinner = threading.Thread(target=spin, daemon=True)
     spinner.start()
@@ -401,10 +434,11 @@ def main(args: list[str] | None = None) -> int:
         # twice (the terminal signals the whole process group, then launch signals each process).
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+        node.stop.set()
+        spinner.join(timeout=5.0)  # within one spin_once timeout (plus a callback in progress)
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
         rclpy.try_shutdown()
-        spinner.join(timeout=2.0)
     return 0
 
 

@@ -49,10 +49,7 @@ class TrainConfig:
     data: str
     out: str
     name: str = "ant_locomotion"
-    description: str = (
-        "Ant locomotion (stand, walk forward/backward, turn in place) from a velocity command; "
-        "diffusion policy trained on the project's expert gait in MuJoCo."
-    )
+    description: str = ""  # empty: a neutral one naming the data (neutral_description)
     action_kind: str = "position"
     action_units: str = "rad"
     beta_schedule: str = "squaredcos_cap_v2"
@@ -160,6 +157,13 @@ def diffusion_section(cfg: TrainConfig) -> dict:
     }
 
 
+def neutral_description(data: dict, cfg: TrainConfig) -> str:
+    """The card's description when none is given: what was trained on what, nothing about any robot."""
+    rows, episodes = len(data["obs"]), len(data["episode_ends"])
+    return (f"Diffusion policy ({cfg.action_kind} actions, {1.0 / float(data['period']):g} Hz) trained by "
+            f"train_policy on {Path(cfg.data).name} ({rows} rows, {episodes} episodes).")  # fmt: skip
+
+
 def card_dict(data: dict, cfg: TrainConfig, norm: dict, net: DiffusionTransformer, extra: dict) -> dict:
     """The model card without its graph section; export adds the graph."""
     joints = [str(j) for j in data["action_joints"]]
@@ -167,7 +171,7 @@ def card_dict(data: dict, cfg: TrainConfig, norm: dict, net: DiffusionTransforme
         "format": CARD_FORMAT,
         "name": cfg.name,
         "version": "1.0.0",
-        "description": cfg.description,
+        "description": cfg.description or neutral_description(data, cfg),
         "control_period_s": float(data["period"]),
         "observation": {"history": cfg.history, "features": json.loads(str(data["layout"]))},
         "action": {
