@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from diffusion_controller.core.external import (
 )
 from diffusion_controller.sim.link_emulator import LinkConfig, LinkModel
 
+ROOT = Path(__file__).resolve().parents[1]
 P = 0.02
 WIDE = {"max_step_per_tick": 1000.0}
 
@@ -202,6 +204,23 @@ def test_chunk_message_round_trip():
     zero = ch.chunk_msg(card.action_joints, a, 0.0, card.control_period_s, card.first_offset, "")
     with pytest.raises(ChunkFitError, match="stamp"):
         ch.read_chunk(zero, card)
+
+
+def test_a_chunk_travels_in_the_field_of_its_action_kind():
+    """An effort model's chunk is in JointTrajectoryPoint.effort (what `ros2 topic echo` shows under its
+    units); a chunk that carries its actions in another field does not fit."""
+    from diffusion_controller.core.card import ModelCard
+    from diffusion_controller.ros import chunks as ch
+
+    card = ModelCard.from_yaml(ROOT / "models" / "ant_effort.yaml")
+    assert card.action_kind == "effort"
+    a = np.random.default_rng(1).normal(size=(card.horizon, card.action_dim))
+    args = (card.action_joints, a, 10.0, card.control_period_s, card.first_offset, "m")
+    msg = ch.chunk_msg(*args, kind="effort")
+    assert list(msg.points[0].effort) == a[0].tolist() and not msg.points[0].positions
+    assert np.allclose(ch.read_chunk(msg, card)[0], a)
+    with pytest.raises(ChunkFitError, match="carry no effort"):
+        ch.read_chunk(ch.chunk_msg(*args), card)  # positions: a position model's chunk
 
 
 def test_executed_message_round_trip():

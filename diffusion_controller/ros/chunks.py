@@ -41,10 +41,18 @@ EXECUTED_QOS = QoSProfile(
 )  # fmt: skip
 
 
+#: The JointTrajectoryPoint field a chunk's actions travel in, by the card's action kind (a base velocity's
+#: axes are its joint names), so that `ros2 topic echo` shows them where the units say.
+CHUNK_FIELD = {
+    "position": "positions", "velocity": "velocities", "effort": "effort", "base_velocity": "velocities",
+}  # fmt: skip
+
+
 def chunk_msg(
-    joints: Sequence[str], actions: np.ndarray, t_obs: float, period: float, first_offset: int, model_id: str
-) -> JointTrajectory:
-    """One chunk as a JointTrajectory (positions only: the chunk is what the policy predicted)."""
+    joints: Sequence[str], actions: np.ndarray, t_obs: float, period: float, first_offset: int, model_id: str,
+    kind: str = "position",
+) -> JointTrajectory:  # fmt: skip
+    """One chunk as a JointTrajectory: the predicted actions in the field of their kind (CHUNK_FIELD)."""
     a = np.asarray(actions, dtype=float)
     if a.ndim != 2 or a.shape[1] != len(joints):
         raise ValueError(f"actions {a.shape} do not match {len(joints)} joints")
@@ -54,7 +62,7 @@ def chunk_msg(
     msg.joint_names = list(joints)
     for i in range(a.shape[0]):
         pt = JointTrajectoryPoint()
-        pt.positions = a[i].tolist()
+        setattr(pt, CHUNK_FIELD[kind], a[i].tolist())
         pt.time_from_start = sec_to_duration((first_offset + i) * period)
         msg.points.append(pt)
     return msg
@@ -63,11 +71,14 @@ def chunk_msg(
 def read_chunk(msg: JointTrajectory, card: Any) -> tuple[np.ndarray, float]:
     """(actions in card order, t_obs) of a chunk that fits `card`; ChunkFitError says why not."""
     tfs = [float(p.time_from_start.sec) + 1e-9 * float(p.time_from_start.nanosec) for p in msg.points]
-    positions = [list(p.positions) for p in msg.points]
-    lengths = {len(p) for p in positions}
+    field = CHUNK_FIELD[card.action_kind]
+    values = [list(getattr(p, field)) for p in msg.points]
+    lengths = {len(v) for v in values}
     if len(lengths) > 1:
-        raise ChunkFitError(f"points have different numbers of positions {sorted(lengths)}")
-    actions = fit_chunk(card, msg.joint_names, tfs, positions)
+        raise ChunkFitError(f"points have different numbers of {field} {sorted(lengths)}")
+    if lengths == {0}:
+        raise ChunkFitError(f"points carry no {field} (a {card.action_kind} model's chunk travels there)")
+    actions = fit_chunk(card, msg.joint_names, tfs, values)
     t_obs = time_to_sec(msg.header.stamp)
     if t_obs <= 0.0:
         raise ChunkFitError("header.stamp is 0: a chunk is stamped with its observations' time")

@@ -317,7 +317,8 @@ class PolicyNode(Node):
             return
         card = policy.card
         msg = ch.chunk_msg(card.action_joints, result.actions, result.request.t_obs,
-                           float(card.control_period_s), int(card.first_offset), self.model_id)  # fmt: skip
+                           float(card.control_period_s), int(card.first_offset), self.model_id,
+                           card.action_kind)  # fmt: skip
         robot.pub.publish(msg)
         robot.chunks += 1
 
