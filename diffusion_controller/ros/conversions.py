@@ -304,18 +304,8 @@ def trajectory_msg(joint_names: Sequence[str], positions: np.ndarray, times_from
     stamp None -> header stamp 0 (the controller starts it on receipt). Velocities are finite differences
     over the points; `start_velocities` is unused now but kept for a future smoother start.
     """
-    times = np.asarray(times_from_start, dtype=float)
-    positions = np.asarray(positions, dtype=float)
-    if positions.ndim != 2 or positions.shape != (len(times), len(joint_names)):
-        raise ValueError(
-            f"positions {positions.shape} do not match {len(times)} points x {len(joint_names)} joints")
-    if len(times) and (times[0] <= 0.0 or np.any(np.diff(times) <= 0.0)):
-        raise ValueError("time_from_start must be positive and strictly increasing")
+    positions, times, msg = _trajectory("positions", joint_names, positions, times_from_start, stamp)
     vel = finite_difference_velocities(positions, times)
-    msg = JointTrajectory()
-    if stamp is not None:
-        msg.header.stamp = stamp
-    msg.joint_names = list(joint_names)
     for k in range(len(times)):
         pt = JointTrajectoryPoint()
         pt.positions = positions[k].tolist()
@@ -323,6 +313,23 @@ def trajectory_msg(joint_names: Sequence[str], positions: np.ndarray, times_from
         pt.time_from_start = sec_to_duration(float(times[k]))
         msg.points.append(pt)
     return msg
+
+
+def _trajectory(what: str, joint_names: Sequence[str], values: Any, times_from_start: Any,
+                stamp: Time | None) -> tuple[np.ndarray, np.ndarray, JointTrajectory]:  # fmt: skip
+    """The checked (points x joints) values and times, and an empty JointTrajectory for them."""
+    times = np.asarray(times_from_start, dtype=float)
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 2 or values.shape != (len(times), len(joint_names)):
+        shape = f"{len(times)} points x {len(joint_names)} joints"
+        raise ValueError(f"{what} {values.shape} do not match {shape}")
+    if len(times) and (times[0] <= 0.0 or np.any(np.diff(times) <= 0.0)):
+        raise ValueError("time_from_start must be positive and strictly increasing")
+    msg = JointTrajectory()
+    if stamp is not None:
+        msg.header.stamp = stamp
+    msg.joint_names = list(joint_names)
+    return values, times, msg
 
 
 def array_msg(values: Sequence[float]) -> Float64MultiArray:
@@ -345,17 +352,7 @@ def kind_trajectory_msg(joint_names: Sequence[str], values: np.ndarray, times_fr
     """JointTrajectory of the remaining chunk with velocities or efforts only (a controller with that
     command interface reads them); positions go through conversions.trajectory_msg."""
     field = {"velocity": "velocities", "effort": "effort"}[interface]
-    times = np.asarray(times_from_start, dtype=float)
-    values = np.asarray(values, dtype=float)
-    if values.ndim != 2 or values.shape != (len(times), len(joint_names)):
-        shape = f"{len(times)} points x {len(joint_names)} joints"
-        raise ValueError(f"values {values.shape} do not match {shape}")
-    if len(times) and (times[0] <= 0.0 or np.any(np.diff(times) <= 0.0)):
-        raise ValueError("time_from_start must be positive and strictly increasing")
-    msg = JointTrajectory()
-    if stamp is not None:
-        msg.header.stamp = stamp
-    msg.joint_names = list(joint_names)
+    values, times, msg = _trajectory("values", joint_names, values, times_from_start, stamp)
     for k in range(len(times)):
         pt = JointTrajectoryPoint()
         setattr(pt, field, values[k].tolist())
