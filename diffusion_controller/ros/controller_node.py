@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import os
-import signal
 import sys
 import threading
 from typing import Any
@@ -45,7 +44,7 @@ from diffusion_controller.core.card import CardError
 from diffusion_controller.core.controller import ConfigError as CoreConfigError
 from diffusion_controller.core.runtime import ModelError
 from diffusion_controller.ros import config as cf
-from diffusion_controller.ros import dds
+from diffusion_controller.ros import dds, process
 from diffusion_controller.ros import diagnostics as dg
 from diffusion_controller.ros.loop import ControlLoop, carried_command, normal_priority, set_thread_priority
 from diffusion_controller.ros.node_diagnostics import NodeDiagnostics
@@ -265,9 +264,7 @@ def main(args: list[str] | None = None) -> int:
     sys.setswitchinterval(0.0005)
     transport = dds.choose_transport(os.environ)  # before the participant exists
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = process.stop_on_signals()
     node = executor = None
     try:
         node = ControllerNode()
@@ -284,20 +281,11 @@ def main(args: list[str] | None = None) -> int:
                 node.get_logger().info(f"executor thread: SCHED_FIFO priority {priority}")
             else:
                 node.get_logger().warning(f"executor thread: no real-time priority ({why}); normal priority")
-        while not stop.is_set() and rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)
+        process.spin(executor, stop)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not interrupt the cleanup
-            signal.signal(sig, signal.SIG_IGN)
-        if node is not None:
-            node.close()
-        if executor is not None:
-            executor.shutdown(timeout_sec=5.0)
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+        process.tear_down(node, executor)
     return 0
 
 

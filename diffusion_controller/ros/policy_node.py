@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -52,7 +51,7 @@ from diffusion_controller.core.runtime import ModelError, Policy
 from diffusion_controller.ros import chunks as ch
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
-from diffusion_controller.ros import dds
+from diffusion_controller.ros import dds, process
 from diffusion_controller.ros import diagnostics as dg
 from diffusion_controller.ros.intake import Intake
 from diffusion_controller.ros.loop import normal_priority
@@ -430,9 +429,7 @@ def main(args: list[str] | None = None) -> int:
     """Console script `policy_node`; exits 0 on SIGINT/SIGTERM (teardown as controller_node's main)."""
     transport = dds.choose_transport(os.environ)
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = process.stop_on_signals()
     node = executor = None
     code = 0
     try:
@@ -446,20 +443,11 @@ def main(args: list[str] | None = None) -> int:
             (node.get_logger().warning if transport.warning else node.get_logger().info)(transport.message)
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        while not stop.is_set() and rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)
+        process.spin(executor, stop)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-        if node is not None:
-            node.close()
-        if executor is not None:
-            executor.shutdown(timeout_sec=5.0)
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+        process.tear_down(node, executor)
     return code
 
 
