@@ -27,27 +27,23 @@ TOL = 1e-4
 FILE_NODES_PER_STEP, PLACED_NODES_PER_STEP = 150, 100
 
 
-def diffuseloco() -> tuple[ModelCard, DiffusionTransformer]:
+def load_bench():
     spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "bench" / "inference.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    card = bench.diffuseloco_card()
-    torch.manual_seed(0)
-    return card, DiffusionTransformer(NetworkConfig()).eval()
-
-
-def file_nodes(path: Path) -> int:
-    return sum(1 for n in onnx.load(str(path)).graph.node if n.op_type != "Constant")
-
-
-def placed_nodes(path: Path) -> int:
-    """Nodes after ONNX Runtime's optimizations, as the node's CPU session places them."""
-    sess = runtime.ort_session(str(path), runtime._session_options(1, True), ["CPUExecutionProvider"])
-    return sum(providers.placement(sess).values())
+    return bench
 
 
 def test_diffuseloco_graph_has_few_nodes_per_denoising_step(tmp_path):
-    card, net = diffuseloco()
+    bench = load_bench()  # its counts are the ones the benchmark prints: one way to count
+    card = bench.diffuseloco_card()
+    torch.manual_seed(0)
+    net = DiffusionTransformer(NetworkConfig()).eval()
+    file_nodes = bench.count_nodes
+
+    def placed_nodes(path: Path) -> int:  # as the node's CPU session places them
+        return sum(bench.placed_nodes(path, "cpu", 1).values())
+
     paths = {}
     for k in (1, 2):  # as issue 24 counts them
         paths[k] = export_onnx(net, card, tmp_path / f"{k}.onnx", graph="fused", steps=k, verify=False)

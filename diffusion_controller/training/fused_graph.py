@@ -53,6 +53,7 @@ class _Graph:
         self.helper = helper
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
+        self._consts: dict[tuple, str] = {}
         self._n = 0
 
     def name(self, stem: str) -> str:
@@ -60,11 +61,16 @@ class _Graph:
         return f"{stem}_{self._n}"
 
     def const(self, stem: str, value: np.ndarray, dtype: Any = np.float32) -> str:
+        """An initializer; the same stem and value asked again (every step's clip bounds, the action
+        scaling of the inpainting and of the output) is the same initializer."""
         from onnx import numpy_helper
 
-        name = self.name(stem)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=dtype), name))
-        return name
+        arr = np.ascontiguousarray(value, dtype=dtype)
+        key = (stem, arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.name(stem)
+            self.inits.append(numpy_helper.from_array(arr, self._consts[key]))
+        return self._consts[key]
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: Any) -> list[str]:
         outs = [self.name(op.lower()) for _ in range(n_out)]
