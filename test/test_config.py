@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from diffusion_controller.core import inputs
 from diffusion_controller.core.card import ModelCard
 from diffusion_controller.core.controller import ControlConfig
 from diffusion_controller.core.observation import COMPUTED_KINDS
@@ -324,11 +325,16 @@ def test_each_parameter_fills_one_typed_config_field():
     fields = {f.name: f.type for f in dataclasses.fields(cf.NodeConfig)}
     assert fields.pop("sources") == "tuple[SourceConfig, ...]"
     assert fields == {s.field: cf.KINDS[s.kind] for s in cf.NODE_PARAMS}
-    source_fields = {f.name: f.type for f in dataclasses.fields(cf.SourceConfig)}
+    source_fields = {f.name: f.type for f in dataclasses.fields(inputs.SourceConfig)}
     assert source_fields.pop("name") == "str"
     assert source_fields == {s.field: cf.KINDS[s.kind] for s in cf.SOURCE_PARAMS}
     default = cf.spec_for("observations.s.timeout_s").default
-    assert cf.SourceConfig("s", "/t", cf.IMU, ("x",)).timeout_s == default
+    assert inputs.SourceConfig("s", "/t", cf.IMU, ("x",)).timeout_s == default
+    # The core's SourceConfig declares the per-source defaults the specification has.
+    plain = inputs.SourceConfig("s", "/t", cf.IMU, ("x",))
+    for s in cf.SOURCE_PARAMS:
+        if s.field not in ("topic", "type", "features"):
+            assert getattr(plain, s.field) == s.default, s.name
 
 
 def test_parameters_reach_the_core_under_their_control_name(ant_params):

@@ -13,6 +13,7 @@ from sensor_msgs.msg import Imu, JointState
 from std_msgs.msg import Float64MultiArray
 
 from diffusion_controller.core import features as fx
+from diffusion_controller.core import inputs
 from diffusion_controller.core.card import Feature
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
@@ -31,9 +32,10 @@ FEATURES = (
 
 
 def reader(type_: str, features: tuple[str, ...], *, stamp="header", frame="", rename=None, notes=None):
-    src = cf.SourceConfig("s", "/t", type_, features, stamp=stamp, frame=frame)
+    src = inputs.SourceConfig("s", "/t", type_, features, stamp=stamp, frame=frame)
     on_note = (lambda cause, msg: notes.append((cause, msg))) if notes is not None else None
-    return cv.SourceReader(cv.SourceDecoder(src, FEATURES, rename), max_future_s=0.05, on_note=on_note)
+    decoder = inputs.SourceDecoder(src, FEATURES, rename)
+    return inputs.SourceReader(decoder, max_future_s=0.05, on_note=on_note)
 
 
 def joint_state(names, pos, vel=None, t=1.0) -> JointState:
@@ -69,7 +71,7 @@ def test_joint_state_by_name_any_order_extra_ignored():
 
 def test_joint_state_missing_joint_is_a_clear_error():
     r = reader(cf.JOINT_STATE, ("joint_position",))
-    with pytest.raises(cv.InputError) as exc:
+    with pytest.raises(inputs.InputError) as exc:
         r.read(joint_state(["hip_1", "ankle_1", "hip_2"], [0, 0, 0]), now=1.0)
     assert exc.value.cause == "missing_joints" and "ankle_2" in str(exc.value)
 
@@ -78,7 +80,7 @@ def test_joint_state_with_a_needed_joint_named_twice_is_rejected():
     """Two values for one joint: the decoder must not silently take either (a driver merging two buses)."""
     r = reader(cf.JOINT_STATE, ("joint_position",))
     names = [*JOINTS, "extra", JOINTS[1]]
-    with pytest.raises(cv.InputError) as exc:
+    with pytest.raises(inputs.InputError) as exc:
         r.read(joint_state(names, [1.0, 2.0, 3.0, 4.0, 0.0, 9.0]), now=1.0)
     assert exc.value.cause == "duplicate_joints" and JOINTS[1] in str(exc.value)
     # A repeated joint the model does not use is harmless.
@@ -90,10 +92,10 @@ def test_joint_state_size_mismatch_and_non_finite():
     r = reader(cf.JOINT_STATE, ("joint_position", "joint_velocity"))
     msg = joint_state(JOINTS, [0, 0, 0, 0])
     msg.velocity = [0.0, 0.0]
-    with pytest.raises(cv.InputError) as exc:
+    with pytest.raises(inputs.InputError) as exc:
         r.read(msg, now=1.0)
     assert exc.value.cause == "size_velocity"
-    with pytest.raises(cv.InputError) as exc:
+    with pytest.raises(inputs.InputError) as exc:
         r.read(joint_state(JOINTS, [0, math.nan, 0, 0]), now=1.0)
     assert exc.value.cause == "non_finite" and "joint_position" in str(exc.value)
     # NaN in a joint the card does not use is irrelevant.
@@ -105,7 +107,7 @@ def test_joint_rename_applies_to_lookup():
     r = reader(cf.JOINT_STATE, ("joint_position",), rename={"hip_1": "robot_hip"})
     _, vals = r.read(joint_state(["robot_hip", "ankle_1", "hip_2", "ankle_2"], [5, 6, 7, 8]), now=1.0)
     np.testing.assert_allclose(vals["joint_position"], [5, 6, 7, 8])
-    with pytest.raises(cv.InputError):
+    with pytest.raises(inputs.InputError):
         r.read(joint_state(JOINTS, [5, 6, 7, 8], t=1.1), now=1.1)
 
 
@@ -128,12 +130,12 @@ def test_imu_zero_quaternion_rejected():
     msg = Imu()
     msg.header.stamp = cv.sec_to_time(2.0)
     msg.orientation.w = 0.0
-    with pytest.raises(cv.InputError) as exc:
+    with pytest.raises(inputs.InputError) as exc:
         reader(cf.IMU, ("projected_gravity",)).read(msg, now=2.0)
     assert exc.value.cause == "bad_quaternion"
     msg.orientation.w = 1.0
     msg.orientation_covariance[0] = -1.0
-    with pytest.raises(cv.InputError) as exc:
+    with pytest.raises(inputs.InputError) as exc:
         reader(cf.IMU, ("projected_gravity",)).read(msg, now=2.0)
     assert exc.value.cause == "no_orientation"
     # Angular velocity alone does not need the orientation.
@@ -151,7 +153,7 @@ def test_odometry_body_velocity_and_child_frame():
     _, vals = r.read(msg, now=3.0)
     np.testing.assert_allclose(vals["base_linear_velocity"], [0.5, -0.1, 0.0])
     msg.child_frame_id = "odom"
-    with pytest.raises(cv.InputError) as exc:
+    with pytest.raises(inputs.InputError) as exc:
         reader(cf.ODOMETRY, ("base_linear_velocity",), frame="base_link").read(msg, now=3.0)
     assert exc.value.cause == "child_frame"
 
@@ -175,7 +177,7 @@ def test_float64_array_split_and_size_check():
     _, vals = r.read(Float64MultiArray(data=[1.0, 0.0, 0.2, 0.0, 0.1]), now=1.0)
     np.testing.assert_allclose(vals["contacts"], [1, 0])
     np.testing.assert_allclose(vals["velocity_command"], [0.2, 0.0, 0.1])
-    with pytest.raises(cv.InputError) as exc:
+    with pytest.raises(inputs.InputError) as exc:
         r.read(Float64MultiArray(data=[1.0, 0.0]), now=1.0)
     assert exc.value.cause == "size" and "expected 5" in str(exc.value)
 
@@ -200,11 +202,11 @@ def test_zero_stamp_falls_back_to_receipt_and_is_noted_once():
 
 def test_future_and_backwards_stamps_rejected():
     r = reader(cf.JOINT_STATE, ("joint_position",))
-    with pytest.raises(cv.InputError) as exc:
+    with pytest.raises(inputs.InputError) as exc:
         r.read(joint_state(JOINTS, [0] * 4, t=10.0), now=9.0)
     assert exc.value.cause == "future_stamp"
     r.read(joint_state(JOINTS, [0] * 4, t=9.0), now=9.0)
-    with pytest.raises(cv.InputError) as exc:
+    with pytest.raises(inputs.InputError) as exc:
         r.read(joint_state(JOINTS, [0] * 4, t=8.5), now=9.1)
     assert exc.value.cause == "stamp_backwards"
     stamp, _ = r.read(joint_state(JOINTS, [0] * 4, t=9.05), now=9.1)
@@ -215,11 +217,11 @@ def test_clock_reset_starts_a_new_timeline():
     """A simulation reset sends sim time (and stamps) back to 0: not 'stamps going backwards'."""
     r = reader(cf.JOINT_STATE, ("joint_position",))
     r.read(joint_state(JOINTS, [0] * 4, t=50.0), now=50.0)
-    with pytest.raises(cv.InputError):
+    with pytest.raises(inputs.InputError):
         r.read(joint_state(JOINTS, [0] * 4, t=49.0), now=50.01)  # same clock: really backwards
     stamp, _ = r.read(joint_state(JOINTS, [0] * 4, t=0.01), now=0.02)  # clock went back to 0
     assert stamp == pytest.approx(0.01)
-    with pytest.raises(cv.InputError):
+    with pytest.raises(inputs.InputError):
         r.read(joint_state(JOINTS, [0] * 4, t=0.005), now=0.03)
 
 
@@ -228,14 +230,14 @@ def test_frame_check_on_headers():
     msg = Imu()
     msg.header.stamp = cv.sec_to_time(1.0)
     msg.header.frame_id = "camera"
-    with pytest.raises(cv.InputError) as exc:
+    with pytest.raises(inputs.InputError) as exc:
         r.read(msg, now=1.0)
     assert exc.value.cause == "frame"
 
 
 def test_time_round_trip():
     for s in (0.0, 1e-9, 1.5, 12345.678901234):
-        assert cv.time_to_sec(cv.sec_to_time(s)) == pytest.approx(s, abs=1e-9)
+        assert inputs.time_to_sec(cv.sec_to_time(s)) == pytest.approx(s, abs=1e-9)
 
 
 # -- outputs ------------------------------------------------------------------------------------------------
@@ -278,4 +280,5 @@ def test_single_point_trajectory_has_zero_velocity():
 
 
 def test_every_config_type_has_a_message_class():
-    assert set(cv.MESSAGE_CLASSES) == set(cf.KINDS_BY_TYPE)
+    assert set(cv.MESSAGE_CLASSES) == set(cf.KINDS_BY_TYPE) == set(inputs.MESSAGE_TYPES)
+    assert inputs.HAS_HEADER == cf.HAS_HEADER

@@ -12,6 +12,7 @@ from geometry_msgs.msg import Twist
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState
 
+from diffusion_controller.core import inputs
 from diffusion_controller.core.card import Feature
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.ros
 
 JOINTS = ("a", "b")
 FEATURES = (Feature("q", "joint_position", 2, JOINTS), Feature("cmd", "velocity_command", 3))
-JS = cf.SourceConfig("js", "/intake_test/js", cf.JOINT_STATE, ("q",), timeout_s=0.1, stamp="header")
-CMD = cf.SourceConfig("cmd", "/intake_test/cmd", cf.TWIST, ("cmd",), timeout_s=0.0, stamp="receipt")
+JS = inputs.SourceConfig("js", "/intake_test/js", cf.JOINT_STATE, ("q",), timeout_s=0.1, stamp="header")
+CMD = inputs.SourceConfig("cmd", "/intake_test/cmd", cf.TWIST, ("cmd",), timeout_s=0.0, stamp="receipt")
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,9 @@ def graph():
     rclpy.shutdown(context=context)
 
 
-def readers() -> dict[str, cv.SourceReader]:
-    return {s.name: cv.SourceReader(cv.SourceDecoder(s, FEATURES), max_future_s=0.05) for s in (JS, CMD)}
+def readers() -> dict[str, inputs.SourceReader]:
+    return {s.name: inputs.SourceReader(inputs.SourceDecoder(s, FEATURES), max_future_s=0.05)
+            for s in (JS, CMD)}
 
 
 def joint_state(t: float, q: tuple[float, float]) -> JointState:

@@ -1,5 +1,5 @@
 """Plausible observations from the model card (core.plausibility) and what a source does outside them
-(ros.conversions.SourceReader): bounds per feature kind, the clamp / reject / safe policies, and
+(core.inputs.SourceReader): bounds per feature kind, the clamp / reject / safe policies, and
 contradicting publishers."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 from geometry_msgs.msg import Twist
 from sensor_msgs.msg import JointState
 
+from diffusion_controller.core import inputs
 from diffusion_controller.core.card import ModelCard
 from diffusion_controller.core.plausibility import Plausibility, PlausibilityLimits, PublisherAgreement
 from diffusion_controller.ros import config as cf
-from diffusion_controller.ros import conversions as cv
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = ModelCard.from_yaml(ROOT / "models" / "ant_locomotion.yaml")
@@ -65,11 +65,12 @@ def test_limits_must_be_positive():
         PlausibilityLimits(joint_margin=0.0)
 
 
-def _reader(type_: str, features: tuple[str, ...], policy: str, notes: list | None = None) -> cv.SourceReader:
-    src = cf.SourceConfig("s", "/t", type_, features, stamp="receipt", implausible=policy)
+def _reader(type_: str, features: tuple[str, ...], policy: str,
+            notes: list | None = None) -> inputs.SourceReader:
+    src = inputs.SourceConfig("s", "/t", type_, features, stamp="receipt", implausible=policy)
     on_note = (lambda cause, msg: notes.append((cause, msg))) if notes is not None else None
-    return cv.SourceReader(cv.SourceDecoder(src, CARD.features), 0.05, on_note=on_note,
-                           plausibility=Plausibility(CARD), policy=cf.implausible_policy(src, CARD))
+    return inputs.SourceReader(inputs.SourceDecoder(src, CARD.features), 0.05, on_note=on_note,
+                               plausibility=Plausibility(CARD), policy=inputs.implausible_policy(src, CARD))
 
 
 def _joints(position: list[float]) -> JointState:
@@ -82,7 +83,7 @@ def test_implausible_sensor_messages_are_refused_and_safe_says_so(policy):
     good = list((CARD.action_lower + CARD.action_upper) / 2)
     _, values = r.read(_joints(good), now=1.0)
     np.testing.assert_allclose(values["joint_position"], good)
-    with pytest.raises(cv.ImplausibleInputError, match="hip_1 = 1e\\+308") as err:
+    with pytest.raises(inputs.ImplausibleInputError, match="hip_1 = 1e\\+308") as err:
         r.read(_joints([1e308, *good[1:]]), now=1.1)
     assert err.value.cause == "implausible" and err.value.features == ("joint_position",)
     assert err.value.go_safe == (policy == "safe") and err.value.stamp == pytest.approx(1.1)
@@ -105,12 +106,12 @@ def test_an_overdriven_command_is_clamped_into_the_training_range_and_noted():
 
 
 def test_auto_policy_clamps_commands_and_rejects_sensors():
-    cmd = cf.SourceConfig("c", "/c", cf.TWIST, ("velocity_command",))
-    imu = cf.SourceConfig("i", "/i", cf.IMU, ("projected_gravity",))
-    assert cf.implausible_policy(cmd, CARD) == "clamp"
-    assert cf.implausible_policy(imu, CARD) == "reject"
-    chosen = cf.SourceConfig("i", "/i", cf.IMU, ("x",), implausible="safe")
-    assert cf.implausible_policy(chosen, CARD) == "safe"
+    cmd = inputs.SourceConfig("c", "/c", cf.TWIST, ("velocity_command",))
+    imu = inputs.SourceConfig("i", "/i", cf.IMU, ("projected_gravity",))
+    assert inputs.implausible_policy(cmd, CARD) == "clamp"
+    assert inputs.implausible_policy(imu, CARD) == "reject"
+    chosen = inputs.SourceConfig("i", "/i", cf.IMU, ("x",), implausible="safe")
+    assert inputs.implausible_policy(chosen, CARD) == "safe"
     with pytest.raises(cf.ConfigError, match="implausible"):
         cf.check_value(cf.spec_for("observations.imu.implausible"), "ignore")
 

@@ -26,7 +26,8 @@ from sensor_msgs.msg import JointState
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from diffusion_controller.core.external import ChunkFitError, fit_chunk, model_id_text, parse_model_id
-from diffusion_controller.ros.conversions import sec_to_duration, sec_to_time, time_to_sec
+from diffusion_controller.core.inputs import time_to_sec
+from diffusion_controller.ros.conversions import sec_to_duration, sec_to_time
 from diffusion_controller.ros.intake import _never
 
 CHUNK_QOS = QoSProfile(

@@ -39,6 +39,7 @@ from typing import Any
 from diffusion_controller.core.card import FEATURE_SIZES
 from diffusion_controller.core.controller import ConfigError as CoreConfigError
 from diffusion_controller.core.controller import ControlConfig
+from diffusion_controller.core.inputs import SourceConfig
 from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.core.plausibility import POLICIES
 from diffusion_controller.core.safety import SAFE_MODES
@@ -382,32 +383,6 @@ def check_value(spec: ParamSpec, value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------------------
 # Typed configuration: one field per parameter (ParamSpec.field), values and defaults from the specification
-
-_SOURCE_DEFAULT = {s.field: s.default for s in SOURCE_PARAMS}
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    name: str
-    topic: str
-    type: str
-    features: tuple[str, ...]
-    timeout_s: float = _SOURCE_DEFAULT["timeout_s"]
-    stamp: str = _SOURCE_DEFAULT["stamp"]
-    frame: str = _SOURCE_DEFAULT["frame"]
-    implausible: str = _SOURCE_DEFAULT["implausible"]
-
-
-def implausible_policy(src: SourceConfig, card: Any) -> str:
-    """The source's plausibility policy; auto is clamp for a source that fills only velocity commands (an
-    operator may overdrive a joystick; the policy gets the nearest command it was trained on) and reject
-    for sensors (a glitch is dropped; the watchdog decides whether the stream is gone)."""
-    if src.implausible != "auto":
-        return src.implausible
-    kinds = {f.name: f.kind for f in card.features}
-    commands_only = all(kinds.get(name) == "velocity_command" for name in src.features)
-    return "clamp" if commands_only and src.features else "reject"
-
 
 @dataclass(frozen=True)
 class NodeConfig:

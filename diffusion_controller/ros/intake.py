@@ -25,8 +25,7 @@ import rclpy
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
 
-from diffusion_controller.ros import config as cf
-from diffusion_controller.ros.conversions import InputError, SourceReader
+from diffusion_controller.core.inputs import InputError, SourceConfig, SourceReader
 
 #: The fastest sensor stream of which every message of one control period is still in the queue when the
 #: tick takes it; a faster one loses its oldest messages between two ticks (counted as `lost`).
@@ -56,7 +55,7 @@ class SourceCounts:
 class SourceIntake:
     """One observation source's never-spun raw subscription and what it takes per tick."""
 
-    def __init__(self, node: Any, source: cf.SourceConfig, topic: str, msg_class: type, depth: int) -> None:
+    def __init__(self, node: Any, source: SourceConfig, topic: str, msg_class: type, depth: int) -> None:
         self.source = source
         self.msg_class = msg_class
         qos = QoSProfile(
@@ -167,7 +166,7 @@ class Intake:
     def __init__(
         self,
         node: Any,
-        sources: Sequence[cf.SourceConfig],
+        sources: Sequence[SourceConfig],
         classes: dict,
         period_s: float,
         role: str = "intake",

@@ -23,6 +23,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 
 from diffusion_controller.core.controller import ControlCore, ControlState, TickResult
 from diffusion_controller.core.external import ChunkFitError
+from diffusion_controller.core.inputs import ImplausibleInputError, InputError, SourceReader
 from diffusion_controller.ros import chunks as ch
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
@@ -265,7 +266,7 @@ class ControlLoop:
         self.active = False
 
     # -- one period ----------------------------------------------------------------------------------------
-    def _take_observations(self, core: ControlCore, readers: dict[str, cv.SourceReader], now: float) -> None:
+    def _take_observations(self, core: ControlCore, readers: dict[str, SourceReader], now: float) -> None:
         """Everything the sensors sent since the last period into the core's history (under the lock, so
         a model swap cannot change the layout meanwhile)."""
         diag = self._diag
@@ -276,8 +277,8 @@ class ControlLoop:
                 if reason:
                     diag.fault(source, "rejected", f"{feature}: {reason}")
 
-        def reject(source: str, exc: cv.InputError) -> None:
-            if isinstance(exc, cv.ImplausibleInputError) and exc.go_safe:
+        def reject(source: str, exc: InputError) -> None:
+            if isinstance(exc, ImplausibleInputError) and exc.go_safe:
                 topic = diag.topic(source)
                 for feature in exc.features:
                     core.fault(feature, exc.stamp, f"{topic}: {exc}")

@@ -18,8 +18,8 @@ from rclpy.callback_groups import CallbackGroup
 from rclpy.clock import Clock, ClockType
 
 from diffusion_controller.core.controller import ControlState
+from diffusion_controller.core.inputs import ImplausibleInputError, InputError
 from diffusion_controller.ros import config as cf
-from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import diagnostics as dg
 
 #: An error or a refused message this recent keeps its diagnostics section at WARN or ERROR.
@@ -98,10 +98,10 @@ class NodeDiagnostics:
         self._last_fault_time = time.monotonic()
         self._faults(f"{source}:{cause}", f"[{source}] {message}")
 
-    def rejected(self, source: str, exc: cv.InputError) -> None:
+    def rejected(self, source: str, exc: InputError) -> None:
         """A message of `source` the reader refused; implausible values are counted apart, one log line per
         source and feature set (another feature going wrong is news)."""
-        if isinstance(exc, cv.ImplausibleInputError):
+        if isinstance(exc, ImplausibleInputError):
             self._implausible[source] = self._implausible.get(source, 0) + 1
             self.fault(source, f"{exc.cause}:{','.join(exc.features)}", f"{self.topic(source)}: {exc}")
             return

@@ -41,6 +41,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
+from diffusion_controller.core import inputs
 from diffusion_controller.core.card import CardError, ModelCard
 from diffusion_controller.core.controller import layout_of
 from diffusion_controller.core.external import model_id_text
@@ -90,9 +91,9 @@ class Robot:
         )
         # No future-stamp check: this computer's clock need not agree with the robot's.
         self.readers = {
-            s.name: cv.SourceReader(
-                cv.SourceDecoder(s, card.features, binding.rename), cf.NEVER_S, plausibility=plausible,
-                policy=cf.implausible_policy(s, card),
+            s.name: inputs.SourceReader(
+                inputs.SourceDecoder(s, card.features, binding.rename), cf.NEVER_S, plausibility=plausible,
+                policy=inputs.implausible_policy(s, card),
             )
             for s in cfg.sources
         }  # fmt: skip
@@ -123,7 +124,7 @@ class Robot:
                 except ObservationError:
                     self.rejected += 1
 
-        def reject(_source: str, exc: cv.InputError) -> None:
+        def reject(_source: str, exc: inputs.InputError) -> None:
             self.rejected += 1
             if exc.cause == "stamp_backwards":
                 self.backwards += 1

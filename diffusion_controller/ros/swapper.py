@@ -25,10 +25,10 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
 from diffusion_controller.core.card import CardError, ModelCard, sidecar_path
 from diffusion_controller.core.controller import ControlCore
+from diffusion_controller.core.inputs import SourceDecoder, SourceReader, implausible_policy
 from diffusion_controller.core.plausibility import Plausibility, PlausibilityLimits, PublisherAgreement
 from diffusion_controller.core.runtime import Policy
 from diffusion_controller.ros import config as cf
-from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import diagnostics as dg
 from diffusion_controller.ros.loop import nicer_thread, set_thread_priority
 
@@ -111,7 +111,7 @@ class Loaded:
     core: ControlCore
     policy: Any
     binding: cf.Binding
-    readers: dict[str, cv.SourceReader]
+    readers: dict[str, SourceReader]
     path: str
     sha256: str
 
@@ -164,15 +164,15 @@ class ModelSwapper:
 
     def _make_readers(
         self, cfg: cf.NodeConfig, card: ModelCard, binding: cf.Binding
-    ) -> dict[str, cv.SourceReader]:
+    ) -> dict[str, SourceReader]:
         readers = {}
         plausible = Plausibility(
             card, PlausibilityLimits(cfg.joint_margin, cfg.command_sigmas, cfg.sensor_sigmas)
         )
         for src in cfg.sources:
-            decoder = cv.SourceDecoder(src, card.features, binding.rename)
-            readers[src.name] = cv.SourceReader(
-                decoder, cfg.max_future_s, plausibility=plausible, policy=cf.implausible_policy(src, card),
+            decoder = SourceDecoder(src, card.features, binding.rename)
+            readers[src.name] = SourceReader(
+                decoder, cfg.max_future_s, plausibility=plausible, policy=implausible_policy(src, card),
                 on_note=lambda cause, text, n=src.name: self._diag.note(n, cause, text),
                 agreement=PublisherAgreement(card),
             )  # fmt: skip

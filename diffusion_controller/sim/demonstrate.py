@@ -35,6 +35,7 @@ from rosgraph_msgs.msg import Clock
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 
+from diffusion_controller.core import inputs
 from diffusion_controller.core.card import Layout, layout_from_dict
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
@@ -42,7 +43,6 @@ from diffusion_controller.ros.intake import Intake
 from diffusion_controller.sim.ant import CONTROL_PERIOD_S, JOINTS, OBS_LAYOUT
 from diffusion_controller.sim.dataset import LowPassNoise, random_schedule
 from diffusion_controller.sim.expert import Expert
-from diffusion_controller.training.bag_dataset import layout_as_card
 
 ROOT = Path(__file__).resolve().parents[2]
 RELIABLE = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
@@ -69,8 +69,8 @@ class Demonstrator(Node):
         super().__init__("expert_demonstrator", parameter_overrides=[Parameter("use_sim_time", value=True)])
         self.cfg = cf.NodeConfig.from_params(cf.load_params_file(config))
         self.layout = ant_layout()
-        self.binding = cf.validate_against_card(self.cfg, layout_as_card(self.layout))
-        self.control = cf.control_config(self.cfg, self.binding, layout_as_card(self.layout))
+        self.binding = cf.validate_against_card(self.cfg, inputs.layout_card(self.layout))
+        self.control = cf.control_config(self.cfg, self.binding, inputs.layout_card(self.layout))
         self.rng = np.random.default_rng(seed)
         self.action_noise = action_noise
         self.pub_cmd = self.create_publisher(Float64MultiArray, self.cfg.commands_topic, RELIABLE)
@@ -83,8 +83,9 @@ class Demonstrator(Node):
     def start_episode(self, seconds: float) -> None:
         """A fresh expert, history and schedule from now (sim time)."""
         self.expert = Expert()
-        self.readers = cv.plain_readers(self.cfg, self.layout.features, self.binding.rename)
-        self.history = self.control.history_for(layout_as_card(self.layout))
+        self.readers = inputs.plain_readers(self.cfg.sources, self.cfg.max_future_s, self.layout.features,
+                                            self.binding.rename)
+        self.history = self.control.history_for(inputs.layout_card(self.layout))
         self.schedule = random_schedule(self.rng, seconds)
         std = float(self.rng.uniform(0.0, self.action_noise)) if self.action_noise > 0 else 0.0
         noise_rng = np.random.default_rng(int(self.rng.integers(2**31)))

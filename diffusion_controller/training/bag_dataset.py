@@ -21,7 +21,8 @@ computes on the robot:
   the end of a bag.
 
 Bags in either storage format (sqlite3, MCAP) are read by the pure-Python ``rosbags`` package; messages
-are deserialized by rclpy, so no ROS install beyond the wheels is needed. Per topic it reports the rate,
+are deserialized by it too (no rclpy, no ROS message packages: the records have the messages' fields,
+which is all core.inputs reads). Per topic it reports the rate,
 the longest gap and the observation delay (recording time minus header stamp), and it refuses a bag
 that lacks a needed topic or joint, naming it.
 """
@@ -36,16 +37,14 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from rclpy.serialization import deserialize_message
 
+from diffusion_controller.core import inputs
 from diffusion_controller.core.card import Layout, read_layout
 from diffusion_controller.core.observation import ObservationError
 from diffusion_controller.ros import config as cf
-from diffusion_controller.ros import conversions as cv
 
 NODE_NAME = "diffusion_controller"
 #: Rows are built this long (recording time) after their grid time, so late-arriving samples stamped
@@ -124,28 +123,78 @@ def bag_messages(path: str | Path) -> tuple[list[str], Iterator[tuple[str, str, 
     return topics, gen()
 
 
-def layout_as_card(layout: Layout) -> Any:
-    """What the node's configuration check reads of a card, for a layout (no model exists yet)."""
-    return SimpleNamespace(
-        name="dataset layout", features=layout.features, action_joints=layout.action_joints,
-        action_dim=len(layout.action_joints), action_lower=layout.action_lower,
-        action_upper=layout.action_upper, control_period_s=layout.control_period_s,
-        history=layout.history, horizon=10**6, sampler_inpainting=True, sampler_kind="ddim",
-    )  # fmt: skip
+def typestore() -> Any:
+    """The message definitions bag records are read with (the standard messages of every ROS 2 release
+    since Humble are the same for the source and label types)."""
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore(Stores.LATEST)
+
+
+def deserialize(store: Any, raw: bytes, msgtype: str) -> Any:
+    """A bag record (CDR bytes) as a message with the ROS message's fields. Bytes after the message are
+    ignored, as rclpy ignores them: Fast-CDR pads an empty float64[] (a JointState without efforts) with
+    4 bytes that rosbags' own `deserialize_cdr` refuses."""
+    if len(raw) < 4 or bytes(raw[:2]) not in (b"\x00\x00", b"\x00\x01"):
+        raise ValueError("not a CDR message")
+    msgdef = store.get_msgdef(msgtype)
+    read = msgdef.deserialize_cdr_le if raw[1] else msgdef.deserialize_cdr_be
+    msg, _ = read(memoryview(raw)[4:], 0, msgdef.cls, store)
+    return msg
 
 
 class _Episode:
     """The node's readers and observation history for one stretch of continuous recording."""
 
     def __init__(self, cfg: cf.NodeConfig, layout: Layout, binding: cf.Binding, control: Any) -> None:
-        self.readers = cv.plain_readers(cfg, layout.features, binding.rename)
-        self.history = control.history_for(layout_as_card(layout))
+        self.readers = inputs.plain_readers(cfg.sources, cfg.max_future_s, layout.features, binding.rename)
+        self.history = control.history_for(inputs.layout_card(layout))
         self.timeouts = control.timeouts_for(self.history.required)
         self.rows: list[np.ndarray] = []
         self.actions: list[np.ndarray] = []
         self.labels: list[tuple[float, np.ndarray]] = []  # (recording time, action in card order)
         self.next_t: float | None = None  # the next grid time to build a row for
         self.label_index = 0  # labels[label_index] is the newest one recorded by next_t + period / 2
+
+
+@dataclass
+class _Episodes:
+    """The episodes built so far: rows on the control grid as recording time settles them, cut into
+    episodes at stale stretches and splits."""
+
+    period: float
+    min_rows: int
+    done: list[tuple[list[np.ndarray], list[np.ndarray]]] = field(default_factory=list)  # (rows, actions)
+    dropped: Counter = field(default_factory=Counter)
+
+    def settle(self, ep: _Episode, upto: float) -> None:
+        """Build the rows of every grid time settled by recording time `upto` (and covered by commands)."""
+        if not ep.labels:
+            return
+        if ep.next_t is None:
+            ep.next_t = ep.labels[0][0]  # the grid starts at the first command
+        period = self.period
+        while ep.next_t + SETTLE_S <= upto and ep.next_t <= ep.labels[-1][0] + 0.5 * period:
+            t_k = ep.next_t
+            ep.next_t = t_k + period
+            newer = ep.label_index + 1
+            while newer < len(ep.labels) and ep.labels[newer][0] <= t_k + 0.5 * period:
+                ep.label_index, newer = newer, newer + 1
+            action = ep.labels[ep.label_index][1]
+            ages = ep.history.ages(t_k)
+            stale = [f for f, a in ages.items() if not a <= ep.timeouts[f]]
+            if stale:
+                self.dropped["stale or missing observation"] += 1
+                self.cut(ep)
+                continue
+            ep.rows.append(ep.history.sample(t_k)[-1])
+            ep.actions.append(action)
+
+    def cut(self, ep: _Episode) -> None:
+        """Close the rows built so far as one episode (a stale stretch or a split ends it)."""
+        if len(ep.rows) >= self.min_rows:
+            self.done.append((ep.rows, ep.actions))
+        ep.rows, ep.actions = [], []
 
 
 @dataclass
@@ -169,42 +218,18 @@ def dataset_from_bags(
     min_episode_rows: int = 2,
 ) -> BagDataset:
     """Rows and labels from `bags` as the node configured by `cfg` computes them (module docstring)."""
-    binding = cf.validate_against_card(cfg, layout_as_card(layout))
-    control = cf.control_config(cfg, binding, layout_as_card(layout))  # the node's timeouts
-    period = layout.control_period_s
+    card = inputs.layout_card(layout)
+    binding = cf.validate_against_card(cfg, card)
+    control = cf.control_config(cfg, binding, card)  # the node's timeouts
     labels = resolve(label_topic or cfg.commands_topic, namespace)
     by_topic = {resolve(s.topic, namespace): s for s in cfg.sources}
     if labels in by_topic:
         raise BagError(f"the label topic {labels} is also an observation source")
     reports = {t: TopicReport(t, f"source {s.name} ({s.type})") for t, s in by_topic.items()}
     reports[labels] = TopicReport(labels, "labels (std_msgs/msg/Float64MultiArray)")
-    classes = {t: cv.MESSAGE_CLASSES[s.type] for t, s in by_topic.items()}
+    store = typestore()
     out_index = list(binding.output_index)
-    n_act = len(layout.action_joints)
-    episodes: list[tuple[list[np.ndarray], list[np.ndarray]]] = []  # (rows, actions) of each episode
-    dropped: Counter = Counter()
-
-    def finish(ep: _Episode, upto: float) -> None:
-        """Build the rows of every grid time settled by recording time `upto` (and covered by commands)."""
-        if not ep.labels:
-            return
-        if ep.next_t is None:
-            ep.next_t = ep.labels[0][0]  # the grid starts at the first command
-        while ep.next_t + SETTLE_S <= upto and ep.next_t <= ep.labels[-1][0] + 0.5 * period:
-            t_k = ep.next_t
-            ep.next_t = t_k + period
-            newer = ep.label_index + 1
-            while newer < len(ep.labels) and ep.labels[newer][0] <= t_k + 0.5 * period:
-                ep.label_index, newer = newer, newer + 1
-            action = ep.labels[ep.label_index][1]
-            ages = ep.history.ages(t_k)
-            stale = [f for f, a in ages.items() if not a <= ep.timeouts[f]]
-            if stale:
-                dropped["stale or missing observation"] += 1
-                _cut(ep, episodes, min_episode_rows)
-                continue
-            ep.rows.append(ep.history.sample(t_k)[-1])
-            ep.actions.append(action)
+    episodes = _Episodes(layout.control_period_s, min_episode_rows)
 
     for bag in bags:
         topics, messages = bag_messages(bag)
@@ -219,56 +244,61 @@ def dataset_from_bags(
                 continue
             t = 1e-9 * t_ns
             if t < last_t or (topic == labels and ep.labels and t - ep.labels[-1][0] > split_gap_s):
-                finish(ep, math.inf)  # a clock going back (sim reset) or a pause in the commands
-                _cut(ep, episodes, min_episode_rows)
+                episodes.settle(ep, math.inf)  # a clock going back (sim reset) or a pause in the commands
+                episodes.cut(ep)
                 ep = _Episode(cfg, layout, binding, control)
             last_t = t
             report = reports[topic]
             report.add(t)
             if topic == labels:
-                data = _label(deserialize_message(raw, cv.Float64MultiArray), n_act, report)
-                if data is not None:
-                    action = np.empty(n_act)
-                    action[out_index] = data
-                    ep.labels.append((t, action))
-                    ep.history.record_command(t, action)
+                msg = deserialize(store, raw, inputs.FLOAT64_ARRAY)
+                _take_label(ep, msg, t, out_index, len(layout.action_joints), report)
             else:
-                src = by_topic[topic]
-                try:
-                    msg = deserialize_message(raw, classes[topic])
-                    stamp, values = ep.readers[src.name].read(msg, now=t, received=t)
-                except cv.InputError as exc:
-                    report.refuse(exc.cause, str(exc))
-                    continue
-                except Exception as exc:  # a message of another type under this topic name
-                    report.refuse("malformed", f"{msgtype} does not deserialize as {src.type}: {exc}")
-                    continue
-                if src.stamp == "header" and src.type in cf.HAS_HEADER and stamp != t:
-                    report.delays_s.append(t - stamp)
-                for feature, value in values.items():
-                    try:
-                        ep.history.push(feature, stamp, value, now=t)
-                    except ObservationError as exc:
-                        report.refuse("rejected", exc.reason)
-            finish(ep, t)
-        finish(ep, math.inf)
-        _cut(ep, episodes, min_episode_rows)
+                _take_observation(ep, by_topic[topic], store, msgtype, raw, t, report)
+            episodes.settle(ep, t)
+        episodes.settle(ep, math.inf)
+        episodes.cut(ep)
 
     _refuse_unusable(reports, labels)
-    if not episodes:
-        raise BagError(f"no usable rows: {dict(dropped)}; topic reports: "
+    if not episodes.done:
+        raise BagError(f"no usable rows: {dict(episodes.dropped)}; topic reports: "
                        + json.dumps([r.summary() for r in reports.values()]))
-    obs = np.concatenate([np.stack(rows) for rows, _ in episodes]).astype(np.float32)
-    action = np.concatenate([np.stack(actions) for _, actions in episodes]).astype(np.float32)
-    ends = np.cumsum([len(rows) for rows, _ in episodes]).astype(np.int64)
-    return BagDataset(obs, action, ends, [r.summary() for r in reports.values()], dropped)
+    obs = np.concatenate([np.stack(rows) for rows, _ in episodes.done]).astype(np.float32)
+    action = np.concatenate([np.stack(actions) for _, actions in episodes.done]).astype(np.float32)
+    ends = np.cumsum([len(rows) for rows, _ in episodes.done]).astype(np.int64)
+    return BagDataset(obs, action, ends, [r.summary() for r in reports.values()], episodes.dropped)
 
 
-def _cut(ep: _Episode, episodes: list[tuple[list, list]], min_rows: int) -> None:
-    """Close the rows built so far as one episode (a stale stretch or a split ends it)."""
-    if len(ep.rows) >= min_rows:
-        episodes.append((ep.rows, ep.actions))
-    ep.rows, ep.actions = [], []
+def _take_label(ep: _Episode, msg: Any, t: float, out_index: list[int], n_act: int,
+                report: TopicReport) -> None:  # fmt: skip
+    """A recorded command (output joint order) as the label in effect from `t`, in card order."""
+    data = _label(msg, n_act, report)
+    if data is not None:
+        action = np.empty(n_act)
+        action[out_index] = data
+        ep.labels.append((t, action))
+        ep.history.record_command(t, action)
+
+
+def _take_observation(ep: _Episode, src: inputs.SourceConfig, store: Any, msgtype: str, raw: bytes, t: float,
+                      report: TopicReport) -> None:  # fmt: skip
+    """A recorded sensor message through the node's reader into the history, or refused in `report`."""
+    try:
+        msg = deserialize(store, raw, src.type)
+        stamp, values = ep.readers[src.name].read(msg, now=t, received=t)
+    except inputs.InputError as exc:
+        report.refuse(exc.cause, str(exc))
+        return
+    except Exception as exc:  # a message of another type under this topic name
+        report.refuse("malformed", f"{msgtype} does not deserialize as {src.type}: {exc}")
+        return
+    if src.stamp == "header" and src.type in inputs.HAS_HEADER and stamp != t:
+        report.delays_s.append(t - stamp)
+    for feature, value in values.items():
+        try:
+            ep.history.push(feature, stamp, value, now=t)
+        except ObservationError as exc:
+            report.refuse("rejected", exc.reason)
 
 
 def _label(msg: Any, n_act: int, report: TopicReport) -> np.ndarray | None:
