@@ -115,6 +115,8 @@ def _vec(v: Any) -> np.ndarray:
 
 def _quat(q: Any) -> np.ndarray:
     return np.array([q.x, q.y, q.z, q.w], dtype=float)
+
+
 class SourceDecoder:
     """Extracts the card features one source fills from its messages (no timing logic)."""
 
