@@ -58,6 +58,7 @@ import torch
 
 from diffusion_controller.core import providers
 from diffusion_controller.core.card import ModelCard
+from diffusion_controller.core.card_source import card_of_model
 from diffusion_controller.core.runtime import INT8_FORMS, ModelError, Policy
 from diffusion_controller.training import ddim_torch
 from diffusion_controller.training.export import INT8_FORM, export_onnx
@@ -338,7 +339,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def shipped_models() -> list[Path]:
     """The fused models in models/ (the node's default first), then the denoiser."""
     found = sorted(ROOT.glob("models/*.onnx"))
-    fused = [p for p in found if ModelCard.from_onnx(p).graph.kind == "fused"]
+    fused = [p for p in found if card_of_model(p).graph.kind == "fused"]
     fused.sort(key=lambda p: p.name != "ant_locomotion.onnx")
     return fused + [p for p in found if p not in fused]
 

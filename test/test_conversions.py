@@ -13,7 +13,7 @@ from sensor_msgs.msg import Imu, JointState
 from std_msgs.msg import Float64MultiArray
 
 from diffusion_controller.core import features as fx
-from diffusion_controller.core.card import Feature
+from diffusion_controller.core.card_schema import Feature
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 

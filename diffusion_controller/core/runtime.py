@@ -38,7 +38,8 @@ import numpy as np
 import onnxruntime as ort
 
 from diffusion_controller.core import ddim, providers
-from diffusion_controller.core.card import METADATA_KEY, ModelCard, read_onnx_metadata, sidecar_path
+from diffusion_controller.core.card import ModelCard
+from diffusion_controller.core.card_source import ModelError, card_of_model
 from diffusion_controller.core.providers import CPU, CUDA, GPU_LOCK, PROVIDERS, SHORT, TRT, Candidate
 
 __all__ = ["CPU", "CUDA", "PROVIDERS", "SHORT", "TRT", "ModelError", "Policy", "SessionFactory"]
@@ -94,10 +95,6 @@ def int8_problem(card: ModelCard) -> str | None:
         "model's. Re-export with `export_policy --weights int8` (form u8u8, which saturates nowhere) or use "
         "the float model"
     )
-
-
-class ModelError(RuntimeError):
-    """A model that cannot be used: bad path, corrupt file, tensor mismatch, provider, bad inputs."""
 
 
 #: Makes a session: (model path, options, providers argument) -> an ort.InferenceSession or a stand-in.
@@ -241,33 +238,6 @@ def _nodes_text(nodes: dict[str, int] | None) -> str:
     return ", ".join(f"{n} nodes on {p}" for p, n in sorted(nodes.items(), key=lambda kv: -kv[1]))
 
 
-def _read_card(path: Path, log) -> ModelCard:
-    """Card from metadata_props, else from the .yaml beside; both present and different is an error."""
-    try:
-        props = read_onnx_metadata(path)
-    except OSError as e:
-        raise ModelError(f"model {path}: cannot read it ({e.strerror or e})") from e
-    except ValueError as e:
-        raise ModelError(f"model {path} is not a valid ONNX file: {e}") from e
-    side = sidecar_path(path)
-    if METADATA_KEY in props:
-        card = ModelCard.from_yaml_text(props[METADATA_KEY], source=f"{path} (metadata)")
-        if side.exists():
-            other = ModelCard.from_yaml(side)
-            a, b = card.to_dict(), other.to_dict()
-            diff = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
-            if diff:
-                raise ModelError(
-                    f"model {path}: its metadata card and {side} differ in {sorted(diff)}; "
-                    "re-export the model or delete the stale .yaml"
-                )
-        return card
-    if side.exists():
-        log(f"policy: {path} has no card in its metadata; using {side}")
-        return ModelCard.from_yaml(side)
-    raise ModelError(f"model {path}: no model card (no metadata_props[{METADATA_KEY!r}] and no {side})")
-
-
 class Policy:
     """A loaded policy model. Create with Policy.load(); predict() from one thread at a time is fastest."""
 
@@ -312,7 +282,7 @@ class Policy:
         path = Path(path)
         if not isinstance(threads, int) or threads < 1:
             raise ModelError(f"threads: expected an integer >= 1, got {threads!r}")
-        card = _read_card(path, log)
+        card = card_of_model(path, log)
         if card.graph is None:
             raise ModelError(f"model {path}: its card has no graph section")
         problem = int8_problem(card)
