@@ -24,6 +24,7 @@ from diffusion_controller.core.ddim import DDIMConfig
 from diffusion_controller.core.onnx_metadata import read_onnx_metadata
 
 __all__ = ["CardError", "ModelCard", "read_layout"]
+
 #: libyaml's safe loader where PyYAML has it (4x faster: the card is parsed on a running node's swaps).
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
