@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffusion_controller.core.card import ModelCard  # noqa: E402
+from diffusion_controller.core.card_source import card_of_model, sidecar_path  # noqa: E402
 from diffusion_controller.core.ddim import TIMESTEP_SPACINGS  # noqa: E402
 from diffusion_controller.core.features import projected_gravity  # noqa: E402
 from diffusion_controller.core.scheduler import BLEND_MODES  # noqa: E402
@@ -179,9 +179,7 @@ def respaced(denoiser: Path, spacing: str, directory: Path) -> Path:
     """A copy of a denoiser model whose card samples with `spacing` (the network is the same)."""
     import shutil
 
-    from diffusion_controller.core.card import sidecar_path
-
-    card = ModelCard.from_onnx(denoiser)
+    card = card_of_model(denoiser)
     if not spacing or card.diffusion.timestep_spacing == spacing:
         return denoiser
     out = directory / f"{denoiser.stem}_{spacing}.onnx"
@@ -460,7 +458,7 @@ def run_setting(
     import rclpy
 
     model = model_of(setting, model, denoiser, log_dir)  # once: a respaced denoiser is written here
-    card = ModelCard.from_onnx(model)
+    card = card_of_model(model)
     procs = Processes(setting, seed, log_dir, model, config=config, effort=card.action_kind == "effort")
     rclpy.init()
     op = Operator()
@@ -618,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.seconds < 10.0:
         p.error("--seconds must be at least 10 (stand, two skills, stand)")
-    effort = ModelCard.from_onnx(args.model).action_kind == "effort"
+    effort = card_of_model(args.model).action_kind == "effort"
     if args.config is None:
         args.config = EFFORT_CONFIG if effort else CONFIG
     if args.blend is None:
@@ -654,8 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         if "blend" in sweeps:
             # A model no prefix can steer (one pass from full noise, distilled) cannot inpaint: that row
             # runs the denoiser at its card's K instead, and its setting says so (K=...).
-            steerable = ModelCard.from_onnx(args.model).sampler_inpainting
-            den_k = ModelCard.from_onnx(args.denoiser).steps
+            steerable = card_of_model(args.model).sampler_inpainting
+            den_k = card_of_model(args.denoiser).steps
             for b in BLEND_MODES:
                 k = den_k if b == "inpaint" and not steerable else 0
                 settings.append(Setting(obs_delay_s=args.obs_delay, blend=b, steps=k))

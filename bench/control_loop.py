@@ -356,9 +356,9 @@ def measure_row(
     finally:
         stop(sensors, 10.0)
     row = {"rate_hz": rate, "sensor_scale": scale, "seconds": seconds}
-    from diffusion_controller.core.card import ModelCard
+    from diffusion_controller.core.card_source import card_of_model
 
-    row.update(analyse(data, period, swap_windows, ModelCard.from_onnx(models[0]).control_period_s))
+    row.update(analyse(data, period, swap_windows, card_of_model(models[0]).control_period_s))
     stalls = [json.loads(line) for line in stall_log.read_text().splitlines() if line.strip()]
     stall_log.unlink()
     stalls = [(a, b) for a, b in stalls if t_start <= b]

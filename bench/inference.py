@@ -58,6 +58,7 @@ import torch
 
 from diffusion_controller.core import providers
 from diffusion_controller.core.card import ModelCard
+from diffusion_controller.core.card_source import card_of_model
 from diffusion_controller.core.runtime import INT8_FORMS, ModelError, Policy
 from diffusion_controller.training import ddim_torch
 from diffusion_controller.training.export import INT8_FORM, export_onnx
@@ -292,10 +293,10 @@ def placed_nodes(path: Path, provider: str, threads: int) -> dict[str, int] | No
     """Nodes per EP after ONNX Runtime's optimizations, as a session on `provider` places them."""
     import onnxruntime as ort
 
-    from diffusion_controller.core.runtime import _session_options
+    from diffusion_controller.core.session import session_options
 
     entries = [(providers.CUDA, {"use_tf32": "0"}), providers.CPU] if provider == "cuda" else [providers.CPU]
-    sess = ort.InferenceSession(str(path), _session_options(threads, True), providers=entries)
+    sess = ort.InferenceSession(str(path), session_options(threads, True), providers=entries)
     return providers.placement(sess)
 
 
@@ -303,9 +304,9 @@ def optimized_nodes(path: Path, threads: int) -> int:
     """Non-Constant nodes of the graph ONNX Runtime's CPU optimizations make (optimized_model_filepath)."""
     import onnxruntime as ort
 
-    from diffusion_controller.core.runtime import _session_options
+    from diffusion_controller.core.session import session_options
 
-    so = _session_options(threads, False)
+    so = session_options(threads, False)
     out = path.with_name(path.stem + "_ort_optimized.onnx")
     so.optimized_model_filepath = str(out)
     ort.InferenceSession(str(path), so, providers=[providers.CPU])
@@ -338,7 +339,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def shipped_models() -> list[Path]:
     """The fused models in models/ (the node's default first), then the denoiser."""
     found = sorted(ROOT.glob("models/*.onnx"))
-    fused = [p for p in found if ModelCard.from_onnx(p).graph.kind == "fused"]
+    fused = [p for p in found if card_of_model(p).graph.kind == "fused"]
     fused.sort(key=lambda p: p.name != "ant_locomotion.onnx")
     return fused + [p for p in found if p not in fused]
 

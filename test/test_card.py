@@ -10,13 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from diffusion_controller.core.card import (
-    FORMAT,
-    METADATA_KEY,
-    CardError,
-    ModelCard,
-    read_onnx_metadata,
-)
+from diffusion_controller.core.card import CardError, ModelCard
+from diffusion_controller.core.card_schema import FORMAT, METADATA_KEY
+from diffusion_controller.core.onnx_metadata import read_onnx_metadata
 from diffusion_controller.training.tiny import ANT_JOINTS, tiny_card
 
 

@@ -389,12 +389,12 @@ def test_descriptors_declare_real_types_ranges_and_read_only():
 def test_every_shipped_model_fits_the_demo_config(ant_params):
     """models/*.onnx are what the launch files default to: each must configure with config/ant.yaml, an
     effort model with config/ant_effort.yaml (and not with ant.yaml: a position output cannot carry it)."""
-    from diffusion_controller.ros.swapper import read_card
+    from diffusion_controller.core.card_source import card_of_model
 
     cfg = cf.NodeConfig.from_params(ant_params)
     effort = cf.NodeConfig.from_params(cf.load_params_file(str(ROOT / "config" / "ant_effort.yaml")))
     for path in sorted((ROOT / "models").glob("*.onnx")):
-        card = read_card(str(path))
+        card = card_of_model(str(path))
         if card.action_kind == "effort":
             with pytest.raises(cf.ConfigError, match="cannot carry model 'ant_effort''s effort actions"):
                 cf.validate_against_card(cfg, card)

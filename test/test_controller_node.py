@@ -710,7 +710,8 @@ def test_the_rate_limit_holds_between_any_two_published_commands_whatever_the_li
 
 def effort_model(directory: Path) -> Path:
     """A tiny policy whose card says its actions are joint torques (N m, +-150)."""
-    from diffusion_controller.core.card import ModelCard, sidecar_path
+    from diffusion_controller.core.card import ModelCard
+    from diffusion_controller.core.card_source import sidecar_path
     from diffusion_controller.training.tiny import make_tiny_model
 
     path = make_tiny_model(directory, name="tiny_effort", seed=5)

@@ -14,7 +14,7 @@ from std_msgs.msg import Float64MultiArray
 
 from diffusion_controller.core import features as fx
 from diffusion_controller.core import inputs
-from diffusion_controller.core.card import Feature
+from diffusion_controller.core.card_schema import Feature
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 

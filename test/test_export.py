@@ -13,7 +13,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffusion_controller.core import runtime
-from diffusion_controller.core.card import CardError, ModelCard, sidecar_path
+from diffusion_controller.core.card import CardError, ModelCard
+from diffusion_controller.core.card_source import sidecar_path
 from diffusion_controller.core.runtime import ModelError, Policy
 from diffusion_controller.training import export as export_mod
 from diffusion_controller.training.checkpoint import load_checkpoint, save_checkpoint

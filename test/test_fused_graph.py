@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from diffusion_controller.core import providers, runtime
+from diffusion_controller.core import providers, session
 from diffusion_controller.core.card import ModelCard
 from diffusion_controller.core.runtime import ModelError, Policy
 from diffusion_controller.training.export import FusedPolicy, export_onnx
@@ -116,15 +116,15 @@ def test_a_runtime_without_an_operator_refuses_the_model_by_name(tmp_path):
 
 
 def test_missing_operator_reads_every_form_onnx_runtime_uses():
-    assert runtime.missing_operator(
+    assert session.missing_operator(
         "[ONNXRuntimeError] : 1 : FAIL : Load model failed:Fatal error: com.microsoft:Foo(-1) is not a "
         "registered function/op"
     ) == "Foo (com.microsoft)"
-    assert runtime.missing_operator(
+    assert session.missing_operator(
         "NOT_IMPLEMENTED : Could not find an implementation for Attention(23) node with name 'a'"
     ) == "Attention"
-    assert runtime.missing_operator("Error No Op registered for Bar with domain_version of 17") == "Bar"
-    assert runtime.missing_operator("CUDA failure 100: no CUDA-capable device is detected") is None
+    assert session.missing_operator("Error No Op registered for Bar with domain_version of 17") == "Bar"
+    assert session.missing_operator("CUDA failure 100: no CUDA-capable device is detected") is None
 
 
 def test_tensorrt_is_refused_for_an_ort_fused_graph_by_name(tmp_path, monkeypatch):

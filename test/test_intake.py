@@ -13,7 +13,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState
 
 from diffusion_controller.core import inputs
-from diffusion_controller.core.card import Feature
+from diffusion_controller.core.card_schema import Feature
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import intake as ik

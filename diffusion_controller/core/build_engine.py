@@ -22,7 +22,8 @@ from pathlib import Path
 
 from diffusion_controller.core import providers
 from diffusion_controller.core.card import CardError
-from diffusion_controller.core.runtime import ModelError, Policy, SessionFactory, ort_session
+from diffusion_controller.core.runtime import ModelError, Policy
+from diffusion_controller.core.session import SessionFactory, ort_session
 
 
 def _engines(cache: Path | None) -> set[Path]:

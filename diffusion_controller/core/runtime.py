@@ -5,10 +5,11 @@ message that says what differs, because the node loads models off the control pa
 refuse a bad one while the running policy keeps going. predict() copies into buffers bound once (IO
 binding), so a call allocates only its returned array; on a GPU the bound device buffers also let ORT
 capture the run as a CUDA graph, and only the inputs that changed since the last run are uploaded. Which
-providers are tried, and what a session really runs on, is core/providers.py; load() tries its
-candidates in order. A Policy serializes its own predict calls with a lock; separate CPU Policy objects
-(e.g. the running one and one being loaded for a swap) share nothing. A GPU Policy runs its session on a
-thread of its own (ORT keeps a CUDA graph per calling thread, so the graph load() captures is the one
+providers are tried, and what a session really runs on, is core/providers.py; how a session is made
+(options, candidates, ORT's refusals) is core/session.py; load() tries the candidates in order. A
+Policy serializes its own predict calls with a lock; separate CPU Policy objects (e.g. the running one
+and one being loaded for a swap) share nothing. A GPU Policy runs its session on a thread of its own
+(core/device_thread.py: ORT keeps a CUDA graph per calling thread, so the graph load() captures is the one
 every predict replays), and all GPU sessions pass providers.GPU_LOCK (a GpuGate): only the runs that may
 capture (and freeing a session) are exclusive, so a new session's capture never overlaps the running
 one's device work, while its creation and first, slow run do not hold the running policy's chunks.
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import os
 import platform
-import queue
-import re
 import threading
 import time
 import weakref
@@ -38,8 +37,20 @@ import numpy as np
 import onnxruntime as ort
 
 from diffusion_controller.core import ddim, providers
-from diffusion_controller.core.card import METADATA_KEY, ModelCard, read_onnx_metadata, sidecar_path
+from diffusion_controller.core.card import ModelCard
+from diffusion_controller.core.card_source import ModelError, card_of_model
+from diffusion_controller.core.device_thread import DeviceThread
 from diffusion_controller.core.providers import CPU, CUDA, GPU_LOCK, PROVIDERS, SHORT, TRT, Candidate
+from diffusion_controller.core.session import (
+    SessionFactory,
+    missing_operator,
+    nodes_text,
+    ort_session,
+    provider_candidates,
+    session_options,
+    unrunnable,
+    why,
+)
 
 __all__ = ["CPU", "CUDA", "PROVIDERS", "SHORT", "TRT", "ModelError", "Policy", "SessionFactory"]
 _ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.int64): "tensor(int64)"}
@@ -96,176 +107,35 @@ def int8_problem(card: ModelCard) -> str | None:
     )
 
 
-class ModelError(RuntimeError):
-    """A model that cannot be used: bad path, corrupt file, tensor mismatch, provider, bad inputs."""
-
-
-#: Makes a session: (model path, options, providers argument) -> an ort.InferenceSession or a stand-in.
-SessionFactory = Callable[[str, ort.SessionOptions, list], Any]
-
-
-def ort_session(path: str, options: ort.SessionOptions, provider_entries: list) -> ort.InferenceSession:
-    """The real session, from the path (not bytes: ORT parses bytes holding the GIL, ~90 ms for a
-    DiffuseLoco-size file, which would stall the control loop during a swap; from a path it releases
-    it). ORT's own fallback is off: it catches only ValueError/RuntimeError (not its Fail/EPFail) and
-    retries with a provider list of its choosing, so load() does the falling back itself."""
-    return ort.InferenceSession(path, options, providers=provider_entries, enable_fallback=0)
-
-
 def _device_buffer(shape: tuple[int, ...], dtype: np.dtype, device_id: int) -> ort.OrtValue:
     """A tensor in GPU memory (CUDA and TensorRT sessions both read CUDA memory)."""
     return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype.type, "cuda", device_id)
 
 
-class _DeviceThread:
-    """The one thread that makes a GPU session's CUDA calls (uploads, runs, downloads, release).
-
-    ORT's CUDA EP keeps a captured CUDA graph in the calling thread's context and captures on that
-    thread's first runs. Were predict() to run on whatever thread calls it, the capture load() checks
-    (on the loader thread) would not be the graph the inference worker replays: the worker would capture
-    again, unchecked, at its first ticks. Here every run of the session is on this thread.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, args=(self._jobs,), name=name, daemon=True).start()
-
-    @staticmethod
-    def _serve(jobs: queue.SimpleQueue) -> None:  # holds no Policy between jobs, so one can be freed
-        while (job := jobs.get()) is not None:
-            fn, box, done = job
-            try:
-                box.append((True, fn()))
-            except BaseException as e:  # handed back to the caller
-                box.append((False, e))
-            done.set()
-            del job, fn, box, done
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """fn() on this thread; its result, or its exception raised here."""
-        box: list[tuple[bool, Any]] = []
-        done = threading.Event()
-        self._jobs.put((fn, box, done))
-        done.wait()
-        ok, value = box[0]
-        if ok:
-            return value
-        raise value
-
-    def release(self, *objects: Any) -> None:
-        """Drop the last references to a freed Policy's session and device buffers on this thread under
-        GPU_LOCK's exclusive side (freeing CUDA memory during another session's capture would break it),
-        then end."""
-
-        keep = list(objects)
-        del objects
-
-        def drop() -> None:
-            with GPU_LOCK:
-                keep.clear()
-
-        self._jobs.put((drop, [], threading.Event()))
-        self._jobs.put(None)
-
-
-def _session_options(threads: int, record_placement: bool) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Spinning worker threads would steal the control loop's core on a small machine.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if record_placement:  # what runs where, for the report (providers.placement)
-        so.add_session_config_entry(providers.RECORD_PLACEMENT, "1")
-    so.log_severity_level = 3
-    return so
-
-
-def _why(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[-1] if text else type(e).__name__
-
-
-#: How ONNX Runtime says it lacks an operator: unknown to it, known without a kernel here, unknown at
-#: that opset. (domain:op, op, op) groups.
-_MISSING_OP = re.compile(
-    r"(?:(?P<dom>[\w.]+):(?P<op1>\w+)\(-?\d+\) is not a registered function/op)"
-    r"|(?:Could not find an implementation for (?P<op2>\w+)\(\d+\) node)"
-    r"|(?:No Op registered for (?P<op3>\w+) with domain_version)"
-)
-
-
-def missing_operator(error: str) -> str | None:
-    """The operator an ONNX Runtime session error says this runtime cannot run, or None."""
-    m = _MISSING_OP.search(error)
-    if m is None:
-        return None
-    if m["op1"]:
-        return f"{m['op1']} ({m['dom']})"
-    return m["op2"] or m["op3"]
-
-
-def _unrunnable(path: Path, card: ModelCard, op: str) -> ModelError:
-    """The refusal of a graph whose operator this runtime lacks, with the export that fits it."""
-    if card.graph is not None and card.graph.ops == "ort_fused":
-        fix = (
-            "its card says graph.ops ort_fused (ONNX Runtime's fused com.microsoft operators); export it "
-            "with `export_policy --ops standard` (ONNX opset 17 only) for this runtime"
+def _runnable_steps(path: Path, card: ModelCard, steps: int | None) -> int:
+    """The DDIM steps K a load runs: the card's, or `steps` where the graph lets K be chosen; ModelError
+    for a card this runtime cannot run (no graph, an int8 form that saturates here) or a K it cannot."""
+    if card.graph is None:
+        raise ModelError(f"model {path}: its card has no graph section")
+    problem = int8_problem(card)
+    if problem is not None:
+        raise ModelError(f"model {path}: {problem}")
+    if steps is not None and card.sampler_kind != "ddim" and steps != card.steps:
+        raise ModelError(
+            f"steps: a {card.sampler_kind} sampler runs in exactly {card.steps} step(s), requested {steps}"
         )
-    else:
-        fix = "use an ONNX Runtime that supports the graph's opset, or export at a lower --opset"
-    return ModelError(
-        f"model {path}: ONNX Runtime cannot load it: this ONNX Runtime ({ort.__version__}) has no {op} "
-        f"operator: {fix}"
-    )
-
-
-def _engine_cache(root: str, path: Path, device_id: int, log: Callable[[str], None]) -> Path | None:
-    """The TensorRT cache directory for this model and GPU, created; None (with a log line) when it
-    cannot be, so TensorRT still starts, only without reusing engines."""
-    base = Path(root).expanduser() if root else providers.default_engine_cache_dir()
+    if steps is None:
+        steps = card.steps
+    elif card.graph.kind == "fused" and steps != card.steps:
+        raise ModelError(
+            f"steps: this fused graph has K={card.steps} unrolled; export a denoiser graph to choose K "
+            f"at run time (requested {steps})"
+        )
     try:
-        cache = providers.engine_cache_path(base, path, device_id, providers.gpu_name(device_id))
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        log(f"policy: TensorRT engine cache under {base} unusable ({e}); engines are rebuilt at every start")
-        return None
-    return cache
-
-
-def _nodes_text(nodes: dict[str, int] | None) -> str:
-    if nodes is None:
-        return "node placement not recorded"
-    return ", ".join(f"{n} nodes on {p}" for p, n in sorted(nodes.items(), key=lambda kv: -kv[1]))
-
-
-def _read_card(path: Path, log) -> ModelCard:
-    """Card from metadata_props, else from the .yaml beside; both present and different is an error."""
-    try:
-        props = read_onnx_metadata(path)
-    except OSError as e:
-        raise ModelError(f"model {path}: cannot read it ({e.strerror or e})") from e
+        card.diffusion.check_steps(steps)
     except ValueError as e:
-        raise ModelError(f"model {path} is not a valid ONNX file: {e}") from e
-    side = sidecar_path(path)
-    if METADATA_KEY in props:
-        card = ModelCard.from_yaml_text(props[METADATA_KEY], source=f"{path} (metadata)")
-        if side.exists():
-            other = ModelCard.from_yaml(side)
-            a, b = card.to_dict(), other.to_dict()
-            diff = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
-            if diff:
-                raise ModelError(
-                    f"model {path}: its metadata card and {side} differ in {sorted(diff)}; "
-                    "re-export the model or delete the stale .yaml"
-                )
-        return card
-    if side.exists():
-        log(f"policy: {path} has no card in its metadata; using {side}")
-        return ModelCard.from_yaml(side)
-    raise ModelError(f"model {path}: no model card (no metadata_props[{METADATA_KEY!r}] and no {side})")
+        raise ModelError(str(e)) from e
+    return steps
 
 
 class Policy:
@@ -312,97 +182,15 @@ class Policy:
         path = Path(path)
         if not isinstance(threads, int) or threads < 1:
             raise ModelError(f"threads: expected an integer >= 1, got {threads!r}")
-        card = _read_card(path, log)
-        if card.graph is None:
-            raise ModelError(f"model {path}: its card has no graph section")
-        problem = int8_problem(card)
-        if problem is not None:
-            raise ModelError(f"model {path}: {problem}")
-        fused = card.graph.kind == "fused"
-        if steps is not None and card.sampler_kind != "ddim" and steps != card.steps:
-            raise ModelError(
-                f"steps: a {card.sampler_kind} sampler runs in exactly {card.steps} step(s), "
-                f"requested {steps}"
-            )
-        if steps is None:
-            steps = card.steps
-        elif fused and steps != card.steps:
-            raise ModelError(
-                f"steps: this fused graph has K={card.steps} unrolled; export a denoiser graph to choose K "
-                f"at run time (requested {steps})"
-            )
-        try:
-            card.diffusion.check_steps(steps)
-        except ValueError as e:
-            raise ModelError(str(e)) from e
-
-        problems = providers.gpu_problems() if provider != "cpu" else {}
-        if card.graph.ops == "ort_fused" and problems.get("tensorrt") is None and "tensorrt" in problems:
-            problems = dict(problems) | {
-                "tensorrt": "TensorRT cannot run an ort_fused graph's com.microsoft operators (Attention, "
-                "MultiHeadAttention, SkipLayerNormalization, BiasGelu); export with --ops standard for it"
-            }
-        cache = None
-        if provider in ("auto", "tensorrt") and problems.get("tensorrt") is None:
-            cache = _engine_cache(engine_cache_dir, path, device_id, log)
-        try:
-            candidates, notes = providers.plan(
-                provider, precision=precision, cuda_graph=cuda_graph, device_id=device_id,
-                engine_cache=cache, problems=problems, tf32=tf32,
-            )  # fmt: skip
-        except ValueError as e:
-            raise ModelError(str(e)) from e
-        for note in notes:
-            log(note)
-
-        errors: list[str] = []
-        skip: set[str] = set()
-        for cand in candidates:
-            if cand.provider in skip:
-                continue
-            try:
-                sess = session_factory(str(path), _session_options(threads, cand.provider != "cpu"),
-                                       list(cand.entries))  # fmt: skip
-            except Exception as e:  # ORT's Fail / EPFail / InvalidGraph derive from Exception only
-                op = missing_operator(str(e))
-                if op is not None and cand.provider == "cpu":  # the CPU runs every standard operator
-                    raise _unrunnable(path, card, op) from e
-                errors.append(f"{cand.label}: {_why(e)}")
-                if cand.provider != "cpu":
-                    log(f"policy: {cand.label} did not start: {_why(e)}")
-                if not (cand.cuda_graph and providers.capture_refused(_why(e))):
-                    skip.add(cand.provider)  # not about capture: the same EP without it fails alike
-                continue
-            nodes = providers.placement(sess)
-            got = providers.runs_on(sess.get_providers(), nodes)
-            if got != cand.provider:  # ORT dropped the EP (e.g. CUDA libraries missing) or gave it no node
-                errors.append(f"{cand.label}: the session runs on {got} ({_nodes_text(nodes)})")
-                log(f"policy: {cand.label} not used: the session runs on {got} ({_nodes_text(nodes)})")
-                skip.add(cand.provider)
-                continue
-            self = cls._open(path, card, steps, threads, sess, cand, nodes, device_id)
-            self.tf32 = tf32 and cand.provider != "cpu"
-            # A GPU session's first runs are where capture happens and engines meet real inputs: run
-            # them here, so a failure moves on to the next candidate instead of failing the first tick.
-            # A CUDA-graph session runs here until the last run that may capture (providers.CAPTURE_RUNS).
-            per_predict = 1 if self.graph_kind == "fused" else self.steps  # session runs per chunk
-            last = providers.CAPTURE_RUNS[-1]
-            probe = -(-last // per_predict) if cand.cuda_graph else int(cand.provider != "cpu")
-            try:
-                self.warm_up(probe)
-            except ModelError:
-                raise
-            except Exception as e:
-                errors.append(f"{cand.label}: first runs failed: {_why(e)}")
-                log(f"policy: {cand.label} failed in its first runs: {_why(e)}")
-                continue
-            break
-        else:
-            if provider in providers.GPU:
-                raise ModelError(
-                    f"model {path}: provider {provider!r} requested but it did not start: {'; '.join(errors)}"
-                )
-            raise ModelError(f"model {path}: ONNX Runtime cannot load it: {'; '.join(errors)}")
+        card = card_of_model(path, log)
+        steps = _runnable_steps(path, card, steps)
+        candidates, cache = provider_candidates(
+            path, card, provider, precision=precision, cuda_graph=cuda_graph, device_id=device_id,
+            engine_cache_dir=engine_cache_dir, tf32=tf32, log=log,
+        )  # fmt: skip
+        self, probe = cls._first_that_runs(
+            path, card, steps, threads, candidates, provider, device_id, session_factory, tf32, log
+        )
         if cache is not None and self.provider == "tensorrt":
             self.engine_cache = cache
         if self.provider != "cpu" and self.graph_kind == "denoiser":
@@ -418,6 +206,70 @@ class Policy:
             f"provider {self.describe()}, {threads} CPU thread(s), {self.load_time_s * 1000:.0f} ms"
         )
         return self
+
+    @classmethod
+    def _first_that_runs(
+        cls, path: Path, card: ModelCard, steps: int, threads: int, candidates: list[Candidate],
+        provider: str, device_id: int, session_factory: SessionFactory, tf32: bool,
+        log: Callable[[str], None],
+    ) -> tuple[Policy, int]:  # fmt: skip
+        """The Policy on the first candidate whose session starts, runs on that candidate's provider and
+        survives its first runs, with the number of predicts those runs took; ModelError naming every
+        candidate's failure when none does (or at once for an operator even the CPU lacks)."""
+        errors: list[str] = []
+        skip: set[str] = set()
+        for cand in candidates:
+            if cand.provider in skip:
+                continue
+            try:
+                sess = session_factory(str(path), session_options(threads, cand.provider != "cpu"),
+                                       list(cand.entries))  # fmt: skip
+            except Exception as e:  # ORT's Fail / EPFail / InvalidGraph derive from Exception only
+                op = missing_operator(str(e))
+                if op is not None and cand.provider == "cpu":  # the CPU runs every standard operator
+                    raise unrunnable(path, card, op) from e
+                errors.append(f"{cand.label}: {why(e)}")
+                if cand.provider != "cpu":
+                    log(f"policy: {cand.label} did not start: {why(e)}")
+                if not (cand.cuda_graph and providers.capture_refused(why(e))):
+                    skip.add(cand.provider)  # not about capture: the same EP without it fails alike
+                continue
+            nodes = providers.placement(sess)
+            got = providers.runs_on(sess.get_providers(), nodes)
+            if got != cand.provider:  # ORT dropped the EP (e.g. CUDA libraries missing) or gave it no node
+                errors.append(f"{cand.label}: the session runs on {got} ({nodes_text(nodes)})")
+                log(f"policy: {cand.label} not used: the session runs on {got} ({nodes_text(nodes)})")
+                skip.add(cand.provider)
+                continue
+            self = cls._open(path, card, steps, threads, sess, cand, nodes, device_id)
+            self.tf32 = tf32 and cand.provider != "cpu"
+            # A GPU session's first runs are where capture happens and engines meet real inputs: run
+            # them here, so a failure moves on to the next candidate instead of failing the first tick.
+            # A CUDA-graph session runs here until the last run that may capture (providers.CAPTURE_RUNS).
+            probe = self._probe_predicts(cand)
+            try:
+                self.warm_up(probe)
+            except ModelError:
+                raise
+            except Exception as e:
+                errors.append(f"{cand.label}: first runs failed: {why(e)}")
+                log(f"policy: {cand.label} failed in its first runs: {why(e)}")
+                continue
+            return self, probe
+        if provider in providers.GPU:
+            raise ModelError(
+                f"model {path}: provider {provider!r} requested but it did not start: {'; '.join(errors)}"
+            )
+        raise ModelError(f"model {path}: ONNX Runtime cannot load it: {'; '.join(errors)}")
+
+    def _probe_predicts(self, cand: Candidate) -> int:
+        """Predicts to run before a session counts as started: on a CUDA graph, up to the last run that
+        may capture (providers.CAPTURE_RUNS); one on another GPU session (engines meet real inputs);
+        none on the CPU."""
+        if not cand.cuda_graph:
+            return int(cand.provider != "cpu")
+        per_predict = 1 if self.graph_kind == "fused" else self.steps  # session runs per chunk
+        return -(-providers.CAPTURE_RUNS[-1] // per_predict)
 
     @classmethod
     def _open(
@@ -447,7 +299,7 @@ class Policy:
         self._setup(self.graph_kind == "fused")
         self._device_thread = None
         if cand.provider != "cpu":
-            self._device_thread = _DeviceThread(f"policy_gpu_{card.name}")
+            self._device_thread = DeviceThread(f"policy_gpu_{card.name}")
             weakref.finalize(self, self._device_thread.release, sess, self._io, self._device)
         return self
 
@@ -460,7 +312,7 @@ class Policy:
         text = " ".join(parts) + (" graph" if graph16 else "") + (", CUDA graph" if self.cuda_graph else "")
         if self.provider == "cuda":  # the CUDA EP's matmul mode (TensorRT decides its own)
             text += ", TF32 on" if self.tf32 else ", TF32 off"
-        return f"{text}, GPU {self.device_id} ({_nodes_text(self.placement)})"
+        return f"{text}, GPU {self.device_id} ({nodes_text(self.placement)})"
 
     def warm_up(self, n: int = 3) -> None:
         """Run `n` predicts on the observation mean (first runs allocate and tune); raises ModelError when
@@ -661,7 +513,7 @@ class Policy:
             run = self._predict_fused if self.graph_kind == "fused" else self._predict_denoiser
             if self._device_thread is None:
                 out = run(inpaint)
-            else:  # all of a GPU session's runs on its own thread (see _DeviceThread)
+            else:  # all of a GPU session's runs on its own thread (see DeviceThread)
                 out = self._device_thread.call(lambda: run(inpaint))
             if inpaint:
                 m = self._mask64[:, None]

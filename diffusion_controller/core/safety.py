@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .card import ZERO_SAFE_KINDS
+from .card_schema import ZERO_SAFE_KINDS
 
 #: hold / default_pose: position actions; zero: velocity, effort and base-velocity actions (ramp to zero).
 SAFE_MODES = ("hold", "default_pose", "zero")

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffusion_controller.core.card import FEATURE_SIZES
+from diffusion_controller.core.card_schema import FEATURE_SIZES
 from diffusion_controller.core.controller import ConfigError as CoreConfigError
 from diffusion_controller.core.controller import ControlConfig
 from diffusion_controller.core.inputs import SourceConfig

@@ -43,6 +43,7 @@ from rclpy.signals import SignalHandlerOptions
 
 from diffusion_controller.core import inputs
 from diffusion_controller.core.card import CardError, ModelCard
+from diffusion_controller.core.card_source import card_of_model
 from diffusion_controller.core.controller import layout_of
 from diffusion_controller.core.external import model_id_text
 from diffusion_controller.core.inference import InferenceRequest, InferenceResult, compute
@@ -57,7 +58,7 @@ from diffusion_controller.ros import diagnostics as dg
 from diffusion_controller.ros.intake import Intake
 from diffusion_controller.ros.loop import normal_priority
 from diffusion_controller.ros.params import NodeParameters
-from diffusion_controller.ros.swapper import MODEL_QOS, check_model_file, read_card
+from diffusion_controller.ros.swapper import MODEL_QOS, check_model_file
 
 NODE_NAME = "diffusion_policy"
 #: Sensor queues are taken this many times per control period: a chunk starts at most period/4 after its
@@ -248,7 +249,7 @@ class PolicyNode(Node):
         cfg = self._params.config()
         self.cfg = cfg
         check_model_file(cfg.model_path, cfg.max_model_mb)
-        self.card: ModelCard = read_card(cfg.model_path)
+        self.card: ModelCard = card_of_model(cfg.model_path)
         self.binding = cf.validate_against_card(cfg, self.card)
         with normal_priority():
             self.policy = self._load(cfg.model_path)
@@ -349,7 +350,7 @@ class PolicyNode(Node):
     def _swap(self, path: str) -> None:
         old = self.path
         try:
-            card = read_card(path)
+            card = card_of_model(path)
             cf.validate_against_card(self.cfg, card)
             if layout_of(card) != layout_of(self.card):
                 raise cf.ConfigError(

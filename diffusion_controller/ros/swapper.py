@@ -23,7 +23,8 @@ from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
-from diffusion_controller.core.card import CardError, ModelCard, sidecar_path
+from diffusion_controller.core.card import CardError, ModelCard
+from diffusion_controller.core.card_source import ModelError, card_of_model
 from diffusion_controller.core.controller import ControlCore
 from diffusion_controller.core.inputs import SourceDecoder, SourceReader, implausible_policy
 from diffusion_controller.core.plausibility import Plausibility, PlausibilityLimits, PublisherAgreement
@@ -66,17 +67,6 @@ def check_model_file(path: str, max_mb: float) -> int:
             "max_model_mb to load it"
         )
     return size
-
-
-def read_card(path: str) -> ModelCard:
-    """The card of a model file without creating a session: its metadata, else the .yaml beside it."""
-    try:
-        return ModelCard.from_onnx(path)
-    except CardError as exc:
-        side = sidecar_path(path)
-        if "has no" in str(exc) and side.exists():
-            return ModelCard.from_yaml(side)
-        raise
 
 
 def check_swap_fits(running: cf.Binding, new: cf.Binding) -> None:
@@ -138,7 +128,7 @@ class ModelSwapper:
     def check(self, cfg: cf.NodeConfig, path: str, max_mb: float) -> tuple[ModelCard, cf.Binding]:
         """The part before any session exists: the file, its card, and the card vs the config."""
         check_model_file(path, max_mb)
-        card = read_card(path)
+        card = card_of_model(path, reconcile=False)  # the loader's full load reconciles a .yaml beside
         return card, cf.validate_against_card(cfg, card)
 
     def load(self, cfg: cf.NodeConfig) -> Loaded:
@@ -197,7 +187,7 @@ class ModelSwapper:
                 check_same_kind(loaded.policy.card, card)
                 check_swap_fits(loaded.binding, binding)
                 reason = ""
-            except (cf.ConfigError, CardError, OSError) as exc:
+            except (cf.ConfigError, CardError, ModelError, OSError) as exc:
                 reason = f"model_path rejected, the old model keeps running: {exc}"
         if reason:
             self.failures += 1

@@ -36,7 +36,8 @@ from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 
 from diffusion_controller.core import inputs
-from diffusion_controller.core.card import Layout, layout_from_dict
+from diffusion_controller.core.card_parser import layout_from_dict
+from diffusion_controller.core.card_schema import Layout
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros.intake import Intake

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from diffusion_controller.core import inputs
-from diffusion_controller.core.card import Layout, read_layout
+from diffusion_controller.core.card import read_layout
+from diffusion_controller.core.card_schema import Layout
 from diffusion_controller.core.observation import ObservationError
 from diffusion_controller.ros import config as cf
 

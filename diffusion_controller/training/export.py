@@ -58,14 +58,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffusion_controller.core.card import (
-    GRAPH_INPUTS,
-    GRAPH_OPS,
-    GRAPH_OUTPUTS,
-    GraphSpec,
-    ModelCard,
-    sidecar_path,
-)
+from diffusion_controller.core.card import ModelCard
+from diffusion_controller.core.card_schema import GRAPH_INPUTS, GRAPH_OPS, GRAPH_OUTPUTS, GraphSpec
+from diffusion_controller.core.card_source import card_of_model, sidecar_path
 from diffusion_controller.core.ddim import TIMESTEP_SPACINGS
 from diffusion_controller.core.runtime import INT8_FORMS, u8s8_problem
 from diffusion_controller.training import ddim_torch
@@ -490,14 +485,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"export_policy: error: {e}", file=sys.stderr)
         return 1
+    card = card_of_model(out)
     note = ""
     if a.weights == "int8":
-        net = ModelCard.from_onnx(out).network
+        net = card.network
         form, diff = net.get("int8_form"), net.get("int8_max_abs_diff")
         note = f", int8 weights ({form}): max output change {diff} on the check inputs"
     if a.precision == "fp16":
-        note += f", fp16: max output change {ModelCard.from_onnx(out).network.get('fp16_max_abs_diff')}"
-    what = f"{a.graph} graph, {ModelCard.from_onnx(out).graph.ops} ops, {a.timestep_spacing} timesteps{note}"
+        note += f", fp16: max output change {card.network.get('fp16_max_abs_diff')}"
+    what = f"{a.graph} graph, {card.graph.ops} ops, {a.timestep_spacing} timesteps{note}"
     print(f"wrote {out} and {sidecar_path(out)} ({what})")
     return 0
 

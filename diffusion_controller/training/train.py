@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from torch.nn.functional import mse_loss
 
-from diffusion_controller.core.card import ACTION_KINDS, CardError, layout_from_dict
-from diffusion_controller.core.card import FORMAT as CARD_FORMAT
+from diffusion_controller.core.card_parser import layout_from_dict
+from diffusion_controller.core.card_schema import ACTION_KINDS, CardError
+from diffusion_controller.core.card_schema import FORMAT as CARD_FORMAT
 from diffusion_controller.core.ddim import BETA_SCHEDULES, PREDICTION_TYPES, DDIMConfig
 from diffusion_controller.training.checkpoint import save_checkpoint
 from diffusion_controller.training.network import DiffusionTransformer, NetworkConfig
