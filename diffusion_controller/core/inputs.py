@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from diffusion_controller.core import features as fx
-from diffusion_controller.core.card import Feature, Layout
+from diffusion_controller.core.card_schema import Feature, Layout
 from diffusion_controller.core.plausibility import Plausibility, PublisherAgreement
 
 # Message types a source may have (ros/conversions.py maps each to its ROS message class).
