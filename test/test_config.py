@@ -11,6 +11,8 @@ from diffusion_controller.core.card import ModelCard
 from diffusion_controller.core.controller import ControlConfig
 from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.ros import config as cf
+from diffusion_controller.ros import parameter_reference
+from diffusion_controller.ros.binding import control_config, validate_against_card
 
 ROOT = Path(__file__).resolve().parents[1]
 JOINTS = ["hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4"]
@@ -63,7 +65,7 @@ def ant_params() -> dict:
 def errors_of(params: dict, card: ModelCard | None = None) -> str:
     with pytest.raises(cf.ConfigError) as exc:
         cfg = cf.NodeConfig.from_params(params)
-        cf.validate_against_card(cfg, card or ant_card())
+        validate_against_card(cfg, card or ant_card())
     return str(exc.value)
 
 
@@ -72,7 +74,7 @@ def errors_of(params: dict, card: ModelCard | None = None) -> str:
 
 def test_ant_yaml_fits_the_demo_card(ant_params):
     cfg = cf.NodeConfig.from_params(ant_params)
-    binding = cf.validate_against_card(cfg, ant_card())
+    binding = validate_against_card(cfg, ant_card())
     assert binding.feature_source == {
         "joint_position": "joint_states",
         "joint_velocity": "joint_states",
@@ -95,7 +97,7 @@ def test_ant_yaml_fits_the_demo_card(ant_params):
 def test_template_yaml_is_a_valid_params_file_for_the_demo_card():
     params = cf.load_params_file(str(ROOT / "config" / "template.yaml"))
     cfg = cf.NodeConfig.from_params(params)
-    cf.validate_against_card(cfg, ant_card())
+    validate_against_card(cfg, ant_card())
     assert cf.unknown_parameters(params) == []
     # Every node parameter is shown (and so explained) in the template.
     shown = set(params)
@@ -190,7 +192,7 @@ def test_joints_reorder_and_rename(ant_params):
     order = [3, 0, 1, 2, 7, 6, 5, 4]
     ant_params["joints"] = [robot[i] for i in order]
     ant_params["model_joints"] = [JOINTS[i] for i in order]
-    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
+    b = validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
     assert b.output_joints == tuple(robot[i] for i in order)
     assert b.output_index == tuple(order)
     assert b.rename["hip_1"] == "leg_hip_1"
@@ -199,7 +201,7 @@ def test_joints_reorder_and_rename(ant_params):
 def test_joints_reorder_by_card_names(ant_params):
     order = [7, 6, 5, 4, 3, 2, 1, 0]
     ant_params["joints"] = [JOINTS[i] for i in order]
-    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
+    b = validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
     assert b.output_index == tuple(order)
 
 
@@ -213,7 +215,7 @@ def test_default_pose_in_output_order_and_checked(ant_params):
     order = [7, 6, 5, 4, 3, 2, 1, 0]
     ant_params["joints"] = [JOINTS[i] for i in order]
     ant_params["default_pose"] = [0.1 * i for i in range(8)]
-    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
+    b = validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
     assert b.default_pose[7] == pytest.approx(0.0) and b.default_pose[0] == pytest.approx(0.7)
     ant_params["default_pose"] = [0.0] * 7
     assert "default_pose: 7 values for 8 joints" in errors_of(ant_params)
@@ -223,7 +225,7 @@ def test_default_pose_in_output_order_and_checked(ant_params):
 
 def test_default_pose_defaults_to_mid_limits(ant_params):
     card = ant_card(lower=[-1.0] * 8, upper=[0.5] * 8)
-    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), card)
+    b = validate_against_card(cf.NodeConfig.from_params(ant_params), card)
     assert b.default_pose == pytest.approx([-0.25] * 8)
 
 
@@ -234,7 +236,7 @@ def test_execute_steps_beyond_horizon(ant_params):
 
 def test_rate_override(ant_params):
     ant_params["rate_hz"] = 100
-    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
+    b = validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
     assert b.period_s == pytest.approx(0.01)
 
 
@@ -339,7 +341,7 @@ def test_parameters_reach_the_core_under_their_control_name(ant_params):
     ant_params |= {"max_step_per_tick": 0.05, "observations.max_future_s": 0.02, "seed": -1}
     cfg = cf.NodeConfig.from_params(ant_params)
     card = ant_card()
-    control = cf.control_config(cfg, cf.validate_against_card(cfg, card), card)
+    control = control_config(cfg, validate_against_card(cfg, card), card)
     assert (control.max_step_per_tick, control.future_tolerance_s, control.seed) == (0.05, 0.02, None)
     assert control.command_timeout_s is None  # cmd_vel's timeout_s 0 = hold the last command
     no_inpainting = dataclasses.replace(card, sampler_inpainting=False)
@@ -347,18 +349,28 @@ def test_parameters_reach_the_core_under_their_control_name(ant_params):
     assert "blend: 'inpaint' needs a sampler a prefix can steer" in errors_of(ant_params, no_inpainting)
 
 
-def test_the_readme_parameter_reference_is_the_specification():
-    """README.md's parameter table is rendered from PARAM_GROUPS; after changing a parameter, run
-    `python -m diffusion_controller.ros.config --readme`."""
-    text = (ROOT / "README.md").read_text()
-    assert cf.README_BEGIN in text and cf.README_END in text
-    assert cf.readme_with_parameter_table(text) == text, (
-        "README.md's parameter reference differs from ros/config.py: run "
-        "`python -m diffusion_controller.ros.config --readme`"
+def test_the_parameter_reference_is_the_specification():
+    """docs/PARAMETERS.md is rendered from PARAM_GROUPS; after changing a parameter, run
+    `python -m diffusion_controller.ros.parameter_reference --docs`."""
+    text = (ROOT / "docs" / "PARAMETERS.md").read_text()
+    assert text == parameter_reference.parameter_document(), (
+        "docs/PARAMETERS.md differs from the specification in ros/config.py: run "
+        f"`{parameter_reference.COMMAND}`"
     )
-    table = cf.parameter_table_markdown()
+    assert parameter_reference.COMMAND in text  # the file says how it is made
+    table = parameter_reference.parameter_table_markdown()
     for s in (*cf.NODE_PARAMS, *cf.SOURCE_PARAMS):
         assert f"| `{s.name}` | {s.kind} |" in table
+
+
+def test_the_parameter_reference_command_writes_the_file(tmp_path, capsys):
+    """The command rewrites a stale reference and leaves a current one alone."""
+    doc = tmp_path / "PARAMETERS.md"
+    doc.write_text("stale\n")
+    assert parameter_reference.main(["--docs", str(doc)]) == 0
+    assert doc.read_text() == parameter_reference.parameter_document()
+    assert parameter_reference.main(["--docs", str(doc)]) == 0
+    assert "already up to date" in capsys.readouterr().out
 
 
 def test_descriptors_declare_real_types_ranges_and_read_only():
@@ -391,8 +403,8 @@ def test_every_shipped_model_fits_the_demo_config(ant_params):
         card = read_card(str(path))
         if card.action_kind == "effort":
             with pytest.raises(cf.ConfigError, match="cannot carry model 'ant_effort''s effort actions"):
-                cf.validate_against_card(cfg, card)
-            binding = cf.validate_against_card(effort, card)
+                validate_against_card(cfg, card)
+            binding = validate_against_card(effort, card)
         else:
-            binding = cf.validate_against_card(cfg, card)
+            binding = validate_against_card(cfg, card)
         assert binding.output_joints == tuple(JOINTS), path

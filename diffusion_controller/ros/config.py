@@ -1,11 +1,11 @@
-"""Node configuration: the parameter specification, its checks, and the check against a model card.
+"""Node configuration: the parameter specification, its checks, and the typed configuration built from it.
 
 Plain Python (no rclpy) so the whole configuration story is unit-testable without a ROS graph. Each
 parameter is specified once, in `PARAM_GROUPS` (name, type, default, description, range or choices, when
 it is read); from that one list the node declares its parameters with their ROS types (`ros/params.py`),
-`check_value` checks every value, `NodeConfig.from_params` builds the configuration, `control_config` the
-core's `ControlConfig`, and `parameter_table_markdown` the README's parameter reference
-(`python -m diffusion_controller.ros.config --readme` rewrites it; a test fails when it is out of date).
+`check_value` checks every value, `NodeConfig.from_params` builds the configuration, `ros/binding.py`
+checks it against a model card and builds the core's `ControlConfig`, and `ros/parameter_reference.py`
+renders docs/PARAMETERS.md (a test fails when it is out of date).
 
 Observation sources. ROS parameters cannot hold a list of dicts, so sources follow the ros2_control idiom
 of a name list plus per-name parameters:
@@ -21,29 +21,24 @@ of a name list plus per-name parameters:
         frame: ""                           # expected header.frame_id / Odometry child_frame_id ("" = any)
 
 Every card feature except `previous_action` (the node's own last command) and `gait_clock` (computed from
-the observation time) must be filled by exactly one source; `validate_against_card` names every violation
-at once so a user fixes a config in one pass.
+the observation time) must be filled by exactly one source; `binding.validate_against_card` names every
+violation at once so a user fixes a config in one pass.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from diffusion_controller.core.card import FEATURE_SIZES
-from diffusion_controller.core.controller import ConfigError as CoreConfigError
-from diffusion_controller.core.controller import ControlConfig
 from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.core.plausibility import POLICIES
 from diffusion_controller.core.safety import SAFE_MODES
 from diffusion_controller.core.scheduler import BLEND_MODES
-from diffusion_controller.ros.outputs import TRAJECTORY_INTERFACES, check_outputs
+from diffusion_controller.ros.outputs import TRAJECTORY_INTERFACES
 
 
 class ConfigError(ValueError):
@@ -102,7 +97,7 @@ def normalize_type(name: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Parameter specification
 
-#: Parameter types as ROS names them (the README's Type column), and the type of their configuration field.
+#: Parameter types as ROS names them (the reference's Type column), and the type of their configuration field.
 KINDS = {
     "bool": "bool",
     "int": "int",
@@ -122,7 +117,7 @@ SRC = "<src>"
 @dataclass(frozen=True)
 class ParamSpec:
     """One parameter, specified once: the node declares it, every value is checked and the configuration
-    built from it, and the README's parameter reference is rendered from it."""
+    built from it, and the parameter reference (docs/PARAMETERS.md) is rendered from it."""
 
     name: str
     default: Any
@@ -323,8 +318,6 @@ def source_param_specs(source: str) -> tuple[ParamSpec, ...]:
 
 _SPEC_BY_NAME = {s.name: s for s in NODE_PARAMS}
 _SOURCE_FIELDS = {s.field for s in SOURCE_PARAMS}
-#: ControlConfig field -> the parameter it comes from (how a refusal of the core is reported).
-_PARAM_OF_CONTROL = {s.control: s.name for s in NODE_PARAMS if s.control}
 
 
 def spec_for(name: str) -> ParamSpec | None:
@@ -520,170 +513,6 @@ class NodeConfig:
         return cls(**v, sources=tuple(sources))
 
 
-@dataclass(frozen=True)
-class Binding:
-    """A configuration resolved against one model card: what the node wires up for that model."""
-
-    output_joints: tuple[str, ...]  # published order (robot names)
-    output_index: tuple[int, ...]  # output_joints[i] carries card action index output_index[i]
-    rename: Mapping[str, str]  # card joint name -> robot joint name (JointState lookup)
-    feature_source: Mapping[str, str]  # card feature name -> source name (previous_action absent)
-    default_pose: tuple[float, ...]  # in card action order
-    period_s: float  # tick period
-
-
-def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
-    """Check that `cfg` fits `card` (a core.card.ModelCard) and resolve the wiring; raise ConfigError
-    naming every mismatch."""
-    errors: list[str] = []
-    features = {f.name: f for f in card.features}
-    owner: dict[str, list[str]] = {}
-    for src in cfg.sources:
-        allowed = KINDS_BY_TYPE.get(src.type, frozenset())
-        for name in src.features:
-            feat = features.get(name)
-            if feat is None:
-                errors.append(
-                    f"observations.{src.name}.features: '{name}' is not a feature of model card "
-                    f"'{card.name}' (card features: {', '.join(features)})"
-                )
-                continue
-            if feat.kind in COMPUTED_KINDS:
-                errors.append(
-                    f"observations.{src.name}.features: '{name}' is the node's {COMPUTED_AS[feat.kind]}; "
-                    "no source may fill it"
-                )
-                continue
-            if src.type and feat.kind not in allowed:
-                errors.append(
-                    f"observations.{src.name}: a {src.type} cannot fill '{name}' (kind {feat.kind}); "
-                    f"it fills kinds {', '.join(sorted(allowed))}"
-                )
-            owner.setdefault(name, []).append(src.name)
-    for name, feat in features.items():
-        if feat.kind == "previous_action" and feat.size != card.action_dim:
-            errors.append(
-                f"card feature '{name}': previous_action size {feat.size} != action_dim {card.action_dim}"
-            )
-        if feat.kind in COMPUTED_KINDS:
-            continue
-        srcs = owner.get(name, [])
-        if not srcs:
-            errors.append(
-                f"card feature '{name}' (kind {feat.kind}, size {feat.size}) is filled by no observation "
-                "source; add it to the features of one source"
-            )
-        elif len(srcs) > 1:
-            errors.append(
-                f"card feature '{name}' is filled by several sources ({', '.join(srcs)}); "
-                "exactly one must fill it"
-            )
-
-    card_joints = tuple(card.action_joints)
-    model_joints = cfg.model_joints or cfg.joints or card_joints
-    output_joints = cfg.joints or card_joints
-    rename = dict(zip(model_joints, output_joints, strict=False)) if cfg.joints else {}
-    output_index: tuple[int, ...] = ()
-    if sorted(model_joints) != sorted(card_joints):
-        missing = [j for j in card_joints if j not in model_joints]
-        extra = [j for j in model_joints if j not in card_joints]
-        which = "model_joints" if cfg.model_joints else "joints"
-        errors.append(
-            f"{which}: must list each card action joint once (card: {', '.join(card_joints)}); "
-            f"missing {missing}, unknown {extra}"
-        )
-    else:
-        output_index = tuple(card_joints.index(j) for j in model_joints)
-
-    default_pose: tuple[float, ...] = ()
-    lower = [float(x) for x in card.action_lower]
-    upper = [float(x) for x in card.action_upper]
-    if cfg.default_pose:
-        if len(cfg.default_pose) != len(card_joints):
-            errors.append(f"default_pose: {len(cfg.default_pose)} values for {len(card_joints)} joints")
-        elif output_index:
-            pose = [0.0] * len(card_joints)
-            for i, k in enumerate(output_index):
-                pose[k] = cfg.default_pose[i]
-            bad = [
-                output_joints[i] for i, k in enumerate(output_index) if not lower[k] <= pose[k] <= upper[k]
-            ]
-            if bad:
-                errors.append(f"default_pose: outside the card's action limits for joints {bad}")
-            default_pose = tuple(pose)
-    else:
-        default_pose = tuple((lo + hi) / 2.0 for lo, hi in zip(lower, upper, strict=True))
-
-    if cfg.policy_source == "remote":  # what a policy node computing on its own cannot honour
-        if cfg.blend == "inpaint":
-            errors.append(
-                "blend: inpaint sends the running chunk with each request; a remote policy gets "
-                "no request (use ensemble, crossfade or none with policy.source remote)"
-            )
-        if cfg.execute_steps != 1:
-            errors.append(
-                "execute_steps: a remote policy sends a chunk whenever the observations advance; "
-                "with policy.source remote it must be 1"
-            )
-        if not cfg.compensate_delay:
-            errors.append(
-                "compensate_delay: a remote chunk is always stamped with its observations' time; "
-                "with policy.source remote it must be true"
-            )
-    errors += check_outputs(cfg, card)
-    if cfg.crossfade_steps > card.horizon:
-        errors.append(f"crossfade_steps: {cfg.crossfade_steps} exceeds the card's horizon {card.horizon}")
-    period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else float(card.control_period_s)
-    binding = Binding(
-        output_joints=tuple(output_joints),
-        output_index=output_index,
-        rename=rename,
-        feature_source={n: s[0] for n, s in owner.items()},
-        default_pose=default_pose,
-        period_s=period,
-    )
-    if not errors:
-        try:  # what the core checks against a card itself (execute_steps <= horizon, inpainting)
-            control_config(cfg, binding, card)
-        except ConfigError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise ConfigError(f"configuration does not fit model '{card.name}':\n  " + "\n  ".join(errors))
-    return binding
-
-
-def control_config(cfg: NodeConfig, binding: Binding, card: Any) -> ControlConfig:
-    """The core's configuration: the parameters naming a ControlConfig field (ParamSpec.control), per-source
-    timeouts as per-feature watchdog timeouts (0 = never stale), and a velocity command source's timeout as
-    the core's command timeout (0 = hold the last command). The core checks it against `card`; a refusal
-    is raised as a ConfigError naming the parameter."""
-    kinds = {f.name: f.kind for f in card.features}
-    timeout_of = {s.name: s.timeout_s for s in cfg.sources}
-    timeouts: dict[str, float] = {}
-    command_timeout: float | None = None
-    for feature, source in binding.feature_source.items():
-        timeout = timeout_of[source]
-        if kinds.get(feature) == "velocity_command":
-            command_timeout = timeout if timeout > 0 else None
-        else:
-            timeouts[feature] = timeout if timeout > 0 else NEVER_S
-    values = {s.control: getattr(cfg, s.field) for s in NODE_PARAMS if s.control}
-    values.update(
-        seed=None if cfg.seed < 0 else cfg.seed,
-        default_pose=binding.default_pose if cfg.safe_mode == "default_pose" else None,
-        obs_timeouts_s=timeouts,
-        command_timeout_s=command_timeout,
-        chunk_timeout_s=cfg.chunk_timeout_s if cfg.policy_source == "remote" else None,
-    )
-    try:
-        control = ControlConfig(**values)
-        control.check_card(card)
-    except CoreConfigError as exc:
-        name = _PARAM_OF_CONTROL.get(exc.field, f"ControlConfig.{exc.field}")
-        raise ConfigError(f"{name}: {exc.reason}") from exc
-    return control
-
-
 def load_params_file(path: str, node_name: str = "diffusion_controller") -> dict[str, Any]:
     """Flat parameters a ROS params file gives node `node_name` (`/**` first, then the node's own key),
     read by rclpy's own parser, so tests and tools see what `--params-file` gives the node."""
@@ -717,76 +546,3 @@ def unknown_parameters(values: Mapping[str, Any], sources: Sequence[str] | None 
         names = ",".join(fields)
         problems.append(f"observations.{src}.{{{names}}} set but '{src}' is not in observations.sources")
     return problems
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The README's parameter reference, rendered from the specification
-
-README = Path(__file__).resolve().parents[2] / "README.md"
-README_BEGIN = "<!-- parameters:begin: generated by `python -m diffusion_controller.ros.config --readme` -->"
-README_END = "<!-- parameters:end -->"
-
-
-def _shown(value: Any) -> str:
-    """A default as a params file would write it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_shown(v) for v in value) + "]"
-    return '""' if value == "" else str(value)
-
-
-def _number(x: float, kind: str) -> str:
-    return str(int(x)) if kind == "int" else f"{x:g}"
-
-
-def parameter_table_markdown() -> str:
-    """The parameter reference table of README.md (between README_BEGIN and README_END)."""
-    rows = ["| Name | Type | Default | When | Meaning |", "|---|---|---|---|---|"]
-    for title, specs in PARAM_GROUPS:
-        rows.append(f"| **{title}** | | | | |")
-        for s in specs:
-            meaning = s.description
-            if s.choices:
-                meaning += " One of " + ", ".join(f"`{c}`" for c in s.choices) + "."
-            if s.range:
-                meaning += f" Range {_number(s.range[0], s.kind)} to {_number(s.range[1], s.kind)}."
-            meaning = meaning.replace("|", "\\|")
-            rows.append(f"| `{s.name}` | {s.kind} | `{_shown(s.default)}` | {s.when} | {meaning} |")
-    return "\n".join(rows) + "\n"
-
-
-def readme_with_parameter_table(text: str) -> str:
-    """`text` (README.md) with its parameter reference replaced by the current rendering."""
-    head, begin, rest = text.partition(README_BEGIN)
-    _, end, tail = rest.partition(README_END)
-    if not begin or not end:
-        raise ConfigError(f"README has no '{README_BEGIN}' ... '{README_END}' block")
-    return f"{head}{README_BEGIN}\n{parameter_table_markdown()}{README_END}{tail}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Print the parameter reference, or (`--readme`) write it into README.md."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument(
-        "--readme",
-        nargs="?",
-        const=str(README),
-        metavar="PATH",
-        help="rewrite the parameter reference in this README (default: the repository's)",
-    )
-    args = parser.parse_args(argv)
-    if args.readme is None:
-        sys.stdout.write(parameter_table_markdown())
-        return 0
-    path = Path(args.readme)
-    text = path.read_text()
-    new = readme_with_parameter_table(text)
-    if new != text:
-        path.write_text(new)
-    print(f"{path}: parameter reference {'rewritten' if new != text else 'already up to date'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

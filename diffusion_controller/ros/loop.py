@@ -24,9 +24,9 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from diffusion_controller.core.controller import ControlCore, ControlState, TickResult
 from diffusion_controller.core.external import ChunkFitError
 from diffusion_controller.ros import chunks as ch
-from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import diagnostics as dg
+from diffusion_controller.ros.binding import Binding
 from diffusion_controller.ros.intake import Intake, hidden_node
 
 #: Codes of ControlState in the debug timing topic.
@@ -93,7 +93,7 @@ def normal_priority():
 
 
 def carried_command(
-    last_sent: tuple[Sequence[str], np.ndarray] | None, binding: cf.Binding, action_dim: int
+    last_sent: tuple[Sequence[str], np.ndarray] | None, binding: Binding, action_dim: int
 ) -> np.ndarray | None:
     """The last command this node sent, in the new core's action order, when it names every output joint
     of the new binding (a reconfigure may reorder or rename them); else None. The robot's controller still
@@ -234,7 +234,7 @@ class ControlLoop:
             self.active = False
         return ok
 
-    def _publish(self, command: np.ndarray, binding: cf.Binding) -> None:
+    def _publish(self, command: np.ndarray, binding: Binding) -> None:
         """The command on every enabled command output (Float64MultiArray or Twist)."""
         sent = command[list(binding.output_index)]
         self.last_sent = (binding.output_joints, sent)
@@ -334,7 +334,7 @@ class ControlLoop:
         if res.state != self._last_state:
             self._state_changed(res.state, res.reason)
 
-    def _wind_down_tick(self, core: ControlCore, binding: cf.Binding) -> None:
+    def _wind_down_tick(self, core: ControlCore, binding: Binding) -> None:
         """One step of the deactivate wind-down (under the lock); the zero ends it."""
         command = core.stop_step()
         if command is not None:
@@ -342,7 +342,7 @@ class ControlLoop:
         if (command is None or not np.any(command)) and self._winding_down is not None:
             self._winding_down.set()
 
-    def _publish_trajectory(self, traj: Any, binding: cf.Binding) -> None:
+    def _publish_trajectory(self, traj: Any, binding: Binding) -> None:
         times = np.asarray(traj.times, dtype=float)
         positions = np.asarray(traj.positions, dtype=float)[:, list(binding.output_index)]
         # First point one tick after the start, each later one at its scheduled spacing.

@@ -30,6 +30,7 @@ from diffusion_controller.core.runtime import Policy
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import diagnostics as dg
+from diffusion_controller.ros.binding import Binding, control_config, validate_against_card
 from diffusion_controller.ros.loop import nicer_thread, set_thread_priority
 
 MIB = 1024 * 1024
@@ -79,7 +80,7 @@ def read_card(path: str) -> ModelCard:
         raise
 
 
-def check_swap_fits(running: cf.Binding, new: cf.Binding) -> None:
+def check_swap_fits(running: Binding, new: Binding) -> None:
     """A swap keeps what the robot side is wired to: the published joints and the control period."""
     if new.output_joints != running.output_joints:
         raise cf.ConfigError(
@@ -110,7 +111,7 @@ class Loaded:
     cfg: cf.NodeConfig
     core: ControlCore
     policy: Any
-    binding: cf.Binding
+    binding: Binding
     readers: dict[str, cv.SourceReader]
     path: str
     sha256: str
@@ -135,23 +136,23 @@ class ModelSwapper:
         self.retired: list[Any] = []  # replaced policies, freed right after a tick (free_retired)
 
     # -- configure -----------------------------------------------------------------------------------------
-    def check(self, cfg: cf.NodeConfig, path: str, max_mb: float) -> tuple[ModelCard, cf.Binding]:
+    def check(self, cfg: cf.NodeConfig, path: str, max_mb: float) -> tuple[ModelCard, Binding]:
         """The part before any session exists: the file, its card, and the card vs the config."""
         check_model_file(path, max_mb)
         card = read_card(path)
-        return card, cf.validate_against_card(cfg, card)
+        return card, validate_against_card(cfg, card)
 
     def load(self, cfg: cf.NodeConfig) -> Loaded:
         """Configure's model: checked, loaded + warmed up, and a core running it."""
         card, binding = self.check(cfg, cfg.model_path, cfg.max_model_mb)
         if cfg.policy_source == "remote":  # a policy node computes the chunks: the card is all we need
             sha256 = file_sha256(cfg.model_path)
-            core = ControlCore(card, cf.control_config(cfg, binding, card), external=True)
+            core = ControlCore(card, control_config(cfg, binding, card), external=True)
             readers = self._make_readers(cfg, card, binding)
             return Loaded(cfg, core, None, binding, readers, cfg.model_path, sha256)
         policy = self._load_policy(cfg, cfg.model_path)
         sha256 = file_sha256(cfg.model_path)
-        core = ControlCore(policy.card, cf.control_config(cfg, binding, policy.card), policy)
+        core = ControlCore(policy.card, control_config(cfg, binding, policy.card), policy)
         readers = self._make_readers(cfg, policy.card, binding)
         return Loaded(cfg, core, policy, binding, readers, cfg.model_path, sha256)
 
@@ -163,7 +164,7 @@ class ModelSwapper:
         )  # fmt: skip
 
     def _make_readers(
-        self, cfg: cf.NodeConfig, card: ModelCard, binding: cf.Binding
+        self, cfg: cf.NodeConfig, card: ModelCard, binding: Binding
     ) -> dict[str, cv.SourceReader]:
         readers = {}
         plausible = Plausibility(

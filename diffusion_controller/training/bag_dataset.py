@@ -46,6 +46,7 @@ from diffusion_controller.core.card import Layout, read_layout
 from diffusion_controller.core.observation import ObservationError
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
+from diffusion_controller.ros.binding import Binding, control_config, validate_against_card
 
 NODE_NAME = "diffusion_controller"
 #: Rows are built this long (recording time) after their grid time, so late-arriving samples stamped
@@ -137,7 +138,7 @@ def layout_as_card(layout: Layout) -> Any:
 class _Episode:
     """The node's readers and observation history for one stretch of continuous recording."""
 
-    def __init__(self, cfg: cf.NodeConfig, layout: Layout, binding: cf.Binding, control: Any) -> None:
+    def __init__(self, cfg: cf.NodeConfig, layout: Layout, binding: Binding, control: Any) -> None:
         self.readers = cv.plain_readers(cfg, layout.features, binding.rename)
         self.history = control.history_for(layout_as_card(layout))
         self.timeouts = control.timeouts_for(self.history.required)
@@ -169,8 +170,8 @@ def dataset_from_bags(
     min_episode_rows: int = 2,
 ) -> BagDataset:
     """Rows and labels from `bags` as the node configured by `cfg` computes them (module docstring)."""
-    binding = cf.validate_against_card(cfg, layout_as_card(layout))
-    control = cf.control_config(cfg, binding, layout_as_card(layout))  # the node's timeouts
+    binding = validate_against_card(cfg, layout_as_card(layout))
+    control = control_config(cfg, binding, layout_as_card(layout))  # the node's timeouts
     period = layout.control_period_s
     labels = resolve(label_topic or cfg.commands_topic, namespace)
     by_topic = {resolve(s.topic, namespace): s for s in cfg.sources}
