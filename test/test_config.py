@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from diffusion_controller.core.card import ModelCard
-from diffusion_controller.core.controller import ControlConfig
+from diffusion_controller.core.control_config import ControlConfig
 from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import parameter_reference

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from core_fakes import ClockPolicy, clock_card
 
-from diffusion_controller.core.controller import ConfigError, ControlConfig, ControlCore, ControlState
+from diffusion_controller.core.control_config import ConfigError, ControlConfig
+from diffusion_controller.core.control_state import ControlState
+from diffusion_controller.core.controller import ControlCore
 from diffusion_controller.core.external import (
     ChunkFitError,
     chunk_times,

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from diffusion_controller.core.controller import ConfigError as CoreConfigError
-from diffusion_controller.core.controller import ControlConfig
+from diffusion_controller.core.control_config import ConfigError as CoreConfigError
+from diffusion_controller.core.control_config import ControlConfig
 from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.ros.config import (
     COMPUTED_AS,

@@ -41,7 +41,7 @@ from rclpy.signals import SignalHandlerOptions
 from std_srvs.srv import Trigger
 
 from diffusion_controller.core.card import CardError
-from diffusion_controller.core.controller import ConfigError as CoreConfigError
+from diffusion_controller.core.control_config import ConfigError as CoreConfigError
 from diffusion_controller.core.runtime import ModelError
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import dds, process

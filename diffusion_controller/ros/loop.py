@@ -21,7 +21,8 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-from diffusion_controller.core.controller import ControlCore, ControlState, TickResult
+from diffusion_controller.core.control_state import ControlState, TickResult
+from diffusion_controller.core.controller import ControlCore
 from diffusion_controller.core.external import ChunkFitError
 from diffusion_controller.ros import chunks as ch
 from diffusion_controller.ros import conversions as cv

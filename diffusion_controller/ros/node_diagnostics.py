@@ -17,7 +17,7 @@ from typing import Any
 from rclpy.callback_groups import CallbackGroup
 from rclpy.clock import Clock, ClockType
 
-from diffusion_controller.core.controller import ControlState
+from diffusion_controller.core.control_state import ControlState
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import diagnostics as dg
