@@ -349,6 +349,44 @@ def test_parameters_reach_the_core_under_their_control_name(ant_params):
     assert "blend: 'inpaint' needs a sampler a prefix can steer" in errors_of(ant_params, no_inpainting)
 
 
+def test_control_config_sets_every_core_field_from_its_parameter():
+    """control_config names each ControlConfig field once, as a keyword (greppable, no loop over the
+    table), except the core-only ones; a parameter naming a field (ParamSpec.control) is the value it gets."""
+    import ast
+    import inspect
+
+    from diffusion_controller.ros import binding
+
+    tree = ast.parse(inspect.getsource(binding.control_config))
+    (call,) = [n for n in ast.walk(tree) if getattr(getattr(n, "func", None), "id", "") == "ControlConfig"]
+    given = {k.arg: ast.unparse(k.value) for k in call.keywords}
+    assert None not in given, "no **values: every field by name"
+    fields = {f.name for f in dataclasses.fields(ControlConfig)}
+    assert set(given) | set(binding.CORE_ONLY_FIELDS) == fields
+    assert not set(given) & set(binding.CORE_ONLY_FIELDS)
+    for s in cf.NODE_PARAMS:
+        if s.control:
+            # default_pose arrives resolved against the card (binding.default_pose, card order)
+            value = given[s.control]
+            assert f"cfg.{s.field}" in value or f"binding.{s.field}" in value, (s.name, value)
+
+
+def test_each_default_has_one_home():
+    """A parameter that configures the core takes its default from the core's dataclass (ros/config.py
+    core_default); only default_pose and policy.chunk_timeout_s mean something else at the node."""
+    from diffusion_controller.core.plausibility import PlausibilityLimits
+
+    own = {"default_pose", "policy.chunk_timeout_s"}
+    for s in cf.NODE_PARAMS:
+        if s.control and s.name not in own:
+            assert s.default == cf.core_default(ControlConfig, s.control), s.name
+    for name in ("joint_margin", "command_sigmas", "sensor_sigmas"):
+        assert cf.spec_for(f"plausibility.{name}").default == cf.core_default(PlausibilityLimits, name)
+    assert cf.spec_for("observations.x.timeout_s").default == ControlConfig().obs_timeout_s
+    with pytest.raises(ValueError, match="has no default"):
+        cf.core_default(cf.SourceConfig, "name")
+
+
 def test_the_parameter_reference_is_the_specification():
     """docs/PARAMETERS.md is rendered from PARAM_GROUPS; after changing a parameter, run
     `python -m diffusion_controller.ros.parameter_reference --docs`."""

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffusion_controller.core.card import FEATURE_SIZES
+from diffusion_controller.core.control_config import ControlConfig
 from diffusion_controller.core.observation import COMPUTED_KINDS
-from diffusion_controller.core.plausibility import POLICIES
+from diffusion_controller.core.plausibility import POLICIES, PlausibilityLimits
 from diffusion_controller.core.safety import SAFE_MODES
 from diffusion_controller.core.scheduler import BLEND_MODES
 from diffusion_controller.ros.outputs import TRAJECTORY_INTERFACES
@@ -77,6 +78,21 @@ TRAJECTORY_STAMPS = ("zero", "absolute")
 POLICY_SOURCES = ("local", "remote")
 #: Watchdog timeout standing for "never stale" (the core wants a finite number).
 NEVER_S = 1e9
+
+
+def core_default(cls: type, name: str) -> Any:
+    """The default of field `name` of the core's dataclass `cls`, as a parameter's default.
+
+    One default per parameter, and its home is the core: the core runs without the node (tests, the
+    simulator, the dataset converter and the demonstrator build ControlConfig and PlausibilityLimits
+    themselves), so its dataclasses must have defaults, and the table one layer up reads them instead of
+    writing them again. A parameter whose node default means something the core's cannot keeps its own:
+    `default_pose` ([] = the middle of the card's limits; the core's None = no pose) and
+    `policy.chunk_timeout_s` (0.2 s in remote mode; the core's None = no external chunks)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if field.default is dataclasses.MISSING:
+        raise ValueError(f"{cls.__name__}.{name} has no default")
+    return field.default
 
 
 def normalize_type(name: str) -> str:
@@ -142,6 +158,15 @@ class ParamSpec:
 
 
 _P = ParamSpec
+
+
+def _core(name: str) -> Any:
+    return core_default(ControlConfig, name)
+
+
+def _plausible(name: str) -> Any:
+    return core_default(PlausibilityLimits, name)
+
 _SOURCE = f"observations.{SRC}."
 
 PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
@@ -171,7 +196,8 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
            "for the control loop.", range=(1, 64)),
         _P("steps", 0, "int", "DDIM steps K for denoiser graphs; 0 = the card's `sampler.steps`.",
            range=(0, 1000)),
-        _P("seed", 0, "int", "Noise seed (request k uses seed + k) for reproducible runs; -1 = random.",
+        _P("seed", _core("seed"), "int",
+           "Noise seed (request k uses seed + k) for reproducible runs; -1 = random.",
            range=(-1, 2**31 - 1), control="seed"),
         _P("max_model_mb", 512.0, "double", "Largest model file configure or a swap will read (MiB); a "
            "larger `model_path` is refused before anything is read.", range=(0.001, 1e6), when="live"),
@@ -179,41 +205,53 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
     ("Timing / blending", (
         _P("rate_hz", 0.0, "double", "Control rate; 0 = 1 / the card's `control_period_s`.",
            range=(0.0, 2000.0)),
-        _P("exec_latency_s", 0.0, "double", "Time from publishing a command to it taking effect; actions "
+        _P("exec_latency_s", _core("exec_latency_s"), "double",
+           "Time from publishing a command to it taking effect; actions "
            "due before now + this are stale.", range=(0.0, 1.0), control="exec_latency_s"),
-        _P("execute_steps", 1, "int", "Actions executed from a chunk before the next inference starts (at "
+        _P("execute_steps", _core("execute_steps"), "int",
+           "Actions executed from a chunk before the next inference starts (at "
            "most the model's horizon).", range=(1, 1024), control="execute_steps"),
-        _P("blend", "none", "string", "How a new chunk joins the running one: none (replace), crossfade, "
+        _P("blend", _core("blend"), "string",
+           "How a new chunk joins the running one: none (replace), crossfade, "
            "inpaint (the new chunk's first actions frozen to the old one; needs a fused graph whose sampler "
            "can inpaint), or ensemble (each tick runs the mean of the last `ensemble_chunks` chunks' "
            "actions for it).", choices=BLEND_MODES, control="blend"),
-        _P("crossfade_steps", 4, "int", "Actions over which crossfade ramps old -> new (0 = replace; at "
+        _P("crossfade_steps", _core("crossfade_steps"), "int",
+           "Actions over which crossfade ramps old -> new (0 = replace; at "
            "most the model's horizon).", range=(0, 1024), control="crossfade_steps"),
-        _P("ensemble_chunks", 4, "int", "Chunks averaged by blend ensemble (1 = replace); at one chunk per "
+        _P("ensemble_chunks", _core("ensemble_chunks"), "int",
+           "Chunks averaged by blend ensemble (1 = replace); at one chunk per "
            "tick, also the ticks of observation age the mean reaches back.", range=(1, 1024),
            control="ensemble_chunks"),
-        _P("compensate_delay", True, "bool", "Stamp chunks with the observation time (true) or the inference "
+        _P("compensate_delay", _core("compensate_delay"), "bool",
+           "Stamp chunks with the observation time (true) or the inference "
            "start (false, delay ignored: for comparisons).", control="compensate_delay"),
     )),
     ("Safety", (
-        _P("max_consecutive_misses", 5, "int", "Ticks without a valid action before the safe state.",
+        _P("max_consecutive_misses", _core("max_consecutive_misses"), "int",
+           "Ticks without a valid action before the safe state.",
            range=(1, 100000), control="max_consecutive_misses"),
-        _P("safe_mode", "hold", "string", "Safe state: hold the last command or go to `default_pose` "
+        _P("safe_mode", _core("safe_mode"), "string",
+           "Safe state: hold the last command or go to `default_pose` "
            "(position models); zero: ramp to zero at max_step_per_tick, never held (velocity, effort and "
            "base_velocity models: required).",
            choices=SAFE_MODES, control="safe_mode"),
         _P("default_pose", [], "double[]", "Pose of safe_mode default_pose, one value per output joint in "
            "`joints` order; empty = the middle of the card's limits.", control="default_pose"),
-        _P("max_step_per_tick", 0.2, "double", "Largest change of a command per tick in the action kind's "
+        _P("max_step_per_tick", _core("max_step_per_tick"), "double",
+           "Largest change of a command per tick in the action kind's "
            "units (rad, rad/s: an acceleration limit, N m, m/s); "
            "holds across deactivate, cleanup/configure, e-stop and swaps.", range=(1e-6, 1000.0),
            control="max_step_per_tick"),
-        _P("plausibility.joint_margin", 1.0, "double", "Joint positions of action joints are plausible "
+        _P("plausibility.joint_margin", _plausible("joint_margin"), "double",
+           "Joint positions of action joints are plausible "
            "within the card's action limits widened by this (robot units; wide enough for a robot lying "
            "down before it stands: the card does not know the physical range).", range=(1e-6, 1000.0)),
-        _P("plausibility.command_sigmas", 3.0, "double", "A velocity command is inside the training range "
+        _P("plausibility.command_sigmas", _plausible("command_sigmas"), "double",
+           "A velocity command is inside the training range "
            "within the card's normalization mean +- this many standard deviations.", range=(0.1, 1e6)),
-        _P("plausibility.sensor_sigmas", 50.0, "double", "Any other observation is plausible within the "
+        _P("plausibility.sensor_sigmas", _plausible("sensor_sigmas"), "double",
+           "Any other observation is plausible within the "
            "card's normalization mean +- this many standard deviations (only garbage is outside).",
            range=(0.1, 1e9)),
     )),
@@ -241,13 +279,15 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
         _P("observations.sources", [], "string[]", "Names of the observation sources (`[A-Za-z0-9_]+`; at "
            "least one); each has its own `observations.<src>.*` parameters, declared for the names listed "
            "here.", field="source_names"),
-        _P("observations.max_future_s", 0.05, "double", "Reject observation stamps further than this ahead "
+        _P("observations.max_future_s", _core("future_tolerance_s"), "double",
+           "Reject observation stamps further than this ahead "
            "of the node clock.", range=(0.0, 10.0), control="future_tolerance_s"),
         _P(_SOURCE + "topic", f"~/{SRC}", "string", "Topic (relative, absolute or ~/; remappable)."),
         _P(_SOURCE + "type", "", "string", "Message type (required): " + ", ".join(sorted(KINDS_BY_TYPE))
            + " (`pkg/Type` and `Type` work too)."),
         _P(_SOURCE + "features", [], "string[]", "Names of the card features this source fills (required)."),
-        _P(_SOURCE + "timeout_s", 0.1, "double", "Watchdog: a feature whose newest sample is older than this "
+        _P(_SOURCE + "timeout_s", _core("obs_timeout_s"), "double",
+           "Watchdog: a feature whose newest sample is older than this "
            "is stale -> safe state; 0 = never. For a velocity_command: older reads as zero; 0 = hold.",
            range=(0.0, 3600.0)),
         _P(_SOURCE + "stamp", "header", "string", "Sample time: the header stamp (falls back to receipt for "
