@@ -14,10 +14,11 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
@@ -29,6 +30,10 @@ from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import diagnostics as dg
 from diffusion_controller.ros.binding import Binding
 from diffusion_controller.ros.intake import Intake, hidden_node
+
+if TYPE_CHECKING:  # both import this module (thread priorities): imported for the annotations only
+    from diffusion_controller.ros.node_diagnostics import NodeDiagnostics
+    from diffusion_controller.ros.swapper import Loaded, ModelSwapper
 
 #: Codes of ControlState in the debug timing topic.
 STATE_CODES = {
@@ -127,8 +132,8 @@ class ControlLoop:
     """
 
     def __init__(
-        self, node: Any, lock: threading.Lock, loaded: Any, diagnostics: Any, swapper: Any,
-        carried: tuple[Any, ControlState | None] = (None, None),
+        self, node: LifecycleNode, lock: threading.Lock, loaded: Loaded, diagnostics: NodeDiagnostics,
+        swapper: ModelSwapper, carried: tuple[Any, ControlState | None] = (None, None),
     ) -> None:  # fmt: skip
         cfg, binding = loaded.cfg, loaded.binding
         self._lock, self._loaded, self._diag, self._swapper = lock, loaded, diagnostics, swapper

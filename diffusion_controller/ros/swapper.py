@@ -16,10 +16,12 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
@@ -32,6 +34,9 @@ from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import diagnostics as dg
 from diffusion_controller.ros.binding import Binding, control_config, validate_against_card
 from diffusion_controller.ros.loop import nicer_thread, set_thread_priority
+
+if TYPE_CHECKING:  # node_diagnostics reports on the swapper: imported for the annotation only
+    from diffusion_controller.ros.node_diagnostics import NodeDiagnostics
 
 MIB = 1024 * 1024
 #: ~/model is latched: a late subscriber (a dashboard, a test) gets the current model at once.
@@ -122,10 +127,18 @@ REVERT_WAIT_S = 2.0
 
 
 class ModelSwapper:
-    """Loads the configured model, swaps it on a `model_path` set, publishes ~/model, frees replaced ones."""
+    """Loads the configured model, swaps it on a `model_path` set, publishes ~/model, frees replaced ones.
 
-    def __init__(self, node: Any, lock: threading.Lock, diagnostics: Any) -> None:
-        self._node, self._lock, self._diag = node, lock, diagnostics
+    `node` is used for what rclpy does (the ~/model publisher, the log, `model_path` set back after a
+    failed swap); `loaded` returns the node's current model (None while unconfigured), read when a swap
+    starts, when it lands (under `lock`) and for ~/model; `diagnostics` hears of refusals and failures.
+    """
+
+    def __init__(
+        self, node: Node, lock: threading.Lock, diagnostics: NodeDiagnostics,
+        loaded: Callable[[], Loaded | None],
+    ) -> None:  # fmt: skip
+        self._node, self._lock, self._diag, self._loaded = node, lock, diagnostics, loaded
         self._log = node.get_logger()
         self._pub = node.create_publisher(DiagnosticStatus, "~/model", MODEL_QOS)
         self.swaps = 0
@@ -184,7 +197,7 @@ class ModelSwapper:
         """Start loading a new model_path in the background; '' or why not (also logged, counted and on
         /diagnostics: said where an operator looks, not only in the caller's reply). The file and its card
         are checked against the configuration here; the loader thread loads (and checks the rest)."""
-        loaded = self._node.loaded
+        loaded = self._loaded()
         if loaded is None:
             return ""
         if loaded.policy is None:
@@ -229,7 +242,7 @@ class ModelSwapper:
                 policy.warm_up()
             readers = self._make_readers(cfg, policy.card, binding)
             with self._lock:
-                if self._node.loaded is not loaded:
+                if self._loaded() is not loaded:
                     return  # cleaned up meanwhile
                 loaded.core.swap_policy(policy)
                 self.retired.append(loaded.policy)
@@ -283,7 +296,7 @@ class ModelSwapper:
     # -- ~/model -------------------------------------------------------------------------------------------
     def publish(self, event: str, level: int, message: str, attempted: str = "") -> None:
         """One ~/model status: what runs now (name, version, path, SHA-256, provider) and what happened."""
-        loaded = self._node.loaded
+        loaded = self._loaded()
         policy = loaded.policy if loaded is not None else None
         card = loaded.core.card if loaded is not None else None
         values = {
