@@ -105,6 +105,28 @@ def test_template_yaml_is_a_valid_params_file_for_the_demo_card():
     assert missing == []
 
 
+def test_template_yaml_shows_the_defaults():
+    """The template is a copy users edit, so it writes each node parameter at its default: a default
+    changed in the specification must be changed there too. Only the robot's wiring is an example."""
+    params = cf.load_params_file(str(ROOT / "config" / "template.yaml"))
+    wiring = {"observations.sources", "outputs.commands.topic", "outputs.trajectory.topic"}
+    for s in cf.NODE_PARAMS:
+        if s.name in params and s.name not in wiring:
+            assert cf.check_value(s, params[s.name]) == cf.check_value(s, s.default), s.name
+
+
+def test_shipped_configs_set_only_what_differs_from_the_defaults():
+    """config/ant*.yaml name what the demo robot sets (docs/PARAMETERS.md has the defaults), so a default
+    is written once: a node parameter there at its default value is a copy that would go stale."""
+    for name in ("ant.yaml", "ant_effort.yaml"):
+        params = cf.load_params_file(str(ROOT / "config" / name))
+        repeated = [
+            s.name for s in cf.NODE_PARAMS
+            if s.name in params and cf.check_value(s, params[s.name]) == cf.check_value(s, s.default)
+        ]  # fmt: skip
+        assert repeated == [], f"{name} repeats defaults: {repeated}"
+
+
 def test_params_file_node_key_and_wildcard_merge(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text(

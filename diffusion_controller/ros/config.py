@@ -360,6 +360,13 @@ _SPEC_BY_NAME = {s.name: s for s in NODE_PARAMS}
 _SOURCE_FIELDS = {s.field for s in SOURCE_PARAMS}
 
 
+def launch_default(name: str) -> str:
+    """Node parameter `name`'s default as a launch argument's default text (`true`, `local`): a launch file
+    that passes the parameter on reads its default here instead of writing it again."""
+    value = _SPEC_BY_NAME[name].default
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def spec_for(name: str) -> ParamSpec | None:
     """The specification of a parameter name, including per-source ones."""
     if name in _SPEC_BY_NAME:
