@@ -22,6 +22,8 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, Pyth
 from launch_ros.actions import SetRemap
 from launch_ros.substitutions import FindPackageShare
 
+from diffusion_controller.ros.config import launch_default
+
 LOG_LEVELS = ["debug", "info", "warn", "error", "fatal"]
 
 
@@ -57,7 +59,7 @@ def generate_launch_description() -> LaunchDescription:
         ),
         DeclareLaunchArgument(
             "autostart",
-            default_value="true",
+            default_value=launch_default("autostart"),
             description="The controller configures and activates itself; false: it waits in unconfigured.",
         ),
         DeclareLaunchArgument(
@@ -68,7 +70,7 @@ def generate_launch_description() -> LaunchDescription:
         ),
         DeclareLaunchArgument(
             "policy_source",
-            default_value="local",
+            default_value=launch_default("policy.source"),
             choices=["local", "remote"],
             description="remote: the policy in a policy_node process of its own, chunks over DDS.",
         ),

@@ -19,6 +19,8 @@ from launch_ros.actions import LifecycleNode
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
+from diffusion_controller.ros.config import launch_default
+
 NODE_NAME = "diffusion_controller"
 LOG_LEVELS = ["debug", "info", "warn", "error", "fatal"]
 
@@ -54,11 +56,13 @@ def generate_launch_description() -> LaunchDescription:
             "log_level", default_value="info", choices=LOG_LEVELS, description="The node's log level."
         ),
         DeclareLaunchArgument(
-            "autostart", default_value="true", description="Configure and activate at startup."
+            "autostart",
+            default_value=launch_default("autostart"),
+            description="Configure and activate at startup.",
         ),
         DeclareLaunchArgument(
             "policy_source",
-            default_value="local",
+            default_value=launch_default("policy.source"),
             choices=["local", "remote"],
             description="local: run the model here; remote: take chunks from a policy_node.",
         ),

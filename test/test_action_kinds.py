@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from diffusion_controller.core.controller import ConfigError, ControlConfig, ControlCore, ControlState
+from diffusion_controller.core.control_config import ConfigError, ControlConfig
+from diffusion_controller.core.control_state import ControlState
+from diffusion_controller.core.controller import ControlCore
 from diffusion_controller.core.safety import SafetyFilter
 
 P = 0.02

@@ -10,6 +10,7 @@ import pytest
 from diffusion_controller.core.card import CardError, ModelCard
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
+from diffusion_controller.ros.binding import validate_against_card
 
 ROOT = Path(__file__).resolve().parents[1]
 ANT = ROOT / "models" / "ant_locomotion.yaml"
@@ -56,22 +57,22 @@ def test_outputs_must_fit_the_action_kind():
     velocity = card_of("velocity", "rad/s", [-3.0] * 8, [3.0] * 8)
     # ant.yaml publishes a position trajectory: refused for a velocity model, naming the parameter.
     with pytest.raises(cf.ConfigError, match=r"outputs\.trajectory\.interface: 'position' cannot carry"):
-        cf.validate_against_card(config(safe_mode="zero"), velocity)
+        validate_against_card(config(safe_mode="zero"), velocity)
     with pytest.raises(cf.ConfigError, match="safe_mode: velocity actions are never held"):
-        cf.validate_against_card(config(**{"outputs.trajectory.interface": "velocity"}), velocity)
+        validate_against_card(config(**{"outputs.trajectory.interface": "velocity"}), velocity)
     as_velocity = {"outputs.trajectory.interface": "velocity"}
-    cf.validate_against_card(config(safe_mode="zero", **as_velocity), velocity)
-    cf.validate_against_card(config(safe_mode="zero", **{"outputs.trajectory.enabled": False}), velocity)
+    validate_against_card(config(safe_mode="zero", **as_velocity), velocity)
+    validate_against_card(config(safe_mode="zero", **{"outputs.trajectory.enabled": False}), velocity)
     with pytest.raises(cf.ConfigError, match=r"outputs\.twist\.enabled: only a base_velocity model"):
-        cf.validate_against_card(config(**{"outputs.twist.enabled": True}), ModelCard.from_yaml(ANT))
+        validate_against_card(config(**{"outputs.twist.enabled": True}), ModelCard.from_yaml(ANT))
     base = card_of("base_velocity", "m/s, rad/s", [-0.5, -1.0], [1.0, 1.0], ["linear.x", "angular.z"])
     with pytest.raises(cf.ConfigError) as e:
-        cf.validate_against_card(config(safe_mode="zero"), base)
+        validate_against_card(config(safe_mode="zero"), base)
     for name in ("outputs.commands.enabled", "outputs.trajectory.enabled", "outputs.twist.enabled"):
         assert name in str(e.value)
     off = {"outputs.commands.enabled": False, "outputs.trajectory.enabled": False}
     off["outputs.twist.enabled"] = True
-    binding = cf.validate_against_card(config(safe_mode="zero", **off), base)
+    binding = validate_against_card(config(safe_mode="zero", **off), base)
     assert binding.output_joints == ("linear.x", "angular.z")
 
 

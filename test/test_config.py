@@ -9,9 +9,11 @@ import pytest
 
 from diffusion_controller.core import inputs
 from diffusion_controller.core.card import ModelCard
-from diffusion_controller.core.controller import ControlConfig
+from diffusion_controller.core.control_config import ControlConfig
 from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.ros import config as cf
+from diffusion_controller.ros import parameter_reference
+from diffusion_controller.ros.binding import control_config, validate_against_card
 
 ROOT = Path(__file__).resolve().parents[1]
 JOINTS = ["hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4"]
@@ -64,7 +66,7 @@ def ant_params() -> dict:
 def errors_of(params: dict, card: ModelCard | None = None) -> str:
     with pytest.raises(cf.ConfigError) as exc:
         cfg = cf.NodeConfig.from_params(params)
-        cf.validate_against_card(cfg, card or ant_card())
+        validate_against_card(cfg, card or ant_card())
     return str(exc.value)
 
 
@@ -73,7 +75,7 @@ def errors_of(params: dict, card: ModelCard | None = None) -> str:
 
 def test_ant_yaml_fits_the_demo_card(ant_params):
     cfg = cf.NodeConfig.from_params(ant_params)
-    binding = cf.validate_against_card(cfg, ant_card())
+    binding = validate_against_card(cfg, ant_card())
     assert binding.feature_source == {
         "joint_position": "joint_states",
         "joint_velocity": "joint_states",
@@ -96,12 +98,34 @@ def test_ant_yaml_fits_the_demo_card(ant_params):
 def test_template_yaml_is_a_valid_params_file_for_the_demo_card():
     params = cf.load_params_file(str(ROOT / "config" / "template.yaml"))
     cfg = cf.NodeConfig.from_params(params)
-    cf.validate_against_card(cfg, ant_card())
+    validate_against_card(cfg, ant_card())
     assert cf.unknown_parameters(params) == []
     # Every node parameter is shown (and so explained) in the template.
     shown = set(params)
     missing = [s.name for s in cf.NODE_PARAMS if s.name not in shown and s.name != "model_path"]
     assert missing == []
+
+
+def test_template_yaml_shows_the_defaults():
+    """The template is a copy users edit, so it writes each node parameter at its default: a default
+    changed in the specification must be changed there too. Only the robot's wiring is an example."""
+    params = cf.load_params_file(str(ROOT / "config" / "template.yaml"))
+    wiring = {"observations.sources", "outputs.commands.topic", "outputs.trajectory.topic"}
+    for s in cf.NODE_PARAMS:
+        if s.name in params and s.name not in wiring:
+            assert cf.check_value(s, params[s.name]) == cf.check_value(s, s.default), s.name
+
+
+def test_shipped_configs_set_only_what_differs_from_the_defaults():
+    """config/ant*.yaml name what the demo robot sets (docs/PARAMETERS.md has the defaults), so a default
+    is written once: a node parameter there at its default value is a copy that would go stale."""
+    for name in ("ant.yaml", "ant_effort.yaml"):
+        params = cf.load_params_file(str(ROOT / "config" / name))
+        repeated = [
+            s.name for s in cf.NODE_PARAMS
+            if s.name in params and cf.check_value(s, params[s.name]) == cf.check_value(s, s.default)
+        ]  # fmt: skip
+        assert repeated == [], f"{name} repeats defaults: {repeated}"
 
 
 def test_params_file_node_key_and_wildcard_merge(tmp_path):
@@ -191,7 +215,7 @@ def test_joints_reorder_and_rename(ant_params):
     order = [3, 0, 1, 2, 7, 6, 5, 4]
     ant_params["joints"] = [robot[i] for i in order]
     ant_params["model_joints"] = [JOINTS[i] for i in order]
-    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
+    b = validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
     assert b.output_joints == tuple(robot[i] for i in order)
     assert b.output_index == tuple(order)
     assert b.rename["hip_1"] == "leg_hip_1"
@@ -200,7 +224,7 @@ def test_joints_reorder_and_rename(ant_params):
 def test_joints_reorder_by_card_names(ant_params):
     order = [7, 6, 5, 4, 3, 2, 1, 0]
     ant_params["joints"] = [JOINTS[i] for i in order]
-    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
+    b = validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
     assert b.output_index == tuple(order)
 
 
@@ -214,7 +238,7 @@ def test_default_pose_in_output_order_and_checked(ant_params):
     order = [7, 6, 5, 4, 3, 2, 1, 0]
     ant_params["joints"] = [JOINTS[i] for i in order]
     ant_params["default_pose"] = [0.1 * i for i in range(8)]
-    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
+    b = validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
     assert b.default_pose[7] == pytest.approx(0.0) and b.default_pose[0] == pytest.approx(0.7)
     ant_params["default_pose"] = [0.0] * 7
     assert "default_pose: 7 values for 8 joints" in errors_of(ant_params)
@@ -224,7 +248,7 @@ def test_default_pose_in_output_order_and_checked(ant_params):
 
 def test_default_pose_defaults_to_mid_limits(ant_params):
     card = ant_card(lower=[-1.0] * 8, upper=[0.5] * 8)
-    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), card)
+    b = validate_against_card(cf.NodeConfig.from_params(ant_params), card)
     assert b.default_pose == pytest.approx([-0.25] * 8)
 
 
@@ -235,7 +259,7 @@ def test_execute_steps_beyond_horizon(ant_params):
 
 def test_rate_override(ant_params):
     ant_params["rate_hz"] = 100
-    b = cf.validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
+    b = validate_against_card(cf.NodeConfig.from_params(ant_params), ant_card())
     assert b.period_s == pytest.approx(0.01)
 
 
@@ -345,7 +369,7 @@ def test_parameters_reach_the_core_under_their_control_name(ant_params):
     ant_params |= {"max_step_per_tick": 0.05, "observations.max_future_s": 0.02, "seed": -1}
     cfg = cf.NodeConfig.from_params(ant_params)
     card = ant_card()
-    control = cf.control_config(cfg, cf.validate_against_card(cfg, card), card)
+    control = control_config(cfg, validate_against_card(cfg, card), card)
     assert (control.max_step_per_tick, control.future_tolerance_s, control.seed) == (0.05, 0.02, None)
     assert control.command_timeout_s is None  # cmd_vel's timeout_s 0 = hold the last command
     no_inpainting = dataclasses.replace(card, sampler_inpainting=False)
@@ -353,18 +377,66 @@ def test_parameters_reach_the_core_under_their_control_name(ant_params):
     assert "blend: 'inpaint' needs a sampler a prefix can steer" in errors_of(ant_params, no_inpainting)
 
 
-def test_the_readme_parameter_reference_is_the_specification():
-    """README.md's parameter table is rendered from PARAM_GROUPS; after changing a parameter, run
-    `python -m diffusion_controller.ros.config --readme`."""
-    text = (ROOT / "README.md").read_text()
-    assert cf.README_BEGIN in text and cf.README_END in text
-    assert cf.readme_with_parameter_table(text) == text, (
-        "README.md's parameter reference differs from ros/config.py: run "
-        "`python -m diffusion_controller.ros.config --readme`"
+def test_control_config_sets_every_core_field_from_its_parameter():
+    """control_config names each ControlConfig field once, as a keyword (greppable, no loop over the
+    table), except the core-only ones; a parameter naming a field (ParamSpec.control) is the value it gets."""
+    import ast
+    import inspect
+
+    from diffusion_controller.ros import binding
+
+    tree = ast.parse(inspect.getsource(binding.control_config))
+    (call,) = [n for n in ast.walk(tree) if getattr(getattr(n, "func", None), "id", "") == "ControlConfig"]
+    given = {k.arg: ast.unparse(k.value) for k in call.keywords}
+    assert None not in given, "no **values: every field by name"
+    fields = {f.name for f in dataclasses.fields(ControlConfig)}
+    assert set(given) | set(binding.CORE_ONLY_FIELDS) == fields
+    assert not set(given) & set(binding.CORE_ONLY_FIELDS)
+    for s in cf.NODE_PARAMS:
+        if s.control:
+            # default_pose arrives resolved against the card (binding.default_pose, card order)
+            value = given[s.control]
+            assert f"cfg.{s.field}" in value or f"binding.{s.field}" in value, (s.name, value)
+
+
+def test_each_default_has_one_home():
+    """A parameter that configures the core takes its default from the core's dataclass (ros/config.py
+    core_default); only default_pose and policy.chunk_timeout_s mean something else at the node."""
+    from diffusion_controller.core.plausibility import PlausibilityLimits
+
+    own = {"default_pose", "policy.chunk_timeout_s"}
+    for s in cf.NODE_PARAMS:
+        if s.control and s.name not in own:
+            assert s.default == cf.core_default(ControlConfig, s.control), s.name
+    for name in ("joint_margin", "command_sigmas", "sensor_sigmas"):
+        assert cf.spec_for(f"plausibility.{name}").default == cf.core_default(PlausibilityLimits, name)
+    assert cf.spec_for("observations.x.timeout_s").default == ControlConfig().obs_timeout_s
+    with pytest.raises(ValueError, match="has no default"):
+        cf.core_default(cf.SourceConfig, "name")
+
+
+def test_the_parameter_reference_is_the_specification():
+    """docs/PARAMETERS.md is rendered from PARAM_GROUPS; after changing a parameter, run
+    `python -m diffusion_controller.ros.parameter_reference --docs`."""
+    text = (ROOT / "docs" / "PARAMETERS.md").read_text()
+    assert text == parameter_reference.parameter_document(), (
+        "docs/PARAMETERS.md differs from the specification in ros/config.py: run "
+        f"`{parameter_reference.COMMAND}`"
     )
-    table = cf.parameter_table_markdown()
+    assert parameter_reference.COMMAND in text  # the file says how it is made
+    table = parameter_reference.parameter_table_markdown()
     for s in (*cf.NODE_PARAMS, *cf.SOURCE_PARAMS):
         assert f"| `{s.name}` | {s.kind} |" in table
+
+
+def test_the_parameter_reference_command_writes_the_file(tmp_path, capsys):
+    """The command rewrites a stale reference and leaves a current one alone."""
+    doc = tmp_path / "PARAMETERS.md"
+    doc.write_text("stale\n")
+    assert parameter_reference.main(["--docs", str(doc)]) == 0
+    assert doc.read_text() == parameter_reference.parameter_document()
+    assert parameter_reference.main(["--docs", str(doc)]) == 0
+    assert "already up to date" in capsys.readouterr().out
 
 
 def test_descriptors_declare_real_types_ranges_and_read_only():
@@ -397,8 +469,8 @@ def test_every_shipped_model_fits_the_demo_config(ant_params):
         card = card_of_model(str(path))
         if card.action_kind == "effort":
             with pytest.raises(cf.ConfigError, match="cannot carry model 'ant_effort''s effort actions"):
-                cf.validate_against_card(cfg, card)
-            binding = cf.validate_against_card(effort, card)
+                validate_against_card(cfg, card)
+            binding = validate_against_card(effort, card)
         else:
-            binding = cf.validate_against_card(cfg, card)
+            binding = validate_against_card(cfg, card)
         assert binding.output_joints == tuple(JOINTS), path

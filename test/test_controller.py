@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 from core_fakes import ClockPolicy, FakeClock, SimWorker, clock_card
 
-from diffusion_controller.core.controller import (
-    ConfigError,
-    ControlConfig,
-    ControlCore,
-    ControlState,
-    TickResult,
-)
+from diffusion_controller.core.control_config import ConfigError, ControlConfig
+from diffusion_controller.core.control_state import ControlState, TickResult
+from diffusion_controller.core.controller import ControlCore
 
 P = 0.02
 WIDE = {"max_step_per_tick": 1000.0}  # the clock policy's actions jump by ~1 s at the start

@@ -40,7 +40,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from diffusion_controller.core.card import ModelCard
 from diffusion_controller.core.providers import CUDA, gpu_provider_problem
-from diffusion_controller.ros import config as cf
+from diffusion_controller.ros.binding import Binding
 from diffusion_controller.ros.controller_node import make_executor
 from diffusion_controller.ros.loop import carried_command, nicer_thread
 
@@ -917,7 +917,7 @@ def test_executor_choice_falls_back_or_fails_clearly_without_the_events_executor
 
 def test_the_last_command_sent_carries_over_by_joint_name_or_not_at_all():
     def binding(joints, index):
-        return cf.Binding(tuple(joints), tuple(index), {}, {}, (0.0,) * len(joints), 0.02)
+        return Binding(tuple(joints), tuple(index), {}, {}, (0.0,) * len(joints), 0.02)
 
     sent = (("a", "b", "c"), np.array([1.0, 2.0, 3.0]))
     # The new configuration publishes c, a, b carrying card actions 0, 1, 2.

@@ -281,4 +281,3 @@ def test_single_point_trajectory_has_zero_velocity():
 
 def test_every_config_type_has_a_message_class():
     assert set(cv.MESSAGE_CLASSES) == set(cf.KINDS_BY_TYPE) == set(inputs.MESSAGE_TYPES)
-    assert inputs.HAS_HEADER == cf.HAS_HEADER

@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 from test_train import synthetic_dataset, tiny_config  # noqa: E402
 
 from diffusion_controller.core.card import CardError, ModelCard  # noqa: E402
-from diffusion_controller.core.controller import ConfigError, ControlConfig, ControlCore  # noqa: E402
+from diffusion_controller.core.control_config import ConfigError, ControlConfig  # noqa: E402
+from diffusion_controller.core.controller import ControlCore  # noqa: E402
 from diffusion_controller.core.runtime import ModelError, Policy  # noqa: E402
 from diffusion_controller.training.checkpoint import load_checkpoint  # noqa: E402
 from diffusion_controller.training.distill import DistillConfig, Teacher, distill, one_step  # noqa: E402

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from core_fakes import ClockPolicy, clock_card
 
-from diffusion_controller.core.controller import ControlConfig, ControlCore, ControlState
+from diffusion_controller.core.control_config import ControlConfig
+from diffusion_controller.core.control_state import ControlState
+from diffusion_controller.core.controller import ControlCore
 from diffusion_controller.core.inference import InferenceRequest, InferenceWorker
 
 CARD = clock_card()

@@ -98,6 +98,18 @@ def test_controller_launch_passes_each_argument_to_a_node_parameter_of_its_type(
     assert cf.unknown_parameters(cf.load_params_file(str(ROOT / "config" / "ant.yaml"))) == []
 
 
+def test_arguments_that_set_a_node_parameter_take_its_default_from_the_specification() -> None:
+    """A launch argument passed on as a node parameter overrides the params file, so its default must be
+    the parameter's own: read from the specification (`launch_default`), never written again."""
+    for f in (CONTROLLER, DEMO):
+        for argument in ("autostart", "policy_source"):
+            default = f.default(argument)
+            assert call_name(default) == "launch_default", (f.path.name, argument)
+            parameter = ast.literal_eval(default.args[0])
+            assert parameter.replace(".", "_") == argument, (f.path.name, argument)
+            assert cf.launch_default(parameter) in ("true", "false", *(cf.spec_for(parameter).choices or ()))
+
+
 def test_policy_launch_passes_each_argument_to_a_node_parameter_of_its_type() -> None:
     from diffusion_controller.ros.policy_node import NODE_NAME as POLICY_NAME
 

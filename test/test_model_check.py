@@ -11,6 +11,7 @@ from diffusion_controller.core.card_schema import METADATA_KEY
 from diffusion_controller.core.card_source import card_of_model
 from diffusion_controller.core.onnx_metadata import read_onnx_metadata
 from diffusion_controller.ros import config as cf
+from diffusion_controller.ros.binding import validate_against_card
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -61,5 +62,5 @@ def test_the_card_of_a_768_mib_model_is_read_with_a_few_small_reads(tmp_path):
     # What the parameter call does with it: the card read and checked against the configuration.
     cfg = cf.NodeConfig.from_params(cf.load_params_file(str(ROOT / "config" / "ant.yaml")))
     t0 = time.perf_counter()
-    cf.validate_against_card(cfg, card_of_model(str(path), reconcile=False))
+    validate_against_card(cfg, card_of_model(str(path), reconcile=False))
     print(f"card read + checked for a 768 MiB model in {(time.perf_counter() - t0) * 1000:.1f} ms")

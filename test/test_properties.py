@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from diffusion_controller.core.chunk import Chunk, is_stale
-from diffusion_controller.core.controller import ControlConfig, ControlCore, ControlState
+from diffusion_controller.core.control_config import ControlConfig
+from diffusion_controller.core.control_state import ControlState
+from diffusion_controller.core.controller import ControlCore
 from diffusion_controller.core.safety import SafetyFilter
 from diffusion_controller.core.scheduler import BLEND_MODES, ChunkScheduler
 

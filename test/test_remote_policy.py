@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from core_fakes import ClockPolicy, clock_card
 
-from diffusion_controller.core.controller import ConfigError, ControlConfig, ControlCore, ControlState
+from diffusion_controller.core.control_config import ConfigError, ControlConfig
+from diffusion_controller.core.control_state import ControlState
+from diffusion_controller.core.controller import ControlCore
 from diffusion_controller.core.external import (
     ChunkFitError,
     chunk_times,
@@ -270,24 +272,25 @@ def test_remote_mode_refuses_what_a_policy_node_cannot_honour():
 
     from diffusion_controller.core.card import ModelCard
     from diffusion_controller.ros import config as cf
+    from diffusion_controller.ros.binding import control_config, validate_against_card
 
     root = Path(__file__).resolve().parents[1]
     params = cf.load_params_file(str(root / "config" / "ant.yaml"))
     card = ModelCard.from_onnx(root / "models" / "ant_locomotion.onnx")
     remote = params | {"policy.source": "remote"}
-    cf.validate_against_card(cf.NodeConfig.from_params(remote), card)
-    control = cf.control_config(
+    validate_against_card(cf.NodeConfig.from_params(remote), card)
+    control = control_config(
         cf.NodeConfig.from_params(remote),
-        cf.validate_against_card(cf.NodeConfig.from_params(remote), card),
+        validate_against_card(cf.NodeConfig.from_params(remote), card),
         card,
     )
     assert control.chunk_timeout_s == 0.2
     local = cf.NodeConfig.from_params(params)
-    assert cf.control_config(local, cf.validate_against_card(local, card), card).chunk_timeout_s is None
+    assert control_config(local, validate_against_card(local, card), card).chunk_timeout_s is None
     for change, fragment in (
         ({"blend": "inpaint"}, "blend: inpaint"),
         ({"execute_steps": 2}, "execute_steps"),
         ({"compensate_delay": False}, "compensate_delay"),
     ):
         with pytest.raises(cf.ConfigError, match=fragment):
-            cf.validate_against_card(cf.NodeConfig.from_params(remote | change), card)
+            validate_against_card(cf.NodeConfig.from_params(remote | change), card)

@@ -3,163 +3,31 @@
 ControlCore ties the observation history, the inference worker, the chunk scheduler, the safety filter and
 the watchdog into one state machine (WAITING, RUNNING, SAFE, ESTOP), so the ROS node only converts
 messages, parameters and timers. See DESIGN.md "Control core API" for the contract the node relies on.
+Its configuration is core/control_config.py; what it reports (states, tick results, statistics) is
+core/control_state.py.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .chunk import Chunk
+from .control_config import ControlConfig
+from .control_state import ControlState, ControlStats, TickResult, Trajectory
 from .external import ExternalChunks, NoWorker
 from .inference import InferenceRequest, InferenceWorker, WorkerLike, check_actions
 from .latency import LatencyForecaster
-from .observation import NOT_REQUIRED_KINDS, VELOCITY_COMMAND, ObservationError, ObservationHistory
-from .safety import SAFE_MODES, SafetyFilter, Watchdog, WatchdogStatus, safe_mode_refusal
-from .scheduler import BLEND_MODES, ChunkScheduler, inpaint_refusal
+from .observation import ObservationError
+from .safety import SafetyFilter, Watchdog, WatchdogStatus
+from .scheduler import ChunkScheduler
 
 #: observe(now) earlier than the last tick by more than this is a clock jump, not thread interleaving.
 OBSERVE_JUMP_TOLERANCE_S = 0.5
-
-# ---------------------------------------------------------------------------------------------------------
-# configuration
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"ControlConfig.{field}: {message}")
-        self.field = field
-        self.reason = message  # without the field: a caller reports it under its own name for the field
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-@dataclass(frozen=True)
-class ControlConfig:
-    """How the core schedules, blends and guards commands. Card-independent checks run on creation."""
-
-    exec_latency_s: float = 0.0
-    execute_steps: int = 1
-    blend: str = "none"
-    crossfade_steps: int = 4
-    ensemble_chunks: int = 4
-    max_consecutive_misses: int = 5
-    compensate_delay: bool = True
-    obs_timeout_s: float = 0.1
-    obs_timeouts_s: Mapping[str, float] = field(default_factory=dict)
-    command_timeout_s: float | None = None
-    future_tolerance_s: float = 0.05
-    safe_mode: str = "hold"
-    default_pose: tuple[float, ...] | None = None
-    max_step_per_tick: float = 0.2
-    latency_window: int = 10
-    seed: int | None = 0
-    chunk_timeout_s: float | None = None  # external chunks: none accepted for this long -> SAFE
-
-    def __post_init__(self) -> None:
-        def number(name: str, *, positive: bool = False, optional: bool = False) -> None:
-            v = getattr(self, name)
-            if optional and v is None:
-                return
-            if not _is_number(v) or not math.isfinite(v) or v < 0 or (positive and v == 0):
-                bound = "> 0" if positive else ">= 0"
-                raise ConfigError(name, f"expected a finite number {bound}, got {v!r}")
-
-        def integer(name: str, lo: int) -> None:
-            v = getattr(self, name)
-            if not _is_int(v) or v < lo:
-                raise ConfigError(name, f"expected an integer >= {lo}, got {v!r}")
-
-        def choice(name: str, choices: tuple[str, ...]) -> None:
-            if getattr(self, name) not in choices:
-                raise ConfigError(name, f"expected one of {choices}, got {getattr(self, name)!r}")
-
-        number("exec_latency_s")
-        integer("execute_steps", 1)
-        choice("blend", BLEND_MODES)
-        integer("crossfade_steps", 0)
-        integer("ensemble_chunks", 1)
-        integer("max_consecutive_misses", 1)
-        if not isinstance(self.compensate_delay, bool):
-            raise ConfigError("compensate_delay", f"expected true or false, got {self.compensate_delay!r}")
-        number("obs_timeout_s", positive=True)
-        if not isinstance(self.obs_timeouts_s, Mapping):
-            got = repr(self.obs_timeouts_s)
-            raise ConfigError("obs_timeouts_s", f"expected a mapping name -> seconds, got {got}")
-        for name, t in self.obs_timeouts_s.items():
-            if not _is_number(t) or not math.isfinite(t) or t <= 0:
-                raise ConfigError("obs_timeouts_s", f"{name}: expected a finite number > 0, got {t!r}")
-        object.__setattr__(self, "obs_timeouts_s", dict(self.obs_timeouts_s))
-        number("command_timeout_s", positive=True, optional=True)
-        number("future_tolerance_s")
-        choice("safe_mode", SAFE_MODES)
-        if self.default_pose is not None:
-            try:
-                pose = tuple(float(x) for x in self.default_pose)
-            except (TypeError, ValueError):
-                got = repr(self.default_pose)
-                raise ConfigError("default_pose", f"expected a list of numbers, got {got}") from None
-            if not all(math.isfinite(x) for x in pose):
-                raise ConfigError("default_pose", "expected finite numbers")
-            object.__setattr__(self, "default_pose", pose)
-        elif self.safe_mode == "default_pose":
-            raise ConfigError("default_pose", "required when safe_mode is 'default_pose'")
-        number("max_step_per_tick", positive=True)
-        integer("latency_window", 1)
-        if self.seed is not None and not _is_int(self.seed):
-            raise ConfigError("seed", f"expected an integer or None, got {self.seed!r}")
-        number("chunk_timeout_s", positive=True, optional=True)
-
-    def history_for(self, card: Any) -> ObservationHistory:
-        """The observation history of `card` under this configuration (a velocity command older than
-        command_timeout_s reads as zero); the node's core, the dataset converter and the demonstrator
-        build theirs here, so all compute the same rows."""
-        expire = {}
-        if self.command_timeout_s is not None:
-            expire = {f.name: self.command_timeout_s for f in card.features if f.kind == VELOCITY_COMMAND}
-        return ObservationHistory(card, future_tolerance_s=self.future_tolerance_s, expire_s=expire)
-
-    def timeouts_for(self, required: Any) -> dict[str, float]:
-        """The watchdog timeout of each required feature."""
-        return {n: self.obs_timeouts_s.get(n, self.obs_timeout_s) for n in required}
-
-    def check_card(self, card: Any, policy: Any = None) -> None:
-        """The checks that need the model (without a policy, the card says whether it can inpaint):
-        raises ConfigError naming the field."""
-        horizon, n_joints = int(card.horizon), len(card.action_joints)
-        why = safe_mode_refusal(getattr(card, "action_kind", "position"), self.safe_mode)
-        if why:
-            raise ConfigError("safe_mode", why)
-        if self.execute_steps > horizon:
-            got = self.execute_steps
-            raise ConfigError("execute_steps", f"expected <= the model's horizon {horizon}, got {got}")
-        if self.default_pose is not None and len(self.default_pose) != n_joints:
-            got = len(self.default_pose)
-            raise ConfigError("default_pose", f"expected {n_joints} values (one per action joint), got {got}")
-        required = sorted(f.name for f in card.features if f.kind not in NOT_REQUIRED_KINDS)
-        unknown = sorted(set(self.obs_timeouts_s) - set(required))
-        if unknown:
-            raise ConfigError("obs_timeouts_s", f"unknown features {unknown}; required ones are {required}")
-        if policy is not None:
-            inpainting = getattr(policy, "supports_inpainting", False)
-        else:
-            inpainting = getattr(card, "sampler_inpainting", True)
-        if self.blend == "inpaint" and not inpainting:
-            raise ConfigError("blend", inpaint_refusal(getattr(card, "sampler_kind", "?")))
 
 
 def layout_of(card: Any) -> tuple:
@@ -176,61 +44,6 @@ def layout_of(card: Any) -> tuple:
         int(card.first_offset),
         getattr(card, "action_kind", "position"),
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# results
-
-
-class ControlState(enum.Enum):
-    WAITING = "waiting"  # no valid chunk yet (start, reset, resume, layout change): hold
-    RUNNING = "running"  # executing the policy's chunks
-    SAFE = "safe"  # stale observations or too many misses: hold or go to the default pose
-    ESTOP = "estop"  # latched emergency stop: hold until resume()
-
-
-class Trajectory(NamedTuple):
-    """The rest of the running chunk as the safety filter will send it; positions[0] is the command."""
-
-    times: np.ndarray
-    positions: np.ndarray
-
-
-@dataclass(frozen=True)
-class TickResult:
-    state: ControlState
-    command: np.ndarray | None
-    reason: str
-    t_exec: float
-    action_time: float | None = None
-    action_index: int | None = None
-    chunk_seq: int | None = None
-    missed: bool = False
-    trajectory: Trajectory | None = None
-
-
-@dataclass(frozen=True)
-class ControlStats:
-    state: ControlState
-    reason: str
-    ticks: int
-    missed_steps: int
-    consecutive_misses: int
-    safe_entries: int
-    estops: int
-    stale_obs_events: int
-    rejected_observations: int
-    requests: int
-    chunks_received: int
-    chunks_dropped: int
-    inference_errors: int
-    last_error: str
-    inference_p50_s: float
-    inference_p99_s: float
-    inference_forecast_s: float
-    obs_age_forecast_s: float
-    compute_p50_s: float
-    compute_p99_s: float
 
 
 @dataclass

@@ -36,7 +36,7 @@ HAS_HEADER = frozenset({JOINT_STATE, IMU, ODOMETRY, TWIST_STAMPED})
 @dataclass(frozen=True)
 class SourceConfig:
     """One observation source as the parameters `observations.<name>.*` describe it (the parameter
-    specification in ros/config.py declares the same defaults; test_config checks they agree)."""
+    specification in ros/config.py takes its defaults from these fields)."""
 
     name: str
     topic: str

@@ -1,11 +1,11 @@
-"""Node configuration: the parameter specification, its checks, and the check against a model card.
+"""Node configuration: the parameter specification, its checks, and the typed configuration built from it.
 
 Plain Python (no rclpy) so the whole configuration story is unit-testable without a ROS graph. Each
 parameter is specified once, in `PARAM_GROUPS` (name, type, default, description, range or choices, when
 it is read); from that one list the node declares its parameters with their ROS types (`ros/params.py`),
-`check_value` checks every value, `NodeConfig.from_params` builds the configuration, `control_config` the
-core's `ControlConfig`, and `parameter_table_markdown` the README's parameter reference
-(`python -m diffusion_controller.ros.config --readme` rewrites it; a test fails when it is out of date).
+`check_value` checks every value, `NodeConfig.from_params` builds the configuration, `ros/binding.py`
+checks it against a model card and builds the core's `ControlConfig`, and `ros/parameter_reference.py`
+renders docs/PARAMETERS.md (a test fails when it is out of date).
 
 Observation sources. ROS parameters cannot hold a list of dicts, so sources follow the ros2_control idiom
 of a name list plus per-name parameters:
@@ -21,45 +21,42 @@ of a name list plus per-name parameters:
         frame: ""                           # expected header.frame_id / Odometry child_frame_id ("" = any)
 
 Every card feature except `previous_action` (the node's own last command) and `gait_clock` (computed from
-the observation time) must be filled by exactly one source; `validate_against_card` names every violation
-at once so a user fixes a config in one pass.
+the observation time) must be filled by exactly one source; `binding.validate_against_card` names every
+violation at once so a user fixes a config in one pass.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from diffusion_controller.core.card_schema import FEATURE_SIZES
-from diffusion_controller.core.controller import ConfigError as CoreConfigError
-from diffusion_controller.core.controller import ControlConfig
-from diffusion_controller.core.inputs import SourceConfig
+from diffusion_controller.core.control_config import ControlConfig
+from diffusion_controller.core.inputs import (
+    FLOAT64_ARRAY,
+    IMU,
+    JOINT_STATE,
+    ODOMETRY,
+    TWIST,
+    TWIST_STAMPED,
+    SourceConfig,
+)
 from diffusion_controller.core.observation import COMPUTED_KINDS
-from diffusion_controller.core.plausibility import POLICIES
+from diffusion_controller.core.plausibility import POLICIES, PlausibilityLimits
 from diffusion_controller.core.safety import SAFE_MODES
 from diffusion_controller.core.scheduler import BLEND_MODES
-from diffusion_controller.ros.outputs import TRAJECTORY_INTERFACES, check_outputs
+from diffusion_controller.ros.outputs import TRAJECTORY_INTERFACES
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the parameter or feature and what was expected."""
 
 
-# Message types a source may have, and the card feature kinds each can produce. Short forms
-# ("sensor_msgs/JointState", "JointState") are accepted and normalized to these names.
-JOINT_STATE = "sensor_msgs/msg/JointState"
-IMU = "sensor_msgs/msg/Imu"
-ODOMETRY = "nav_msgs/msg/Odometry"
-TWIST = "geometry_msgs/msg/Twist"
-TWIST_STAMPED = "geometry_msgs/msg/TwistStamped"
-FLOAT64_ARRAY = "std_msgs/msg/Float64MultiArray"
-
+# Message types a source may have (core/inputs.py, which decodes them), and the card feature kinds each can
+# produce. Short forms ("sensor_msgs/JointState", "JointState") are accepted and normalized to these names.
 ALL_KINDS = frozenset(FEATURE_SIZES)
 #: What the node computes for each kind no source may fill (core/observation.py), as error messages name it.
 COMPUTED_AS = {"previous_action": "own previous action", "gait_clock": "gait clock (from time)"}
@@ -72,7 +69,6 @@ KINDS_BY_TYPE: dict[str, frozenset[str]] = {
     # A raw vector may stand in for any feature (the values are taken as they come, size-checked).
     FLOAT64_ARRAY: ALL_KINDS - COMPUTED_KINDS,
 }
-HAS_HEADER = frozenset({JOINT_STATE, IMU, ODOMETRY, TWIST_STAMPED})
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("fp32", "fp16")  # core/providers.py: fp16 is TensorRT's
@@ -83,6 +79,21 @@ TRAJECTORY_STAMPS = ("zero", "absolute")
 POLICY_SOURCES = ("local", "remote")
 #: Watchdog timeout standing for "never stale" (the core wants a finite number).
 NEVER_S = 1e9
+
+
+def core_default(cls: type, name: str) -> Any:
+    """The default of field `name` of the core's dataclass `cls`, as a parameter's default.
+
+    One default per parameter, and its home is the core: the core runs without the node (tests, the
+    simulator, the dataset converter and the demonstrator build ControlConfig and PlausibilityLimits
+    themselves), so its dataclasses must have defaults, and the table one layer up reads them instead of
+    writing them again. A parameter whose node default means something the core's cannot keeps its own:
+    `default_pose` ([] = the middle of the card's limits; the core's None = no pose) and
+    `policy.chunk_timeout_s` (0.2 s in remote mode; the core's None = no external chunks)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if field.default is dataclasses.MISSING:
+        raise ValueError(f"{cls.__name__}.{name} has no default")
+    return field.default
 
 
 def normalize_type(name: str) -> str:
@@ -103,7 +114,7 @@ def normalize_type(name: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Parameter specification
 
-#: Parameter types as ROS names them (the README's Type column), and the type of their configuration field.
+#: Parameter types as ROS names them (the reference's Type column), and the type of their configuration field.
 KINDS = {
     "bool": "bool",
     "int": "int",
@@ -123,7 +134,7 @@ SRC = "<src>"
 @dataclass(frozen=True)
 class ParamSpec:
     """One parameter, specified once: the node declares it, every value is checked and the configuration
-    built from it, and the README's parameter reference is rendered from it."""
+    built from it, and the parameter reference (docs/PARAMETERS.md) is rendered from it."""
 
     name: str
     default: Any
@@ -148,6 +159,19 @@ class ParamSpec:
 
 
 _P = ParamSpec
+
+
+def _core(name: str) -> Any:
+    return core_default(ControlConfig, name)
+
+
+def _plausible(name: str) -> Any:
+    return core_default(PlausibilityLimits, name)
+
+
+def _source(name: str) -> Any:
+    return core_default(SourceConfig, name)
+
 _SOURCE = f"observations.{SRC}."
 
 PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
@@ -177,7 +201,8 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
            "for the control loop.", range=(1, 64)),
         _P("steps", 0, "int", "DDIM steps K for denoiser graphs; 0 = the card's `sampler.steps`.",
            range=(0, 1000)),
-        _P("seed", 0, "int", "Noise seed (request k uses seed + k) for reproducible runs; -1 = random.",
+        _P("seed", _core("seed"), "int",
+           "Noise seed (request k uses seed + k) for reproducible runs; -1 = random.",
            range=(-1, 2**31 - 1), control="seed"),
         _P("max_model_mb", 512.0, "double", "Largest model file configure or a swap will read (MiB); a "
            "larger `model_path` is refused before anything is read.", range=(0.001, 1e6), when="live"),
@@ -185,41 +210,53 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
     ("Timing / blending", (
         _P("rate_hz", 0.0, "double", "Control rate; 0 = 1 / the card's `control_period_s`.",
            range=(0.0, 2000.0)),
-        _P("exec_latency_s", 0.0, "double", "Time from publishing a command to it taking effect; actions "
+        _P("exec_latency_s", _core("exec_latency_s"), "double",
+           "Time from publishing a command to it taking effect; actions "
            "due before now + this are stale.", range=(0.0, 1.0), control="exec_latency_s"),
-        _P("execute_steps", 1, "int", "Actions executed from a chunk before the next inference starts (at "
+        _P("execute_steps", _core("execute_steps"), "int",
+           "Actions executed from a chunk before the next inference starts (at "
            "most the model's horizon).", range=(1, 1024), control="execute_steps"),
-        _P("blend", "none", "string", "How a new chunk joins the running one: none (replace), crossfade, "
+        _P("blend", _core("blend"), "string",
+           "How a new chunk joins the running one: none (replace), crossfade, "
            "inpaint (the new chunk's first actions frozen to the old one; needs a fused graph whose sampler "
            "can inpaint), or ensemble (each tick runs the mean of the last `ensemble_chunks` chunks' "
            "actions for it).", choices=BLEND_MODES, control="blend"),
-        _P("crossfade_steps", 4, "int", "Actions over which crossfade ramps old -> new (0 = replace; at "
+        _P("crossfade_steps", _core("crossfade_steps"), "int",
+           "Actions over which crossfade ramps old -> new (0 = replace; at "
            "most the model's horizon).", range=(0, 1024), control="crossfade_steps"),
-        _P("ensemble_chunks", 4, "int", "Chunks averaged by blend ensemble (1 = replace); at one chunk per "
+        _P("ensemble_chunks", _core("ensemble_chunks"), "int",
+           "Chunks averaged by blend ensemble (1 = replace); at one chunk per "
            "tick, also the ticks of observation age the mean reaches back.", range=(1, 1024),
            control="ensemble_chunks"),
-        _P("compensate_delay", True, "bool", "Stamp chunks with the observation time (true) or the inference "
+        _P("compensate_delay", _core("compensate_delay"), "bool",
+           "Stamp chunks with the observation time (true) or the inference "
            "start (false, delay ignored: for comparisons).", control="compensate_delay"),
     )),
     ("Safety", (
-        _P("max_consecutive_misses", 5, "int", "Ticks without a valid action before the safe state.",
+        _P("max_consecutive_misses", _core("max_consecutive_misses"), "int",
+           "Ticks without a valid action before the safe state.",
            range=(1, 100000), control="max_consecutive_misses"),
-        _P("safe_mode", "hold", "string", "Safe state: hold the last command or go to `default_pose` "
+        _P("safe_mode", _core("safe_mode"), "string",
+           "Safe state: hold the last command or go to `default_pose` "
            "(position models); zero: ramp to zero at max_step_per_tick, never held (velocity, effort and "
            "base_velocity models: required).",
            choices=SAFE_MODES, control="safe_mode"),
         _P("default_pose", [], "double[]", "Pose of safe_mode default_pose, one value per output joint in "
            "`joints` order; empty = the middle of the card's limits.", control="default_pose"),
-        _P("max_step_per_tick", 0.2, "double", "Largest change of a command per tick in the action kind's "
+        _P("max_step_per_tick", _core("max_step_per_tick"), "double",
+           "Largest change of a command per tick in the action kind's "
            "units (rad, rad/s: an acceleration limit, N m, m/s); "
            "holds across deactivate, cleanup/configure, e-stop and swaps.", range=(1e-6, 1000.0),
            control="max_step_per_tick"),
-        _P("plausibility.joint_margin", 1.0, "double", "Joint positions of action joints are plausible "
+        _P("plausibility.joint_margin", _plausible("joint_margin"), "double",
+           "Joint positions of action joints are plausible "
            "within the card's action limits widened by this (robot units; wide enough for a robot lying "
            "down before it stands: the card does not know the physical range).", range=(1e-6, 1000.0)),
-        _P("plausibility.command_sigmas", 3.0, "double", "A velocity command is inside the training range "
+        _P("plausibility.command_sigmas", _plausible("command_sigmas"), "double",
+           "A velocity command is inside the training range "
            "within the card's normalization mean +- this many standard deviations.", range=(0.1, 1e6)),
-        _P("plausibility.sensor_sigmas", 50.0, "double", "Any other observation is plausible within the "
+        _P("plausibility.sensor_sigmas", _plausible("sensor_sigmas"), "double",
+           "Any other observation is plausible within the "
            "card's normalization mean +- this many standard deviations (only garbage is outside).",
            range=(0.1, 1e9)),
     )),
@@ -247,20 +284,25 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
         _P("observations.sources", [], "string[]", "Names of the observation sources (`[A-Za-z0-9_]+`; at "
            "least one); each has its own `observations.<src>.*` parameters, declared for the names listed "
            "here.", field="source_names"),
-        _P("observations.max_future_s", 0.05, "double", "Reject observation stamps further than this ahead "
+        _P("observations.max_future_s", _core("future_tolerance_s"), "double",
+           "Reject observation stamps further than this ahead "
            "of the node clock.", range=(0.0, 10.0), control="future_tolerance_s"),
         _P(_SOURCE + "topic", f"~/{SRC}", "string", "Topic (relative, absolute or ~/; remappable)."),
         _P(_SOURCE + "type", "", "string", "Message type (required): " + ", ".join(sorted(KINDS_BY_TYPE))
            + " (`pkg/Type` and `Type` work too)."),
         _P(_SOURCE + "features", [], "string[]", "Names of the card features this source fills (required)."),
-        _P(_SOURCE + "timeout_s", 0.1, "double", "Watchdog: a feature whose newest sample is older than this "
+        _P(_SOURCE + "timeout_s", _source("timeout_s"), "double",
+           "Watchdog: a feature whose newest sample is older than this "
            "is stale -> safe state; 0 = never. For a velocity_command: older reads as zero; 0 = hold.",
            range=(0.0, 3600.0)),
-        _P(_SOURCE + "stamp", "header", "string", "Sample time: the header stamp (falls back to receipt for "
-           "types without a header or stamp 0) or the receipt time.", choices=STAMP_MODES),
-        _P(_SOURCE + "frame", "", "string", "Expected frame_id (Odometry: child_frame_id); empty = any."),
-        _P(_SOURCE + "implausible", "auto", "string", "Values outside the card's plausible bounds: clamp "
-           "them, reject the message, or safe (reject and hold the safe state until plausible input); "
+        _P(_SOURCE + "stamp", _source("stamp"), "string",
+           "Sample time: the header stamp (falls back to receipt for types without a header or stamp 0) "
+           "or the receipt time.", choices=STAMP_MODES),
+        _P(_SOURCE + "frame", _source("frame"), "string",
+           "Expected frame_id (Odometry: child_frame_id); empty = any."),
+        _P(_SOURCE + "implausible", _source("implausible"), "string",
+           "Values outside the card's plausible bounds: clamp them, reject the message, or safe (reject and "
+           "hold the safe state until plausible input); "
            "auto = clamp for a source of velocity commands only, else reject.", choices=IMPLAUSIBLE_POLICIES),
     )),
     ("Remote policy", (
@@ -324,8 +366,13 @@ def source_param_specs(source: str) -> tuple[ParamSpec, ...]:
 
 _SPEC_BY_NAME = {s.name: s for s in NODE_PARAMS}
 _SOURCE_FIELDS = {s.field for s in SOURCE_PARAMS}
-#: ControlConfig field -> the parameter it comes from (how a refusal of the core is reported).
-_PARAM_OF_CONTROL = {s.control: s.name for s in NODE_PARAMS if s.control}
+
+
+def launch_default(name: str) -> str:
+    """Node parameter `name`'s default as a launch argument's default text (`true`, `local`): a launch file
+    that passes the parameter on reads its default here instead of writing it again."""
+    value = _SPEC_BY_NAME[name].default
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def spec_for(name: str) -> ParamSpec | None:
@@ -495,170 +542,6 @@ class NodeConfig:
         return cls(**v, sources=tuple(sources))
 
 
-@dataclass(frozen=True)
-class Binding:
-    """A configuration resolved against one model card: what the node wires up for that model."""
-
-    output_joints: tuple[str, ...]  # published order (robot names)
-    output_index: tuple[int, ...]  # output_joints[i] carries card action index output_index[i]
-    rename: Mapping[str, str]  # card joint name -> robot joint name (JointState lookup)
-    feature_source: Mapping[str, str]  # card feature name -> source name (previous_action absent)
-    default_pose: tuple[float, ...]  # in card action order
-    period_s: float  # tick period
-
-
-def validate_against_card(cfg: NodeConfig, card: Any) -> Binding:
-    """Check that `cfg` fits `card` (a core.card.ModelCard) and resolve the wiring; raise ConfigError
-    naming every mismatch."""
-    errors: list[str] = []
-    features = {f.name: f for f in card.features}
-    owner: dict[str, list[str]] = {}
-    for src in cfg.sources:
-        allowed = KINDS_BY_TYPE.get(src.type, frozenset())
-        for name in src.features:
-            feat = features.get(name)
-            if feat is None:
-                errors.append(
-                    f"observations.{src.name}.features: '{name}' is not a feature of model card "
-                    f"'{card.name}' (card features: {', '.join(features)})"
-                )
-                continue
-            if feat.kind in COMPUTED_KINDS:
-                errors.append(
-                    f"observations.{src.name}.features: '{name}' is the node's {COMPUTED_AS[feat.kind]}; "
-                    "no source may fill it"
-                )
-                continue
-            if src.type and feat.kind not in allowed:
-                errors.append(
-                    f"observations.{src.name}: a {src.type} cannot fill '{name}' (kind {feat.kind}); "
-                    f"it fills kinds {', '.join(sorted(allowed))}"
-                )
-            owner.setdefault(name, []).append(src.name)
-    for name, feat in features.items():
-        if feat.kind == "previous_action" and feat.size != card.action_dim:
-            errors.append(
-                f"card feature '{name}': previous_action size {feat.size} != action_dim {card.action_dim}"
-            )
-        if feat.kind in COMPUTED_KINDS:
-            continue
-        srcs = owner.get(name, [])
-        if not srcs:
-            errors.append(
-                f"card feature '{name}' (kind {feat.kind}, size {feat.size}) is filled by no observation "
-                "source; add it to the features of one source"
-            )
-        elif len(srcs) > 1:
-            errors.append(
-                f"card feature '{name}' is filled by several sources ({', '.join(srcs)}); "
-                "exactly one must fill it"
-            )
-
-    card_joints = tuple(card.action_joints)
-    model_joints = cfg.model_joints or cfg.joints or card_joints
-    output_joints = cfg.joints or card_joints
-    rename = dict(zip(model_joints, output_joints, strict=False)) if cfg.joints else {}
-    output_index: tuple[int, ...] = ()
-    if sorted(model_joints) != sorted(card_joints):
-        missing = [j for j in card_joints if j not in model_joints]
-        extra = [j for j in model_joints if j not in card_joints]
-        which = "model_joints" if cfg.model_joints else "joints"
-        errors.append(
-            f"{which}: must list each card action joint once (card: {', '.join(card_joints)}); "
-            f"missing {missing}, unknown {extra}"
-        )
-    else:
-        output_index = tuple(card_joints.index(j) for j in model_joints)
-
-    default_pose: tuple[float, ...] = ()
-    lower = [float(x) for x in card.action_lower]
-    upper = [float(x) for x in card.action_upper]
-    if cfg.default_pose:
-        if len(cfg.default_pose) != len(card_joints):
-            errors.append(f"default_pose: {len(cfg.default_pose)} values for {len(card_joints)} joints")
-        elif output_index:
-            pose = [0.0] * len(card_joints)
-            for i, k in enumerate(output_index):
-                pose[k] = cfg.default_pose[i]
-            bad = [
-                output_joints[i] for i, k in enumerate(output_index) if not lower[k] <= pose[k] <= upper[k]
-            ]
-            if bad:
-                errors.append(f"default_pose: outside the card's action limits for joints {bad}")
-            default_pose = tuple(pose)
-    else:
-        default_pose = tuple((lo + hi) / 2.0 for lo, hi in zip(lower, upper, strict=True))
-
-    if cfg.policy_source == "remote":  # what a policy node computing on its own cannot honour
-        if cfg.blend == "inpaint":
-            errors.append(
-                "blend: inpaint sends the running chunk with each request; a remote policy gets "
-                "no request (use ensemble, crossfade or none with policy.source remote)"
-            )
-        if cfg.execute_steps != 1:
-            errors.append(
-                "execute_steps: a remote policy sends a chunk whenever the observations advance; "
-                "with policy.source remote it must be 1"
-            )
-        if not cfg.compensate_delay:
-            errors.append(
-                "compensate_delay: a remote chunk is always stamped with its observations' time; "
-                "with policy.source remote it must be true"
-            )
-    errors += check_outputs(cfg, card)
-    if cfg.crossfade_steps > card.horizon:
-        errors.append(f"crossfade_steps: {cfg.crossfade_steps} exceeds the card's horizon {card.horizon}")
-    period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else float(card.control_period_s)
-    binding = Binding(
-        output_joints=tuple(output_joints),
-        output_index=output_index,
-        rename=rename,
-        feature_source={n: s[0] for n, s in owner.items()},
-        default_pose=default_pose,
-        period_s=period,
-    )
-    if not errors:
-        try:  # what the core checks against a card itself (execute_steps <= horizon, inpainting)
-            control_config(cfg, binding, card)
-        except ConfigError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise ConfigError(f"configuration does not fit model '{card.name}':\n  " + "\n  ".join(errors))
-    return binding
-
-
-def control_config(cfg: NodeConfig, binding: Binding, card: Any) -> ControlConfig:
-    """The core's configuration: the parameters naming a ControlConfig field (ParamSpec.control), per-source
-    timeouts as per-feature watchdog timeouts (0 = never stale), and a velocity command source's timeout as
-    the core's command timeout (0 = hold the last command). The core checks it against `card`; a refusal
-    is raised as a ConfigError naming the parameter."""
-    kinds = {f.name: f.kind for f in card.features}
-    timeout_of = {s.name: s.timeout_s for s in cfg.sources}
-    timeouts: dict[str, float] = {}
-    command_timeout: float | None = None
-    for feature, source in binding.feature_source.items():
-        timeout = timeout_of[source]
-        if kinds.get(feature) == "velocity_command":
-            command_timeout = timeout if timeout > 0 else None
-        else:
-            timeouts[feature] = timeout if timeout > 0 else NEVER_S
-    values = {s.control: getattr(cfg, s.field) for s in NODE_PARAMS if s.control}
-    values.update(
-        seed=None if cfg.seed < 0 else cfg.seed,
-        default_pose=binding.default_pose if cfg.safe_mode == "default_pose" else None,
-        obs_timeouts_s=timeouts,
-        command_timeout_s=command_timeout,
-        chunk_timeout_s=cfg.chunk_timeout_s if cfg.policy_source == "remote" else None,
-    )
-    try:
-        control = ControlConfig(**values)
-        control.check_card(card)
-    except CoreConfigError as exc:
-        name = _PARAM_OF_CONTROL.get(exc.field, f"ControlConfig.{exc.field}")
-        raise ConfigError(f"{name}: {exc.reason}") from exc
-    return control
-
-
 def load_params_file(path: str, node_name: str = "diffusion_controller") -> dict[str, Any]:
     """Flat parameters a ROS params file gives node `node_name` (`/**` first, then the node's own key),
     read by rclpy's own parser, so tests and tools see what `--params-file` gives the node."""
@@ -692,76 +575,3 @@ def unknown_parameters(values: Mapping[str, Any], sources: Sequence[str] | None 
         names = ",".join(fields)
         problems.append(f"observations.{src}.{{{names}}} set but '{src}' is not in observations.sources")
     return problems
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The README's parameter reference, rendered from the specification
-
-README = Path(__file__).resolve().parents[2] / "README.md"
-README_BEGIN = "<!-- parameters:begin: generated by `python -m diffusion_controller.ros.config --readme` -->"
-README_END = "<!-- parameters:end -->"
-
-
-def _shown(value: Any) -> str:
-    """A default as a params file would write it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_shown(v) for v in value) + "]"
-    return '""' if value == "" else str(value)
-
-
-def _number(x: float, kind: str) -> str:
-    return str(int(x)) if kind == "int" else f"{x:g}"
-
-
-def parameter_table_markdown() -> str:
-    """The parameter reference table of README.md (between README_BEGIN and README_END)."""
-    rows = ["| Name | Type | Default | When | Meaning |", "|---|---|---|---|---|"]
-    for title, specs in PARAM_GROUPS:
-        rows.append(f"| **{title}** | | | | |")
-        for s in specs:
-            meaning = s.description
-            if s.choices:
-                meaning += " One of " + ", ".join(f"`{c}`" for c in s.choices) + "."
-            if s.range:
-                meaning += f" Range {_number(s.range[0], s.kind)} to {_number(s.range[1], s.kind)}."
-            meaning = meaning.replace("|", "\\|")
-            rows.append(f"| `{s.name}` | {s.kind} | `{_shown(s.default)}` | {s.when} | {meaning} |")
-    return "\n".join(rows) + "\n"
-
-
-def readme_with_parameter_table(text: str) -> str:
-    """`text` (README.md) with its parameter reference replaced by the current rendering."""
-    head, begin, rest = text.partition(README_BEGIN)
-    _, end, tail = rest.partition(README_END)
-    if not begin or not end:
-        raise ConfigError(f"README has no '{README_BEGIN}' ... '{README_END}' block")
-    return f"{head}{README_BEGIN}\n{parameter_table_markdown()}{README_END}{tail}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Print the parameter reference, or (`--readme`) write it into README.md."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument(
-        "--readme",
-        nargs="?",
-        const=str(README),
-        metavar="PATH",
-        help="rewrite the parameter reference in this README (default: the repository's)",
-    )
-    args = parser.parse_args(argv)
-    if args.readme is None:
-        sys.stdout.write(parameter_table_markdown())
-        return 0
-    path = Path(args.readme)
-    text = path.read_text()
-    new = readme_with_parameter_table(text)
-    if new != text:
-        path.write_text(new)
-    print(f"{path}: parameter reference {'rewritten' if new != text else 'already up to date'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

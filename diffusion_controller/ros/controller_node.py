@@ -41,13 +41,13 @@ from rclpy.signals import SignalHandlerOptions
 from std_srvs.srv import Trigger
 
 from diffusion_controller.core.card import CardError
-from diffusion_controller.core.controller import ConfigError as CoreConfigError
+from diffusion_controller.core.control_config import ConfigError as CoreConfigError
 from diffusion_controller.core.runtime import ModelError
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import dds, process
 from diffusion_controller.ros import diagnostics as dg
 from diffusion_controller.ros.loop import ControlLoop, carried_command, normal_priority, set_thread_priority
-from diffusion_controller.ros.node_diagnostics import NodeDiagnostics
+from diffusion_controller.ros.node_diagnostics import NodeDiagnostics, NodeView
 from diffusion_controller.ros.params import NodeParameters
 from diffusion_controller.ros.swapper import Loaded, ModelSwapper
 
@@ -59,8 +59,9 @@ WIND_DOWN_TIMEOUT_S = 5.0
 class ControllerNode(LifecycleNode):
     """Managed node running a diffusion policy at a fixed control rate.
 
-    The rooms read what the hooks set: `lifecycle` (the state label, kept here: rclpy has no public
-    accessor for it), `loaded` (the model and what was built for it; None while unconfigured) and `loop`.
+    The hooks set `lifecycle` (the state label, kept here: rclpy has no public accessor for it), `loaded`
+    (the model and what was built for it; None while unconfigured) and `loop`; the rooms get them as
+    arguments or through getters (`_view` for /diagnostics, `lambda: self.loaded` for the swapper).
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -78,10 +79,15 @@ class ControllerNode(LifecycleNode):
             self.add_pre_set_parameters_callback(self._params.coerce)
         misc = MutuallyExclusiveCallbackGroup()
         # Always available, whatever the lifecycle state.
-        self.diagnostics = NodeDiagnostics(self, float(self._params.value("diagnostics_period_s")), misc)
-        self.swapper = ModelSwapper(self, self.lock, self.diagnostics)
+        period = float(self._params.value("diagnostics_period_s"))
+        self.diagnostics = NodeDiagnostics(self, period, misc, self._view)
+        self.swapper = ModelSwapper(self, self.lock, self.diagnostics, lambda: self.loaded)
         self.create_service(Trigger, "~/emergency_stop", self._on_estop, callback_group=misc)
         self.create_service(Trigger, "~/resume", self._on_resume, callback_group=misc)
+
+    def _view(self) -> NodeView:
+        """What /diagnostics reports on, now."""
+        return NodeView(self.lifecycle, self.loaded, self.loop, self.swapper)
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         """Reject bad values with a reason; a model_path set on a configured node starts a swap."""

@@ -14,21 +14,27 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-from diffusion_controller.core.controller import ControlCore, ControlState, TickResult
+from diffusion_controller.core.control_state import ControlState, TickResult
+from diffusion_controller.core.controller import ControlCore
 from diffusion_controller.core.external import ChunkFitError
 from diffusion_controller.core.inputs import ImplausibleInputError, InputError, SourceReader
 from diffusion_controller.ros import chunks as ch
-from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import diagnostics as dg
+from diffusion_controller.ros.binding import Binding
 from diffusion_controller.ros.intake import Intake, hidden_node
+
+if TYPE_CHECKING:  # both import this module (thread priorities): imported for the annotations only
+    from diffusion_controller.ros.node_diagnostics import NodeDiagnostics
+    from diffusion_controller.ros.swapper import Loaded, ModelSwapper
 
 #: Codes of ControlState in the debug timing topic.
 STATE_CODES = {
@@ -94,7 +100,7 @@ def normal_priority():
 
 
 def carried_command(
-    last_sent: tuple[Sequence[str], np.ndarray] | None, binding: cf.Binding, action_dim: int
+    last_sent: tuple[Sequence[str], np.ndarray] | None, binding: Binding, action_dim: int
 ) -> np.ndarray | None:
     """The last command this node sent, in the new core's action order, when it names every output joint
     of the new binding (a reconfigure may reorder or rename them); else None. The robot's controller still
@@ -127,8 +133,8 @@ class ControlLoop:
     """
 
     def __init__(
-        self, node: Any, lock: threading.Lock, loaded: Any, diagnostics: Any, swapper: Any,
-        carried: tuple[Any, ControlState | None] = (None, None),
+        self, node: LifecycleNode, lock: threading.Lock, loaded: Loaded, diagnostics: NodeDiagnostics,
+        swapper: ModelSwapper, carried: tuple[Any, ControlState | None] = (None, None),
     ) -> None:  # fmt: skip
         cfg, binding = loaded.cfg, loaded.binding
         self._lock, self._loaded, self._diag, self._swapper = lock, loaded, diagnostics, swapper
@@ -235,7 +241,7 @@ class ControlLoop:
             self.active = False
         return ok
 
-    def _publish(self, command: np.ndarray, binding: cf.Binding) -> None:
+    def _publish(self, command: np.ndarray, binding: Binding) -> None:
         """The command on every enabled command output (Float64MultiArray or Twist)."""
         sent = command[list(binding.output_index)]
         self.last_sent = (binding.output_joints, sent)
@@ -335,7 +341,7 @@ class ControlLoop:
         if res.state != self._last_state:
             self._state_changed(res.state, res.reason)
 
-    def _wind_down_tick(self, core: ControlCore, binding: cf.Binding) -> None:
+    def _wind_down_tick(self, core: ControlCore, binding: Binding) -> None:
         """One step of the deactivate wind-down (under the lock); the zero ends it."""
         command = core.stop_step()
         if command is not None:
@@ -343,7 +349,7 @@ class ControlLoop:
         if (command is None or not np.any(command)) and self._winding_down is not None:
             self._winding_down.set()
 
-    def _publish_trajectory(self, traj: Any, binding: cf.Binding) -> None:
+    def _publish_trajectory(self, traj: Any, binding: Binding) -> None:
         times = np.asarray(traj.times, dtype=float)
         positions = np.asarray(traj.positions, dtype=float)[:, list(binding.output_index)]
         # First point one tick after the start, each later one at its scheduled spacing.

@@ -11,21 +11,36 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rclpy.callback_groups import CallbackGroup
 from rclpy.clock import Clock, ClockType
+from rclpy.node import Node
 
-from diffusion_controller.core.controller import ControlState
+from diffusion_controller.core.control_state import ControlState, ControlStats
 from diffusion_controller.core.inputs import ImplausibleInputError, InputError
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import diagnostics as dg
+from diffusion_controller.ros.intake import Intake
+from diffusion_controller.ros.loop import ControlLoop
+from diffusion_controller.ros.swapper import Loaded, ModelSwapper
 
 #: An error or a refused message this recent keeps its diagnostics section at WARN or ERROR.
 RECENT_S = 10.0
 #: A wrong-type publisher not seen for this long is reported again when it reappears.
 WRONG_TYPE_FORGET_S = 10.0
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What a report is about, as the node holds it at that moment (the node's `view` getter makes one)."""
+
+    lifecycle: str  # the lifecycle state label
+    loaded: Loaded | None  # the model and what configure built for it; None while unconfigured
+    loop: ControlLoop | None  # None while unconfigured
+    swapper: ModelSwapper
 
 
 def _node_names(infos: Sequence[Any]) -> set[str]:
@@ -36,12 +51,16 @@ def _node_names(infos: Sequence[Any]) -> set[str]:
 class NodeDiagnostics:
     """The node's /diagnostics publisher and the bookkeeping behind it.
 
-    It reads the node's `lifecycle` label, `loaded` model (swapper.Loaded), `loop` (loop.ControlLoop) and
-    `swapper` (swapper.ModelSwapper) when it publishes; everything else it counts itself.
+    `node` is used for what rclpy does (the publisher and its timer, the log, graph queries, topic names);
+    `view` returns what a report is about (the lifecycle label, the loaded model, the loop, the swapper),
+    called at each report; everything else it counts itself.
     """
 
-    def __init__(self, node: Any, period_s: float, callback_group: CallbackGroup) -> None:
+    def __init__(
+        self, node: Node, period_s: float, callback_group: CallbackGroup, view: Callable[[], NodeView]
+    ) -> None:
         self._node = node
+        self._view = view
         self._log = node.get_logger()
         self._faults = dg.RateLimitedLog(self._log.warning)  # rejected input, per source and cause
         self._events = dg.RateLimitedLog(self._log.warning)  # missed steps
@@ -157,14 +176,11 @@ class NodeDiagnostics:
         self._events("missed_step", f"missed step: {reason}")
 
     # -- the graph -----------------------------------------------------------------------------------------
-    def _configured(self) -> cf.NodeConfig | None:
-        return self._cfg if self._node.loaded is not None else None
-
-    def _check_topic_types(self) -> None:
+    def _check_topic_types(self, cfg: cf.NodeConfig | None) -> None:
         """A publisher of another message type on a source topic never reaches this node (DDS does not
         match the two, and this rmw raises no incompatible-type event): find it in the graph, log it once,
-        and keep it on /diagnostics while it is there."""
-        node, cfg, found, now = self._node, self._configured(), {}, time.monotonic()
+        and keep it on /diagnostics while it is there. `cfg`: the running configuration, None when none."""
+        node, found, now = self._node, {}, time.monotonic()
         for src in cfg.sources if cfg is not None else ():
             topic = node.resolve_topic_name(src.topic)
             infos = [i for i in node.get_publishers_info_by_topic(topic) if i.topic_type != src.type]
@@ -186,10 +202,10 @@ class NodeDiagnostics:
                 del self._wrong_types_logged[key]
         self._wrong_types = found
 
-    def _check_command_topics(self) -> None:
+    def _check_command_topics(self, cfg: cf.NodeConfig | None) -> None:
         """Another node publishing on this node's command topics means two controllers fight over one
         robot: find it in the graph and keep it on /diagnostics (WARN) while it is there."""
-        node, cfg, found = self._node, self._configured(), {}
+        node, found = self._node, {}
         if cfg is None:
             self._intruders = {}
             return
@@ -217,18 +233,20 @@ class NodeDiagnostics:
 
     # -- /diagnostics --------------------------------------------------------------------------------------
     def publish(self) -> None:
+        view = self._view()
+        configured = self._cfg if view.loaded is not None else None
         with contextlib.suppress(Exception):  # a graph query must never cost the diagnostics
-            self._check_topic_types()
+            self._check_topic_types(configured)
         with contextlib.suppress(Exception):
-            self._check_command_topics()
+            self._check_command_topics(configured)
         node = self._node
-        sections = self.sections(node.lifecycle)
+        sections = self.sections(view)
         stamp = node.get_clock().now().to_msg()
         self._pub.publish(dg.diagnostic_array(node.get_fully_qualified_name(), stamp, sections))
 
-    def sections(self, lifecycle: str) -> list[dg.Section]:
-        node = self._node
-        loaded, loop, swapper = node.loaded, node.loop, node.swapper
+    def sections(self, view: NodeView) -> list[dg.Section]:
+        """The three statuses: control loop, policy, observations (only the first while unconfigured)."""
+        loaded, loop, lifecycle = view.loaded, view.loop, view.lifecycle
         recent_error = time.monotonic() - self._last_error_time < RECENT_S
         if loaded is None or loop is None:
             level = dg.ERROR if recent_error else dg.STALE
@@ -238,8 +256,17 @@ class NodeDiagnostics:
                     "control loop", level, msg, {"lifecycle": lifecycle, "last error": self._last_error}
                 )
             ]
-        core, policy = loaded.core, loaded.policy
-        st = core.stats()
+        st = loaded.core.stats()
+        return [
+            self._control_section(lifecycle, loaded, loop, st),
+            self._policy_section(loaded, view.swapper, st, recent_error),
+            self._observations_section(loaded, loop, st),
+        ]
+
+    def _control_section(
+        self, lifecycle: str, loaded: Loaded, loop: ControlLoop, st: ControlStats
+    ) -> dg.Section:
+        """The loop: its state (why not running), rate, jitter and the core's misses."""
         s = loop.stats
         if not loop.active:
             loop_level, loop_msg = dg.STALE, f"{lifecycle}: not publishing"
@@ -251,7 +278,7 @@ class NodeDiagnostics:
             loop_level, loop_msg = dg.WARN, f"waiting: {st.reason or 'for observations and a first chunk'}"
         else:
             loop_level, loop_msg = dg.OK, "running"
-        control = dg.Section(
+        return dg.Section(
             "control loop",
             loop_level,
             loop_msg,
@@ -273,9 +300,14 @@ class NodeDiagnostics:
                 "estops": st.estops,
             },
         )
-        card = core.card
+
+    def _policy_section(
+        self, loaded: Loaded, swapper: ModelSwapper, st: ControlStats, recent_error: bool
+    ) -> dg.Section:
+        """The model: what runs and how, its timing, chunks, swaps, and the newest error."""
+        card, policy = loaded.core.card, loaded.policy
         summary = self._last_error if recent_error else f"{card.name} {card.version}"
-        pol = dg.Section(
+        return dg.Section(
             "policy",
             dg.WARN if recent_error else dg.OK,
             summary,
@@ -308,7 +340,11 @@ class NodeDiagnostics:
                 "chunks_refused": self.chunks_refused,
             },
         )
-        ages = core.ages(node.get_clock().now().nanoseconds * 1e-9)
+
+    def _observations_section(self, loaded: Loaded, loop: ControlLoop, st: ControlStats) -> dg.Section:
+        """The input: ages, refusals, rates and losses per source; the most urgent problem as the message."""
+        core = loaded.core
+        ages = core.ages(self._node.get_clock().now().nanoseconds * 1e-9)
         values: dict[str, object] = {f"age_ms.{k}": 1000.0 * v for k, v in ages.items()}
         values.update({f"rejected.{k}": v for k, v in self._source_faults.items()})
         values.update({f"implausible.{k}": v for k, v in self._implausible.items()})
@@ -341,9 +377,9 @@ class NodeDiagnostics:
             obs_level, obs_msg = dg.WARN, "; ".join(late)
         else:
             obs_level, obs_msg = dg.OK, "fresh"
-        return [control, pol, dg.Section("observations", obs_level, obs_msg, values)]
+        return dg.Section("observations", obs_level, obs_msg, values)
 
-    def _input_rates(self, intake: Any) -> dict[str, float]:
+    def _input_rates(self, intake: Intake) -> dict[str, float]:
         """Messages per second each source delivered since the last report, and how many the transport
         or a full queue lost (publisher sequence gaps) so far."""
         t = time.monotonic()

@@ -9,7 +9,7 @@
 
 A mismatch (a position trajectory for a velocity model, a Twist for a joint model, a base model with no
 Twist output) is a configuration error naming the parameter, so the robot never gets the wrong unit. No
-ROS imports here (ros/config.py checks with it); the messages are built in ros/conversions.py.
+ROS imports here (ros/binding.py checks with it); the messages are built in ros/conversions.py.
 """
 
 from __future__ import annotations

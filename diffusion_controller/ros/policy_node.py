@@ -55,6 +55,7 @@ from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import dds, process
 from diffusion_controller.ros import diagnostics as dg
+from diffusion_controller.ros.binding import control_config, validate_against_card
 from diffusion_controller.ros.intake import Intake
 from diffusion_controller.ros.loop import normal_priority
 from diffusion_controller.ros.params import NodeParameters
@@ -98,7 +99,7 @@ class Robot:
             )
             for s in cfg.sources
         }  # fmt: skip
-        self.history = cf.control_config(cfg, binding, card).history_for(card)
+        self.history = control_config(cfg, binding, card).history_for(card)
         self.executed = ch.RawQueue(
             self.intake.node, ch.JointState, topic(cfg.executed_topic), ch.EXECUTED_QOS
         )
@@ -250,7 +251,7 @@ class PolicyNode(Node):
         self.cfg = cfg
         check_model_file(cfg.model_path, cfg.max_model_mb)
         self.card: ModelCard = card_of_model(cfg.model_path)
-        self.binding = cf.validate_against_card(cfg, self.card)
+        self.binding = validate_against_card(cfg, self.card)
         with normal_priority():
             self.policy = self._load(cfg.model_path)
         self.path = cfg.model_path
@@ -351,7 +352,7 @@ class PolicyNode(Node):
         old = self.path
         try:
             card = card_of_model(path)
-            cf.validate_against_card(self.cfg, card)
+            validate_against_card(self.cfg, card)
             if layout_of(card) != layout_of(self.card):
                 raise cf.ConfigError(
                     "its observation or action layout differs from the running model's; "

@@ -16,10 +16,12 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
@@ -31,7 +33,11 @@ from diffusion_controller.core.plausibility import Plausibility, PlausibilityLim
 from diffusion_controller.core.runtime import Policy
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import diagnostics as dg
+from diffusion_controller.ros.binding import Binding, control_config, validate_against_card
 from diffusion_controller.ros.loop import nicer_thread, set_thread_priority
+
+if TYPE_CHECKING:  # node_diagnostics reports on the swapper: imported for the annotation only
+    from diffusion_controller.ros.node_diagnostics import NodeDiagnostics
 
 MIB = 1024 * 1024
 #: ~/model is latched: a late subscriber (a dashboard, a test) gets the current model at once.
@@ -69,7 +75,7 @@ def check_model_file(path: str, max_mb: float) -> int:
     return size
 
 
-def check_swap_fits(running: cf.Binding, new: cf.Binding) -> None:
+def check_swap_fits(running: Binding, new: Binding) -> None:
     """A swap keeps what the robot side is wired to: the published joints and the control period."""
     if new.output_joints != running.output_joints:
         raise cf.ConfigError(
@@ -100,7 +106,7 @@ class Loaded:
     cfg: cf.NodeConfig
     core: ControlCore
     policy: Any
-    binding: cf.Binding
+    binding: Binding
     readers: dict[str, SourceReader]
     path: str
     sha256: str
@@ -111,10 +117,18 @@ REVERT_WAIT_S = 2.0
 
 
 class ModelSwapper:
-    """Loads the configured model, swaps it on a `model_path` set, publishes ~/model, frees replaced ones."""
+    """Loads the configured model, swaps it on a `model_path` set, publishes ~/model, frees replaced ones.
 
-    def __init__(self, node: Any, lock: threading.Lock, diagnostics: Any) -> None:
-        self._node, self._lock, self._diag = node, lock, diagnostics
+    `node` is used for what rclpy does (the ~/model publisher, the log, `model_path` set back after a
+    failed swap); `loaded` returns the node's current model (None while unconfigured), read when a swap
+    starts, when it lands (under `lock`) and for ~/model; `diagnostics` hears of refusals and failures.
+    """
+
+    def __init__(
+        self, node: Node, lock: threading.Lock, diagnostics: NodeDiagnostics,
+        loaded: Callable[[], Loaded | None],
+    ) -> None:  # fmt: skip
+        self._node, self._lock, self._diag, self._loaded = node, lock, diagnostics, loaded
         self._log = node.get_logger()
         self._pub = node.create_publisher(DiagnosticStatus, "~/model", MODEL_QOS)
         self.swaps = 0
@@ -125,23 +139,23 @@ class ModelSwapper:
         self.retired: list[Any] = []  # replaced policies, freed right after a tick (free_retired)
 
     # -- configure -----------------------------------------------------------------------------------------
-    def check(self, cfg: cf.NodeConfig, path: str, max_mb: float) -> tuple[ModelCard, cf.Binding]:
+    def check(self, cfg: cf.NodeConfig, path: str, max_mb: float) -> tuple[ModelCard, Binding]:
         """The part before any session exists: the file, its card, and the card vs the config."""
         check_model_file(path, max_mb)
         card = card_of_model(path, reconcile=False)  # the loader's full load reconciles a .yaml beside
-        return card, cf.validate_against_card(cfg, card)
+        return card, validate_against_card(cfg, card)
 
     def load(self, cfg: cf.NodeConfig) -> Loaded:
         """Configure's model: checked, loaded + warmed up, and a core running it."""
         card, binding = self.check(cfg, cfg.model_path, cfg.max_model_mb)
         if cfg.policy_source == "remote":  # a policy node computes the chunks: the card is all we need
             sha256 = file_sha256(cfg.model_path)
-            core = ControlCore(card, cf.control_config(cfg, binding, card), external=True)
+            core = ControlCore(card, control_config(cfg, binding, card), external=True)
             readers = self._make_readers(cfg, card, binding)
             return Loaded(cfg, core, None, binding, readers, cfg.model_path, sha256)
         policy = self._load_policy(cfg, cfg.model_path)
         sha256 = file_sha256(cfg.model_path)
-        core = ControlCore(policy.card, cf.control_config(cfg, binding, policy.card), policy)
+        core = ControlCore(policy.card, control_config(cfg, binding, policy.card), policy)
         readers = self._make_readers(cfg, policy.card, binding)
         return Loaded(cfg, core, policy, binding, readers, cfg.model_path, sha256)
 
@@ -153,7 +167,7 @@ class ModelSwapper:
         )  # fmt: skip
 
     def _make_readers(
-        self, cfg: cf.NodeConfig, card: ModelCard, binding: cf.Binding
+        self, cfg: cf.NodeConfig, card: ModelCard, binding: Binding
     ) -> dict[str, SourceReader]:
         readers = {}
         plausible = Plausibility(
@@ -173,7 +187,7 @@ class ModelSwapper:
         """Start loading a new model_path in the background; '' or why not (also logged, counted and on
         /diagnostics: said where an operator looks, not only in the caller's reply). The file and its card
         are checked against the configuration here; the loader thread loads (and checks the rest)."""
-        loaded = self._node.loaded
+        loaded = self._loaded()
         if loaded is None:
             return ""
         if loaded.policy is None:
@@ -218,7 +232,7 @@ class ModelSwapper:
                 policy.warm_up()
             readers = self._make_readers(cfg, policy.card, binding)
             with self._lock:
-                if self._node.loaded is not loaded:
+                if self._loaded() is not loaded:
                     return  # cleaned up meanwhile
                 loaded.core.swap_policy(policy)
                 self.retired.append(loaded.policy)
@@ -272,7 +286,7 @@ class ModelSwapper:
     # -- ~/model -------------------------------------------------------------------------------------------
     def publish(self, event: str, level: int, message: str, attempted: str = "") -> None:
         """One ~/model status: what runs now (name, version, path, SHA-256, provider) and what happened."""
-        loaded = self._node.loaded
+        loaded = self._loaded()
         policy = loaded.policy if loaded is not None else None
         card = loaded.core.card if loaded is not None else None
         values = {

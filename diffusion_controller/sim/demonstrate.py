@@ -40,6 +40,7 @@ from diffusion_controller.core.card_parser import layout_from_dict
 from diffusion_controller.core.card_schema import Layout
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
+from diffusion_controller.ros.binding import control_config, validate_against_card
 from diffusion_controller.ros.intake import Intake
 from diffusion_controller.sim.ant import CONTROL_PERIOD_S, JOINTS, OBS_LAYOUT
 from diffusion_controller.sim.dataset import LowPassNoise, random_schedule
@@ -70,8 +71,8 @@ class Demonstrator(Node):
         super().__init__("expert_demonstrator", parameter_overrides=[Parameter("use_sim_time", value=True)])
         self.cfg = cf.NodeConfig.from_params(cf.load_params_file(config))
         self.layout = ant_layout()
-        self.binding = cf.validate_against_card(self.cfg, inputs.layout_card(self.layout))
-        self.control = cf.control_config(self.cfg, self.binding, inputs.layout_card(self.layout))
+        self.binding = validate_against_card(self.cfg, inputs.layout_card(self.layout))
+        self.control = control_config(self.cfg, self.binding, inputs.layout_card(self.layout))
         self.rng = np.random.default_rng(seed)
         self.action_noise = action_noise
         self.pub_cmd = self.create_publisher(Float64MultiArray, self.cfg.commands_topic, RELIABLE)

@@ -46,6 +46,7 @@ from diffusion_controller.core.card import read_layout
 from diffusion_controller.core.card_schema import Layout
 from diffusion_controller.core.observation import ObservationError
 from diffusion_controller.ros import config as cf
+from diffusion_controller.ros.binding import Binding, control_config, validate_against_card
 
 NODE_NAME = "diffusion_controller"
 #: Rows are built this long (recording time) after their grid time, so late-arriving samples stamped
@@ -147,7 +148,7 @@ def deserialize(store: Any, raw: bytes, msgtype: str) -> Any:
 class _Episode:
     """The node's readers and observation history for one stretch of continuous recording."""
 
-    def __init__(self, cfg: cf.NodeConfig, layout: Layout, binding: cf.Binding, control: Any) -> None:
+    def __init__(self, cfg: cf.NodeConfig, layout: Layout, binding: Binding, control: Any) -> None:
         self.readers = inputs.plain_readers(cfg.sources, cfg.max_future_s, layout.features, binding.rename)
         self.history = control.history_for(inputs.layout_card(layout))
         self.timeouts = control.timeouts_for(self.history.required)
@@ -220,8 +221,8 @@ def dataset_from_bags(
 ) -> BagDataset:
     """Rows and labels from `bags` as the node configured by `cfg` computes them (module docstring)."""
     card = inputs.layout_card(layout)
-    binding = cf.validate_against_card(cfg, card)
-    control = cf.control_config(cfg, binding, card)  # the node's timeouts
+    binding = validate_against_card(cfg, card)
+    control = control_config(cfg, binding, card)  # the node's timeouts
     labels = resolve(label_topic or cfg.commands_topic, namespace)
     by_topic = {resolve(s.topic, namespace): s for s in cfg.sources}
     if labels in by_topic:
