@@ -46,7 +46,7 @@ from diffusion_controller.core.ddim import TIMESTEP_SPACINGS  # noqa: E402
 from diffusion_controller.core.features import projected_gravity  # noqa: E402
 from diffusion_controller.core.scheduler import BLEND_MODES  # noqa: E402
 from diffusion_controller.ros import dds  # noqa: E402
-from diffusion_controller.ros.config import load_params_file  # noqa: E402
+from diffusion_controller.ros.params_file import load_params_file  # noqa: E402
 from diffusion_controller.sim.ant import EFFORT_TIMESTEP_S, Ant, AntConfig, SensorNoise  # noqa: E402
 from diffusion_controller.sim.evaluate import Rollout, rollout, tracking_errors  # noqa: E402
 from diffusion_controller.sim.expert import EffortExpert, EffortExpertConfig, Expert  # noqa: E402

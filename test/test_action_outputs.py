@@ -11,6 +11,7 @@ from diffusion_controller.core.card import CardError, ModelCard
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros.binding import validate_against_card
+from diffusion_controller.ros.params_file import load_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ANT = ROOT / "models" / "ant_locomotion.yaml"
@@ -33,7 +34,7 @@ def card_of(kind: str, units: str, lower, upper, joints=None) -> ModelCard:
 
 
 def config(**changes) -> cf.NodeConfig:
-    params = cf.load_params_file(str(ROOT / "config" / "ant.yaml"))
+    params = load_params_file(str(ROOT / "config" / "ant.yaml"))
     params.update(changes)
     return cf.NodeConfig.from_params(params)
 

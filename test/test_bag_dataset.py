@@ -21,6 +21,7 @@ from std_msgs.msg import Float64MultiArray
 from diffusion_controller.core.card import read_layout
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros.conversions import sec_to_time
+from diffusion_controller.ros.params_file import load_params_file
 from diffusion_controller.training import bag_dataset as bd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ T0 = 100.0
 
 
 def config() -> cf.NodeConfig:
-    return cf.NodeConfig.from_params(cf.load_params_file(str(ROOT / "config" / "ant.yaml")))
+    return cf.NodeConfig.from_params(load_params_file(str(ROOT / "config" / "ant.yaml")))
 
 
 def position(t: float) -> np.ndarray:
@@ -166,8 +167,7 @@ def test_topics_resolve_like_the_node_resolves_them():
 
 
 #: Converts a bag in a Python where ROS is not installed: importing rclpy, a rosidl package or any
-#: message/service package fails. (The params file is parsed outside: ros.config.load_params_file uses
-#: rclpy's own parser, so the command line still needs rclpy for --config.)
+#: message/service package fails; the node's params file is read there too (as `dataset_from_bag --config`).
 WITHOUT_ROS = """
 import json, sys
 
@@ -181,10 +181,11 @@ class NoROS:
 sys.meta_path.insert(0, NoROS())
 from diffusion_controller.core.card import read_layout
 from diffusion_controller.ros.config import NodeConfig
+from diffusion_controller.ros.params_file import load_params_file
 from diffusion_controller.training import bag_dataset
 
-bag, params, layout, out = sys.argv[1:]
-cfg, layout = NodeConfig.from_params(json.loads(params)), read_layout(layout)
+bag, config, layout, out = sys.argv[1:]
+cfg, layout = NodeConfig.from_params(load_params_file(config)), read_layout(layout)
 data = bag_dataset.dataset_from_bags([bag], cfg, layout)
 bag_dataset.write_dataset(out, data, layout, {})
 print(json.dumps(data.reports))
@@ -196,7 +197,7 @@ def test_bags_become_a_dataset_without_ros(tmp_path):
     packages (what the bag reader shares with the node lives in the ROS-free core)."""
     bag = write_bag(tmp_path / "demo", storage="mcap")
     out = tmp_path / "d.npz"
-    params = json.dumps(cf.load_params_file(str(ROOT / "config" / "ant.yaml")))
+    params = str(ROOT / "config" / "ant.yaml")
     layout = str(ROOT / "models" / "ant_locomotion.yaml")
     run = subprocess.run([sys.executable, "-c", WITHOUT_ROS, str(bag), params, layout, str(out)],
                          capture_output=True, text=True, timeout=120)  # fmt: skip

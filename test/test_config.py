@@ -14,6 +14,7 @@ from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import parameter_reference
 from diffusion_controller.ros.binding import control_config, validate_against_card
+from diffusion_controller.ros.params_file import load_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 JOINTS = ["hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4"]
@@ -60,7 +61,7 @@ def ant_card(**action_overrides) -> ModelCard:
 
 @pytest.fixture
 def ant_params() -> dict:
-    return cf.load_params_file(str(ROOT / "config" / "ant.yaml"))
+    return load_params_file(str(ROOT / "config" / "ant.yaml"))
 
 
 def errors_of(params: dict, card: ModelCard | None = None) -> str:
@@ -96,7 +97,7 @@ def test_ant_yaml_fits_the_demo_card(ant_params):
 
 
 def test_template_yaml_is_a_valid_params_file_for_the_demo_card():
-    params = cf.load_params_file(str(ROOT / "config" / "template.yaml"))
+    params = load_params_file(str(ROOT / "config" / "template.yaml"))
     cfg = cf.NodeConfig.from_params(params)
     validate_against_card(cfg, ant_card())
     assert cf.unknown_parameters(params) == []
@@ -109,7 +110,7 @@ def test_template_yaml_is_a_valid_params_file_for_the_demo_card():
 def test_template_yaml_shows_the_defaults():
     """The template is a copy users edit, so it writes each node parameter at its default: a default
     changed in the specification must be changed there too. Only the robot's wiring is an example."""
-    params = cf.load_params_file(str(ROOT / "config" / "template.yaml"))
+    params = load_params_file(str(ROOT / "config" / "template.yaml"))
     wiring = {"observations.sources", "outputs.commands.topic", "outputs.trajectory.topic"}
     for s in cf.NODE_PARAMS:
         if s.name in params and s.name not in wiring:
@@ -120,7 +121,7 @@ def test_shipped_configs_set_only_what_differs_from_the_defaults():
     """config/ant*.yaml name what the demo robot sets (docs/PARAMETERS.md has the defaults), so a default
     is written once: a node parameter there at its default value is a copy that would go stale."""
     for name in ("ant.yaml", "ant_effort.yaml"):
-        params = cf.load_params_file(str(ROOT / "config" / name))
+        params = load_params_file(str(ROOT / "config" / name))
         repeated = [
             s.name for s in cf.NODE_PARAMS
             if s.name in params and cf.check_value(s, params[s.name]) == cf.check_value(s, s.default)
@@ -135,7 +136,7 @@ def test_params_file_node_key_and_wildcard_merge(tmp_path):
         "diffusion_controller:\n  ros__parameters:\n    threads: 3\n"
         "other_node:\n  ros__parameters:\n    threads: 9\n"
     )
-    flat = cf.load_params_file(str(f))
+    flat = load_params_file(str(f))
     assert flat == {"threads": 3, "rate_hz": 10.0}
 
 
@@ -464,7 +465,7 @@ def test_every_shipped_model_fits_the_demo_config(ant_params):
     from diffusion_controller.core.card_source import card_of_model
 
     cfg = cf.NodeConfig.from_params(ant_params)
-    effort = cf.NodeConfig.from_params(cf.load_params_file(str(ROOT / "config" / "ant_effort.yaml")))
+    effort = cf.NodeConfig.from_params(load_params_file(str(ROOT / "config" / "ant_effort.yaml")))
     for path in sorted((ROOT / "models").glob("*.onnx")):
         card = card_of_model(str(path))
         if card.action_kind == "effort":
@@ -474,3 +475,26 @@ def test_every_shipped_model_fits_the_demo_config(ant_params):
         else:
             binding = validate_against_card(cfg, card)
         assert binding.output_joints == tuple(JOINTS), path
+
+
+def test_params_files_are_read_as_a_node_reads_them_and_bad_ones_are_named(tmp_path):
+    """`/**` first, then the node's own key (plain or absolute), nested names dotted; anything else is a
+    ConfigError naming the file, so `dataset_from_bag --config` and the demonstrator fail clearly."""
+    f = tmp_path / "p.yaml"
+    f.write_text("/**:\n  ros__parameters:\n    rate_hz: 50.0\n    threads: 1\n"
+                 "diffusion_controller:\n  ros__parameters:\n    threads: 2\n"
+                 "    observations: {sources: [a], a: {timeout_s: 0.2}}\n"
+                 "other_node:\n  ros__parameters:\n    threads: 9\n")  # fmt: skip
+    assert load_params_file(str(f)) == {"rate_hz": 50.0, "threads": 2, "observations.sources": ["a"],
+                                        "observations.a.timeout_s": 0.2}  # fmt: skip
+    assert load_params_file(str(f), "other_node")["threads"] == 9
+    for text, why in [("- a\n- b\n", "top level"), ("x: [\n", "cannot read"),
+                      ("diffusion_controller: {threads: 1}\n", "ros__parameters"),
+                      ("someone_else:\n  ros__parameters: {a: 1}\n", "no parameters"),
+                      ("diffusion_controller:\n  ros__parameters: {joints: [a, 1]}\n",
+                       "mixes types")]:  # fmt: skip
+        f.write_text(text)
+        with pytest.raises(cf.ConfigError, match=why):
+            load_params_file(str(f))
+    with pytest.raises(cf.ConfigError, match="cannot read"):
+        load_params_file(str(tmp_path / "missing.yaml"))

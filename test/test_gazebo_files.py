@@ -20,6 +20,7 @@ import yaml
 from launch_ast import LaunchFile, call_name, config_of
 
 from diffusion_controller.ros import config as cf
+from diffusion_controller.ros.params_file import load_params_file
 from diffusion_controller.sim import urdf
 from diffusion_controller.sim.ant import JOINTS, STANDING_POSE
 
@@ -29,7 +30,7 @@ ROBOT = ET.parse(URDF_PATH).getroot()
 WORLD = ET.parse(ROOT / "worlds" / "ant_world.sdf").getroot()
 CONTROLLERS = yaml.safe_load((ROOT / "config" / "ant_gz_controllers.yaml").read_text())
 GAZEBO = LaunchFile(ROOT / "launch" / "gazebo.launch.py")
-NODE = cf.NodeConfig.from_params(cf.load_params_file(str(ROOT / "config" / "ant.yaml")))
+NODE = cf.NodeConfig.from_params(load_params_file(str(ROOT / "config" / "ant.yaml")))
 SOURCES = {s.name: s for s in NODE.sources}
 
 #: Harmonic (gz-sim 8) system plugins: library file -> class; `ignition-gazebo-*` are the old names.

@@ -23,6 +23,7 @@ from launch_ast import LAUNCH_ROS_CONFIGS, LaunchFile, call_name, config_of, key
 
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros.controller_node import NODE_NAME as CONTROLLER_NAME
+from diffusion_controller.ros.params_file import load_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {p.name: LaunchFile(p) for p in sorted((ROOT / "launch").glob("*.launch.py"))}
@@ -95,7 +96,7 @@ def test_controller_launch_passes_each_argument_to_a_node_parameter_of_its_type(
     assert (ROOT / "models" / "ant_locomotion.onnx").exists()
     assert CONTROLLER.choices("policy_source") == list(cf.POLICY_SOURCES)
     # The shipped params file holds only parameters the node declares.
-    assert cf.unknown_parameters(cf.load_params_file(str(ROOT / "config" / "ant.yaml"))) == []
+    assert cf.unknown_parameters(load_params_file(str(ROOT / "config" / "ant.yaml"))) == []
 
 
 def test_arguments_that_set_a_node_parameter_take_its_default_from_the_specification() -> None:

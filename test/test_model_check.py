@@ -12,6 +12,7 @@ from diffusion_controller.core.card_source import card_of_model
 from diffusion_controller.core.onnx_metadata import read_onnx_metadata
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros.binding import validate_against_card
+from diffusion_controller.ros.params_file import load_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -60,7 +61,7 @@ def test_the_card_of_a_768_mib_model_is_read_with_a_few_small_reads(tmp_path):
     assert ModelCard.from_yaml_text(props[METADATA_KEY]).name == "ant_locomotion"
     assert CountingFile.read_bytes < len(yaml_text) + 4096  # the card and field headers, no weights
     # What the parameter call does with it: the card read and checked against the configuration.
-    cfg = cf.NodeConfig.from_params(cf.load_params_file(str(ROOT / "config" / "ant.yaml")))
+    cfg = cf.NodeConfig.from_params(load_params_file(str(ROOT / "config" / "ant.yaml")))
     t0 = time.perf_counter()
     validate_against_card(cfg, card_of_model(str(path), reconcile=False))
     print(f"card read + checked for a 768 MiB model in {(time.perf_counter() - t0) * 1000:.1f} ms")

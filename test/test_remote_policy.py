@@ -25,6 +25,7 @@ from diffusion_controller.core.external import (
     model_id_text,
     parse_model_id,
 )
+from diffusion_controller.ros.params_file import load_params_file
 from diffusion_controller.sim.link_emulator import LinkConfig, LinkModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,7 +276,7 @@ def test_remote_mode_refuses_what_a_policy_node_cannot_honour():
     from diffusion_controller.ros.binding import control_config, validate_against_card
 
     root = Path(__file__).resolve().parents[1]
-    params = cf.load_params_file(str(root / "config" / "ant.yaml"))
+    params = load_params_file(str(root / "config" / "ant.yaml"))
     card = ModelCard.from_onnx(root / "models" / "ant_locomotion.onnx")
     remote = params | {"policy.source": "remote"}
     validate_against_card(cf.NodeConfig.from_params(remote), card)

@@ -304,7 +304,7 @@ def test_shipped_params_file_is_what_the_node_runs_with(namespace: str) -> None:
     from rcl_interfaces.srv import GetParameters
     from rclpy.parameter import parameter_value_to_python
 
-    from diffusion_controller.ros.config import load_params_file
+    from diffusion_controller.ros.params_file import load_params_file
 
     path = Path(__file__).resolve().parents[1] / "config" / "sim.yaml"
     params = load_params_file(str(path), "/**/sim_node")

@@ -542,18 +542,6 @@ class NodeConfig:
         return cls(**v, sources=tuple(sources))
 
 
-def load_params_file(path: str, node_name: str = "diffusion_controller") -> dict[str, Any]:
-    """Flat parameters a ROS params file gives node `node_name` (`/**` first, then the node's own key),
-    read by rclpy's own parser, so tests and tools see what `--params-file` gives the node."""
-    from rclpy.parameter import parameter_dict_from_yaml_file, parameter_value_to_python
-
-    try:
-        msgs = parameter_dict_from_yaml_file(path, use_wildcard=True, target_nodes=[node_name])
-    except (RuntimeError, AttributeError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a ROS 2 params file ({exc})") from exc
-    return {name: parameter_value_to_python(m.value) for name, m in msgs.items()}
-
-
 def unknown_parameters(values: Mapping[str, Any], sources: Sequence[str] | None = None) -> list[str]:
     """Problems with names in `values` that nothing reads: typos in a params file, or settings of a source
     that `observations.sources` does not list (`sources` defaults to the list in `values`)."""

@@ -42,6 +42,7 @@ from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros.binding import control_config, validate_against_card
 from diffusion_controller.ros.intake import Intake
+from diffusion_controller.ros.params_file import load_params_file
 from diffusion_controller.sim.ant import CONTROL_PERIOD_S, JOINTS, OBS_LAYOUT
 from diffusion_controller.sim.dataset import LowPassNoise, random_schedule
 from diffusion_controller.sim.expert import Expert
@@ -69,7 +70,7 @@ class Demonstrator(Node):
 
     def __init__(self, config: str, seed: int, action_noise: float) -> None:
         super().__init__("expert_demonstrator", parameter_overrides=[Parameter("use_sim_time", value=True)])
-        self.cfg = cf.NodeConfig.from_params(cf.load_params_file(config))
+        self.cfg = cf.NodeConfig.from_params(load_params_file(config))
         self.layout = ant_layout()
         self.binding = validate_against_card(self.cfg, inputs.layout_card(self.layout))
         self.control = control_config(self.cfg, self.binding, inputs.layout_card(self.layout))

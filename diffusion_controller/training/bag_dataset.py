@@ -47,6 +47,7 @@ from diffusion_controller.core.card_schema import Layout
 from diffusion_controller.core.observation import ObservationError
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros.binding import Binding, control_config, validate_against_card
+from diffusion_controller.ros.params_file import load_params_file
 
 NODE_NAME = "diffusion_controller"
 #: Rows are built this long (recording time) after their grid time, so late-arriving samples stamped
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(s) starts a new episode")  # fmt: skip
     args = ap.parse_args(argv)
     try:
-        cfg = cf.NodeConfig.from_params(cf.load_params_file(args.config))
+        cfg = cf.NodeConfig.from_params(load_params_file(args.config))
         layout = read_layout(args.layout)
         data = dataset_from_bags(args.bags, cfg, layout, args.labels, args.namespace, args.split_gap)
     except (BagError, cf.ConfigError, ValueError, OSError) as exc:
