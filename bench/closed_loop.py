@@ -38,18 +38,17 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from diffusion_controller.core.card import ModelCard
+from diffusion_controller.core.ddim import TIMESTEP_SPACINGS
+from diffusion_controller.core.features import projected_gravity
+from diffusion_controller.core.scheduler import BLEND_MODES
+from diffusion_controller.ros import dds
+from diffusion_controller.ros.config import load_params_file
+from diffusion_controller.sim.ant import EFFORT_TIMESTEP_S, Ant, AntConfig, SensorNoise
+from diffusion_controller.sim.evaluate import Rollout, rollout, tracking_errors
+from diffusion_controller.sim.expert import EffortExpert, EffortExpertConfig, Expert
 
-from diffusion_controller.core.card import ModelCard  # noqa: E402
-from diffusion_controller.core.ddim import TIMESTEP_SPACINGS  # noqa: E402
-from diffusion_controller.core.features import projected_gravity  # noqa: E402
-from diffusion_controller.core.scheduler import BLEND_MODES  # noqa: E402
-from diffusion_controller.ros import dds  # noqa: E402
-from diffusion_controller.ros.config import load_params_file  # noqa: E402
-from diffusion_controller.sim.ant import EFFORT_TIMESTEP_S, Ant, AntConfig, SensorNoise  # noqa: E402
-from diffusion_controller.sim.evaluate import Rollout, rollout, tracking_errors  # noqa: E402
-from diffusion_controller.sim.expert import EffortExpert, EffortExpertConfig, Expert  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL = ROOT / "models" / "ant_locomotion.onnx"
 DENOISER = ROOT / "models" / "ant_locomotion_denoiser.onnx"

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from tiny_models import ANT_JOINTS, tiny_card
 
 from diffusion_controller.core.card import (
     FORMAT,
@@ -17,7 +18,6 @@ from diffusion_controller.core.card import (
     ModelCard,
     read_onnx_metadata,
 )
-from diffusion_controller.training.tiny import ANT_JOINTS, tiny_card
 
 
 def full_dict() -> dict:

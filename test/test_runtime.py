@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from tiny_models import make_tiny_model
 
 from diffusion_controller.core.card import METADATA_KEY, CardError, ModelCard, sidecar_path
 from diffusion_controller.core.providers import gpu_provider_problem as _gpu_provider_problem
 from diffusion_controller.core.runtime import CUDA, TRT, ModelError, Policy
-from diffusion_controller.training.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")
