@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     from hardening.harness import SCENARIOS, Harness, Result
     from hardening.load import LOAD_SECONDS
     from hardening.models import Models
-    from hardening.scenarios import run
+    from hardening.scenarios import in_order, run
 
     load_s = args.load_seconds or (10.0 if args.quick else 60.0)
     LOAD_SECONDS.update(baseline=min(load_s, 20.0), sensor_load=load_s, flood_10x=max(load_s / 3, 5.0))
     selected = [
         s.name
-        for s in SCENARIOS.values()
+        for s in in_order()
         if (args.only is None or s.name in args.only or s.group in args.only)
         and not (args.quick and args.only is None and s.group == "input" and s.name not in QUICK_INPUT)
     ]

@@ -1,7 +1,8 @@
-"""Every hardening scenario, registered: the groups' modules imported in their order, `names` and `run`.
+"""Every hardening scenario, registered: the groups' modules imported, `names`, `in_order` and `run`.
 
-Import this (not a group module alone) to see all of them: input, then faults, then load, the order in
-which bench/robustness.py runs them.
+Import this (not a group module alone) to see all of them. `in_order` lists them input, then faults, then
+load (each group in the order its module registers them), the order bench/robustness.py runs them in,
+whichever module was imported first.
 """
 
 from __future__ import annotations
@@ -9,11 +10,19 @@ from __future__ import annotations
 import time
 
 from hardening import bad_input, faults, load  # noqa: F401 (each registers its scenarios)
-from hardening.harness import SCENARIOS, Harness, Result
+from hardening.harness import SCENARIOS, Harness, Result, Scenario
+
+#: The groups in the order bench/robustness.py runs them (that of the single file they were split from).
+GROUPS = ("input", "faults", "load")
 
 
 def names(group: str) -> list[str]:
     return [s.name for s in SCENARIOS.values() if s.group == group]
+
+
+def in_order() -> list[Scenario]:
+    """Every scenario, group by group in GROUPS order."""
+    return [s for g in GROUPS for s in SCENARIOS.values() if s.group == g]
 
 
 def run(h: Harness, name: str) -> Result:
