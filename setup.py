@@ -37,6 +37,7 @@ setup(
             "policy_node = diffusion_controller.ros.policy_node:main",
             "link_emulator = diffusion_controller.sim.link_emulator:main",
             "sim_node = diffusion_controller.sim.sim_node:main",
+            "diffusion_controller_demo = diffusion_controller.sim.demo:main",
             "export_policy = diffusion_controller.training.export:main",
             "generate_dataset = diffusion_controller.sim.dataset:main",
             "train_policy = diffusion_controller.training.train:main",

@@ -6,8 +6,10 @@ This process is the operator: it publishes a scripted velocity-command sequence 
 turn, stop, with switches), watches the ground truth for falls and velocity tracking, and reads the
 controller's /diagnostics and timing topic for latency, missed steps and stale actions. The expert gait
 runs the same sequences, with the same delay and sensor noise, in-process in the same run as the baseline.
+That machinery is the product's demo (diffusion_controller/sim/closed_loop.py, episode.py, demo.py);
+this script adds the evaluation's episode counts and the sweeps.
 
-    python bench/closed_loop.py --demo          # one short episode (what `scripts/demo` runs)
+    python bench/closed_loop.py --demo          # the demo (diffusion_controller_demo, scripts/demo)
     python bench/closed_loop.py --quick         # a few short episodes, < 3 minutes
     python bench/closed_loop.py                 # 20 episodes of 20 s, 40 ms observation delay
     python bench/closed_loop.py --sweep         # K x timestep spacing, delay x compensation, blending
@@ -25,539 +27,50 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
-import os
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
-import numpy as np
+from diffusion_controller.core.card_source import card_of_model
+from diffusion_controller.core.ddim import TIMESTEP_SPACINGS
+from diffusion_controller.core.scheduler import BLEND_MODES
+from diffusion_controller.sim import demo
+from diffusion_controller.sim.closed_loop import DENOISER, Setting
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from diffusion_controller.core.card_source import card_of_model, sidecar_path  # noqa: E402
-from diffusion_controller.core.ddim import TIMESTEP_SPACINGS  # noqa: E402
-from diffusion_controller.core.features import projected_gravity  # noqa: E402
-from diffusion_controller.core.scheduler import BLEND_MODES  # noqa: E402
-from diffusion_controller.ros import dds  # noqa: E402
-from diffusion_controller.ros.params_file import load_params_file  # noqa: E402
-from diffusion_controller.sim.ant import EFFORT_TIMESTEP_S, Ant, AntConfig, SensorNoise  # noqa: E402
-from diffusion_controller.sim.evaluate import Rollout, rollout, tracking_errors  # noqa: E402
-from diffusion_controller.sim.expert import EffortExpert, EffortExpertConfig, Expert  # noqa: E402
-
-MODEL = ROOT / "models" / "ant_locomotion.onnx"
-DENOISER = ROOT / "models" / "ant_locomotion_denoiser.onnx"
-CONFIG = ROOT / "config" / "ant.yaml"
-EFFORT_CONFIG = ROOT / "config" / "ant_effort.yaml"  # the default for a model whose card says effort
-CONFIG_BLEND = str(load_params_file(str(CONFIG)).get("blend", "none"))  # what users of the config run
-PERIOD = 0.02
 SWEEPS = ("k", "delay", "blend", "remote")
-FALL_HEIGHT, FALL_GRAVITY_Z = 0.22, -0.5  # the sim's own fall criterion (sim/ant.py AntConfig)
-# Sensor noise of the training data (sim/dataset.py), so the policy sees what it was trained on.
-NOISE = {
-    "joint_position": 0.002,
-    "joint_velocity": 0.05,
-    "orientation": 0.005,
-    "angular_velocity": 0.02,
-    "linear_velocity": 0.03,
-}
-SEGMENTS = [  # (skill, command) building blocks of the scripted sequence
-    ("walk_forward", (0.3, 0.0, 0.0)),
-    ("turn_left", (0.0, 0.0, 0.8)),
-    ("walk_backward", (-0.2, 0.0, 0.0)),
-    ("turn_right", (0.0, 0.0, -1.0)),
-    ("walk_forward", (0.45, 0.0, 0.0)),
-]
 
 
-def command_sequence(episode: int, seconds: float) -> list[tuple[float, tuple[float, float, float]]]:
-    """2 s stand, then 3 s skill blocks in an episode-dependent order (a 1.5 s stop after the second),
-    then 2 s stand; the last block shortens to fit."""
-    rng = np.random.default_rng(1000 + episode)
-    order = rng.permutation(len(SEGMENTS))
-    stand = (0.0, 0.0, 0.0)
-    seq: list[tuple[float, tuple[float, float, float]]] = [(2.0, stand)]
-    left = seconds - 4.0
-    n = 0
-    while left >= 2.0:
-        if n == 2 and left >= 3.5:
-            seq.append((1.5, stand))
-            left -= 1.5
-        block = min(3.0, left)
-        seq.append((block, SEGMENTS[order[n % len(order)]][1]))
-        left -= block
-        n += 1
-    seq.append((2.0 + left, stand))
-    return seq
-
-
-def vel_error(errors: dict[str, dict[str, float]]) -> float:
-    """Time-weighted mean over skills of |vx err| + |vy err| + |wz err| (gait-cycle averaged)."""
-    total = sum(e["seconds"] for e in errors.values())
-    if total == 0:
-        return math.nan
-    return sum((e["vx"] + e["vy"] + e["wz"]) * e["seconds"] for e in errors.values()) / total
-
-
-def merge_errors(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for r in runs:
-        for skill, e in r.items():
-            acc = out.setdefault(skill, {"vx": 0.0, "vy": 0.0, "wz": 0.0, "seconds": 0.0})
-            for k in ("vx", "vy", "wz"):
-                acc[k] += e[k] * e["seconds"]
-            acc["seconds"] += e["seconds"]
-    for e in out.values():
-        for k in ("vx", "vy", "wz"):
-            e[k] = e[k] / e["seconds"] if e["seconds"] else math.nan
-    return out
-
-
-# ---- expert baseline (in-process, no ROS) --------------------------------------------------------------
-def run_expert(episodes: int, seconds: float, obs_delay: float, seed: int, effort: bool = False) -> dict:
-    """The expert on the same sequences, delay and noise; `effort`: the torque expert at 200 Hz on the
-    effort-driven ant (knowing its sensor delay, as in its training data)."""
-    errs, falls = [], 0
-    for ep in range(episodes):
-        noise = SensorNoise(**NOISE)
-        if effort:
-            ant = Ant(AntConfig(noise=noise, seed=seed + ep, obs_delay_s=obs_delay, drive="effort",
-                                timestep=EFFORT_TIMESTEP_S))  # fmt: skip
-            expert = EffortExpert(EffortExpertConfig(lookahead_s=obs_delay))
-        else:
-            ant = Ant(AntConfig(noise=noise, seed=seed + ep, obs_delay_s=obs_delay))
-            expert = Expert()
-        ant.reset(randomize=False)
-        period = expert.period
-        r = rollout(ant, expert.act, command_sequence(ep, seconds), period, stop_on_fall=True)
-        falls += int(r.fell)
-        errs.append(tracking_errors(r, period=period))
-    merged = merge_errors(errs)
-    return {"falls": falls, "vel_err": vel_error(merged), "per_skill": merged}
-
-
-# ---- ROS side ----------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Setting:
-    """One closed-loop configuration (a row of a sweep)."""
-
-    steps: int = 0  # 0 = the fused model's own K; else the denoiser model with this K
-    obs_delay_s: float = 0.04
-    compensate_delay: bool = True
-    real_time_factor: float = 1.0  # the sim's pace; < 1 gives every process more wall time per tick
-    blend: str = CONFIG_BLEND
-    spacing: str = ""  # denoiser rows: DDIM timestep spacing ("" = the denoiser card's)
-    remote: bool = False  # the policy in a policy_node process, chunks over DDS (and the link below)
-    link_delay_s: float = 0.0  # link_emulator between them when any of these is set
-    link_jitter_s: float = 0.0
-    link_loss: float = 0.0
-
-    @property
-    def link(self) -> bool:
-        return self.remote and (self.link_delay_s > 0 or self.link_jitter_s > 0 or self.link_loss > 0)
-
-    def label(self) -> str:
-        k = self.steps or "card"
-        comp = "on" if self.compensate_delay else "off"
-        spacing = f" {self.spacing}" if self.spacing else ""
-        where = f" rtf={self.real_time_factor:g}" if self.real_time_factor != 1.0 else ""
-        if self.remote:
-            where += " remote"
-            if self.link:
-                where += (f" link={self.link_delay_s * 1000:.0f}+-{self.link_jitter_s * 1000:.0f}ms "
-                          f"loss={self.link_loss * 100:.0f}%")  # fmt: skip
-        return f"K={k}{spacing} delay={self.obs_delay_s * 1000:.0f}ms comp={comp} blend={self.blend}{where}"
-
-
-def respaced(denoiser: Path, spacing: str, directory: Path) -> Path:
-    """A copy of a denoiser model whose card samples with `spacing` (the network is the same)."""
-    import shutil
-
-    card = card_of_model(denoiser)
-    if not spacing or card.diffusion.timestep_spacing == spacing:
-        return denoiser
-    out = directory / f"{denoiser.stem}_{spacing}.onnx"
-    shutil.copyfile(denoiser, out)
-    card = card.replace(diffusion=dataclasses.replace(card.diffusion, timestep_spacing=spacing))
-    card.to_onnx(out)
-    card.to_yaml(sidecar_path(out))
-    return out
-
-
-def model_of(setting: Setting, model: Path, denoiser: Path, directory: Path) -> Path:
-    """The .onnx a setting runs: the fused model, or the denoiser (respaced if asked) for a K row."""
-    return model if setting.steps == 0 else respaced(denoiser, setting.spacing, directory)
-
-
-class Processes:
-    """sim_node + controller_node as child processes in their own DDS domain; stopped with SIGINT."""
-
-    def __init__(
-        self,
-        setting: Setting,
-        seed: int,
-        log_dir: Path,
-        model: Path,
-        controller_threads: int = 1,
-        config: Path = CONFIG,
-        effort: bool = False,
-    ) -> None:
-        """`model`: the .onnx the controller runs (model_of(setting, ...)); `config` its params file;
-        `effort`: the sim's motors take torques (drive effort, 400 Hz physics, every sensor at the 200 Hz
-        control rate as in the model's training rows, /clock at every physics step)."""
-        self.env = dict(os.environ)
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-        py = sys.executable
-        sim_args = [
-            "-p",
-            f"real_time_factor:={setting.real_time_factor}",
-            "-p",
-            f"obs_delay_s:={setting.obs_delay_s}",
-            "-p",
-            f"seed:={seed}",
-            "-p",
-            "fall_reset:=false",
-            "-p",
-            "joint_states_rate_hz:=100.0",
-        ] + [a for k, v in NOISE.items() for a in ("-p", f"noise.{k}:={v}")]
-        if effort:
-            sim_args += ["-p", "drive:=effort", "-p", f"physics_timestep:={EFFORT_TIMESTEP_S}",
-                         "-p", "joint_states_rate_hz:=200.0", "-p", "imu_rate_hz:=200.0",
-                         "-p", "odom_rate_hz:=200.0", "-p", "clock_rate_hz:=400.0"]  # fmt: skip
-        ctl_args = [
-            "--params-file",
-            str(config),
-            "-p",
-            f"model_path:={model}",
-            "-p",
-            "use_sim_time:=true",
-            "-p",
-            f"compensate_delay:={str(setting.compensate_delay).lower()}",
-            "-p",
-            f"blend:={setting.blend}",
-            "-p",
-            f"steps:={setting.steps}",
-            "-p",
-            f"threads:={controller_threads}",
-            "-p",
-            f"seed:={seed}",
-            "-p",
-            "outputs.trajectory.enabled:=false",
+def sweep_settings(args: argparse.Namespace) -> list[Setting]:
+    """The rows of the sweeps `args.sweep` names (all of them when it names none)."""
+    sweeps = args.sweep or list(SWEEPS)
+    settings = []
+    if "k" in sweeps:
+        settings += [
+            Setting(steps=k, obs_delay_s=args.obs_delay, blend=args.blend, spacing=sp)
+            for sp in args.spacings
+            for k in args.ks
         ]
-        self._start("sim", [py, "-m", "diffusion_controller.sim.sim_node", "--ros-args", *sim_args], log_dir)
-        if setting.remote:
-            # Same parameters for the policy node (model, K, seed, observation sources); the controller
-            # loads no model. With a link, the policy publishes on chunk_tx and link_emulator relays.
-            chunk_topic = "policy/chunk_tx" if setting.link else "policy/chunk"
-            pairs = list(zip(ctl_args[::2], ctl_args[1::2], strict=True))
-            pol_args = [a for pair in pairs if not pair[1].startswith("outputs.") for a in pair]
-            self._start(
-                "policy",
-                [py, "-m", "diffusion_controller.ros.policy_node", "--ros-args", *pol_args,
-                 "-p", f"policy.chunk_topic:={chunk_topic}"],
-                log_dir,
-            )  # fmt: skip
-            if setting.link:
-                link = ["--in", "/policy/chunk_tx", "--out", "/policy/chunk", "--delay",
-                        str(setting.link_delay_s), "--jitter", str(setting.link_jitter_s), "--loss",
-                        str(setting.link_loss), "--seed", str(seed)]  # fmt: skip
-                self._start("link", [py, "-m", "diffusion_controller.sim.link_emulator", *link], log_dir)
-            ctl_args += ["-p", "policy.source:=remote"]
-        self._start(
-            "controller",
-            [py, "-m", "diffusion_controller.ros.controller_node", "--ros-args", *ctl_args],
-            log_dir,
-        )
-
-    def _start(self, name: str, cmd: list[str], log_dir: Path) -> None:
-        log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed when the process ends)
-        self.procs.append(
-            (name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT))
-        )
-
-    def alive(self) -> list[str]:
-        return [n for n, p in self.procs if p.poll() is not None]
-
-    def stop(self) -> dict[str, int | None]:
-        codes: dict[str, int | None] = {}
-        for _, p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for name, p in self.procs:
-            try:
-                codes[name] = p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                codes[name] = None
-        return codes
-
-
-class Operator:
-    """The bench's own ROS node: sends /cmd_vel, records ground truth, diagnostics and command timing."""
-
-    def __init__(self) -> None:
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from geometry_msgs.msg import Twist
-        from nav_msgs.msg import Odometry
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.parameter import Parameter
-        from std_msgs.msg import Float64MultiArray
-        from std_srvs.srv import Trigger
-
-        self.rclpy = rclpy
-        self.Twist, self.Trigger = Twist, Trigger
-        self.node = rclpy.create_node(
-            "closed_loop_operator", parameter_overrides=[Parameter("use_sim_time", value=True)]
-        )
-        self.cmd_pub = self.node.create_publisher(Twist, "/cmd_vel", 10)
-        self.reset_cli = self.node.create_client(Trigger, "/sim_node/reset")
-        self.lock = threading.Lock()
-        self.truth: list[tuple[float, float, float, float, bool]] = []  # t, vx, vy, wz, fallen
-        self.timing: list[tuple[float, ...]] = []
-        self.diag: dict[str, str] = {}
-        self.node.create_subscription(Odometry, "/sim_node/ground_truth", self._on_truth, 50)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
-        self.node.create_subscription(
-            Float64MultiArray, "/diffusion_controller/debug/command_timing", self._on_timing, 100
-        )
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def now(self) -> float:
-        return self.node.get_clock().now().nanoseconds * 1e-9
-
-    def _on_truth(self, msg) -> None:
-        q = msg.pose.pose.orientation
-        g = projected_gravity(np.array([q.x, q.y, q.z, q.w]))
-        fallen = msg.pose.pose.position.z < FALL_HEIGHT or g[2] > FALL_GRAVITY_Z
-        t = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-        v, w = msg.twist.twist.linear, msg.twist.twist.angular
-        with self.lock:
-            self.truth.append((t, v.x, v.y, w.z, fallen))
-
-    def _on_diag(self, msg) -> None:
-        with self.lock:
-            for st in msg.status:
-                if "diffusion_controller" in st.name and not st.name.endswith(": model"):
-                    for kv in st.values:
-                        self.diag[kv.key] = kv.value
-
-    def _on_timing(self, msg) -> None:
-        with self.lock:
-            self.timing.append(tuple(msg.data))
-
-    def send(self, cmd: tuple[float, float, float]) -> None:
-        m = self.Twist()
-        m.linear.x, m.linear.y, m.angular.z = cmd
-        self.cmd_pub.publish(m)
-
-    def wait_until(self, pred, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if pred():
-                return True
-            time.sleep(0.05)
-        return False
-
-    def reset_sim(self) -> None:
-        if not self.reset_cli.wait_for_service(timeout_sec=10.0):
-            raise RuntimeError("sim_node ~/reset service did not appear")
-        fut = self.reset_cli.call_async(self.Trigger.Request())
-        self.wait_until(fut.done, 5.0)
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self.node.destroy_node()
-
-
-def diag_number(diag: dict[str, str], *names: str) -> float:
-    for n in names:
-        if n in diag:
-            try:
-                return float(diag[n])
-            except ValueError:
-                return math.nan
-    return math.nan
-
-
-def run_episode(op: Operator, ep: int, seconds: float, control_period: float = PERIOD) -> dict:
-    """Reset the robot, stand 1 s, play the sequence (sim time), return its tracking metrics."""
-    op.send((0.0, 0.0, 0.0))
-    op.reset_sim()
-    t_settle = op.now() + 1.0
-    op.wait_until(lambda: op.now() >= t_settle, 10.0)
-    with op.lock:
-        op.truth.clear()
-        n_timing = len(op.timing)
-    seq = command_sequence(ep, seconds)
-    t0 = op.now()
-    bounds = np.cumsum([d for d, _ in seq])
-    fell = False
-    while True:
-        t = op.now() - t0
-        if t >= bounds[-1]:
-            break
-        i = int(np.searchsorted(bounds, t, side="right"))
-        op.send(seq[min(i, len(seq) - 1)][1])
-        with op.lock:
-            fell = any(x[4] for x in op.truth[-5:]) if op.truth else False
-        if fell:
-            break
-        time.sleep(0.02)
-    with op.lock:
-        truth = np.array(op.truth) if op.truth else np.zeros((0, 5))
-        timing = np.array(op.timing[n_timing:]) if len(op.timing) > n_timing else np.zeros((0, 7))
-    # align: command at each ground-truth sample from the schedule (both in sim time)
-    rel = truth[:, 0] - t0
-    keep = (rel >= 0) & (rel < bounds[-1])
-    truth, rel = truth[keep], rel[keep]
-    idx = np.minimum(np.searchsorted(bounds, rel, side="right"), len(seq) - 1)
-    commands = np.array([seq[i][1] for i in idx]) if len(idx) else np.zeros((0, 3))
-    r = Rollout(
-        obs=np.zeros((len(rel), 0)),
-        action=np.zeros((len(rel), 0)),
-        command=commands,
-        true_velocity=truth[:, 1:4] if len(truth) else np.zeros((0, 3)),
-        time=rel,
-        fell=fell,
-    )
-    stale = 0
-    if len(timing):
-        t_exec, t_action = timing[:, 1], timing[:, 2]
-        running = np.isfinite(t_action)
-        stale = int(np.sum(running & (t_action < t_exec - control_period / 2 - 1e-6)))
-    return {
-        "fell": fell or bool(len(truth) and truth[:, 4].any()),
-        "errors": tracking_errors(r, period=PERIOD),
-        "stale": stale,
-        "ticks": len(timing),
-        "trace": {"t": rel, "command": commands, "velocity": r.true_velocity},
-    }
-
-
-def run_setting(
-    setting: Setting,
-    episodes: int,
-    seconds: float,
-    seed: int,
-    log_dir: Path,
-    model: Path = MODEL,
-    denoiser: Path = DENOISER,
-    verbose: bool = True,
-    config: Path = CONFIG,
-) -> dict:
-    import rclpy
-
-    model = model_of(setting, model, denoiser, log_dir)  # once: a respaced denoiser is written here
-    card = card_of_model(model)
-    procs = Processes(setting, seed, log_dir, model, config=config, effort=card.action_kind == "effort")
-    rclpy.init()
-    op = Operator()
-    try:
-        ready = op.wait_until(
-            lambda: diag_number(op.diag, "state_code") == 1.0
-            or "RUNNING" in op.diag.values()
-            or len(op.timing) > 20,
-            60.0,
-        )
-        if not ready or procs.alive():
-            raise RuntimeError(f"nodes did not come up (exited: {procs.alive()}); see logs in {log_dir}")
-        results = []
-        for ep in range(episodes):
-            r = run_episode(op, ep, seconds, float(card.control_period_s))
-            results.append(r)
-            if verbose:
-                print(
-                    f"  episode {ep + 1}/{episodes}: fell={r['fell']} vel_err={vel_error(r['errors']):.3f} "
-                    f"stale={r['stale']}",
-                    flush=True,
-                )
-        time.sleep(1.5)  # one more diagnostics period
-        with op.lock:
-            diag = dict(op.diag)
-    finally:
-        op.close()
-        rclpy.shutdown()
-        codes = procs.stop()
-    merged = merge_errors([r["errors"] for r in results])
-    if results:
-        setting_plot = log_dir / f"velocity_{len(list(log_dir.glob('velocity_*.png')))}.png"
-        plot(setting_plot, results[0]["trace"], f"policy, {setting.label()}, episode 1")
-    return {
-        **dataclasses.asdict(setting),
-        "setting": setting.label(),
-        "steps": setting.steps or card.steps,  # the K that ran
-        "spacing": card.diffusion.timestep_spacing,
-        "sampler": card.sampler_kind,
-        "model": card.name,
-        "episodes": episodes,
-        "falls": sum(r["fell"] for r in results),
-        "policy_vel_err": vel_error(merged),
-        "per_skill": merged,
-        "stale_actions_published": sum(r["stale"] for r in results),
-        "missed_steps": diag_number(diag, "missed_steps"),
-        "missed_ticks": diag_number(diag, "missed_ticks"),
-        "inference_ms_p50": diag_number(diag, "inference_p50_ms"),  # request -> usable at a tick
-        "inference_ms_p99": diag_number(diag, "inference_p99_ms"),
-        "compute_ms_p50": diag_number(diag, "compute_p50_ms"),  # the model alone
-        "compute_ms_p99": diag_number(diag, "compute_p99_ms"),
-        "provider": diag.get("provider", "?"),
-        "chunks_received": diag_number(diag, "chunks_received"),
-        "chunks_dropped": diag_number(diag, "chunks_dropped"),
-        "chunks_refused": diag_number(diag, "chunks_refused"),
-        "safe_entries": diag_number(diag, "safe_entries"),
-        "exit_codes": codes,
-    }
-
-
-def plot(path: Path, trace: dict, title: str) -> None:
-    """Commanded vs achieved forward velocity and yaw rate over one episode (gait-cycle averaged)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t, cmd, vel = trace["t"], trace["command"], trace["velocity"]
-    w = max(1, round((2.0 / 3.0) / PERIOD))  # one 1.5 Hz gait cycle, as tracking_errors averages
-    fig, axes = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
-    for ax, j, name, unit in ((axes[0], 0, "forward velocity", "m/s"), (axes[1], 2, "yaw rate", "rad/s")):
-        ax.plot(t, cmd[:, j], "k--", lw=1.5, label="commanded")
-        ax.plot(t, vel[:, j], color="tab:blue", alpha=0.25, lw=0.8, label="achieved (raw)")
-        if len(t) > w:
-            smooth = np.convolve(vel[:, j], np.ones(w) / w, mode="same")
-            ax.plot(t, smooth, color="tab:blue", lw=1.8, label="achieved (gait-cycle mean)")
-        ax.set_ylabel(f"{name} ({unit})")
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(loc="upper right", fontsize=8)
-    axes[1].set_xlabel("time (s, sim)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def summarize(rows: list[dict], reference: Setting) -> dict:
-    """The --json object: totals over all rows; the headline errors are the reference setting's row (what a
-    plain run measures), not whichever row of a sweep ran first."""
-    ref = next((r for r in rows if r["setting"] == reference.label()), rows[0])
-    return {
-        "episodes": sum(r["episodes"] for r in rows),
-        "falls": sum(r["falls"] for r in rows),
-        "reference_setting": reference.label(),
-        "policy_vel_err": ref["policy_vel_err"],
-        "expert_vel_err": ref["expert_vel_err"],
-        "missed_steps": sum(r["missed_steps"] for r in rows if not math.isnan(r["missed_steps"])),
-        "rows": rows,
-    }
+    if "delay" in sweeps:
+        settings += [
+            Setting(obs_delay_s=d, compensate_delay=c, blend=args.blend)
+            for d in (0.0, 0.02, 0.04, 0.08)
+            for c in (True, False)
+        ]
+    if "blend" in sweeps:
+        # A model no prefix can steer (one pass from full noise, distilled) cannot inpaint: that row
+        # runs the denoiser at its card's K instead, and its setting says so (K=...).
+        steerable = card_of_model(args.model).sampler_inpainting
+        den_k = card_of_model(args.denoiser).steps
+        for b in BLEND_MODES:
+            k = den_k if b == "inpaint" and not steerable else 0
+            settings.append(Setting(obs_delay_s=args.obs_delay, blend=b, steps=k))
+    if "remote" in sweeps:  # issue 25's target rows: local vs the policy behind a link
+        base = Setting(obs_delay_s=args.obs_delay, blend=args.blend)
+        settings += [
+            base,
+            dataclasses.replace(base, remote=True, link_delay_s=0.1, link_jitter_s=0.02, link_loss=0.05),
+            dataclasses.replace(base, remote=True, link_delay_s=0.25),
+        ]
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -576,158 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         "--spacings", nargs="+", choices=TIMESTEP_SPACINGS, default=["leading", "trailing"],
         help="timestep spacings of the K sweep",
     )  # fmt: skip
-    p.add_argument("--obs-delay", type=float, default=0.04)
-    p.add_argument(
-        "--no-compensation", action="store_true",
-        help="compensate_delay false: chunks stamped with the inference start (sweeps vary it)",
-    )  # fmt: skip
-    p.add_argument(
-        "--blend", choices=BLEND_MODES, default=None,
-        help=f"the node's blend (default: the config's; config/ant.yaml: {CONFIG_BLEND}; sweeps vary it)",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--remote",
-        action="store_true",
-        help="policy_node + controller_node (policy.source remote) instead of one node",
-    )
-    p.add_argument("--link-delay", type=float, default=0.0, help="--remote: one-way chunk link delay (s)")
-    p.add_argument("--link-jitter", type=float, default=0.0, help="--remote: uniform +- jitter (s)")
-    p.add_argument("--link-loss", type=float, default=0.0, help="--remote: chunk loss probability")
-    p.add_argument(
-        "--real-time-factor", type=float, default=1.0,
-        help="the sim's pace (sim s per wall s); 0.5 halves the CPU load per sim second (diagnostics)",
-    )  # fmt: skip
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--model", type=Path, default=MODEL, help="fused .onnx to evaluate")
+    demo.add_options(p)
     p.add_argument("--denoiser", type=Path, default=DENOISER, help="denoiser .onnx for the K sweep")
-    p.add_argument(
-        "--config", type=Path, default=None,
-        help="the node's params file (default: config/ant.yaml; config/ant_effort.yaml for an effort model)",
-    )  # fmt: skip
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "closed_loop")
     args = p.parse_args(argv)
     if args.demo:
-        args.episodes, args.seconds = 1, 20.0
-    elif args.quick:
+        args.seconds = demo.DEMO_SECONDS
+        return demo.run(p, args)
+    if args.quick:
         args.episodes, args.seconds, args.sweep_episodes = 3, 14.0, 1
-    if not args.model.exists():
-        print(f"no model at {args.model}", file=sys.stderr)
+    prepared = demo.prepare(p, args)
+    if prepared is None:
         return 2
-    if args.seconds < 10.0:
-        p.error("--seconds must be at least 10 (stand, two skills, stand)")
-    effort = card_of_model(args.model).action_kind == "effort"
-    if args.config is None:
-        args.config = EFFORT_CONFIG if effort else CONFIG
-    if args.blend is None:
-        args.blend = str(load_params_file(str(args.config)).get("blend", "none"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    dds.one_host_udp(os.environ)
-    os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
-    log_dir = Path(tempfile.mkdtemp(prefix="closed_loop_"))
-
-    # The config's delay compensation unless --no-compensation (the effort model was trained without it).
-    compensate = not args.no_compensation and bool(
-        load_params_file(str(args.config)).get("compensate_delay", True)
-    )
-    reference = Setting(obs_delay_s=args.obs_delay, compensate_delay=compensate, blend=args.blend,
-                        remote=args.remote, link_delay_s=args.link_delay, link_jitter_s=args.link_jitter,
-                        link_loss=args.link_loss, real_time_factor=args.real_time_factor)  # fmt: skip
-    settings = [reference]
-    if args.sweep is not None:
-        sweeps = args.sweep or list(SWEEPS)
-        settings = []
-        if "k" in sweeps:
-            settings += [
-                Setting(steps=k, obs_delay_s=args.obs_delay, blend=args.blend, spacing=sp)
-                for sp in args.spacings
-                for k in args.ks
-            ]
-        if "delay" in sweeps:
-            settings += [
-                Setting(obs_delay_s=d, compensate_delay=c, blend=args.blend)
-                for d in (0.0, 0.02, 0.04, 0.08)
-                for c in (True, False)
-            ]
-        if "blend" in sweeps:
-            # A model no prefix can steer (one pass from full noise, distilled) cannot inpaint: that row
-            # runs the denoiser at its card's K instead, and its setting says so (K=...).
-            steerable = card_of_model(args.model).sampler_inpainting
-            den_k = card_of_model(args.denoiser).steps
-            for b in BLEND_MODES:
-                k = den_k if b == "inpaint" and not steerable else 0
-                settings.append(Setting(obs_delay_s=args.obs_delay, blend=b, steps=k))
-        if "remote" in sweeps:  # issue 25's target rows: local vs the policy behind a link
-            base = Setting(obs_delay_s=args.obs_delay, blend=args.blend)
-            settings += [
-                base,
-                dataclasses.replace(base, remote=True, link_delay_s=0.1, link_jitter_s=0.02, link_loss=0.05),
-                dataclasses.replace(base, remote=True, link_delay_s=0.25),
-            ]
+    reference, effort, log_dir = prepared
+    settings = [reference] if args.sweep is None else sweep_settings(args)
     episodes = args.sweep_episodes if args.sweep is not None else args.episodes
-
-    rows = []
-    expert_cache: dict[float, dict] = {}
-    for s in settings:
-        print(f"[closed_loop] {s.label()}: {episodes} episode(s) of {args.seconds:.0f} s", flush=True)
-        row = run_setting(
-            s, episodes, args.seconds, args.seed, log_dir, args.model, args.denoiser, config=args.config
-        )
-        if s.obs_delay_s not in expert_cache:
-            expert_cache[s.obs_delay_s] = run_expert(episodes, args.seconds, s.obs_delay_s, args.seed, effort)
-        ex = expert_cache[s.obs_delay_s]
-        row["expert_vel_err"] = ex["vel_err"]
-        row["expert_falls"] = ex["falls"]
-        row["expert_per_skill"] = ex["per_skill"]
-        row["ratio_to_expert"] = row["policy_vel_err"] / ex["vel_err"] if ex["vel_err"] else math.nan
-        rows.append(row)
-
-    print()
-    print(
-        f"{'setting':<80} {'falls':>5} {'policy err':>10} {'expert err':>10} {'ratio':>6} {'missed':>6} "
-        f"{'stale':>5} {'model ms p50/p99':>17}"
-    )
-    for r in rows:
-        print(
-            f"{r['setting']:<80} {r['falls']:>2}/{r['episodes']:<2} {r['policy_vel_err']:>10.3f} "
-            f"{r['expert_vel_err']:>10.3f} {r['ratio_to_expert']:>6.2f} {r['missed_steps']:>6.0f} "
-            f"{r['stale_actions_published']:>5} {r['compute_ms_p50']:>8.2f}/{r['compute_ms_p99']:<8.2f}"
-        )
-    if args.sweep is None:
-        r = rows[0]
-        print()
-        for who, key in (("policy", "per_skill"), ("expert", "expert_per_skill")):
-            per_skill = ", ".join(f"{k} {v['vx'] + v['vy'] + v['wz']:.3f}" for k, v in r[key].items())
-            print(f"per skill ({who}): {per_skill}")
-    if args.demo:
-        r = rows[0]
-        where = ""
-        if r["remote"]:
-            where = " from a policy node in its own process"
-            if r["link_delay_s"] or r["link_jitter_s"] or r["link_loss"]:
-                where += (f" behind a {r['link_delay_s'] * 1000:.0f} +- {r['link_jitter_s'] * 1000:.0f} ms "
-                          f"link losing {r['link_loss'] * 100:.0f}% of the chunks")  # fmt: skip
-        print(
-            f"\nThe diffusion policy ({args.model.name}){where} drove the simulated ant through ROS for "
-            f"{args.seconds:.0f} s of stand/walk/turn commands with {r['obs_delay_s'] * 1000:.0f} ms sensor "
-            f"delay: {'no fall' if r['falls'] == 0 else 'it FELL'}, "
-            f"velocity-tracking error {r['policy_vel_err']:.3f} "
-            f"(the expert gait: {r['expert_vel_err']:.3f}), {r['stale_actions_published']} stale actions, "
-            + (
-                f"model {r['compute_ms_p50']:.1f} ms per chunk on {r['provider']}."
-                if not r["remote"]
-                else f"chunks {r['inference_ms_p50']:.0f} ms old on arrival (p50), "
-                f"{r['missed_steps']:.0f} missed steps."
-            )
-        )
-    summary = summarize(rows, reference)
-    (args.out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
-    pngs = sorted(log_dir.glob("velocity_*.png"))
-    if pngs:
-        (args.out / "velocity.png").write_bytes(pngs[0].read_bytes())
-        print(f"plot of commanded vs achieved velocity: {args.out / 'velocity.png'}")
-    if args.json:
-        print(json.dumps(summary, default=str))
+    rows = demo.evaluate(settings, args, episodes, effort, log_dir)
+    demo.report(rows, reference, args, log_dir, sweep=args.sweep is not None, demo=False)
     return 0
 
 

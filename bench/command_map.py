@@ -22,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from diffusion_controller.core.runtime import Policy
+from diffusion_controller.sim.ant import CONTROL_PERIOD_S, Ant, AntConfig, SensorNoise
+from diffusion_controller.sim.evaluate import rollout
+from diffusion_controller.sim.expert import Expert
 
-from diffusion_controller.core.runtime import Policy  # noqa: E402
-from diffusion_controller.sim.ant import CONTROL_PERIOD_S, Ant, AntConfig, SensorNoise  # noqa: E402
-from diffusion_controller.sim.evaluate import rollout  # noqa: E402
-from diffusion_controller.sim.expert import Expert  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL = ROOT / "models" / "ant_locomotion.onnx"
 # (axis, value): axis 0 = vx (m/s), 2 = wz (rad/s); the dataset covers |vx| 0.1-0.5 and |wz| 0.3-1.5.

@@ -65,7 +65,7 @@ def make_models(model_dir: Path, steps: int) -> list[Path]:
     paths = [model_dir / f"bench_loop_k{steps}_{tag}" / f"bench_loop_k{steps}_{tag}.onnx" for tag in "ab"]
     if all(p.exists() for p in paths):
         return paths
-    from diffusion_controller.training.tiny import make_tiny_model
+    from tiny_models import make_tiny_model
 
     for seed, p in enumerate(paths):
         if not p.exists():

@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from diffusion_controller.core import providers

@@ -30,10 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "test"))  # the harness shared with the test suite
-
-from diffusion_controller.ros import dds  # noqa: E402
+from diffusion_controller.ros import dds
 
 TRANSPORTS = ("profile", "node-default", "shm")
 JOIN_S, BETWEEN_S = 2.0, 1.0
@@ -104,12 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     joins = 10 if args.quick else args.joins
     set_transport(args.transport)
 
-    import hardening as hd
+    from hardening.harness import Harness
+    from hardening.models import Models
+    from hardening.node import RUNNING, STATE, TICK
+    from hardening.sensors import child
 
     out = Path(tempfile.mkdtemp(prefix="participant_join_"))
     witness_file = out / "witness.json"
     join_times: list[float] = []
-    with hd.Harness(hd.Models(out / "models")) as h:
+    with Harness(Models(out / "models")) as h:
         node = h.main
         time.sleep(2.0)
         seconds = 4.0 + joins * (JOIN_S + BETWEEN_S)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         for _ in range(joins):
             join_times.append(time.time())
-            other = subprocess.Popen([sys.executable, hd.__file__, "--wrong-types"], stdin=subprocess.PIPE)
+            other = child("--wrong-types", stdin=subprocess.PIPE)
             time.sleep(JOIN_S)
             other.stdin.close()
             other.wait(10.0)
@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         witness.wait(seconds + 30.0)
         timing = node.timing()
         transport_line = next((ln for ln in node.log().splitlines() if "DDS:" in ln), "")
-    ticks, state = timing[:, hd.TICK], timing[:, hd.STATE]
+    ticks, state = timing[:, TICK], timing[:, STATE]
     after = ticks >= t0
-    node_eps = episodes(ticks[after], state[after] == hd.RUNNING, node.period)
+    node_eps = episodes(ticks[after], state[after] == RUNNING, node.period)
     stamps = np.array(json.loads(witness_file.read_text())) if witness_file.exists() else np.zeros(0)
     stamps = stamps[stamps >= t0]
     gaps = np.diff(stamps)

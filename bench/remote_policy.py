@@ -32,10 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from diffusion_controller.ros import dds
 
-from diffusion_controller.ros import dds  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL = ROOT / "models" / "ant_locomotion.onnx"
 CONFIG = ROOT / "config" / "ant.yaml"
@@ -265,7 +264,7 @@ def fleet(robots: int, seconds: float, batch: bool, log_dir: Path) -> dict:
 
 
 def link(seconds: float, log_dir: Path, local: bool = False) -> dict:
-    from diffusion_controller.training.tiny import make_tiny_model
+    from tiny_models import make_tiny_model
 
     model = make_tiny_model(log_dir / "tiny", name="tiny_100hz", horizon=16, period=0.01)
     procs = Procs(log_dir)

@@ -1,6 +1,6 @@
 """Robustness benchmark: faults, bad input and load against the controller node as a real process.
 
-Not a test, but the same scenarios as test/test_hardening_*.py (test/hardening.py holds them: setup ->
+Not a test, but the same scenarios as test/test_hardening_*.py (bench/hardening/ holds them: setup ->
 inject -> observe -> verdict), run in one go with the load at full length, held to zero missed ticks
 (those inside a stall the real-time sensor process suffered too are shown apart as the machine's),
 and summarized. Processes: the controller node(s) (config/ant.yaml, a tiny random policy, CPU, nice -10
@@ -30,10 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "test"))  # the scenarios and ROS helpers shared with the test suite
-
-from diffusion_controller.ros import dds  # noqa: E402
+from diffusion_controller.ros import dds
 
 #: One bad input per topic and the replace-mode ones (--quick).
 QUICK_INPUT = {
@@ -67,25 +64,28 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ROS_DOMAIN_ID", str(60 + os.getpid() % 40))
     dds.one_host_udp(os.environ)
 
-    import hardening as hd
+    from hardening.harness import SCENARIOS, Harness, Result
+    from hardening.load import LOAD_SECONDS
+    from hardening.models import Models
+    from hardening.scenarios import in_order, run
 
     load_s = args.load_seconds or (10.0 if args.quick else 60.0)
-    hd.LOAD_SECONDS.update(baseline=min(load_s, 20.0), sensor_load=load_s, flood_10x=max(load_s / 3, 5.0))
+    LOAD_SECONDS.update(baseline=min(load_s, 20.0), sensor_load=load_s, flood_10x=max(load_s / 3, 5.0))
     selected = [
         s.name
-        for s in hd.SCENARIOS.values()
+        for s in in_order()
         if (args.only is None or s.name in args.only or s.group in args.only)
         and not (args.quick and args.only is None and s.group == "input" and s.name not in QUICK_INPUT)
     ]
     model_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="robustness_models_"))
     load0, t_start = os.getloadavg(), time.monotonic()
-    results: list[hd.Result] = []
+    results: list[Result] = []
     main_exit = None
-    with hd.Harness(hd.Models(model_dir), node_nice=args.node_nice, missed_tick_budget=0.0) as h:
+    with Harness(Models(model_dir), node_nice=args.node_nice, missed_tick_budget=0.0) as h:
         for name in selected:
-            sc = hd.SCENARIOS[name]
+            sc = SCENARIOS[name]
             print(f"[robustness] {sc.group:6s} {name} ...", file=sys.stderr, flush=True)
-            r = hd.run(h, name)
+            r = run(h, name)
             results.append(r)
             if not r.passed:
                 print("  " + r.report().replace("\n", "\n  "), file=sys.stderr, flush=True)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             figs += f" rss_growth_mb={r.rss_growth_mb:.2f}"
         unsafe = sum(r.unsafe.values())
         print(
-            f"  {r.name:34s} {hd.SCENARIOS[r.name].group:6s} {'pass' if r.passed else 'FAIL':6s} "
+            f"  {r.name:34s} {SCENARIOS[r.name].group:6s} {'pass' if r.passed else 'FAIL':6s} "
             f"{r.ticks:6d} {r.missed_ticks:6d} {r.stall_ticks:5d} {unsafe:6d} {r.lost_messages:5d}  {figs}"
         )
     for r in results:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "load": {
             r.name: {k: v for k, v in r.figures.items()} | {"rss_growth_mb": r.rss_growth_mb}
             for r in results
-            if hd.SCENARIOS[r.name].group == "load"
+            if SCENARIOS[r.name].group == "load"
         },
         "models": calib,
         "machine": {
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_end": load1[0],
             "node_nice": args.node_nice,
         },
-        "load_seconds": dict(hd.LOAD_SECONDS),
+        "load_seconds": dict(LOAD_SECONDS),
         "duration_s": time.monotonic() - t_start,
     }
     print(

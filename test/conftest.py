@@ -21,8 +21,9 @@ MISSED_TICK_BUDGET, MISSED_TICK_FLOOR = 0.02, 2
 
 @pytest.fixture(scope="module")
 def hardening_harness(tmp_path_factory):
-    """The node under test plus its sensor feeder and probes (test/hardening.py), one per test module."""
-    from hardening import Harness, Models
+    """The node under test plus its sensor feeder and probes (bench/hardening/), one per test module."""
+    from hardening.harness import Harness
+    from hardening.models import Models
 
     models = Models(tmp_path_factory.mktemp("models"))
     with Harness(

@@ -6,12 +6,9 @@ import math
 import sys
 from pathlib import Path
 
+import control_loop as cl
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import control_loop as cl
 
 
 def rows(ticks, action_times=None, period=0.02):

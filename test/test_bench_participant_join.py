@@ -9,11 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import participant_join as pj
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import participant_join as pj  # noqa: E402
 
 
 def test_episodes_are_runs_of_non_running_ticks_after_the_first_running_one():

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 from gpu_fakes import Factory, fake_gpu
+from tiny_models import make_tiny_model
 
 from diffusion_controller.core import build_engine, providers
-from diffusion_controller.training.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")

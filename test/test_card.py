@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from tiny_models import ANT_JOINTS, tiny_card
 
 from diffusion_controller.core.card import CardError, ModelCard
 from diffusion_controller.core.card_schema import FORMAT, METADATA_KEY
 from diffusion_controller.core.onnx_metadata import read_onnx_metadata
-from diffusion_controller.training.tiny import ANT_JOINTS, tiny_card
 
 
 def full_dict() -> dict:

@@ -1,9 +1,10 @@
-"""End to end: the shipped model drives the simulated ant through ROS, as `scripts/demo` does.
+"""End to end: the shipped model drives the simulated ant through ROS: the demo (`scripts/demo`).
 
-Starts sim_node and controller_node as processes (bench/closed_loop.py's own machinery, one short
-episode with 40 ms observation delay) and checks what a user would: the robot does not fall, it goes the
-commanded way about as well as the expert, no stale action is ever executed, and both processes exit 0.
-The full evaluation (20 episodes, sweeps) is the benchmark itself.
+Runs the demo's entry point (diffusion_controller/sim/demo.py, `diffusion_controller_demo`: sim_node and
+controller_node as processes, one short episode with 40 ms observation delay) and checks what a user
+would: the robot does not fall, it goes the commanded way about as well as the expert, no stale action is
+ever executed, and both processes exit 0. The full evaluation (20 episodes, sweeps) is
+bench/closed_loop.py, on the same machinery (sim/closed_loop.py, sim/episode.py).
 """
 
 from __future__ import annotations
@@ -11,26 +12,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import closed_loop  # noqa: E402
+from diffusion_controller.sim import closed_loop, demo
+from diffusion_controller.sim.episode import run_expert
 
 
 @pytest.mark.ros
-def test_shipped_model_walks_and_turns_the_simulated_ant(tmp_path: Path) -> None:
+def test_shipped_model_walks_and_turns_the_simulated_ant(tmp_path: Path, capsys) -> None:
     assert closed_loop.MODEL.exists(), "the shipped model is missing"
-    setting = closed_loop.Setting(obs_delay_s=0.04)
-    row = closed_loop.run_setting(setting, episodes=1, seconds=14.0, seed=7, log_dir=tmp_path, verbose=False)
-    expert = closed_loop.run_expert(1, 14.0, 0.04, seed=7)
+    # The demo's entry point as scripts/demo runs it (40 ms observation delay), one 14 s episode.
+    rc = demo.main(["--seconds", "14", "--seed", "7", "--out", str(tmp_path), "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    said = "The diffusion policy (ant_locomotion.onnx) drove the simulated ant through ROS"
+    assert said in out, out[-3000:]
+    row = json.loads(out.strip().splitlines()[-1])["rows"][0]
+    assert row["obs_delay_s"] == 0.04 and row["model"] == "ant_locomotion", row["setting"]
+    expert = {"vel_err": row["expert_vel_err"]}  # run_expert(1, 14.0, 0.04, seed=7), in the same run
     summary = {k: row[k] for k in ("exit_codes", "falls", "stale_actions_published", "missed_steps",
                                     "missed_ticks", "policy_vel_err", "compute_ms_p50")}
-    summary["logs"] = str(tmp_path)
+    summary["output"] = out[-2000:]
     assert row["exit_codes"] == {"sim": 0, "controller": 0}, summary
     assert row["falls"] == 0, summary
     assert row["stale_actions_published"] == 0, summary
@@ -42,7 +46,7 @@ def test_shipped_model_walks_and_turns_the_simulated_ant(tmp_path: Path) -> None
     # of a noise-predicting model measured 7.6-9x, a random model 14x. 3.5x separates them without
     # failing on one noisy episode.
     assert row["policy_vel_err"] < 3.5 * expert["vel_err"], (summary, expert["vel_err"], row["per_skill"])
-    assert (tmp_path / "velocity_0.png").stat().st_size > 10_000
+    assert (tmp_path / "velocity.png").stat().st_size > 10_000
 
 
 @pytest.mark.ros
@@ -51,12 +55,12 @@ def test_the_effort_model_drives_the_torque_driven_ant_through_ros(tmp_path: Pat
     clean exits, no stale action, tracking within 3.5x its expert (measured 1.72x at this pace; the sim at
     half speed so a loaded test machine keeps the 5 ms ticks: docs/RESULTS.md 2026-12-04)."""
     model = closed_loop.ROOT / "models" / "ant_effort.onnx"
-    # config/ant_effort.yaml's own delay handling and blend (bench/closed_loop.py passes them on).
+    # config/ant_effort.yaml's own delay handling and blend (the demo and bench/closed_loop.py pass them on).
     setting = closed_loop.Setting(obs_delay_s=0.04, compensate_delay=False, blend="none",
                                   real_time_factor=0.5)  # fmt: skip
     row = closed_loop.run_setting(setting, episodes=1, seconds=12.0, seed=3, log_dir=tmp_path, model=model,
                                   verbose=False, config=closed_loop.EFFORT_CONFIG)  # fmt: skip
-    expert = closed_loop.run_expert(1, 12.0, 0.04, seed=3, effort=True)
+    expert = run_expert(1, 12.0, 0.04, seed=3, effort=True)
     summary = {k: row[k] for k in ("exit_codes", "falls", "stale_actions_published", "missed_steps",
                                     "missed_ticks", "policy_vel_err")}  # fmt: skip
     assert row["model"] == "ant_effort" and row["exit_codes"] == {"sim": 0, "controller": 0}, summary
@@ -74,7 +78,7 @@ def test_sweep_summary_headlines_the_reference_setting_not_the_first_row() -> No
          "policy_vel_err": e, "expert_vel_err": 0.05}
         for s, f, m, e in zip(sweep, (0, 1, 0), (0.0, 3.0, math.nan), (0.6, 0.06, 0.07), strict=True)
     ]  # fmt: skip
-    summary = closed_loop.summarize(rows, reference)
+    summary = demo.summarize(rows, reference)
     assert summary["policy_vel_err"] == 0.06 and summary["expert_vel_err"] == 0.05
     assert summary["reference_setting"] == reference.label()
     assert (summary["episodes"], summary["falls"], summary["missed_steps"]) == (6, 1, 3.0)

@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import command_map  # noqa: E402
+import command_map
 
 
 def test_shipped_model_has_no_dead_zone_and_no_runaway(capsys) -> None:

@@ -215,7 +215,7 @@ def wait_log(proc: NodeProcess, text: str, timeout: float = 20.0) -> bool:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """Tiny models: a main one, a second one to swap to, and ones that must be refused."""
-    from diffusion_controller.training.tiny import ant_features, make_tiny_model
+    from tiny_models import ant_features, make_tiny_model
 
     d = tmp_path_factory.mktemp("models")
     out = {
@@ -710,9 +710,10 @@ def test_the_rate_limit_holds_between_any_two_published_commands_whatever_the_li
 
 def effort_model(directory: Path) -> Path:
     """A tiny policy whose card says its actions are joint torques (N m, +-150)."""
+    from tiny_models import make_tiny_model
+
     from diffusion_controller.core.card import ModelCard
     from diffusion_controller.core.card_source import sidecar_path
-    from diffusion_controller.training.tiny import make_tiny_model
 
     path = make_tiny_model(directory, name="tiny_effort", seed=5)
     limits = {"action_lower": np.full(8, -150.0), "action_upper": np.full(8, 150.0)}

@@ -6,19 +6,15 @@ this checks the path, not the quality (bench/closed_loop.py measures that on a f
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from diffusion_controller.sim import closed_loop, demonstrate
+from diffusion_controller.training import bag_dataset, export, train
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import closed_loop  # noqa: E402
-
-from diffusion_controller.sim import demonstrate  # noqa: E402
-from diffusion_controller.training import bag_dataset, export, train  # noqa: E402
 
 
 @pytest.mark.ros

@@ -40,7 +40,7 @@ def _model() -> str:
     if shipped.exists():
         return str(shipped)
     pytest.importorskip("torch")
-    from diffusion_controller.training.tiny import make_tiny_model
+    from tiny_models import make_tiny_model
 
     return str(make_tiny_model(Path(tempfile.mkdtemp(prefix="dc_launch_")), name="tiny_launch"))
 

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from tiny_models import tiny_card, tiny_network
 
 from diffusion_controller.core import runtime
 from diffusion_controller.core.card import CardError, ModelCard
@@ -20,7 +21,6 @@ from diffusion_controller.training import export as export_mod
 from diffusion_controller.training.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_controller.training.export import DenoiserPolicy, FusedPolicy, export_onnx, main
 from diffusion_controller.training.network import DiffusionTransformer, NetworkConfig
-from diffusion_controller.training.tiny import tiny_card, tiny_network
 
 TOL = 1e-4
 

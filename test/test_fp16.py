@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from tiny_models import tiny_card, tiny_network
 
 from diffusion_controller.core.card import CardError, ModelCard
 from diffusion_controller.core.runtime import Policy
 from diffusion_controller.training import fp16
 from diffusion_controller.training.export import export_onnx, main
-from diffusion_controller.training.tiny import tiny_card, tiny_network
 
 F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
 

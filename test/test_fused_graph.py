@@ -12,13 +12,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from tiny_models import tiny_card, tiny_network
 
 from diffusion_controller.core import providers, session
 from diffusion_controller.core.card import ModelCard
 from diffusion_controller.core.runtime import ModelError, Policy
 from diffusion_controller.training.export import FusedPolicy, export_onnx
 from diffusion_controller.training.network import DiffusionTransformer, NetworkConfig
-from diffusion_controller.training.tiny import tiny_card, tiny_network
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4

@@ -1,17 +1,10 @@
-"""The hardening harness' own bookkeeping (test/hardening.py): what counts as a missed tick, and whose."""
+"""The hardening harness' own bookkeeping (bench/hardening/): what counts as a missed tick, and whose."""
 
 import time
 
 import numpy as np
-from hardening import (
-    RUNNING,
-    SAFE,
-    STALL_MIN_S,
-    SensorStreams,
-    _feeder_command,
-    count_missed,
-    count_stall_safe,
-)
+from hardening.node import RUNNING, SAFE, count_missed, count_stall_safe
+from hardening.sensors import STALL_MIN_S, SensorStreams, _feeder_command
 
 PERIOD = 0.02
 

@@ -195,8 +195,9 @@ def test_control_ticks_never_wait_for_a_slow_predict():
 
 def test_control_core_runs_a_real_exported_policy(tmp_path):
     """The real card, runtime Policy and worker thread, on a simulated clock (waiting for each result)."""
+    from tiny_models import make_tiny_model
+
     from diffusion_controller.core.runtime import Policy
-    from diffusion_controller.training.tiny import make_tiny_model
 
     policy = Policy.load(make_tiny_model(tmp_path, graph="fused"), provider="cpu", log=lambda s: None)
     card = policy.card

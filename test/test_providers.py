@@ -16,11 +16,11 @@ import onnxruntime as ort
 import pytest
 from gpu_fakes import BOTH, Factory, GpuStandIn, Sub, fake_gpu
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+from tiny_models import make_tiny_model
 
 from diffusion_controller.core import providers as pv
 from diffusion_controller.core.providers import CPU, CUDA, TRT
 from diffusion_controller.core.runtime import ModelError, Policy
-from diffusion_controller.training.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")

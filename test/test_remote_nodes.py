@@ -64,7 +64,7 @@ def remote_controller(model: Path, *extra: str) -> NodeProcess:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    from diffusion_controller.training.tiny import make_tiny_model
+    from tiny_models import make_tiny_model
 
     d = tmp_path_factory.mktemp("models")
     return {

@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from tiny_models import make_tiny_model
 
 from diffusion_controller.core.card import CardError, ModelCard
 from diffusion_controller.core.card_schema import METADATA_KEY
 from diffusion_controller.core.card_source import sidecar_path
 from diffusion_controller.core.providers import gpu_provider_problem as _gpu_provider_problem
 from diffusion_controller.core.runtime import CUDA, TRT, ModelError, Policy
-from diffusion_controller.training.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")

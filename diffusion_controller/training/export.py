@@ -52,7 +52,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -182,6 +182,16 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+class _Check(NamedTuple):
+    """What an exported graph is checked against: example inputs (by role), the graph's input roles in
+    order, torch's output for them, and the graph kind."""
+
+    inputs: dict[str, np.ndarray]
+    in_names: tuple[str, ...]
+    expected: np.ndarray
+    graph: str
+
+
 def export_onnx(
     network: DiffusionTransformer,
     card: ModelCard,
@@ -207,6 +217,38 @@ def export_onnx(
     """
     import onnx
 
+    ops = _checked_options(graph, weights, ops, opset, int8_form, precision)
+    card = _export_card(network, card, graph, steps, eta, ops, weights, timestep_spacing)
+    steps, eta = card.steps, card.eta
+    in_names, out_names = GRAPH_INPUTS[graph], GRAPH_OUTPUTS[graph]
+
+    module = FusedPolicy(network, card, steps, eta) if graph == "fused" else DenoiserPolicy(network, card)
+    module.eval()  # the exporter restores the module's mode afterwards: it must be eval (no dropout)
+    inputs = example_inputs(card, graph, steps, eta)
+    args = tuple(torch.from_numpy(inputs[r]) for r in in_names)
+    with torch.no_grad():
+        expected = module(*args).numpy()
+    if ops == "ort_fused":
+        model = build_fused(network, card, card.diffusion.plan(steps, eta), eta)
+    else:
+        model = _torch_export(module, args, in_names, out_names, opset)
+    model.producer_name = "diffusion_controller.export"
+    sampler = f"DDIM K={steps} ({card.diffusion.timestep_spacing}), eta={eta}"
+    model.doc_string = f"{card.name} {card.version}: {graph} graph, {ops} ops, {sampler}"
+    onnx.checker.check_model(model, full_check=True)
+
+    out_path = Path(out_path)
+    check = _Check(inputs, in_names, expected, graph)
+    data = model.SerializeToString()
+    card = _write_checked(data, out_path, card, check, verify, weights, int8_form, precision)
+    card.to_yaml(sidecar_path(out_path))
+    return out_path
+
+
+def _checked_options(
+    graph: str, weights: str, ops: str | None, opset: int, int8_form: str, precision: str
+) -> str:
+    """The export's graph ops (`ops`, or the graph's default) once every option is known and they combine."""
     if graph not in GRAPH_INPUTS:
         raise ValueError(f"graph: expected one of {list(GRAPH_INPUTS)}, got {graph!r}")
     if weights not in WEIGHTS:
@@ -224,6 +266,15 @@ def export_onnx(
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     if precision == "fp16" and weights != "fp32":
         raise ValueError(f"precision fp16 converts fp32 weights; weights {weights!r} cannot be combined")
+    return ops
+
+
+def _export_card(
+    network: DiffusionTransformer, card: ModelCard, graph: str, steps: int | None, eta: float | None,
+    ops: str, weights: str, timestep_spacing: str | None,
+) -> ModelCard:  # fmt: skip
+    """The exported model's card: `card` with the sampler (K, eta, spacing), graph and network sections of
+    this export, after checking that it fits the network and that K and eta are valid."""
     if timestep_spacing is not None:  # card.replace validates it (CardError, a ValueError)
         card = card.replace(diffusion=dataclasses.replace(card.diffusion, timestep_spacing=timestep_spacing))
     check_card_fits(card, network.cfg)
@@ -244,29 +295,20 @@ def export_onnx(
     }
     # K=1 at t=T-1 never sees an inpainting prefix above the noise: such a card says it cannot be steered.
     inpainting = card.inpaints_at(steps)
-    card = card.replace(steps=steps, eta=eta, graph=spec, network=info, sampler_inpainting=inpainting)
+    return card.replace(steps=steps, eta=eta, graph=spec, network=info, sampler_inpainting=inpainting)
 
-    module = FusedPolicy(network, card, steps, eta) if graph == "fused" else DenoiserPolicy(network, card)
-    module.eval()  # the exporter restores the module's mode afterwards: it must be eval (no dropout)
-    inputs = example_inputs(card, graph, steps, eta)
-    args = tuple(torch.from_numpy(inputs[r]) for r in in_names)
-    with torch.no_grad():
-        expected = module(*args).numpy()
-    if ops == "ort_fused":
-        model = build_fused(network, card, card.diffusion.plan(steps, eta), eta)
-    else:
-        model = _torch_export(module, args, in_names, out_names, opset)
-    model.producer_name = "diffusion_controller.export"
-    sampler = f"DDIM K={steps} ({card.diffusion.timestep_spacing}), eta={eta}"
-    model.doc_string = f"{card.name} {card.version}: {graph} graph, {ops} ops, {sampler}"
-    onnx.checker.check_model(model, full_check=True)
-    data = model.SerializeToString()
 
-    out_path = Path(out_path)
+def _write_checked(
+    data: bytes, out_path: Path, card: ModelCard, check: _Check, verify: bool, weights: str, int8_form: str,
+    precision: str,
+) -> ModelCard:  # fmt: skip
+    """Write the graph `data` with `card` to `out_path` through a temporary file in its folder: checked
+    against torch (always for int8), quantized or converted to fp16 as asked; returns the final card."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out_path.parent, suffix=".onnx", delete=False) as tmp:
         tmp.write(data)
     tmp_path = Path(tmp.name)
+    inputs, in_names, expected, graph = check
     try:
         tmp_path.chmod(_file_mode())  # a temporary file is owner-only; a model is read by the robot's user
         card.to_onnx(tmp_path)
@@ -281,8 +323,7 @@ def export_onnx(
         tmp_path.replace(out_path)
     finally:
         tmp_path.unlink(missing_ok=True)
-    card.to_yaml(sidecar_path(out_path))
-    return out_path
+    return card
 
 
 def _torch_export(module: nn.Module, args: tuple, in_names, out_names, opset: int) -> Any:

@@ -1,4 +1,7 @@
-"""DiffuseLoco-style noise-prediction transformer (Diffusion Policy's TransformerForDiffusion, low-dim obs).
+"""DiffuseLoco-style denoising transformer (Diffusion Policy's TransformerForDiffusion, low-dim obs).
+
+Its output is what the card's `diffusion.prediction_type` says: the clean action sample ("sample", what
+train.py trains by default and the shipped models use) or the noise ("epsilon"); the network is the same.
 
 Conditioning tokens: one sinusoidal timestep token, then per observation-history row one observation
 token (the whole row through a linear embedding) and, when the card has a velocity_command feature, one
@@ -125,7 +128,8 @@ class DecoderLayer(nn.Module):
 
 
 class DiffusionTransformer(nn.Module):
-    """eps_theta(sample, timestep, obs_history_normalized) -> (B, horizon, action_dim).
+    """f(noisy_sample, timestep, obs_history_normalized) -> (B, horizon, action_dim): the clean sample or
+    the noise, by the card's prediction type.
 
     The forward pass is split in three so the fused export can hoist step-invariant work:
     `cond_memory` (observation tokens -> per-layer cross-attention K/V), `time_memory` (the timestep

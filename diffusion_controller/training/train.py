@@ -252,6 +252,140 @@ def optimizer_step(net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.
             pe.lerp_(p, 1 - decay)
 
 
+def split_episodes(windows: WindowDataset, n_ep: int, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows): whole episodes, val_fraction of them (at least one if there are
+    two or more) drawn with the run's seed, so no validation window shares an episode with training."""
+    n_val = max(1, round(cfg.val_fraction * n_ep)) if n_ep > 1 else 0
+    val_eps = set(np.random.default_rng(cfg.seed).choice(n_ep, n_val, replace=False).tolist())
+    is_val = np.isin(windows.episode, list(val_eps))
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+class Samples:
+    """The normalized dataset on the device and the denoising loss of a batch of its windows."""
+
+    def __init__(
+        self, obs: np.ndarray, action: np.ndarray, windows: WindowDataset, norm: dict, cfg: TrainConfig,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        o_mean = torch.tensor(norm["observation"]["mean"], device=device)
+        o_std = torch.tensor(norm["observation"]["std"], device=device)
+        a_lo = torch.tensor(norm["action"]["min"], device=device)
+        a_hi = torch.tensor(norm["action"]["max"], device=device)
+        self.obs_n = ((torch.from_numpy(obs).to(device) - o_mean) / o_std).float()
+        self.act_n = (2.0 * (torch.from_numpy(action).to(device) - a_lo) / (a_hi - a_lo) - 1.0).float()
+        self.obs_idx = torch.from_numpy(windows.obs_idx).to(device)
+        self.act_idx = torch.from_numpy(windows.act_idx).to(device)
+        self.abar = torch.tensor(
+            DDIMConfig(**diffusion_section(cfg)).alphas_cumprod(), dtype=torch.float32, device=device
+        )
+        self.cfg, self.device = cfg, device
+
+    def loss(self, model: torch.nn.Module, rows: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """MSE of `model`'s prediction (noise or clean sample, by prediction type) at random timesteps."""
+        o = self.obs_n[self.obs_idx[rows]]
+        x0 = self.act_n[self.act_idx[rows]]
+        t = torch.randint(0, self.cfg.train_timesteps, (len(rows),), device=self.device, generator=g)
+        eps = torch.randn(x0.shape, device=self.device, generator=g)
+        ab = self.abar[t].view(-1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        return mse_loss(model(xt, t, o), eps if self.cfg.prediction_type == "epsilon" else x0)
+
+    def validate(self, ema: torch.nn.Module, val_rows: np.ndarray) -> float | None:
+        """The EMA network's loss on (at most ~4096 of) the validation rows, with a fixed generator."""
+        if len(val_rows) == 0:
+            return None
+        g = torch.Generator(device=self.device).manual_seed(12345)
+        rows = torch.from_numpy(val_rows[:: max(1, len(val_rows) // 4096)]).to(self.device)
+        with torch.no_grad():
+            losses = [self.loss(ema, rows[i : i + 1024], g).item() for i in range(0, len(rows), 1024)]
+        return float(np.mean(losses))
+
+
+class RunState:
+    """What a run saves and resumes (`state.pt`): networks, optimizer, generator, step, loss history."""
+
+    def __init__(self, net_cfg: NetworkConfig, cfg: TrainConfig, device: torch.device) -> None:
+        torch.manual_seed(cfg.seed)
+        self.net = DiffusionTransformer(net_cfg).to(device)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(
+            self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+        )
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.step, self.history = 0, []
+        self.cfg, self.device = cfg, device
+
+    def resume(self, state_path: Path) -> None:
+        """Continue the run saved at `state_path`; it must have been written with the same settings."""
+        cfg, device = self.cfg, self.device
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        # A run saved before a setting existed ran with its default (then epsilon prediction).
+        defaults = {**TrainConfig(data=cfg.data, out=cfg.out).__dict__, "prediction_type": "epsilon"}
+        saved = {**defaults, **st["config"]}
+        if saved != cfg.__dict__:
+            raise SystemExit(f"{state_path} was written with other settings; use a new --out to start afresh")
+        self.net.load_state_dict(st["net"])
+        self.ema.load_state_dict(st["ema"])
+        self.opt.load_state_dict(st["opt"])
+        self.gen.set_state(st["gen"].cpu() if device.type == "cpu" else st["gen"])
+        torch.set_rng_state(st["torch_rng"].cpu())  # dropout draws from the global generator
+        if st["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        self.step, self.history = st["step"], st["history"]
+
+    def save(self, state_path: Path) -> None:
+        """Write state.pt atomically (a .tmp file renamed over it)."""
+        torch.save(
+            {
+                "config": self.cfg.__dict__, "net": self.net.state_dict(), "ema": self.ema.state_dict(),
+                "opt": self.opt.state_dict(), "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+                "step": self.step, "history": self.history,
+            },
+            state_path.with_suffix(".tmp"),
+        )  # fmt: skip
+        state_path.with_suffix(".tmp").replace(state_path)
+
+
+def optimize(
+    run: RunState, samples: Samples, train_rows: np.ndarray, val_rows: np.ndarray, out: Path,
+    session_end: int, progress: bool,
+) -> None:  # fmt: skip
+    """Iterations up to `session_end`: a loss logged every 200, validated, saved and plotted every
+    save_every (and at the last iteration)."""
+    cfg, device = run.cfg, run.device
+    train_rows_t = torch.from_numpy(train_rows).to(device)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.iterations, initial=run.step, desc="train", unit="it", dynamic_ncols=True)
+    window = []
+    run.net.train()
+    while run.step < session_end:
+        for group in run.opt.param_groups:
+            group["lr"] = lr_at(run.step, cfg)
+        pick = torch.randint(0, len(train_rows_t), (cfg.batch_size,), device=device, generator=run.gen)
+        loss = samples.loss(run.net, train_rows_t[pick], run.gen)
+        optimizer_step(run.net, run.ema, run.opt, loss, run.step, cfg.ema_decay)
+        run.step += 1
+        window.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(window[-50:]):.4f}")
+        at_save = run.step % cfg.save_every == 0 or run.step == cfg.iterations
+        if run.step % 200 == 0 or run.step == cfg.iterations:
+            val = samples.validate(run.ema, val_rows) if at_save else None
+            run.history.append((run.step, float(np.mean(window)), val))
+            window = []
+        if at_save:
+            run.save(out / "state.pt")
+            plot_losses(out / "loss.png", run.history)
+    if bar is not None:
+        bar.close()
+
+
 def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = None) -> Path | None:
     """Run (or resume) training; returns the checkpoint path, or None when stopped early by stop_after."""
     torch.set_num_threads(cfg.threads)
@@ -262,119 +396,27 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     layout = json.loads(str(data["layout"]))
     obs, action = data["obs"].astype(np.float32), data["action"].astype(np.float32)
     windows = WindowDataset(obs, action, data["episode_ends"].astype(np.int64), cfg)
-
     n_ep = len(data["episode_ends"])
-    n_val = max(1, round(cfg.val_fraction * n_ep)) if n_ep > 1 else 0
-    val_eps = set(np.random.default_rng(cfg.seed).choice(n_ep, n_val, replace=False).tolist())
-    is_val = np.isin(windows.episode, list(val_eps))
-    train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    norm = normalization(obs[~is_val], action[~is_val])  # statistics of the training split only
-
-    o_mean = torch.tensor(norm["observation"]["mean"], device=device)
-    o_std = torch.tensor(norm["observation"]["std"], device=device)
-    a_lo = torch.tensor(norm["action"]["min"], device=device)
-    a_hi = torch.tensor(norm["action"]["max"], device=device)
-    obs_n = ((torch.from_numpy(obs).to(device) - o_mean) / o_std).float()
-    act_n = (2.0 * (torch.from_numpy(action).to(device) - a_lo) / (a_hi - a_lo) - 1.0).float()
-    obs_idx = torch.from_numpy(windows.obs_idx).to(device)
-    act_idx = torch.from_numpy(windows.act_idx).to(device)
-
-    torch.manual_seed(cfg.seed)
+    train_rows, val_rows = split_episodes(windows, n_ep, cfg)
+    norm = normalization(obs[train_rows], action[train_rows])  # statistics of the training split only
+    samples = Samples(obs, action, windows, norm, cfg, device)
     net_cfg = NetworkConfig(
         obs_dim=obs.shape[1], action_dim=action.shape[1], horizon=cfg.horizon, history=cfg.history,
         command_slice=command_slice(layout), layers=cfg.layers, heads=cfg.heads, width=cfg.width,
     )  # fmt: skip
-    net = DiffusionTransformer(net_cfg).to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    abar = torch.tensor(
-        DDIMConfig(**diffusion_section(cfg)).alphas_cumprod(), dtype=torch.float32, device=device
-    )
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    step, history = 0, []
-
+    run = RunState(net_cfg, cfg, device)
     state_path = out / "state.pt"
     if state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=False)
-        # A run saved before a setting existed ran with its default (then epsilon prediction).
-        defaults = {**TrainConfig(data=cfg.data, out=cfg.out).__dict__, "prediction_type": "epsilon"}
-        saved = {**defaults, **st["config"]}
-        if saved != cfg.__dict__:
-            raise SystemExit(f"{state_path} was written with other settings; use a new --out to start afresh")
-        net.load_state_dict(st["net"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"].cpu() if device.type == "cpu" else st["gen"])
-        torch.set_rng_state(st["torch_rng"].cpu())  # dropout draws from the global generator
-        if st["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(st["cuda_rng"])
-        step, history = st["step"], st["history"]
-        print(f"[train] resuming {out} at iteration {step}/{cfg.iterations}")
-
-    def batch_loss(model: torch.nn.Module, rows: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        o = obs_n[obs_idx[rows]]
-        x0 = act_n[act_idx[rows]]
-        t = torch.randint(0, cfg.train_timesteps, (len(rows),), device=device, generator=g)
-        eps = torch.randn(x0.shape, device=device, generator=g)
-        ab = abar[t].view(-1, 1, 1)
-        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-        return mse_loss(model(xt, t, o), eps if cfg.prediction_type == "epsilon" else x0)
-
-    def validate() -> float | None:
-        if len(val_rows) == 0:
-            return None
-        g = torch.Generator(device=device).manual_seed(12345)
-        rows = torch.from_numpy(val_rows[:: max(1, len(val_rows) // 4096)]).to(device)
-        with torch.no_grad():
-            losses = [batch_loss(ema, rows[i : i + 1024], g).item() for i in range(0, len(rows), 1024)]
-        return float(np.mean(losses))
-
-    def save_state() -> None:
-        torch.save(
-            {
-                "config": cfg.__dict__, "net": net.state_dict(), "ema": ema.state_dict(),
-                "opt": opt.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                "step": step, "history": history,
-            },
-            state_path.with_suffix(".tmp"),
-        )  # fmt: skip
-        state_path.with_suffix(".tmp").replace(state_path)
-
-    train_rows_t = torch.from_numpy(train_rows).to(device)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.iterations, initial=step, desc="train", unit="it", dynamic_ncols=True)
-    t0, window = time.monotonic(), []
-    net.train()
-    session_end = cfg.iterations if stop_after is None else min(cfg.iterations, step + stop_after)
-    while step < session_end:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        pick = torch.randint(0, len(train_rows_t), (cfg.batch_size,), device=device, generator=gen)
-        loss = batch_loss(net, train_rows_t[pick], gen)
-        optimizer_step(net, ema, opt, loss, step, cfg.ema_decay)
-        step += 1
-        window.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(window[-50:]):.4f}")
-        if step % 200 == 0 or step == cfg.iterations:
-            val = validate() if (step % cfg.save_every == 0 or step == cfg.iterations) else None
-            history.append((step, float(np.mean(window)), val))
-            window = []
-        if step % cfg.save_every == 0 or step == cfg.iterations:
-            save_state()
-            plot_losses(out / "loss.png", history)
-    if bar is not None:
-        bar.close()
-    if step < cfg.iterations:
-        save_state()
-        print(f"[train] stopped at iteration {step}/{cfg.iterations}; run again to resume")
+        run.resume(state_path)
+        print(f"[train] resuming {out} at iteration {run.step}/{cfg.iterations}")
+    t0 = time.monotonic()
+    session_end = cfg.iterations if stop_after is None else min(cfg.iterations, run.step + stop_after)
+    optimize(run, samples, train_rows, val_rows, out, session_end, progress)
+    if run.step < cfg.iterations:
+        run.save(state_path)
+        print(f"[train] stopped at iteration {run.step}/{cfg.iterations}; run again to resume")
         return None
-
+    history = run.history
     final_val = next((h[2] for h in reversed(history) if h[2] is not None), None)
     extra = {
         "dataset": Path(cfg.data).name,
@@ -387,7 +429,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
         "final_val_loss": final_val,
         "device": device.type,
     }
-    ckpt = save_checkpoint(out / "checkpoint.pt", ema.cpu(), card_dict(data, cfg, norm, ema, extra))
+    ckpt = save_checkpoint(out / "checkpoint.pt", run.ema.cpu(), card_dict(data, cfg, norm, run.ema, extra))
     (out / "metrics.json").write_text(
         json.dumps({**extra, "seconds_this_session": time.monotonic() - t0, "history": history}, indent=1)
     )

@@ -1,10 +1,12 @@
-"""Tiny random policies for tests: a real exported model with a valid card in well under 2 s.
+"""Tiny random policies for tests and benchmarks: a real exported model with a valid card in well under 2 s.
 
-Used by the policy-core tests and by the node's tests, so the defaults follow the demo ant layout of
+A fixture, not part of the product: in bench/ (the top layer, beside the hardening harness that uses it;
+tests import it through pytest.ini's `pythonpath`). Used by the policy-core tests, the node's tests and
+the benchmarks that need a model of a given shape, so the defaults follow the demo ant layout of
 docs/DESIGN.md (36 observation columns, 8 joints, 50 Hz). The weights are random but scaled so that
 the output depends visibly on every input (a test that swaps two inputs sees a different chunk).
 
-    from diffusion_controller.training.tiny import make_tiny_model
+    from tiny_models import make_tiny_model
     path = make_tiny_model(tmp_path)                      # fused graph, K=2, horizon 8, history 4
     path = make_tiny_model(tmp_path, graph="denoiser")    # K chosen at run time
 """

@@ -1,6 +1,7 @@
-"""Helpers for tests that run ROS nodes as real processes and talk to them over DDS.
+"""Helpers for tests and benchmarks that run ROS nodes as real processes and talk to them over DDS.
 
-Generic on purpose (sim node, controller node, anything with ``--ros-args``):
+In bench/ because both use it (the hardening harness, bench/robustness.py); tests import it through
+pytest.ini's `pythonpath`. Generic on purpose (sim node, controller node, anything with ``--ros-args``):
 
 - ``ros_args(params, remaps)`` builds ``--ros-args -p name:=value ... -r from:=to``.
 - ``NodeProcess(cmd, ..., nice=0)`` starts a process with this test's environment (so ROS_DOMAIN_ID and
