@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -48,3 +51,29 @@ def test_every_console_script_named_in_the_readme_is_installed():
                  "distill_policy", "build_engine"):  # fmt: skip
         assert name in scripts, name
         assert name in readme, name
+
+
+def test_the_demo_finds_its_models_and_configs_in_a_colcon_install(tmp_path):
+    """ament_python installs the code under <prefix>/lib/pythonX.Y/site-packages and the data under
+    <prefix>/share/diffusion_controller: share_dir() must find the latter from the former (and say where it
+    looked when there is nothing)."""
+    import shutil
+
+    site = tmp_path / "lib" / "python3.12" / "site-packages" / "diffusion_controller"
+    site.mkdir(parents=True)
+    shutil.copy(ROOT / "diffusion_controller" / "share.py", site / "share.py")
+    code = "import runpy, sys; print(runpy.run_path(sys.argv[1])['share_dir']())"
+    env = {k: v for k, v in os.environ.items() if k != "AMENT_PREFIX_PATH"}
+    run = subprocess.run([sys.executable, "-c", code, str(site / "share.py")], capture_output=True, text=True,
+                         env=env, timeout=60)  # fmt: skip
+    assert run.returncode != 0 and "no config/ and models/" in run.stderr
+    share = tmp_path / "share" / "diffusion_controller"
+    for d in ("config", "models"):
+        (share / d).mkdir(parents=True)
+    run = subprocess.run([sys.executable, "-c", code, str(site / "share.py")], capture_output=True, text=True,
+                         env=env, timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert Path(run.stdout.strip()) == share
+    from diffusion_controller.share import share_dir
+
+    assert share_dir() == ROOT  # a source checkout is its own share directory

@@ -27,12 +27,13 @@ import numpy as np
 from diffusion_controller.core.card_source import card_of_model, sidecar_path
 from diffusion_controller.core.features import projected_gravity
 from diffusion_controller.ros.params_file import load_params_file
+from diffusion_controller.share import share_dir
 from diffusion_controller.sim.ant import EFFORT_TIMESTEP_S
 from diffusion_controller.sim.episode import NOISE, command_sequence, merge_errors, vel_error
 from diffusion_controller.sim.evaluate import Rollout, tracking_errors
 
 #: The source tree (models/, config/): the demo runs from a checkout, like scripts/demo.
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = share_dir()
 MODEL = ROOT / "models" / "ant_locomotion.onnx"
 DENOISER = ROOT / "models" / "ant_locomotion_denoiser.onnx"
 CONFIG = ROOT / "config" / "ant.yaml"

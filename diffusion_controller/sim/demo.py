@@ -34,7 +34,6 @@ from diffusion_controller.sim.closed_loop import (
     DENOISER,
     EFFORT_CONFIG,
     MODEL,
-    ROOT,
     Setting,
     run_setting,
 )
@@ -75,7 +74,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
         "--config", type=Path, default=None,
         help="the node's params file (default: config/ant.yaml; config/ant_effort.yaml for an effort model)",
     )  # fmt: skip
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "closed_loop")
+    p.add_argument("--out", type=Path, default=Path("runs") / "closed_loop")
 
 
 def prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Setting, bool, Path] | None:

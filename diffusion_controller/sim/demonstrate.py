@@ -43,11 +43,12 @@ from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros.binding import control_config, validate_against_card
 from diffusion_controller.ros.intake import Intake
 from diffusion_controller.ros.params_file import load_params_file
+from diffusion_controller.share import share_dir
 from diffusion_controller.sim.ant import CONTROL_PERIOD_S, JOINTS, OBS_LAYOUT
 from diffusion_controller.sim.dataset import LowPassNoise, random_schedule
 from diffusion_controller.sim.expert import Expert
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = share_dir()
 RELIABLE = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
 LABELS = "~/labels"
 
