@@ -26,20 +26,29 @@ import numpy as np
 
 from diffusion_controller.core.card_source import card_of_model, sidecar_path
 from diffusion_controller.core.features import projected_gravity
+from diffusion_controller.ros.config import NodeConfig
 from diffusion_controller.ros.params_file import load_params_file
 from diffusion_controller.share import share_dir
 from diffusion_controller.sim.ant import EFFORT_TIMESTEP_S
 from diffusion_controller.sim.episode import NOISE, command_sequence, merge_errors, vel_error
 from diffusion_controller.sim.evaluate import Rollout, tracking_errors
 
-#: The source tree (models/, config/): the demo runs from a checkout, like scripts/demo.
+#: Where models/ and config/ are: the source checkout, or the share directory of a colcon install.
 ROOT = share_dir()
 MODEL = ROOT / "models" / "ant_locomotion.onnx"
 DENOISER = ROOT / "models" / "ant_locomotion_denoiser.onnx"
 CONFIG = ROOT / "config" / "ant.yaml"
 EFFORT_CONFIG = ROOT / "config" / "ant_effort.yaml"  # the default for a model whose card says effort
 PERIOD = 0.02
-CONFIG_BLEND = str(load_params_file(str(CONFIG)).get("blend", "none"))  # what users of the config run
+
+
+def node_config(path: Path) -> NodeConfig:
+    """What a controller started with this params file runs (the parameters' own defaults where it is
+    silent), so the demo and the benchmarks run what users of the file run."""
+    return NodeConfig.from_params(load_params_file(str(path)))
+
+
+CONFIG_BLEND = node_config(CONFIG).blend
 FALL_HEIGHT, FALL_GRAVITY_Z = 0.22, -0.5  # the sim's own fall criterion (sim/ant.py AntConfig)
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 from diffusion_controller.core.card_source import card_of_model
 from diffusion_controller.core.scheduler import BLEND_MODES
 from diffusion_controller.ros import dds
-from diffusion_controller.ros.params_file import load_params_file
 from diffusion_controller.sim.closed_loop import (
     CONFIG,
     CONFIG_BLEND,
@@ -35,6 +34,7 @@ from diffusion_controller.sim.closed_loop import (
     EFFORT_CONFIG,
     MODEL,
     Setting,
+    node_config,
     run_setting,
 )
 from diffusion_controller.sim.episode import run_expert
@@ -89,16 +89,14 @@ def prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Setti
     if args.config is None:
         args.config = EFFORT_CONFIG if effort else CONFIG
     if args.blend is None:
-        args.blend = str(load_params_file(str(args.config)).get("blend", "none"))
+        args.blend = node_config(args.config).blend
     args.out.mkdir(parents=True, exist_ok=True)
     dds.one_host_udp(os.environ)
     os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
     log_dir = Path(tempfile.mkdtemp(prefix="closed_loop_"))
 
     # The config's delay compensation unless --no-compensation (the effort model was trained without it).
-    compensate = not args.no_compensation and bool(
-        load_params_file(str(args.config)).get("compensate_delay", True)
-    )
+    compensate = not args.no_compensation and node_config(args.config).compensate_delay
     reference = Setting(obs_delay_s=args.obs_delay, compensate_delay=compensate, blend=args.blend,
                         remote=args.remote, link_delay_s=args.link_delay, link_jitter_s=args.link_jitter,
                         link_loss=args.link_loss, real_time_factor=args.real_time_factor)  # fmt: skip
