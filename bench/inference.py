@@ -260,8 +260,8 @@ def cpu_paths(b: Bench, k: int, den_path: Path) -> Chunks:
     a, net, card, obs, noise, tmp = b.a, b.net, b.card, b.obs, b.noise, b.tmp
     fused_path = export_onnx(net, card, tmp / f"fused{k}.onnx", graph="fused", steps=k, verify=False)
     fused = Policy.load(fused_path, provider="cpu", threads=a.threads, log=QUIET)
-    standard_path = export_onnx(net, card, tmp / f"standard{k}.onnx", steps=k, verify=False, ops="standard")
     # the traced graph the node ran before the ort_fused one: the baseline of the same run
+    standard_path = export_onnx(net, card, tmp / f"standard{k}.onnx", steps=k, verify=False, ops="standard")
     standard = Policy.load(standard_path, provider="cpu", threads=a.threads, log=QUIET)
     step = Policy.load(den_path, provider="cpu", threads=a.threads, steps=k, log=QUIET)
     eager = torch_chunk(net, card, k)
