@@ -55,63 +55,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffuseloco import diffuseloco_card
+from graph_cost import matmul_peak_gflops, network_flops, nodes_per_step
+from torch_peers import torch_chunk, torch_cuda_graph_chunk, torch_cuda_graph_problem
 
 from diffusion_controller.core import providers
-from diffusion_controller.core.card import ModelCard
 from diffusion_controller.core.card_source import card_of_model
 from diffusion_controller.core.runtime import INT8_FORMS, ModelError, Policy
-from diffusion_controller.training import ddim_torch
 from diffusion_controller.training.export import INT8_FORM, export_onnx
 from diffusion_controller.training.network import DiffusionTransformer, NetworkConfig
-
-JOINTS = [f"{leg}_{j}" for leg in ("fr", "fl", "rr", "rl") for j in ("hip", "thigh", "calf")]
-
-
-def diffuseloco_card() -> ModelCard:
-    """DiffuseLoco's 45-column observation (8 rows), 12 joint targets, horizon 16."""
-    feats = [
-        {"name": "projected_gravity", "kind": "projected_gravity", "size": 3},
-        {"name": "projected_forward", "kind": "generic", "size": 3},
-        {"name": "velocity_command", "kind": "velocity_command", "size": 3},
-        {"name": "joint_position", "kind": "joint_position", "size": 12, "joints": JOINTS},
-        {"name": "joint_velocity", "kind": "joint_velocity", "size": 12, "joints": JOINTS},
-        {"name": "previous_action", "kind": "previous_action", "size": 12},
-    ]
-    return ModelCard.from_dict(
-        {
-            "format": "diffusion_controller/model_card@1",
-            "name": "bench_diffuseloco",
-            "version": "0.0.0",
-            "description": "random weights, benchmark only",
-            "control_period_s": 0.02,
-            "observation": {"history": 8, "features": feats},
-            "action": {
-                "joints": JOINTS,
-                "kind": "position",
-                "units": "rad",
-                "lower": [-1.0] * 12,
-                "upper": [1.0] * 12,
-                "horizon": 16,
-                "first_offset": 1,
-            },
-            "normalization": {
-                "observation": {"mean": [0.0] * 45, "std": [1.0] * 45},
-                "action": {"min": [-1.0] * 12, "max": [1.0] * 12},
-            },
-            "diffusion": {
-                "train_timesteps": 100,
-                "beta_schedule": "squaredcos_cap_v2",
-                "prediction_type": "epsilon",
-                "clip_sample": True,
-                "clip_sample_range": 1.0,
-                "set_alpha_to_one": True,
-                "steps_offset": 0,
-            },
-            "sampler": {"kind": "ddim", "steps": 10, "eta": 0.0},
-        },
-        require_graph=False,
-    )
-
 
 #: GPU rows: name -> (provider, precision, cuda_graph) as the node's parameters.
 GPU_CONFIGS = {
@@ -138,39 +90,19 @@ def gpu_configs(which: str) -> tuple[dict[str, tuple[str, str, bool]], dict[str,
     return run, skipped
 
 
-def network_flops(cfg: NetworkConfig) -> tuple[float, float, float]:
-    """(FLOPs of one full forward, FLOPs per step in the fused graph, FLOPs once per chunk there).
-
-    Counts matmuls only (2 per multiply-add): linear layers and the attention products.
-    """
-    w, h, s, ff = cfg.width, cfg.horizon, cfg.cond_tokens, cfg.ff_mult * cfg.width
-    n_obs = s - 1
-    lin = lambda rows, i, o: 2.0 * rows * i * o  # noqa: E731
-    # action tokens: input embedding, per layer self-attn (q, kv, out), cross (q, out), FF; head
-    per_layer_tokens = (
-        lin(h, w, 3 * w) + lin(h, w, w) + lin(h, w, w) + lin(h, w, w) + lin(h, w, ff) + lin(h, ff, w)
-    )
-    attn = 2.0 * (2 * h * h * w) + 2.0 * (2 * h * s * w)  # scores and weighted sums, self and cross
-    decode = lin(h, cfg.action_dim, w) + cfg.layers * (per_layer_tokens + attn) + lin(h, w, cfg.action_dim)
-    enc_token = lin(1, w, 4 * w) + lin(1, 4 * w, w)  # per cond token
-    kv_token = cfg.layers * lin(1, w, 2 * w)  # cross-attention K/V per cond token, all layers
-    obs_embed = lin(cfg.history, cfg.obs_dim, w) + (lin(cfg.history, 3, w) if cfg.command_slice else 0.0)
-    full = decode + s * (enc_token + kv_token) + obs_embed
-    per_chunk = n_obs * (enc_token + kv_token) + obs_embed  # the fused graph's hoisted part
-    return full, decode, per_chunk  # the timestep token's share is constant-folded in the fused graph
-
-
-def matmul_peak_gflops(threads: int, quick: bool) -> float:
-    """Best sgemm rate (torch, same thread count) on large square matrices."""
-    torch.set_num_threads(threads)
-    n = 768 if quick else 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(5 if quick else 15):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best / 1e9
+def gpu_rows(a: argparse.Namespace) -> tuple[dict[str, tuple[str, str, bool]], dict[str, str], bool]:
+    """The GPU rows to time and those skipped with the reason, the fp16 graph's and the torch peer's
+    included; and whether the torch peer runs."""
+    gpu_run, gpu_skipped = gpu_configs(a.provider)
+    if a.fp16 and "cuda_graph" in gpu_run:
+        gpu_run["cuda_graph_fp16"] = ("cuda", "fp32", True)  # the fp16 graph (precision is TensorRT's flag)
+    elif a.fp16 and "cuda_graph" in gpu_skipped:
+        gpu_skipped["cuda_graph_fp16"] = gpu_skipped["cuda_graph"]
+    torch_graph_why = torch_cuda_graph_problem() if a.provider in ("all", "cuda") else None
+    if a.provider in ("all", "cuda") and a.torch_cuda_graph and torch_graph_why is not None:
+        gpu_skipped["torch_cuda_graph"] = torch_graph_why
+    use_torch_graph = a.provider in ("all", "cuda") and a.torch_cuda_graph and torch_graph_why is None
+    return gpu_run, gpu_skipped, use_torch_graph
 
 
 def timed_interleaved(
@@ -192,145 +124,6 @@ def timed_interleaved(
 def p50_p99(ts: list[float]) -> tuple[float, float]:
     a = np.sort(np.array(ts)) * 1e3
     return float(np.median(a)), float(a[min(len(a) - 1, int(np.ceil(0.99 * len(a))) - 1)])
-
-
-def torch_chunk(
-    net: DiffusionTransformer, card: ModelCard, k: int
-) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Eager torch: the training network, same sampler loop, normalization on both ends."""
-    plan = card.diffusion.plan(k, 0.0)
-    mean = torch.tensor(card.obs_mean, dtype=torch.float32)
-    std = torch.tensor(card.obs_std, dtype=torch.float32)
-    center = torch.tensor((card.action_max + card.action_min) / 2, dtype=torch.float32)
-    half = torch.tensor((card.action_max - card.action_min) / 2, dtype=torch.float32)
-    tsteps = {c.timestep: torch.tensor([c.timestep]) for c in plan}
-
-    def run(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            o = (torch.from_numpy(obs).float()[None] - mean) / std
-            x = ddim_torch.sample_loop(
-                lambda x, c: net(x, tsteps[c.timestep], o),
-                torch.from_numpy(noise)[None],
-                plan,
-                card.diffusion,
-            )
-            return (x[0] * half + center).numpy().astype(np.float64)
-
-    return run
-
-
-def torch_cuda_graph_problem() -> str | None:
-    """Why the torch CUDA-graph peer cannot run here, or None."""
-    if not torch.cuda.is_available():
-        built = torch.version.cuda or "no CUDA"
-        return f"torch has no usable CUDA device here (torch {torch.__version__}, built for {built})"
-    return None
-
-
-def torch_cuda_graph_chunk(
-    net: DiffusionTransformer, card: ModelCard, k: int, device: int = 0
-) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], str]:
-    """What a PyTorch user would deploy on a GPU: the training network with the same sampler loop and
-    normalization, captured once in a torch.cuda.CUDAGraph over static device buffers; a call copies the
-    observation and noise in (through pinned host buffers), replays, and copies the actions out. Returns
-    (chunk function, what it runs on). The network is a copy; `net` stays on the CPU."""
-    import copy
-
-    dev = torch.device("cuda", device)
-    gnet = copy.deepcopy(net).to(dev).eval()
-    plan = card.diffusion.plan(k, 0.0)
-    f32 = dict(dtype=torch.float32, device=dev)
-    mean, std = torch.tensor(card.obs_mean, **f32), torch.tensor(card.obs_std, **f32)
-    center = torch.tensor((card.action_max + card.action_min) / 2, **f32)
-    half = torch.tensor((card.action_max - card.action_min) / 2, **f32)
-    tsteps = {c.timestep: torch.tensor([c.timestep], device=dev) for c in plan}
-    obs_host = torch.zeros((1, card.history, card.obs_dim), dtype=torch.float32).pin_memory()
-    noise_host = torch.zeros((1, card.horizon, card.action_dim), dtype=torch.float32).pin_memory()
-    out_host = torch.zeros((card.horizon, card.action_dim), dtype=torch.float32).pin_memory()
-    obs_dev, noise_dev = obs_host.to(dev), noise_host.to(dev)
-
-    def chain() -> torch.Tensor:
-        o = (obs_dev - mean) / std
-        den = lambda x, c: gnet(x, tsteps[c.timestep], o)  # noqa: E731
-        x = ddim_torch.sample_loop(den, noise_dev, plan, card.diffusion)
-        return x[0] * half + center
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad():  # not inference_mode: run() writes into the static inputs outside of it
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up off the default stream, as torch's docs ask before capture
-            for _ in range(3):
-                chain()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        with torch.cuda.graph(graph):
-            out_dev = chain()
-    torch.cuda.synchronize(dev)
-
-    def run(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        obs_host[0].copy_(torch.from_numpy(np.asarray(obs, dtype=np.float32)))
-        noise_host[0].copy_(torch.from_numpy(noise))
-        obs_dev.copy_(obs_host, non_blocking=True)
-        noise_dev.copy_(noise_host, non_blocking=True)
-        graph.replay()
-        out_host.copy_(out_dev, non_blocking=True)
-        torch.cuda.current_stream(dev).synchronize()
-        return out_host.numpy().astype(np.float64)
-
-    tf32 = "TF32 on" if torch.backends.cuda.matmul.allow_tf32 else "TF32 off"
-    return run, f"torch CUDA graph, {tf32}, GPU {device} ({torch.cuda.get_device_name(dev)})"
-
-
-def count_nodes(path: Path) -> int:
-    """Non-Constant nodes of an ONNX file's main graph (the onnx package's view of the file)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return sum(1 for n in graph.node if n.op_type != "Constant")
-
-
-def placed_nodes(path: Path, provider: str, threads: int) -> dict[str, int] | None:
-    """Nodes per EP after ONNX Runtime's optimizations, as a session on `provider` places them."""
-    import onnxruntime as ort
-
-    from diffusion_controller.core.session import session_options
-
-    entries = [(providers.CUDA, {"use_tf32": "0"}), providers.CPU] if provider == "cuda" else [providers.CPU]
-    sess = ort.InferenceSession(str(path), session_options(threads, True), providers=entries)
-    return providers.placement(sess)
-
-
-def optimized_nodes(path: Path, threads: int) -> int:
-    """Non-Constant nodes of the graph ONNX Runtime's CPU optimizations make (optimized_model_filepath)."""
-    import onnxruntime as ort
-
-    from diffusion_controller.core.session import session_options
-
-    so = session_options(threads, False)
-    out = path.with_name(path.stem + "_ort_optimized.onnx")
-    so.optimized_model_filepath = str(out)
-    ort.InferenceSession(str(path), so, providers=[providers.CPU])
-    return count_nodes(out)
-
-
-def nodes_per_step(net: DiffusionTransformer, card: ModelCard, tmp: Path, threads: int,
-                   gpu: bool, ops: str = "ort_fused") -> dict[str, dict[str, float]]:  # fmt: skip
-    """Nodes per denoising step: the K=2 fused graph minus the K=1 one, in the file (non-Constant nodes),
-    in the graph ONNX Runtime's CPU optimizations write out, and as a session places them (per provider:
-    cpu, and cuda where usable; its session options, so what the node gets)."""
-    paths = {k: export_onnx(net, card, tmp / f"count{ops}{k}.onnx", graph="fused", steps=k, verify=False,
-                            ops=ops) for k in (1, 2)}  # fmt: skip
-    out = {"file": {f"k{k}": float(count_nodes(p)) for k, p in paths.items()}}
-    out["ort_cpu_optimized_file"] = {f"k{k}": float(optimized_nodes(p, threads)) for k, p in paths.items()}
-    for prov in ("cpu", "cuda") if gpu else ("cpu",):
-        placed = {k: placed_nodes(p, prov, threads) for k, p in paths.items()}
-        if all(v is not None for v in placed.values()):
-            out[f"ort_{prov}"] = {f"k{k}": float(sum(v.values())) for k, v in placed.items()}
-            if prov != "cpu":
-                out[f"ort_{prov}"] |= {f"k{k}_on_{prov}": float(v.get(prov, 0)) for k, v in placed.items()}
-    for v in out.values():
-        v["per_step"] = v["k2"] - v["k1"]
-    return out
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,7 +174,7 @@ def print_model_rows(rows: list[dict]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few runs, finishes in well under a minute")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
@@ -416,203 +209,237 @@ def main(argv: list[str] | None = None) -> int:
         "float32 on the CPU, and a cuda CUDA-graph row where cuda loads (default: on)",
     )  # fmt: skip
     ap.add_argument("--tf32", action="store_true", help="ORT cuda rows with TF32 matmuls (node param tf32)")
-    a = ap.parse_args(argv)
-    runs = a.runs or (15 if a.quick else 500)
-    models = model_rows(a.models or shipped_models(), a.threads, max(runs, 50))
-    print_model_rows(models)
-    if a.models_only:
-        if a.json:
-            print(json.dumps({"models": models, "threads": a.threads, "load_avg": os.getloadavg()[0]}))
-        return 0
-    ks = [int(k) for k in a.ks.split(",")]
-    load0 = os.getloadavg()[0]
-    torch.manual_seed(0)
-    torch.set_num_threads(a.threads)
-    card = diffuseloco_card()
-    cfg = NetworkConfig()  # 6 layers, 8 heads, width 256, 45 x 8 obs, 16 x 12 actions
-    net = DiffusionTransformer(cfg).eval()
-    peak_start = matmul_peak_gflops(a.threads, a.quick)
-    full, per_step, per_chunk = network_flops(cfg)
-    rng = np.random.default_rng(0)
-    obs = rng.standard_normal((card.history, card.obs_dim))
-    noise = rng.standard_normal((card.horizon, card.action_dim)).astype(np.float32)
+    return ap.parse_args(argv)
 
-    results = []
-    quiet = lambda _m: None  # noqa: E731
-    gpu_run, gpu_skipped = gpu_configs(a.provider)
-    if a.fp16 and "cuda_graph" in gpu_run:
-        gpu_run["cuda_graph_fp16"] = ("cuda", "fp32", True)  # the fp16 graph (precision is TensorRT's flag)
-    elif a.fp16 and "cuda_graph" in gpu_skipped:
-        gpu_skipped["cuda_graph_fp16"] = gpu_skipped["cuda_graph"]
-    torch_graph_why = torch_cuda_graph_problem() if a.provider in ("all", "cuda") else None
-    if a.provider in ("all", "cuda") and a.torch_cuda_graph and torch_graph_why is not None:
-        gpu_skipped["torch_cuda_graph"] = torch_graph_why
-    use_torch_graph = a.provider in ("all", "cuda") and a.torch_cuda_graph and torch_graph_why is None
+
+class Bench:
+    """One run of the DiffuseLoco-size rows: the options, the network and its input, the GPU rows to add
+    (and those skipped, with the reason), where the exports go, and the machine's figures.
+
+    Plain classes here, not dataclasses: the tests load this file without registering it in sys.modules."""
+
+    def __init__(self, a: argparse.Namespace, runs: int) -> None:
+        """The network (random weights, seed 0), the start figures, one input, and the GPU rows asked for."""
+        self.a, self.runs = a, runs
+        self.load0 = os.getloadavg()[0]
+        torch.manual_seed(0)
+        torch.set_num_threads(a.threads)
+        self.card = card = diffuseloco_card()
+        self.cfg = NetworkConfig()  # 6 layers, 8 heads, width 256, 45 x 8 obs, 16 x 12 actions
+        self.net = DiffusionTransformer(self.cfg).eval()
+        self.peak_start = matmul_peak_gflops(a.threads, a.quick)
+        self.flops = network_flops(self.cfg)  # full forward, fused step, once per chunk
+        rng = np.random.default_rng(0)
+        self.obs = rng.standard_normal((card.history, card.obs_dim))
+        self.noise = rng.standard_normal((card.horizon, card.action_dim)).astype(np.float32)
+        self.gpu_run, self.gpu_skipped, self.use_torch_graph = gpu_rows(a)
+        self.tmp = Path()  # where the exports go (measure)
+        self.nodes: dict[str, dict[str, float]] = {}
+        self.nodes_standard: dict[str, dict[str, float]] = {}
+        self.setup_s = self.load1 = self.peak = 0.0
+
+
+class Chunks:
+    """One K's chunk functions (timed interleaved, in this order) and what its row says about them."""
+
+    def __init__(self, fns: dict[str, Callable[[], object]], fused: Policy, files: dict[str, Path | None]):
+        self.fns, self.fused = fns, fused
+        self.files = files  # fused, standard, fp16 (None where it could not be made)
+        self.int8_skipped: str | None = None
+        self.fp16_err: float | None = None
+        self.fp16_why: str | None = None
+        self.gpu: dict[str, Policy] = {}
+        self.torch_graph_on: str | None = None
+
+
+QUIET = lambda _m: None  # noqa: E731
+
+
+def cpu_paths(b: Bench, k: int, den_path: Path) -> Chunks:
+    """torch eager, ORT per-step, ORT fused, the traced fused graph, and the int8 graph where it loads."""
+    a, net, card, obs, noise, tmp = b.a, b.net, b.card, b.obs, b.noise, b.tmp
+    fused_path = export_onnx(net, card, tmp / f"fused{k}.onnx", graph="fused", steps=k, verify=False)
+    fused = Policy.load(fused_path, provider="cpu", threads=a.threads, log=QUIET)
+    # the traced graph the node ran before the ort_fused one: the baseline of the same run
+    standard_path = export_onnx(net, card, tmp / f"standard{k}.onnx", steps=k, verify=False, ops="standard")
+    standard = Policy.load(standard_path, provider="cpu", threads=a.threads, log=QUIET)
+    step = Policy.load(den_path, provider="cpu", threads=a.threads, steps=k, log=QUIET)
+    eager = torch_chunk(net, card, k)
+    fns = {
+        "torch": lambda eager=eager: eager(obs, noise),
+        "step": lambda p=step: p.predict(obs, noise=noise),
+        "fused": lambda p=fused: p.predict(obs, noise=noise),
+        "fused_standard": lambda p=standard: p.predict(obs, noise=noise),
+    }
+    ch = Chunks(fns, fused, {"fused": fused_path, "standard": standard_path, "fp16": None})
+    if a.int8:
+        try:
+            int8_path = export_onnx(
+                net, card, tmp / f"fused{k}_int8.onnx", graph="fused", steps=k,
+                weights="int8", int8_form=a.int8_form,
+            )  # fmt: skip
+            int8 = Policy.load(int8_path, provider="cpu", threads=a.threads, log=QUIET)
+        except Exception as e:  # an optional row: say why, keep benchmarking the rest
+            ch.int8_skipped = f"{type(e).__name__}: {e}"
+        else:
+            fns["int8"] = lambda p=int8: p.predict(obs, noise=noise)
+    return ch
+
+
+def add_fp16(b: Bench, k: int, ch: Chunks) -> None:
+    """The fp16 graph: its largest action error against float32 on the CPU; the file for the GPU row."""
+    try:
+        ch.files["fp16"] = export_onnx(
+            b.net, b.card, b.tmp / f"fused{k}_fp16.onnx", graph="fused", steps=k, precision="fp16"
+        )
+        fp16_cpu = Policy.load(ch.files["fp16"], provider="cpu", threads=b.a.threads, log=QUIET)
+        a16, a32 = fp16_cpu.predict(b.obs, noise=b.noise), ch.fused.predict(b.obs, noise=b.noise)
+        ch.fp16_err = float(np.abs(a16 - a32).max())
+        del fp16_cpu  # timed on the GPU only: fp16 kernels on the CPU are slow, not the point
+    except Exception as e:  # an optional figure: say why, keep benchmarking the rest
+        ch.files["fp16"], ch.fp16_why = None, f"{type(e).__name__}: {e}"
+
+
+def add_gpu(b: Bench, k: int, ch: Chunks) -> None:
+    """The ORT GPU rows that load (the others skipped with the reason), then the torch CUDA-graph peer."""
+    a, obs, noise = b.a, b.obs, b.noise
+    for name, (prov, prec, graph) in b.gpu_run.items():
+        path = ch.files["fp16"] if name.endswith("_fp16") and prov == "cuda" else ch.files["fused"]
+        path = ch.files["standard"] if name.endswith("_standard") else path
+        if path is None:
+            continue
+        try:
+            ch.gpu[name] = Policy.load(
+                path, provider=prov, precision=prec, cuda_graph=graph, threads=a.threads,
+                engine_cache_dir=a.engine_cache_dir, log=QUIET, tf32=a.tf32,
+            )  # fmt: skip
+        except ModelError as e:  # a provider present but failing: say so, time the rest
+            b.gpu_skipped[f"{name} K={k}"] = str(e)
+        else:
+            ch.fns[name] = lambda pol=ch.gpu[name]: pol.predict(obs, noise=noise)
+    if b.use_torch_graph:
+        try:
+            peer, ch.torch_graph_on = torch_cuda_graph_chunk(b.net, b.card, k)
+        except Exception as e:  # say why, time the rest
+            b.gpu_skipped[f"torch_cuda_graph K={k}"] = f"{type(e).__name__}: {e}"
+        else:
+            ch.fns["torch_cuda_graph"] = lambda peer=peer: peer(obs, noise)
+
+
+def measure_k(b: Bench, k: int, den_path: Path) -> dict:
+    """One K's row: every path's chunk, checked against eager torch and timed interleaved."""
+    ch = cpu_paths(b, k, den_path)
+    if b.a.fp16:
+        add_fp16(b, k, ch)
+    add_gpu(b, k, ch)
+    fns = ch.fns
+    ref = fns["torch"]()
+    diffs = {name: float(np.abs(fn() - ref).max()) for name, fn in fns.items() if name != "torch"}
+    ts = timed_interleaved(fns, b.runs)
+    (tp50, tp99), (sp50, sp99), (fp50, fp99) = (p50_p99(ts[n]) for n in ("torch", "step", "fused"))
+    best = min(sp50, fp50)
+    r = {
+        "k": k,
+        "torch_ms_p50": tp50,
+        "torch_ms_p99": tp99,
+        "ort_fused_ms_p50": fp50,
+        "ort_fused_ms_p99": fp99,
+        "ort_step_ms_p50": sp50,
+        "ort_step_ms_p99": sp99,
+        "speedup_vs_torch": tp50 / best,
+        "floor_ms": 0.0,  # floors: filled in by add_floors with the best peak measured
+        "ratio_to_floor": 0.0,
+        "floor_min_ms": 0.0,
+        "ratio_to_floor_min": 0.0,
+        "provider": ch.fused.provider,
+        "max_abs_diff_step": diffs["step"],
+        "max_abs_diff_fused": diffs["fused"],
+    }
+    stp50, stp99 = p50_p99(ts["fused_standard"])
+    r |= {"ort_fused_standard_ms_p50": stp50, "ort_fused_standard_ms_p99": stp99,
+          "fused_vs_standard_p50": fp50 / stp50}  # fmt: skip
+    paths = {"step": sp50, "fused": fp50}
+    if ch.int8_skipped is not None:
+        r["int8_skipped"] = ch.int8_skipped
+    elif b.a.int8:
+        ip50, ip99 = p50_p99(ts["int8"])
+        paths["int8"] = ip50
+        r |= {
+            "ort_int8_ms_p50": ip50,
+            "ort_int8_ms_p99": ip99,
+            "speedup_int8_vs_torch": tp50 / ip50,
+            "max_abs_diff_int8": diffs["int8"],
+        }
+    r["gpu"] = {}
+    for name, pol in ch.gpu.items():
+        gp50, gp99 = p50_p99(ts[name])
+        r["gpu"][name] = {
+            "ms_p50": gp50, "ms_p99": gp99, "speedup_vs_torch": tp50 / gp50, "provider": pol.provider,
+            "precision": pol.precision, "cuda_graph": pol.cuda_graph, "runs_on": pol.describe(),
+            "max_abs_diff": diffs[name],
+        }  # fmt: skip
+    if ch.fp16_err is not None:
+        r["max_abs_diff_fp16_vs_fp32"] = ch.fp16_err  # fp16 graph vs float32 graph, both ORT CPU
+    if ch.fp16_why is not None:
+        r["fp16_skipped"] = ch.fp16_why
+    if ch.torch_graph_on is not None:
+        gp50, gp99 = p50_p99(ts["torch_cuda_graph"])
+        r["gpu"]["torch_cuda_graph"] = {
+            "ms_p50": gp50, "ms_p99": gp99, "speedup_vs_torch": tp50 / gp50, "provider": "torch",
+            "precision": "fp32", "cuda_graph": True, "runs_on": ch.torch_graph_on,
+            "max_abs_diff": diffs["torch_cuda_graph"],
+        }  # fmt: skip
+        # ORT's GPU rows over the torch peer (p50; < 1: ORT faster)
+        r["ort_vs_torch_cuda_graph"] = {
+            n: g["ms_p50"] / gp50 for n, g in r["gpu"].items() if n != "torch_cuda_graph"
+        }
+    r["best_path"] = min(paths, key=paths.__getitem__)
+    r["speedup_best_vs_torch"] = tp50 / paths[r["best_path"]]  # int8 included (numerics differ)
+    return r
+
+
+def measure(b: Bench, ks: list[int]) -> list[dict]:
+    """Nodes per denoising step, then one row per K; every export in one temporary folder."""
     with tempfile.TemporaryDirectory() as tmp:
+        b.tmp = Path(tmp)
         t0 = time.perf_counter()
-        nodes = nodes_per_step(net, card, Path(tmp), a.threads, gpu="cuda" in gpu_run)
-        nodes_standard = nodes_per_step(net, card, Path(tmp), a.threads, "cuda" in gpu_run, ops="standard")
-        den_path = export_onnx(net, card, Path(tmp) / "denoiser.onnx", graph="denoiser", verify=False)
-        for k in ks:
-            fused_path = export_onnx(
-                net, card, Path(tmp) / f"fused{k}.onnx", graph="fused", steps=k, verify=False
-            )
-            fused = Policy.load(fused_path, provider="cpu", threads=a.threads, log=quiet)
-            standard_path = export_onnx(
-                net, card, Path(tmp) / f"standard{k}.onnx", steps=k, verify=False, ops="standard"
-            )  # the traced graph the node ran before the ort_fused one: the baseline of the same run
-            standard = Policy.load(standard_path, provider="cpu", threads=a.threads, log=quiet)
-            step = Policy.load(den_path, provider="cpu", threads=a.threads, steps=k, log=quiet)
-            eager = torch_chunk(net, card, k)
-            fns = {
-                "torch": lambda eager=eager: eager(obs, noise),
-                "step": lambda p=step: p.predict(obs, noise=noise),
-                "fused": lambda p=fused: p.predict(obs, noise=noise),
-                "fused_standard": lambda p=standard: p.predict(obs, noise=noise),
-            }
-            int8_skipped = None
-            if a.int8:
-                try:
-                    int8_path = export_onnx(
-                        net, card, Path(tmp) / f"fused{k}_int8.onnx", graph="fused", steps=k,
-                        weights="int8", int8_form=a.int8_form,
-                    )  # fmt: skip
-                    int8 = Policy.load(int8_path, provider="cpu", threads=a.threads, log=quiet)
-                except Exception as e:  # an optional row: say why, keep benchmarking the rest
-                    int8_skipped = f"{type(e).__name__}: {e}"
-                else:
-                    fns["int8"] = lambda p=int8: p.predict(obs, noise=noise)
-            fp16_path, fp16_err, fp16_why = None, None, None
-            if a.fp16:
-                try:
-                    fp16_path = export_onnx(
-                        net, card, Path(tmp) / f"fused{k}_fp16.onnx", graph="fused", steps=k, precision="fp16"
-                    )
-                    fp16_cpu = Policy.load(fp16_path, provider="cpu", threads=a.threads, log=quiet)
-                    a16, a32 = fp16_cpu.predict(obs, noise=noise), fused.predict(obs, noise=noise)
-                    fp16_err = float(np.abs(a16 - a32).max())
-                    del fp16_cpu  # timed on the GPU only: fp16 kernels on the CPU are slow, not the point
-                except Exception as e:  # an optional figure: say why, keep benchmarking the rest
-                    fp16_path, fp16_why = None, f"{type(e).__name__}: {e}"
-            gpu: dict[str, Policy] = {}
-            for name, (prov, prec, graph) in gpu_run.items():
-                path = fp16_path if name.endswith("_fp16") and prov == "cuda" else fused_path
-                path = standard_path if name.endswith("_standard") else path
-                if path is None:
-                    continue
-                try:
-                    gpu[name] = Policy.load(
-                        path, provider=prov, precision=prec, cuda_graph=graph, threads=a.threads,
-                        engine_cache_dir=a.engine_cache_dir, log=quiet, tf32=a.tf32,
-                    )  # fmt: skip
-                except ModelError as e:  # a provider present but failing: say so, time the rest
-                    gpu_skipped[f"{name} K={k}"] = str(e)
-                else:
-                    fns[name] = lambda p=gpu[name]: p.predict(obs, noise=noise)
-            torch_graph_on = None
-            if use_torch_graph:
-                try:
-                    peer, torch_graph_on = torch_cuda_graph_chunk(net, card, k)
-                except Exception as e:  # say why, time the rest
-                    gpu_skipped[f"torch_cuda_graph K={k}"] = f"{type(e).__name__}: {e}"
-                else:
-                    fns["torch_cuda_graph"] = lambda peer=peer: peer(obs, noise)
-            ref = eager(obs, noise)
-            diffs = {name: float(np.abs(fn() - ref).max()) for name, fn in fns.items() if name != "torch"}
-            ts = timed_interleaved(fns, runs)
-            (tp50, tp99), (sp50, sp99), (fp50, fp99) = (p50_p99(ts[n]) for n in ("torch", "step", "fused"))
-            best = min(sp50, fp50)
-            r = {
-                "k": k,
-                "torch_ms_p50": tp50,
-                "torch_ms_p99": tp99,
-                "ort_fused_ms_p50": fp50,
-                "ort_fused_ms_p99": fp99,
-                "ort_step_ms_p50": sp50,
-                "ort_step_ms_p99": sp99,
-                "speedup_vs_torch": tp50 / best,
-                "floor_ms": 0.0,  # floors: filled in below with the best peak measured
-                "ratio_to_floor": 0.0,
-                "floor_min_ms": 0.0,
-                "ratio_to_floor_min": 0.0,
-                "provider": fused.provider,
-                "max_abs_diff_step": diffs["step"],
-                "max_abs_diff_fused": diffs["fused"],
-            }
-            stp50, stp99 = p50_p99(ts["fused_standard"])
-            r |= {"ort_fused_standard_ms_p50": stp50, "ort_fused_standard_ms_p99": stp99,
-                  "fused_vs_standard_p50": fp50 / stp50}  # fmt: skip
-            paths = {"step": sp50, "fused": fp50}
-            if int8_skipped is not None:
-                r["int8_skipped"] = int8_skipped
-            elif a.int8:
-                ip50, ip99 = p50_p99(ts["int8"])
-                paths["int8"] = ip50
-                r |= {
-                    "ort_int8_ms_p50": ip50,
-                    "ort_int8_ms_p99": ip99,
-                    "speedup_int8_vs_torch": tp50 / ip50,
-                    "max_abs_diff_int8": diffs["int8"],
-                }
-            r["gpu"] = {}
-            for name, pol in gpu.items():
-                gp50, gp99 = p50_p99(ts[name])
-                r["gpu"][name] = {
-                    "ms_p50": gp50, "ms_p99": gp99, "speedup_vs_torch": tp50 / gp50, "provider": pol.provider,
-                    "precision": pol.precision, "cuda_graph": pol.cuda_graph, "runs_on": pol.describe(),
-                    "max_abs_diff": diffs[name],
-                }  # fmt: skip
-            if fp16_err is not None:
-                r["max_abs_diff_fp16_vs_fp32"] = fp16_err  # fp16 graph vs float32 graph, both ORT CPU
-            if fp16_why is not None:
-                r["fp16_skipped"] = fp16_why
-            if torch_graph_on is not None:
-                gp50, gp99 = p50_p99(ts["torch_cuda_graph"])
-                r["gpu"]["torch_cuda_graph"] = {
-                    "ms_p50": gp50, "ms_p99": gp99, "speedup_vs_torch": tp50 / gp50, "provider": "torch",
-                    "precision": "fp32", "cuda_graph": True, "runs_on": torch_graph_on,
-                    "max_abs_diff": diffs["torch_cuda_graph"],
-                }  # fmt: skip
-                # ORT's GPU rows over the torch peer (p50; < 1: ORT faster)
-                r["ort_vs_torch_cuda_graph"] = {
-                    n: g["ms_p50"] / gp50 for n, g in r["gpu"].items() if n != "torch_cuda_graph"
-                }
-            r["best_path"] = min(paths, key=paths.__getitem__)
-            r["speedup_best_vs_torch"] = tp50 / paths[r["best_path"]]  # int8 included (numerics differ)
-            results.append(r)
-        setup_s = time.perf_counter() - t0
-    load1 = os.getloadavg()[0]
-    # The floors were computed with the start peak; a busy start would understate the peak, so take the
-    # better of two measurements and recompute.
-    peak = max(peak_start, matmul_peak_gflops(a.threads, a.quick))
+        gpu = "cuda" in b.gpu_run
+        b.nodes = nodes_per_step(b.net, b.card, b.tmp, b.a.threads, gpu=gpu)
+        b.nodes_standard = nodes_per_step(b.net, b.card, b.tmp, b.a.threads, gpu, ops="standard")
+        den_path = export_onnx(b.net, b.card, b.tmp / "denoiser.onnx", graph="denoiser", verify=False)
+        results = [measure_k(b, k, den_path) for k in ks]
+        b.setup_s = time.perf_counter() - t0
+    return results
+
+
+def add_floors(b: Bench, results: list[dict]) -> None:
+    """The FLOP-bound floors. A busy start would understate the peak, so the better of two measurements."""
+    b.load1 = os.getloadavg()[0]
+    b.peak = peak = max(b.peak_start, matmul_peak_gflops(b.a.threads, b.a.quick))
+    full, per_step, per_chunk = b.flops
     for r in results:
         k, best = r["k"], min(r["ort_step_ms_p50"], r["ort_fused_ms_p50"])
         r["floor_ms"] = k * full / (peak * 1e9) * 1e3
         r["floor_min_ms"] = (k * per_step + per_chunk) / (peak * 1e9) * 1e3
         r["ratio_to_floor"], r["ratio_to_floor_min"] = best / r["floor_ms"], best / r["floor_min_ms"]
 
+
+def print_table(b: Bench, results: list[dict]) -> None:
+    """The policy and machine lines, then one line per K: CPU paths, floors, the int8 row."""
+    a, cfg, card, net = b.a, b.cfg, b.card, b.net
+    full, per_step, per_chunk = b.flops
     print(
         f"DiffuseLoco-size policy: {cfg.layers}x{cfg.heads}x{cfg.width}, {net.parameter_count() / 1e6:.2f}M "
         f"params, obs {card.history}x{card.obs_dim}, chunk {card.horizon}x{card.action_dim}; "
-        f"{runs} runs each, interleaved"
+        f"{b.runs} runs each, interleaved"
     )
     print(
-        f"CPU {os.cpu_count()} cores, threads={a.threads}, sgemm peak {peak:.1f} GFLOP/s; forward "
+        f"CPU {os.cpu_count()} cores, threads={a.threads}, sgemm peak {b.peak:.1f} GFLOP/s; forward "
         f"{full / 1e6:.0f} MFLOP, fused step {per_step / 1e6:.0f} MFLOP + {per_chunk / 1e6:.0f} MFLOP "
-        f"per chunk; load average {load0:.2f} -> {load1:.2f} (others share this machine)"
+        f"per chunk; load average {b.load0:.2f} -> {b.load1:.2f} (others share this machine)"
     )
-    cols = [
-        "K",
-        "torch p50",
-        "step p50",
-        "fused p50",
-        "fused p99",
-        "speedup",
-        "floor",
-        "ratio",
-        "floor_min",
-        "ratio",
-    ]
+    cols = ["K", "torch p50", "step p50", "fused p50", "fused p99", "speedup", "floor", "ratio", "floor_min",
+            "ratio"]  # fmt: skip
     if a.int8:
         cols += ["int8 p50", "int8 x", "int8 err"]
     print(" ".join(f"{c:>10}" for c in cols))
@@ -638,9 +465,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['max_abs_diff_int8']:.1e}",
             ]
         print(" ".join(f"{c:>10}" for c in row))
+
+
+def print_notes(b: Bench, results: list[dict]) -> None:
+    """Below the table: skipped rows, the GPU rows, ratios to the torch peer, fp16 errors, node counts."""
     for r in results:
         if "int8_skipped" in r:
-            print(f"K={r['k']}: int8 ({a.int8_form}) skipped: {r['int8_skipped']}")
+            print(f"K={r['k']}: int8 ({b.a.int8_form}) skipped: {r['int8_skipped']}")
     if any(r["gpu"] for r in results):
         print(f"{'K':>3} {'GPU row':>14} {'p50':>9} {'p99':>9} {'vs torch':>9} {'max err':>9}  runs on")
         for r in results:
@@ -658,47 +489,66 @@ def main(argv: list[str] | None = None) -> int:
                          if "max_abs_diff_fp16_vs_fp32" in r)  # fmt: skip
         print(f"fp16 graph, largest action error against float32 (ORT CPU, rad): {errs}")
     placed = " ".join(
-        f"{src} {v['per_step']:.0f} (K=1 {v['k1']:.0f}, K=2 {v['k2']:.0f});" for src, v in nodes.items()
+        f"{src} {v['per_step']:.0f} (K=1 {v['k1']:.0f}, K=2 {v['k2']:.0f});" for src, v in b.nodes.items()
     )
     print(f"nodes per denoising step (fused graph, K=2 minus K=1): {placed}")
-    placed = " ".join(f"{src} {v['per_step']:.0f};" for src, v in nodes_standard.items())
+    placed = " ".join(f"{src} {v['per_step']:.0f};" for src, v in b.nodes_standard.items())
     print(f"  the same with the traced graph (export --ops standard): {placed}")
     ratios = ", ".join(
         f"K={r['k']} {r['ort_fused_ms_p50']:.2f} / {r['ort_fused_standard_ms_p50']:.2f} ms = "
         f"{r['fused_vs_standard_p50']:.2f}" for r in results
     )
     print(f"CPU fused p50, ort_fused / standard graph (same run; < 1: the new graph is faster): {ratios}")
-    for name, why in gpu_skipped.items():
+    for name, why in b.gpu_skipped.items():
         print(f"GPU row {name} skipped: {why}")
     for r in results:
         if "fp16_skipped" in r:
             print(f"K={r['k']}: fp16 graph skipped: {r['fp16_skipped']}")
+
+
+def report(b: Bench, results: list[dict], models: list[dict]) -> dict:
+    """The JSON object (--json)."""
+    a = b.a
+    return {
+        "results": results,
+        "models": models,
+        "threads": a.threads,
+        "runs": b.runs,
+        "peak_gflops": b.peak,
+        "peak_gflops_start": b.peak_start,
+        "forward_mflop": b.flops[0] / 1e6,
+        "params": b.net.parameter_count(),
+        "load_avg": [b.load0, b.load1],
+        "setup_s": b.setup_s,
+        "cpu_count": os.cpu_count(),
+        "quick": a.quick,
+        "int8": a.int8,
+        "int8_form": a.int8_form,
+        "provider": a.provider,
+        "gpu_skipped": b.gpu_skipped,
+        "nodes_per_step": b.nodes,
+        "nodes_per_step_standard": b.nodes_standard,
+        "tf32": a.tf32,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    runs = a.runs or (15 if a.quick else 500)
+    models = model_rows(a.models or shipped_models(), a.threads, max(runs, 50))
+    print_model_rows(models)
+    if a.models_only:
+        if a.json:
+            print(json.dumps({"models": models, "threads": a.threads, "load_avg": os.getloadavg()[0]}))
+        return 0
+    ks = [int(k) for k in a.ks.split(",")]
+    b = Bench(a, runs)
+    results = measure(b, ks)
+    add_floors(b, results)
+    print_table(b, results)
+    print_notes(b, results)
     if a.json:
-        print(
-            json.dumps(
-                {
-                    "results": results,
-                    "models": models,
-                    "threads": a.threads,
-                    "runs": runs,
-                    "peak_gflops": peak,
-                    "peak_gflops_start": peak_start,
-                    "forward_mflop": full / 1e6,
-                    "params": net.parameter_count(),
-                    "load_avg": [load0, load1],
-                    "setup_s": setup_s,
-                    "cpu_count": os.cpu_count(),
-                    "quick": a.quick,
-                    "int8": a.int8,
-                    "int8_form": a.int8_form,
-                    "provider": a.provider,
-                    "gpu_skipped": gpu_skipped,
-                    "nodes_per_step": nodes,
-                    "nodes_per_step_standard": nodes_standard,
-                    "tf32": a.tf32,
-                }
-            )
-        )
+        print(json.dumps(report(b, results, models)))
     return 0
 
 

@@ -7,6 +7,7 @@ import importlib.util
 from collections import Counter
 from pathlib import Path
 
+import graph_cost
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -39,10 +40,10 @@ def test_diffuseloco_graph_has_few_nodes_per_denoising_step(tmp_path):
     card = bench.diffuseloco_card()
     torch.manual_seed(0)
     net = DiffusionTransformer(NetworkConfig()).eval()
-    file_nodes = bench.count_nodes
+    file_nodes = graph_cost.count_nodes
 
     def placed_nodes(path: Path) -> int:  # as the node's CPU session places them
-        return sum(bench.placed_nodes(path, "cpu", 1).values())
+        return sum(graph_cost.placed_nodes(path, "cpu", 1).values())
 
     paths = {}
     for k in (1, 2):  # as issue 24 counts them
