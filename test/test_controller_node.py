@@ -493,7 +493,7 @@ def test_observation_ages_near_their_timeout_are_warned_before_the_watchdog_fire
     past 80 % and under the timeout."""
 
     def late_odom(t: float):
-        return feeder.odom(t - 0.150)
+        return feeder.odom(t - 0.165)
 
     feeder.override["odom"] = late_odom
     try:
