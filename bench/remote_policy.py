@@ -213,6 +213,7 @@ def export_pair(out_dir: Path, graph_batch: int) -> dict[int, Path]:
     from diffusion_controller.training.export import export_onnx
 
     card = card_of_model(MODEL, lambda _m: None)
+    card = card.replace(name=f"{card.name}_random_weights")  # what the logs say runs
     size = {k: int(card.network[k]) for k in ("layers", "heads", "width")}
     net = tiny_network(card, **size, seed=0)
     sizes = sorted({1, graph_batch})

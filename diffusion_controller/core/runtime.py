@@ -16,7 +16,9 @@ one's device work, while its creation and first, slow run do not hold the runnin
 
 Graph forms (see training/export.py): `fused` runs the whole DDIM chain in one session run, with K
 fixed by the card and inpainting in the graph; `denoiser` runs the K-step loop here with core/ddim.py,
-so K can be chosen at load time.
+so K can be chosen at load time. A fused graph exported with `--batch N` (card graph.batch) has N rows in
+every buffer: predict() runs row 0, predict_batch() up to N robots' histories in one run (the policy node
+serving several robots).
 
 int8 graphs (export --weights int8) say in `network.int8_form` how their weights are stored; a form
 whose ONNX Runtime kernels compute wrong actions on this CPU is refused at load (see u8s8_problem).
