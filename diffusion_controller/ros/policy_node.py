@@ -296,7 +296,7 @@ class PolicyNode(Node):
         period = self.binding.period_s
         self.create_timer(period / CHECKS_PER_PERIOD, self._check)
         self.create_timer(float(cfg.diagnostics_period_s), self._publish_diagnostics)
-        passes = pass_plan(cfg.batch, self.policy.batch, len(self.robots))
+        passes = pass_plan(cfg.batch, getattr(self.policy, "batch", 1), len(self.robots))
         self._publish_model("loaded", dg.OK, f"running '{self.card.name}' {self.card.version}")
         self._log.info(
             f"serving {[r.chunk_topic for r in self.robots]} with '{self.card.name}' {self.card.version} "
@@ -386,7 +386,7 @@ class PolicyNode(Node):
             self.policy, self.card, self.path = policy, card, path
             self.model_id = model_id_text(card.name, card.version, policy.steps)
             self.swaps += 1
-            plan = pass_plan(self.cfg.batch, policy.batch, len(self.robots))
+            plan = pass_plan(self.cfg.batch, getattr(policy, "batch", 1), len(self.robots))
             self._log.info(f"model swap: now running '{card.name}' {card.version} on {policy.provider} "
                            f"({plan})")  # fmt: skip
             self._publish_model("swapped", dg.OK, f"running '{card.name}' {card.version}")
