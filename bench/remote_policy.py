@@ -1,15 +1,19 @@
 """Remote policy benchmarks: one policy node serving several controllers; 100 Hz behind a lossy link.
 
-    python bench/remote_policy.py fleet [--robots 4] [--seconds 20]   # batched pass vs a worker per robot
+    python bench/remote_policy.py fleet [--robots 4] [--seconds 20]   # batch graph, loop, worker per robot
     python bench/remote_policy.py link [--seconds 30] [--baseline]    # 100 Hz, 20% loss + reordering
 
 fleet: `--robots` controller_node processes (namespaces robot1..N, `policy.source: remote`) and one
 policy_node (`policy.robots: [robot1, ...]`, the shipped model) on this machine; this process publishes
 every robot's sensors (stamped with wall time) and records each chunk's arrival (the rmw receipt time)
 against its observation stamp. A chunk is due when its first action is (t_obs + first_offset * period);
-"within one period of due" = age at arrival <= (first_offset + 1) * period. Run twice in the same
-benchmark: `policy.batch: true` (the robots due together in one pass of one worker thread: a loop of
-single runs, the exported graphs have batch size 1) and `false` (a worker thread per robot).
+"within one period of due" = age at arrival <= (first_offset + 1) * period. Three rows in the same
+benchmark, all with the same weights: a network of the shipped model's size and card (random weights:
+the shipped model has no checkpoint to re-export) exported at batch 1 and at batch `--graph-batch`
+(default: one row per robot). `policy.batch: true` with the batch-1 graph (the robots due together in
+one pass of one worker thread: a loop of single runs), `false` with it (a worker thread per robot), and
+`true` with the batch graph (the due robots in ONE run); then the batch graph's ratios to a worker per
+robot. `--model PATH` runs the first two rows on that model instead (the batch row needs the pair).
 
 link: one controller at 100 Hz (the tiny model, horizon 16, period 10 ms), the policy node behind
 link_emulator (10 +- 5 ms, 20% loss, 20% reordered by 20 ms, 5% duplicated): missed ticks, stale actions
@@ -201,17 +205,32 @@ def controller(ns: str, model: Path, *extra: str) -> list[str]:
     return args + list(extra)  # fmt: skip
 
 
-def fleet(robots: int, seconds: float, batch: bool, log_dir: Path) -> dict:
+def export_pair(out_dir: Path, graph_batch: int) -> dict[int, Path]:
+    """A network of the shipped model's size and card (random weights) exported at batch 1 and batch N."""
+    from tiny_models import tiny_network
+
+    from diffusion_controller.core.card_source import card_of_model
+    from diffusion_controller.training.export import export_onnx
+
+    card = card_of_model(MODEL, lambda _m: None)
+    card = card.replace(name=f"{card.name}_random_weights")  # what the logs say runs
+    size = {k: int(card.network[k]) for k in ("layers", "heads", "width")}
+    net = tiny_network(card, **size, seed=0)
+    sizes = sorted({1, graph_batch})
+    return {b: export_onnx(net, card, out_dir / f"fleet_batch{b}.onnx", batch=b) for b in sizes}
+
+
+def fleet(robots: int, seconds: float, batch: bool, log_dir: Path, model: Path = MODEL) -> dict:
     namespaces = [f"robot{i + 1}" for i in range(robots)]
     procs = Procs(log_dir)
     bench = Bench(namespaces)
     try:
         for ns in namespaces:
-            procs.start(f"controller_{ns}_{batch}", controller(ns, MODEL))
+            procs.start(f"controller_{ns}_{batch}_{model.stem}", controller(ns, model))
         robots_list = "[" + ",".join(namespaces) + "]"
-        pol = procs.start(f"policy_{batch}", [
+        pol = procs.start(f"policy_{batch}_{model.stem}", [
             "diffusion_controller.ros.policy_node", "--ros-args", "--params-file", str(CONFIG),
-            "-p", f"model_path:={MODEL}", "-p", f"policy.robots:={robots_list}",
+            "-p", f"model_path:={model}", "-p", f"policy.robots:={robots_list}",
             "-p", f"policy.batch:={str(batch).lower()}",
         ])  # fmt: skip
         running = lambda: all(  # noqa: E731
@@ -250,9 +269,14 @@ def fleet(robots: int, seconds: float, batch: bool, log_dir: Path) -> dict:
         }
     pol_diag = diag.get("/diffusion_policy: policy", {})
     chunks = sum(len(a) for a in arrivals.values())
+    within = [v["within_one_period_of_due"] for v in per_robot.values()]
     return {
         "batch": batch,
         "robots": robots,
+        "model": str(model),
+        "graph_batch": int(pol_diag.get("graph_batch", 1)),
+        "model_runs": pol_diag.get("model_runs"),
+        "within_one_period_of_due": float(np.nanmean(within)) if within else math.nan,
         "policy_cpu_ms_per_chunk": 1000 * (cpu1 - cpu0) / max(chunks, 1),
         "policy_cpu_share": (cpu1 - cpu0) / (t1 - t0),
         "pass_ms_p50": pol_diag.get("pass_p50_ms"),
@@ -318,6 +342,25 @@ def link(seconds: float, log_dir: Path, local: bool = False) -> dict:
     }
 
 
+def fleet_rows(args: argparse.Namespace, log_dir: Path) -> dict:
+    """The fleet's rows (loop, a worker per robot, the batch graph) and the batch graph's ratios."""
+    n = args.graph_batch or args.robots
+    pair = export_pair(log_dir, n)
+    single = args.model or pair[1]
+    rows = [fleet(args.robots, args.seconds, b, log_dir, single) for b in (True, False)]
+    for r in rows:
+        loop = "one pass for all due robots (a loop of single runs)"
+        r["mode"] = loop if r["batch"] else "a worker per robot"
+    out: dict = {"rows": rows}
+    if n > 1:
+        row = fleet(args.robots, args.seconds, True, log_dir, pair[n])
+        row["mode"] = f"one run of the batch-{n} graph for the due robots"
+        rows.append(row)
+        keys = ("policy_cpu_ms_per_chunk", "policy_cpu_share", "within_one_period_of_due")
+        out["batched_over_per_robot"] = {k: row[k] / rows[1][k] for k in keys}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="remote policy benchmarks (see module docstring)")
     p.add_argument("what", choices=("fleet", "link"))
@@ -325,22 +368,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--baseline", action="store_true", help="link: also the same controller running the model")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--graph-batch", type=int, default=None, help="fleet: batch graph rows (default robots)")
+    p.add_argument("--model", type=Path, default=None, help="fleet: the batch-1 rows' model (default: pair)")
     args = p.parse_args(argv)
     dds.one_host_udp(os.environ)
     os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
     log_dir = Path(tempfile.mkdtemp(prefix="remote_policy_"))
     if args.what == "fleet":
-        out = {"rows": [fleet(args.robots, args.seconds, b, log_dir) for b in (True, False)]}
+        out = fleet_rows(args, log_dir)
         for r in out["rows"]:
-            mode = "one pass for all due robots" if r["batch"] else "a worker per robot"
+            mode = r["mode"]
             print(f"{mode}: policy CPU {r['policy_cpu_ms_per_chunk']:.2f} ms/chunk "
                   f"({100 * r['policy_cpu_share']:.0f}% of a core), pass p50 {r['pass_ms_p50']} ms, "
-                  f"run p50 {r['run_ms_p50']} ms")  # fmt: skip
+                  f"run p50 {r['run_ms_p50']} ms, model runs {r['model_runs']}, within one period of due "
+                  f"{100 * r['within_one_period_of_due']:.1f}%")  # fmt: skip
             for ns, v in r["per_robot"].items():
                 print(f"  {ns}: {v['chunks_per_s']:.1f} chunks/s, age at arrival p50 {v['age_ms_p50']:.1f} / "
                       f"p99 {v['age_ms_p99']:.1f} ms, within one period of due "
                       f"{100 * v['within_one_period_of_due']:.1f}%, missed steps "
                       f"{v['missed_steps']}")  # fmt: skip
+        for key, value in out.get("batched_over_per_robot", {}).items():
+            print(f"batch graph / a worker per robot: {key} {value:.2f}")
     else:
         out = {"remote behind the link": link(args.seconds, log_dir)}
         if args.baseline:

@@ -156,12 +156,14 @@ def make_tiny_model(
     heads: int = 2,
     width: int = 32,
     ops: str | None = None,
+    batch: int = 1,
     **card_options: Any,
 ) -> Path:
     """Build, export and card a random tiny policy; returns `<out_dir>/<name>.onnx` (card beside it).
 
     name defaults to `tiny_ant_<graph>`; `card_options` go to `tiny_card` (prediction_type, clip_sample,
-    beta_schedule, train_timesteps, period, first_offset); ops: the export's graph ops (None: its default).
+    beta_schedule, train_timesteps, period, first_offset); ops: the export's graph ops (None: its default);
+    batch: histories per run of a fused graph (card graph.batch).
     """
     from diffusion_controller.training.export import export_onnx
 
@@ -179,4 +181,5 @@ def make_tiny_model(
     net = tiny_network(card, layers=layers, heads=heads, width=width, seed=seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return export_onnx(net, card, out_dir / f"{name}.onnx", graph=graph, steps=steps, eta=eta, ops=ops)
+    return export_onnx(net, card, out_dir / f"{name}.onnx", graph=graph, steps=steps, eta=eta, ops=ops,
+                      batch=batch)  # fmt: skip

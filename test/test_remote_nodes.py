@@ -5,6 +5,8 @@
   node's first chunk after its return.
 - A 100 Hz controller behind a link that drops 20% of the chunks and reorders and duplicates some: no
   stale action is published and the loop misses no tick (within the suite's budget for a shared machine).
+- One policy node serves two namespaced controllers, with a worker per robot, and with a batch-2 graph
+  (the robots due together in one run of the model).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "50hz_b": make_tiny_model(d / "c", name="tiny_remote_b", horizon=16, seed=1),
         "short": make_tiny_model(d / "d", name="tiny_short", horizon=8),
         "100hz": make_tiny_model(d / "b", name="tiny_remote_100", horizon=16, period=0.01),
+        "50hz_batch2": make_tiny_model(d / "e", name="tiny_remote_batch", horizon=16, batch=2),
     }
 
 
@@ -266,3 +269,49 @@ def test_one_policy_node_serves_two_namespaced_controllers(models, graph):
         for c in ctls:
             c.stop()
     assert rc == 0
+
+
+def test_one_batch_graph_run_serves_two_namespaced_controllers(models, graph):
+    """`policy.batch: true` with a batch-2 graph: both robots' requests (the same sensors, so due at the
+    same checks) go into one run of the model, and each controller runs on its own chunks."""
+    model = models["50hz_batch2"]
+    t0 = time.monotonic()  # the policy node's diagnostics from here on (an earlier test's may be there)
+    feeder = SensorFeeder(graph)
+    sensors = [
+        a for src, topic in SENSOR_TOPICS.items() for a in ("-p", f"observations.{src}.topic:={topic}")
+    ]
+    remote = ("-p", "policy.source:=remote", "-p", "outputs.debug.enabled:=false")
+    ctls = [start(model, *remote, namespace=f"/{ns}") for ns in ("robot1", "robot2")]
+    pol = policy_node(model, "-p", "policy.robots:=[robot1,robot2]", "-p", "policy.batch:=true", *sensors)
+    diag = graph.collect(DiagnosticArray, "/diagnostics")
+    try:
+        for ns in ("robot1", "robot2"):
+            assert wait_until(
+                lambda ns=ns: diag_values(diag, "control loop", f"/{ns}/diffusion_controller").get("state")
+                == "running",
+                60.0,
+            ), pol.output()[-1500:] + ctls[0].output()[-2500:]
+
+        def policy() -> dict[str, str]:
+            for _, msg in reversed(diag.timed_since(t0)):
+                for st in msg.status:
+                    if st.name == "/diffusion_policy: policy":
+                        return {kv.key: kv.value for kv in st.values}
+            return {}
+
+        def served() -> bool:
+            v = policy()
+            return int(v.get("chunks.robot1", 0)) > 20 and int(v.get("chunks.robot2", 0)) > 20
+
+        assert wait_until(served, 10.0), policy()
+        values = policy()
+        chunks = int(values["chunks.robot1"]) + int(values["chunks.robot2"])
+        assert values["graph_batch"] == "2"
+        assert 0 < int(values["model_runs"]) <= 0.75 * chunks, values  # mostly one run for both robots
+    finally:
+        feeder.close()
+        rc = pol.stop()
+        for c in ctls:
+            c.stop()
+    assert rc == 0
+    assert "one run of a batch-2 graph for up to 2 robots" in pol.output()

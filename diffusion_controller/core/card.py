@@ -157,6 +157,8 @@ class ModelCard(Layout):
                 "outputs": dict(self.graph.outputs),
                 "ops": self.graph.ops,
             }
+            if self.graph.batch != 1:  # absent = 1: a batch-1 card reads as before
+                d["graph"]["batch"] = self.graph.batch
         d["network"] = _plain(self.network)
         d["training"] = _plain(self.training)
         return d

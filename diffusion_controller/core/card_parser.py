@@ -464,9 +464,12 @@ class CardParser:
                 self.err("graph", "missing (expected {kind, inputs, outputs})")
             return None
         p = "graph"
-        g = self.section(d, "graph", "", ("kind", "inputs", "outputs", "ops"))
+        g = self.section(d, "graph", "", ("kind", "inputs", "outputs", "ops", "batch"))
         kind = self.string(g, "kind", p, choices=GRAPH_KINDS)
         ops = self.string(g, "ops", p, choices=GRAPH_OPS, default="standard")
+        batch = self.integer(g, "batch", p, 1, default=1)
+        if batch > 1 and kind == "denoiser":
+            self.err(f"{p}.batch", f"a denoiser graph takes one history (batch 1), got {batch}")
         if kind not in GRAPH_KINDS:
             return None
         maps = []
@@ -478,4 +481,4 @@ class CardParser:
                 elif not isinstance(m[r], str) or not m[r]:
                     self.err(f"{p}.{key}.{r}", f"expected a tensor name, got {m[r]!r}")
             maps.append({r: m[r] for r in roles if isinstance(m.get(r), str)})
-        return GraphSpec(kind, maps[0], maps[1], ops)
+        return GraphSpec(kind, maps[0], maps[1], ops, batch)

@@ -94,12 +94,14 @@ class Feature:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """Which graph form the .onnx holds and the tensor name of each logical input/output."""
+    """Which graph form the .onnx holds and the tensor name of each logical input/output. batch: how many
+    observation histories one run takes (fused graphs only; the card's graph.batch, absent = 1)."""
 
     kind: str
     inputs: dict[str, str]
     outputs: dict[str, str]
     ops: str = "standard"
+    batch: int = 1
 
 
 @dataclass(frozen=True, eq=False)

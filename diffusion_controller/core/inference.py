@@ -179,3 +179,23 @@ def compute(policy: Any, request: InferenceRequest) -> InferenceResult:
     except Exception as e:  # a model failure must never take the control loop down
         actions, error = None, f"{type(e).__name__}: {e}"
     return InferenceResult(request, actions, error, policy, time.perf_counter() - t0)
+
+
+def compute_batch(policy: Any, requests: list[InferenceRequest]) -> list[InferenceResult]:
+    """Run several requests (no inpainting prefix) in one `policy.predict_batch` call: one session run of
+    a batch graph. A failed run is every request's error; a bad chunk only its own."""
+    t0 = time.perf_counter()
+    if policy is None:
+        return [InferenceResult(r, None, "no policy loaded", policy, 0.0) for r in requests]
+    try:
+        if any(r.prefix is not None for r in requests):
+            raise ValueError("compute_batch: requests with an inpainting prefix run one at a time (compute)")
+        histories = np.stack([r.obs_history for r in requests])
+        raw = policy.predict_batch(histories, seeds=[r.seed for r in requests])
+        if len(raw) != len(requests):
+            raise ValueError(f"predict_batch returned {len(raw)} chunks for {len(requests)} requests")
+        checked = [check_actions(a, policy.card) for a in raw]
+    except Exception as e:  # a model failure must never take the caller down
+        checked = [(None, f"{type(e).__name__}: {e}")] * len(requests)
+    dt = time.perf_counter() - t0
+    return [InferenceResult(r, a, err, policy, dt) for r, (a, err) in zip(requests, checked, strict=True)]

@@ -16,7 +16,9 @@ one's device work, while its creation and first, slow run do not hold the runnin
 
 Graph forms (see training/export.py): `fused` runs the whole DDIM chain in one session run, with K
 fixed by the card and inpainting in the graph; `denoiser` runs the K-step loop here with core/ddim.py,
-so K can be chosen at load time.
+so K can be chosen at load time. A fused graph exported with `--batch N` (card graph.batch) has N rows in
+every buffer: predict() runs row 0, predict_batch() up to N robots' histories in one run (the policy node
+serving several robots).
 
 int8 graphs (export --weights int8) say in `network.int8_form` how their weights are stored; a form
 whose ONNX Runtime kernels compute wrong actions on this CPU is refused at load (see u8s8_problem).
@@ -29,7 +31,7 @@ import platform
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,8 @@ from diffusion_controller.core.device_thread import DeviceThread
 from diffusion_controller.core.providers import CPU, CUDA, GPU_LOCK, PROVIDERS, SHORT, TRT, Candidate
 from diffusion_controller.core.session import (
     SessionFactory,
+    check_tensors,
+    expected_tensors,
     missing_operator,
     nodes_text,
     ort_session,
@@ -53,7 +57,6 @@ from diffusion_controller.core.session import (
 )
 
 __all__ = ["CPU", "CUDA", "PROVIDERS", "SHORT", "TRT", "ModelError", "Policy", "SessionFactory"]
-_ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.int64): "tensor(int64)"}
 #: int8 weight forms (card network.int8_form); activations are uint8, quantized per call, in all three.
 #: u8u8: uint8 weights; u8s7: int8 weights limited to 7 bits (reduce_range): neither saturates on any
 #: CPU. u8s8: full int8 weights, which saturate unless u8s8_problem() is None.
@@ -293,6 +296,7 @@ class Policy:
         self.engine_cache: Path | None = None
         self.supports_inpainting = card.inpaints_at(steps)
         self.graph_kind = card.graph.kind
+        self.batch = card.graph.batch  # histories one session run takes (predict_batch)
         self._lock = threading.Lock()
         self._rng = np.random.default_rng()
         self._runs = 0  # session runs so far (which of them may capture: providers.CAPTURE_RUNS)
@@ -329,59 +333,10 @@ class Policy:
                     f"the graph or its weights are broken{hint}"
                 )
 
-    def _expected_tensors(self, fused: bool) -> tuple[dict, dict]:
-        """role -> (shape, dtype) of every input and output the card implies."""
-        c = self.card
-        h, a = c.horizon, c.action_dim
-        f32 = np.dtype(np.float32)
-        ins = {"obs_history": ((1, c.history, c.obs_dim), f32)}
-        if fused:
-            noise = (1, self.steps + 1, h, a) if c.eta > 0 else (1, h, a)
-            ins |= {"noise": (noise, f32), "prefix": ((1, h, a), f32), "prefix_mask": ((1, h), f32)}
-            outs = {"actions": ((1, h, a), f32)}
-        else:
-            ins |= {"sample": ((1, h, a), f32), "timestep": ((1,), np.dtype(np.int64))}
-            outs = {"model_output": ((1, h, a), f32)}
-        return ins, outs
-
-    def _check_tensors(self, expected_in: dict, expected_out: dict) -> None:
-        """The graph's tensors must be exactly the card's, by name, element type and shape."""
-        g = self.card.graph
-        problems = []
-        for kind, expected, names, actual in (
-            ("input", expected_in, g.inputs, self.session.get_inputs()),
-            ("output", expected_out, g.outputs, self.session.get_outputs()),
-        ):
-            by_name = {t.name: t for t in actual}
-            wanted_names = {names[r] for r in expected}
-            for role, (shape, dtype) in expected.items():
-                name = names[role]
-                t = by_name.get(name)
-                if t is None:
-                    problems.append(
-                        f"card graph.{kind}s.{role} = {name!r} but the graph has no {kind} of that name "
-                        f"(graph {kind}s: {sorted(by_name)})"
-                    )
-                    continue
-                got_shape = [d if isinstance(d, int) else None for d in t.shape]
-                if len(got_shape) != len(shape) or any(
-                    g_ is not None and g_ != w for g_, w in zip(got_shape, shape, strict=False)
-                ):
-                    problems.append(
-                        f"{kind} {name!r} has shape {list(t.shape)}, the card implies {list(shape)}"
-                    )
-                if t.type != _ORT_TYPES[dtype]:
-                    problems.append(f"{kind} {name!r} has type {t.type}, expected {_ORT_TYPES[dtype]}")
-            extra = sorted(set(by_name) - wanted_names)
-            if extra and kind == "input":
-                problems.append(f"graph has inputs the card does not name: {extra}")
-        if problems:
-            raise ModelError(f"model {self.path} does not match its card: " + "; ".join(problems))
-
     def _setup(self, fused: bool) -> None:
         """Allocate every buffer once and bind it (host memory on CPU, device buffers on a GPU)."""
-        exp_in, exp_out = self._expected_tensors(fused)
-        self._check_tensors(exp_in, exp_out)
+        exp_in, exp_out = expected_tensors(self.card, self.steps, fused)
+        check_tensors(self.path, self.card, self.session, exp_in, exp_out)
         c, g = self.card, self.card.graph
         self._host = {r: np.zeros(s, d) for r, (s, d) in (exp_in | exp_out).items()}
         self._names = dict(g.inputs) | dict(g.outputs)
@@ -524,7 +479,53 @@ class Policy:
                 np.copyto(out, self._prefix64, where=m == 1.0)
             return out
 
-    def _predict_fused(self, inpaint: bool) -> np.ndarray:
+    def predict_batch(
+        self, histories: np.ndarray, *, noise: np.ndarray | None = None,
+        seeds: Sequence[int | None] | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """Action chunks (n, horizon, action_dim) float64 for n raw histories (n, history, obs_dim): ONE
+        session run of a batch-N graph (card graph.batch N >= n; unused rows repeat row 0), or predict()
+        per row on a batch-1 model. Row i is predict(histories[i], noise=noise[i] or seed=seeds[i]) (to
+        float32 rounding): the same seed draws the same noise. No inpainting prefix."""
+        c = self.card
+        try:
+            shape = np.shape(histories)
+        except (TypeError, ValueError):  # ragged
+            shape = None
+        want = f"(n, {c.history}, {c.obs_dim}) with 1 <= n" + (f" <= {self.batch}" if self.batch > 1 else "")
+        if shape is None or len(shape) != 3 or shape[0] < 1 or tuple(shape[1:]) != (c.history, c.obs_dim):
+            raise ModelError(f"histories: expected shape {want}, got {shape}")
+        n = shape[0]
+        if n > self.batch > 1:
+            raise ModelError(
+                f"histories: this graph runs at most {self.batch} per run (card graph.batch "
+                f"{self.batch}), got {n}; split them, or export with `export_policy --batch {n}`"
+            )
+        obs = self._array("histories", histories, tuple(shape))
+        if seeds is not None and (noise is not None or len(seeds) != n):
+            raise ModelError(f"seeds: expected {n} seeds (one per history) and no noise, got {len(seeds)}")
+        if noise is not None:
+            noise = self._array("noise", noise, (n, *self._noise_shape))
+        if self.batch == 1:  # one code path for callers: a loop of single runs
+            rows = [(None, None if seeds is None else seeds[i]) if noise is None else (noise[i], None)
+                    for i in range(n)]  # fmt: skip
+            return np.stack([self.predict(obs[i], noise=z, seed=k) for i, (z, k) in enumerate(rows)])
+        with self._lock:
+            host = self._host
+            host["obs_history"][:n] = obs
+            host["obs_history"][n:] = obs[0]  # padding: a real history keeps the unused rows finite
+            self._dirty.add("obs_history")
+            for i in range(n):
+                if noise is not None:
+                    np.copyto(host["noise"][i], noise[i], casting="same_kind")
+                else:
+                    rng = self._rng if seeds is None or seeds[i] is None else np.random.default_rng(seeds[i])
+                    rng.standard_normal(out=host["noise"][i], dtype=np.float32)
+            run = lambda: self._predict_fused(False, rows=n)  # noqa: E731
+            return run() if self._device_thread is None else self._device_thread.call(run)
+
+    def _predict_fused(self, inpaint: bool, rows: int | None = None) -> np.ndarray:
+        """One run; row 0's chunk (predict), or the first `rows` chunks (predict_batch)."""
         host = self._host
         self._dirty.add("noise")
         if inpaint:
@@ -537,7 +538,7 @@ class Policy:
             self._dirty.add("prefix_mask")
             self._mask_clear = True
         self._run()
-        return host["actions"][0].astype(np.float64)
+        return host["actions"][0 if rows is None else slice(rows)].astype(np.float64)
 
     def _predict_denoiser(self, inpaint: bool) -> np.ndarray:
         host, cfg, work = self._host, self.card.diffusion, self._work

@@ -2,8 +2,9 @@
 cache), the session factory, and reading why a session did not start.
 
 core/providers.py knows the providers (what is installed, their options, where a session's nodes run);
-this module turns one model load's request into the candidates Policy.load tries in order, and ONNX
-Runtime's refusals into messages that say what to do (a missing operator names the export that fits).
+this module turns one model load's request into the candidates Policy.load tries in order, ONNX
+Runtime's refusals into messages that say what to do (a missing operator names the export that fits),
+and checks that a session's tensors are the ones its card implies.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from diffusion_controller.core import providers
@@ -134,3 +136,56 @@ def provider_candidates(
     for note in notes:
         log(note)
     return candidates, cache
+
+
+_ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.int64): "tensor(int64)"}
+
+
+def expected_tensors(card: ModelCard, steps: int, fused: bool) -> tuple[dict, dict]:
+    """role -> (shape, dtype) of every input and output the card implies (a fused graph's first axis is
+    the card's graph.batch: that many histories per run)."""
+    h, a = card.horizon, card.action_dim
+    b = card.graph.batch if fused else 1
+    f32 = np.dtype(np.float32)
+    ins = {"obs_history": ((b, card.history, card.obs_dim), f32)}
+    if fused:
+        noise = (b, steps + 1, h, a) if card.eta > 0 else (b, h, a)
+        ins |= {"noise": (noise, f32), "prefix": ((b, h, a), f32), "prefix_mask": ((b, h), f32)}
+        outs = {"actions": ((b, h, a), f32)}
+    else:
+        ins |= {"sample": ((1, h, a), f32), "timestep": ((1,), np.dtype(np.int64))}
+        outs = {"model_output": ((1, h, a), f32)}
+    return ins, outs
+
+
+def check_tensors(path: Path, card: ModelCard, session: Any, expected_in: dict, expected_out: dict) -> None:
+    """The graph's tensors must be exactly the card's, by name, element type and shape (ModelError)."""
+    g = card.graph
+    problems = []
+    for kind, expected, names, actual in (
+        ("input", expected_in, g.inputs, session.get_inputs()),
+        ("output", expected_out, g.outputs, session.get_outputs()),
+    ):
+        by_name = {t.name: t for t in actual}
+        wanted_names = {names[r] for r in expected}
+        for role, (shape, dtype) in expected.items():
+            name = names[role]
+            t = by_name.get(name)
+            if t is None:
+                problems.append(
+                    f"card graph.{kind}s.{role} = {name!r} but the graph has no {kind} of that name "
+                    f"(graph {kind}s: {sorted(by_name)})"
+                )
+                continue
+            got_shape = [d if isinstance(d, int) else None for d in t.shape]
+            if len(got_shape) != len(shape) or any(
+                g_ is not None and g_ != w for g_, w in zip(got_shape, shape, strict=False)
+            ):
+                problems.append(f"{kind} {name!r} has shape {list(t.shape)}, the card implies {list(shape)}")
+            if t.type != _ORT_TYPES[dtype]:
+                problems.append(f"{kind} {name!r} has type {t.type}, expected {_ORT_TYPES[dtype]}")
+        extra = sorted(set(by_name) - wanted_names)
+        if extra and kind == "input":
+            problems.append(f"graph has inputs the card does not name: {extra}")
+    if problems:
+        raise ModelError(f"model {path} does not match its card: " + "; ".join(problems))

@@ -11,9 +11,12 @@ from the controller's stamped commands (`policy.executed_topic`).
 Several robots: `policy.robots: [robot1, robot2, ...]` serves one controller per namespace (its sensors,
 commands and chunk topic under that namespace). Every period/4 the node takes the sensor queues; a robot
 whose observations advanced (at most once a period) is due. Each robot has a worker thread of its own, or
-with `policy.batch: true` the due robots run together in one pass of one worker. The exported graphs
-have batch size 1, so a pass is a loop of single runs: bench/remote_policy.py measured no CPU saved and
-the later robots of a pass waiting for the earlier ones, hence the default.
+with `policy.batch: true` the due robots run together in one pass of one worker: with a model exported
+with `export_policy --batch N` (card graph.batch N) up to N due robots go into ONE run of the graph
+(Policy.predict_batch; each chunk still stamped with its own robot's observation time, published to its
+own namespace, and drawn from the same per-robot seed as a single run); with a batch-1 model a pass is a
+loop of single runs, which bench/remote_policy.py measured to save no CPU and to make the later robots of
+a pass wait for the earlier ones, hence the default.
 
 Model swaps: setting `model_path` loads and warms up the new model in a loader thread and swaps it in
 between two passes; a model with another observation or action layout is refused; a failure keeps the old
@@ -46,7 +49,7 @@ from diffusion_controller.core.card import CardError, ModelCard
 from diffusion_controller.core.card_source import card_of_model
 from diffusion_controller.core.controller import layout_of
 from diffusion_controller.core.external import model_id_text
-from diffusion_controller.core.inference import InferenceRequest, InferenceResult, compute
+from diffusion_controller.core.inference import InferenceRequest, InferenceResult, compute, compute_batch
 from diffusion_controller.core.observation import ObservationError
 from diffusion_controller.core.plausibility import Plausibility, PlausibilityLimits
 from diffusion_controller.core.runtime import ModelError, Policy
@@ -181,9 +184,21 @@ class Robot:
         node.destroy_publisher(self.pub)
 
 
+def pass_plan(batch_param: bool, graph_batch: int, robots: int) -> str:
+    """How the due robots' requests run, in words (the start and swap log lines)."""
+    n = graph_batch
+    if not batch_param:
+        return "a worker per robot" + (f" (the batch-{n} graph computes {n} rows a run)" if n > 1 else "")
+    if n > 1:
+        runs = f"; {math.ceil(robots / n)} runs when all {robots} are due" if robots > n else ""
+        return f"one run of a batch-{n} graph for up to {n} robots{runs}"
+    return "a loop of single runs: the model has batch 1"
+
+
 class Worker:
-    """A thread that runs one pass at a time: the requests of the robots due together, one after the
-    other on the current policy (batch-1 graphs), publishing each chunk as soon as it is computed."""
+    """A thread that runs one pass at a time: the requests of the robots due together on the current
+    policy, in groups of its graph's batch size (one run per group; batch 1: one after the other),
+    publishing each group's chunks as soon as they are computed."""
 
     def __init__(self, node: PolicyNode, name: str) -> None:
         self._node = node
@@ -193,8 +208,9 @@ class Worker:
         self._stop = False
         self.policy: Any = node.policy
         self.passes = 0
+        self.runs = 0  # model runs (a group of due robots on a batch graph is one)
         self.pass_times: deque[float] = deque(maxlen=1000)  # seconds per pass
-        self.compute_times: deque[float] = deque(maxlen=1000)  # seconds per robot's run
+        self.compute_times: deque[float] = deque(maxlen=1000)  # seconds per model run
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -230,10 +246,16 @@ class Worker:
                 self._busy = True
                 policy = self.policy
             t0 = time.perf_counter()
-            for robot, request in batch:
-                result = compute(policy, request)
-                self.compute_times.append(result.compute_s)
-                self._node.publish(robot, result, policy)
+            size = max(1, int(getattr(policy, "batch", 1)))
+            for i in range(0, len(batch), size):
+                group = batch[i : i + size]
+                requests = [request for _, request in group]
+                one = len(group) == 1
+                results = [compute(policy, requests[0])] if one else compute_batch(policy, requests)
+                self.runs += 1
+                self.compute_times.append(results[0].compute_s)
+                for (robot, _), result in zip(group, results, strict=True):
+                    self._node.publish(robot, result, policy)
             self.pass_times.append(time.perf_counter() - t0)
             self.passes += 1
             with self._cond:
@@ -274,7 +296,7 @@ class PolicyNode(Node):
         period = self.binding.period_s
         self.create_timer(period / CHECKS_PER_PERIOD, self._check)
         self.create_timer(float(cfg.diagnostics_period_s), self._publish_diagnostics)
-        passes = "one pass for all due robots" if cfg.batch else "a worker per robot"
+        passes = pass_plan(cfg.batch, getattr(self.policy, "batch", 1), len(self.robots))
         self._publish_model("loaded", dg.OK, f"running '{self.card.name}' {self.card.version}")
         self._log.info(
             f"serving {[r.chunk_topic for r in self.robots]} with '{self.card.name}' {self.card.version} "
@@ -364,7 +386,9 @@ class PolicyNode(Node):
             self.policy, self.card, self.path = policy, card, path
             self.model_id = model_id_text(card.name, card.version, policy.steps)
             self.swaps += 1
-            self._log.info(f"model swap: now running '{card.name}' {card.version} on {policy.provider}")
+            plan = pass_plan(self.cfg.batch, getattr(policy, "batch", 1), len(self.robots))
+            self._log.info(f"model swap: now running '{card.name}' {card.version} on {policy.provider} "
+                           f"({plan})")  # fmt: skip
             self._publish_model("swapped", dg.OK, f"running '{card.name}' {card.version}")
         except Exception as exc:  # any failure: the old model keeps running
             deadline = time.monotonic() + 2.0
@@ -401,7 +425,8 @@ class PolicyNode(Node):
         pass_ms = [1000 * t for w in workers for t in w.pass_times]
         values: dict[str, object] = {
             "model_id": self.model_id, "provider": self.policy.provider,
-            "passes": sum(w.passes for w in workers),
+            "passes": sum(w.passes for w in workers), "model_runs": sum(w.runs for w in workers),
+            "graph_batch": int(getattr(self.policy, "batch", 1)),
             "pass_p50_ms": float(np.percentile(pass_ms, 50)) if pass_ms else float("nan"),
             "pass_p99_ms": float(np.percentile(pass_ms, 99)) if pass_ms else float("nan"),
             "run_p50_ms": float(np.percentile(compute_ms, 50)) if compute_ms else float("nan"),

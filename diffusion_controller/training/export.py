@@ -120,7 +120,7 @@ class FusedPolicy(nn.Module):
             x_T, variance_noise = noise, None
 
         def denoise(x, c):
-            t = torch.full((1,), c.timestep, dtype=torch.int64)
+            t = torch.full((x.shape[0],), c.timestep, dtype=torch.int64)
             return net.decode(x, net.join_kv(net.memory_kv(net.time_token(t)), cond_kv))
 
         x = ddim_torch.sample_loop(
@@ -150,21 +150,22 @@ class DenoiserPolicy(nn.Module):
 
 
 def example_inputs(
-    card: ModelCard, graph: str, steps: int, eta: float, seed: int = 0
+    card: ModelCard, graph: str, steps: int, eta: float, seed: int = 0, batch: int = 1
 ) -> dict[str, np.ndarray]:
-    """Random but plausible inputs by logical role (obs near the normalization mean, a 2-row prefix)."""
+    """Random but plausible inputs by logical role (obs near the normalization mean, a 2-row prefix),
+    `batch` rows each."""
     rng = np.random.default_rng(seed)
-    h, a = card.horizon, card.action_dim
-    obs = card.obs_mean + card.obs_std * rng.standard_normal((1, card.history, card.obs_dim))
+    h, a, b = card.horizon, card.action_dim, batch
+    obs = card.obs_mean + card.obs_std * rng.standard_normal((b, card.history, card.obs_dim))
     inputs = {"obs_history": obs.astype(np.float32)}
     if graph == "fused":
-        shape = (1, steps + 1, h, a) if eta > 0 else (1, h, a)
+        shape = (b, steps + 1, h, a) if eta > 0 else (b, h, a)
         lo, hi = card.action_min, card.action_max
-        mask = np.zeros((1, h), np.float32)
-        mask[0, : min(2, h)] = 1.0
+        mask = np.zeros((b, h), np.float32)
+        mask[:, : min(2, h)] = 1.0
         inputs |= {
             "noise": rng.standard_normal(shape).astype(np.float32),
-            "prefix": (lo + (hi - lo) * rng.random((1, h, a))).astype(np.float32),
+            "prefix": (lo + (hi - lo) * rng.random((b, h, a))).astype(np.float32),
             "prefix_mask": mask,
         }
     else:
@@ -207,6 +208,7 @@ def export_onnx(
     timestep_spacing: str | None = None,
     ops: str | None = None,
     precision: str = "fp32",
+    batch: int = 1,
 ) -> Path:
     """Export `network` with `card` (graph section ignored) to out_path (.onnx) and its .yaml card.
 
@@ -214,27 +216,35 @@ def export_onnx(
     ops: the card's graph.ops (None: ort_fused for a fused graph, standard for a denoiser); ort_fused is
     built by training/fused_graph.py, standard by torch.onnx.export at `opset`.
     precision fp16: the checked float32 graph converted to fp16 (training/fp16.py), checked again.
+    batch: a fused graph taking `batch` histories and noise draws per run, returning as many chunks
+    (card graph.batch; a denoiser graph is batch 1).
     """
     import onnx
 
     ops = _checked_options(graph, weights, ops, opset, int8_form, precision)
+    counted = isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1
+    if not counted or (graph != "fused" and batch != 1):
+        raise ValueError(f"batch: expected an integer >= 1 (a denoiser graph: 1), got {batch!r} ({graph})")
     card = _export_card(network, card, graph, steps, eta, ops, weights, timestep_spacing)
+    card = card.replace(graph=dataclasses.replace(card.graph, batch=batch))
     steps, eta = card.steps, card.eta
     in_names, out_names = GRAPH_INPUTS[graph], GRAPH_OUTPUTS[graph]
 
     module = FusedPolicy(network, card, steps, eta) if graph == "fused" else DenoiserPolicy(network, card)
     module.eval()  # the exporter restores the module's mode afterwards: it must be eval (no dropout)
-    inputs = example_inputs(card, graph, steps, eta)
+    inputs = example_inputs(card, graph, steps, eta, batch=batch)
     args = tuple(torch.from_numpy(inputs[r]) for r in in_names)
     with torch.no_grad():
         expected = module(*args).numpy()
     if ops == "ort_fused":
-        model = build_fused(network, card, card.diffusion.plan(steps, eta), eta)
+        model = build_fused(network, card, card.diffusion.plan(steps, eta), eta, batch)
     else:
         model = _torch_export(module, args, in_names, out_names, opset)
     model.producer_name = "diffusion_controller.export"
     sampler = f"DDIM K={steps} ({card.diffusion.timestep_spacing}), eta={eta}"
-    model.doc_string = f"{card.name} {card.version}: {graph} graph, {ops} ops, {sampler}"
+    model.doc_string = f"{card.name} {card.version}: {graph} graph, {ops} ops, {sampler}" + (
+        f", batch {batch}" if batch > 1 else ""
+    )
     onnx.checker.check_model(model, full_check=True)
 
     out_path = Path(out_path)
@@ -473,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         "step: TensorRT, older or other runtimes); a denoiser is always standard",
     )  # fmt: skip
     p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset of a standard graph")
+    p.add_argument("--batch", type=int, default=1, help="fused graph: histories per run (card graph.batch; "
+                   "one policy node serving several robots runs their due requests in one run)")
     p.add_argument("--no-verify", action="store_true", help="skip the torch vs ONNX Runtime parity check")
     p.add_argument(
         "--timestep-spacing",
@@ -522,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             timestep_spacing=a.timestep_spacing,
             ops=a.ops,
             precision=a.precision,
+            batch=a.batch,
         )
     except (ValueError, RuntimeError) as e:
         print(f"export_policy: error: {e}", file=sys.stderr)
@@ -534,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         note = f", int8 weights ({form}): max output change {diff} on the check inputs"
     if a.precision == "fp16":
         note += f", fp16: max output change {card.network.get('fp16_max_abs_diff')}"
-    what = f"{a.graph} graph, {card.graph.ops} ops, {a.timestep_spacing} timesteps{note}"
+    what = f"{a.graph} graph, {card.graph.ops} ops, batch {card.graph.batch}, {a.timestep_spacing} timesteps"
+    what += note
     print(f"wrote {out} and {sidecar_path(out)} ({what})")
     return 0
 

@@ -12,11 +12,12 @@ kernels (com.microsoft domain, CPU and CUDA):
     (the next layer's norm1, or the final norm)
 
 plus 2 nodes for the action embedding, 2 for the head and 6-8 for the DDIM step with its coefficients
-folded into constants: about 80 per step against 452. Static shapes, batch 1: no Shape, Gather or Concat
-runs per step. Work that does not depend on the step is hoisted and done once per chunk: observation
-normalization and tokens, the encoder, every layer's cross-attention keys/values for every step (the
-timestep token's keys/values are constants computed here; one Concat and one Split make them all), and
-the inpainting targets of every step.
+folded into constants: about 80 per step against 452. Static shapes, batch B fixed at export (1, or
+`export_policy --batch B`: B histories and noise draws in, B chunks out, the same nodes per step): no
+Shape, Gather or Concat runs per step. Work that does not depend on the step is hoisted and done once
+per chunk: observation normalization and tokens, the encoder, every layer's cross-attention keys/values
+for every step (the timestep token's keys/values are constants computed here; one Concat and one Split
+make them all), and the inpainting targets of every step.
 
 The arithmetic is the torch module's (`export.FusedPolicy`): the export compares both on random inputs
 and refuses a graph that differs by more than 1e-4. Only ONNX Runtime runs these operators; the card says
@@ -142,11 +143,11 @@ def _step_nodes(
     return out
 
 
-def _cond_memory(g: _Graph, net: DiffusionTransformer, card: ModelCard, plan) -> list[str]:
-    """Once per chunk: every step's and layer's cross-attention keys and values, [1, C, D] each, ordered
+def _cond_memory(g: _Graph, net: DiffusionTransformer, card: ModelCard, plan, batch: int) -> list[str]:
+    """Once per chunk: every step's and layer's cross-attention keys and values, [B, C, D] each, ordered
     (step, layer, k|v). The observation tokens' part is computed once; the timestep token's is a constant
-    per step, prepended as `DiffusionTransformer.join_kv` does."""
-    cfg = net.cfg
+    per step (repeated for each of the B rows), prepended as `DiffusionTransformer.join_kv` does."""
+    cfg, b = net.cfg, batch
     d, n_layers, k_steps, c_obs = cfg.width, cfg.layers, len(plan), cfg.cond_tokens - 1
     obs = g.op(
         "Div",
@@ -161,7 +162,7 @@ def _cond_memory(g: _Graph, net: DiffusionTransformer, card: ModelCard, plan) ->
         w_cmd[lo:hi] = _np(net.cmd_emb.weight).T
         w_tok = np.concatenate([w_tok, w_cmd], axis=1)
         b_tok = np.stack([_np(net.obs_emb.bias), _np(net.cmd_emb.bias)])
-    tok = g.op("Reshape", g.op("MatMul", obs, g.const("obs_emb.w", w_tok)), g.shape(1, c_obs, d))
+    tok = g.op("Reshape", g.op("MatMul", obs, g.const("obs_emb.w", w_tok)), g.shape(b, c_obs, d))
     tok_bias = np.tile(b_tok, (cfg.history, 1)) + _np(net.cond_pos_emb[0, 1:])
     e = g.linear(g.op("Add", tok, g.const("obs_emb.b+pos", tok_bias)), net.encoder[0], "enc0")
     e = g.op("Mul", e, g.op("Tanh", g.op("Softplus", e)))  # Mish (an ONNX op from opset 18 only)
@@ -171,22 +172,26 @@ def _cond_memory(g: _Graph, net: DiffusionTransformer, card: ModelCard, plan) ->
     w_kv = np.concatenate([_np(m.weight).T for m in kv_layers], axis=1)  # [D, L*2D]: k_0 v_0 k_1 v_1 ...
     b_kv = np.concatenate([_np(m.bias) for m in kv_layers])
     kv = g.op("Add", g.op("MatMul", cond, g.const("cross_kv.w", w_kv)), g.const("cross_kv.b", b_kv))
-    kv = g.op("Transpose", g.op("Reshape", kv, g.shape(c_obs, 2 * n_layers, d)), perm=[1, 0, 2])
-    kv = g.op("Expand", kv, g.shape(k_steps, 2 * n_layers, c_obs, d))
-    time_kv = np.zeros((k_steps, 2 * n_layers, 1, d), np.float32)
+    # [B, C_obs, 2L, D] -> [2L, B, C_obs, D] -> every step's copy [K, 2L, B, C_obs, D]
+    kv = g.op("Transpose", g.op("Reshape", kv, g.shape(b, c_obs, 2 * n_layers, d)), perm=[2, 0, 1, 3])
+    kv = g.op("Expand", kv, g.shape(k_steps, 2 * n_layers, b, c_obs, d))
+    time_kv = np.zeros((k_steps, 2 * n_layers, 1, 1, d), np.float32)
     for i, c in enumerate(plan):
         tt = net.time_token(torch.full((1,), c.timestep, dtype=torch.int64))
         for j, m in enumerate(kv_layers):
-            time_kv[i, 2 * j : 2 * j + 2, 0] = _np(m(tt)[0, 0]).reshape(2, d)
-    kv = g.op("Concat", g.const("time_kv", time_kv), kv, axis=2)
-    kv = g.op("Reshape", kv, g.shape(k_steps * 2 * n_layers, cfg.cond_tokens, d))
+            time_kv[i, 2 * j : 2 * j + 2, 0, 0] = _np(m(tt)[0, 0]).reshape(2, d)
+    time_kv = np.repeat(time_kv, b, axis=2)
+    kv = g.op("Concat", g.const("time_kv", time_kv), kv, axis=3)
+    # (step, layer, k|v) blocks of B rows: an even Split gives each its [B, C, D]
+    kv = g.op("Reshape", kv, g.shape(k_steps * 2 * n_layers * b, cfg.cond_tokens, d))
     return g.node("Split", [kv], k_steps * 2 * n_layers, axis=0)
 
 
-def _inpainting(g: _Graph, card: ModelCard, plan, eta: float):
+def _inpainting(g: _Graph, card: ModelCard, plan, eta: float, batch: int):
     """Once per chunk: the mask, its complement, x_T, the variance noise per step, and every step's
-    overwrite target (prefix sqrt_a + noise sqrt_1ma) * mask as `ddim_torch.sample_loop` blends it."""
-    h, a, k_steps = card.horizon, card.action_dim, len(plan)
+    overwrite target (prefix sqrt_a + noise sqrt_1ma) * mask as `ddim_torch.sample_loop` blends it,
+    [B, H, A] each."""
+    h, a, k_steps, b = card.horizon, card.action_dim, len(plan), batch
     center, half = (card.action_max + card.action_min) / 2, (card.action_max - card.action_min) / 2
     prefix_n = g.op("Div", g.op("Sub", "prefix", g.const("act_center", center)), g.const("act_half", half))
     m = g.op("Unsqueeze", "prefix_mask", g.const("axes", np.array([-1]), np.int64))
@@ -194,17 +199,18 @@ def _inpainting(g: _Graph, card: ModelCard, plan, eta: float):
     x_t = "noise"
     vns: list[str | None] = [None] * k_steps
     if eta > 0:
-        parts = g.node(
-            "Split", [g.op("Reshape", "noise", g.shape(k_steps + 1, 1, h, a))], k_steps + 1, axis=0
-        )
-        parts = [g.op("Reshape", p, g.shape(1, h, a)) for p in parts]
+        parts = g.node("Split", ["noise"], k_steps + 1, axis=1)  # [B, 1, H, A] each
+        parts = [g.op("Reshape", p, g.shape(b, h, a)) for p in parts]
         x_t, vns = parts[0], parts[1:]
-    sa = np.array([c.sqrt_alpha for c in plan]).reshape(k_steps, 1, 1)
-    s1ma = np.array([c.sqrt_one_minus_alpha for c in plan]).reshape(k_steps, 1, 1)
+    per_step = (k_steps, 1, 1) if b == 1 else (k_steps, 1, 1, 1)  # [K, H, A] or [K, B, H, A]
+    sa = np.array([c.sqrt_alpha for c in plan]).reshape(per_step)
+    s1ma = np.array([c.sqrt_one_minus_alpha for c in plan]).reshape(per_step)
     noised = g.op(
         "Add", g.op("Mul", prefix_n, g.const("sqrt_alpha", sa)), g.op("Mul", x_t, g.const("sqrt_1ma", s1ma))
     )
     target = g.op("Mul", noised, m)
+    if b > 1:  # [K, B, H, A] -> [K*B, H, A]: an even Split gives each step its [B, H, A]
+        target = g.op("Reshape", target, g.shape(k_steps * b, h, a))
     targets = g.node("Split", [target], k_steps, axis=0) if k_steps > 1 else [target]
     return m, m_inv, x_t, vns, targets
 
@@ -259,25 +265,28 @@ def _decoder(g: _Graph, net: DiffusionTransformer) -> Any:
 
 
 def build_fused(
-    network: DiffusionTransformer, card: ModelCard, plan: tuple[StepCoefficients, ...], eta: float
-) -> Any:
-    """The fused graph (inputs obs_history, noise, prefix, prefix_mask -> actions) as an onnx ModelProto."""
+    network: DiffusionTransformer, card: ModelCard, plan: tuple[StepCoefficients, ...], eta: float,
+    batch: int = 1,
+) -> Any:  # fmt: skip
+    """The fused graph (inputs obs_history, noise, prefix, prefix_mask -> actions) as an onnx ModelProto,
+    every tensor with `batch` rows."""
     from onnx import TensorProto, helper
 
     net, cfg = network.eval(), network.cfg
     h, a, n_layers = cfg.horizon, cfg.action_dim, cfg.layers
     f32 = TensorProto.FLOAT
-    noise_shape = [1, len(plan) + 1, h, a] if eta > 0 else [1, h, a]
+    b = batch
+    noise_shape = [b, len(plan) + 1, h, a] if eta > 0 else [b, h, a]
     inputs = [
-        helper.make_tensor_value_info("obs_history", f32, [1, cfg.history, cfg.obs_dim]),
+        helper.make_tensor_value_info("obs_history", f32, [b, cfg.history, cfg.obs_dim]),
         helper.make_tensor_value_info("noise", f32, noise_shape),
-        helper.make_tensor_value_info("prefix", f32, [1, h, a]),
-        helper.make_tensor_value_info("prefix_mask", f32, [1, h]),
+        helper.make_tensor_value_info("prefix", f32, [b, h, a]),
+        helper.make_tensor_value_info("prefix_mask", f32, [b, h]),
     ]
     g = _Graph()
     with torch.no_grad():
-        mem = _cond_memory(g, net, card, plan)
-        m, m_inv, x, vns, targets = _inpainting(g, card, plan, eta)
+        mem = _cond_memory(g, net, card, plan, b)
+        m, m_inv, x, vns, targets = _inpainting(g, card, plan, eta, b)
         decode = _decoder(g, net)
         for i, c in enumerate(plan):
             x = g.op("Add", g.op("Mul", x, m_inv), targets[i])
@@ -286,7 +295,7 @@ def build_fused(
     center, half = (card.action_max + card.action_min) / 2, (card.action_max - card.action_min) / 2
     act = g.op("Add", g.op("Mul", x, g.const("act_half", half)), g.const("act_center", center))
     g.nodes.append(helper.make_node("Add", [g.op("Mul", act, m_inv), g.op("Mul", "prefix", m)], ["actions"]))
-    outputs = [helper.make_tensor_value_info("actions", f32, [1, h, a])]
+    outputs = [helper.make_tensor_value_info("actions", f32, [b, h, a])]
     graph = helper.make_graph(g.nodes, "fused_ddim", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=8)
