@@ -323,8 +323,9 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
            "observation history each; requests due together run in one pass); empty = its own namespace.",
            when="startup", field="robots"),
         _P("policy.batch", False, "bool", "Policy node: true runs the requests of the robots due together in "
-           "one pass of one worker thread (a loop of single runs: the exported graphs have batch size 1; "
-           "measured: no CPU saved, later robots wait for earlier ones); false = a worker thread per robot.",
+           "one worker thread, one model run per group of up to the card's graph.batch robots "
+           "(export_policy --batch N; a batch-1 model runs them as a loop of single runs); false = a worker "
+           "thread per robot.",
            when="startup", field="batch"),
     )),
     ("Outputs", (
