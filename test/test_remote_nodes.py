@@ -237,60 +237,66 @@ def test_100hz_loop_behind_a_lossy_reordering_link(models, graph):
     assert float(after["rate_hz"]) == pytest.approx(100.0, rel=0.1)
 
 
-def test_one_policy_node_serves_two_namespaced_controllers(models, graph):
-    """Two controllers (robot1, robot2; the feeder's sensors for both) and one policy node serving both."""
-    model = models["50hz"]
+ROBOTS = ("robot1", "robot2")
+
+
+def serve_two_robots(graph, model: Path, controller_args: tuple[str, ...], policy_args: tuple[str, ...]):
+    """Two controllers (robot1, robot2; the feeder's sensors for both) and one policy node serving both,
+    once both run: (feeder, controllers, policy node, /diagnostics collector)."""
     feeder = SensorFeeder(graph)
     sensors = [
         a for src, topic in SENSOR_TOPICS.items() for a in ("-p", f"observations.{src}.topic:={topic}")
     ]
-    ctls = [
-        start(model, "-p", "policy.source:=remote", "-p", "outputs.debug.topic:=~/debug/command_timing",
-              namespace=f"/{ns}")
-        for ns in ("robot1", "robot2")
-    ]  # fmt: skip
-    pol = policy_node(model, "-p", "policy.robots:=[robot1,robot2]", *sensors)
+    remote = ("-p", "policy.source:=remote", *controller_args)
+    ctls = [start(model, *remote, namespace=f"/{ns}") for ns in ROBOTS]
+    pol = policy_node(model, "-p", "policy.robots:=[robot1,robot2]", *policy_args, *sensors)
     diag = graph.collect(DiagnosticArray, "/diagnostics")
     try:
-        for ns in ("robot1", "robot2"):
+        for ns in ROBOTS:
             assert wait_until(
                 lambda ns=ns: diag_values(diag, "control loop", f"/{ns}/diffusion_controller").get("state")
                 == "running",
                 60.0,
             ), pol.output()[-1500:] + ctls[0].output()[-2500:]
+    except BaseException:
+        stop_all(feeder, pol, ctls)
+        raise
+    return feeder, ctls, pol, diag
+
+
+def stop_all(feeder: SensorFeeder, pol: NodeProcess, ctls: list[NodeProcess]) -> int | None:
+    """Stop everything a serve_two_robots() started; the policy node's exit code."""
+    feeder.close()
+    rc = pol.stop()
+    for c in ctls:
+        c.stop()
+    return rc
+
+
+def test_one_policy_node_serves_two_namespaced_controllers(models, graph):
+    """Two controllers (robot1, robot2; the feeder's sensors for both) and one policy node serving both."""
+    feeder, ctls, pol, diag = serve_two_robots(
+        graph, models["50hz"], ("-p", "outputs.debug.topic:=~/debug/command_timing"), ()
+    )
+    try:
 
         def chunks(ns: str) -> int:
             return int(diag_values(diag, "policy", "/diffusion_policy").get(f"chunks.{ns}", 0))
 
         assert wait_until(lambda: chunks("robot1") > 10 and chunks("robot2") > 10, 10.0)
     finally:
-        feeder.close()
-        rc = pol.stop()
-        for c in ctls:
-            c.stop()
+        rc = stop_all(feeder, pol, ctls)
     assert rc == 0
 
 
 def test_one_batch_graph_run_serves_two_namespaced_controllers(models, graph):
     """`policy.batch: true` with a batch-2 graph: both robots' requests (the same sensors, so due at the
     same checks) go into one run of the model, and each controller runs on its own chunks."""
-    model = models["50hz_batch2"]
     t0 = time.monotonic()  # the policy node's diagnostics from here on (an earlier test's may be there)
-    feeder = SensorFeeder(graph)
-    sensors = [
-        a for src, topic in SENSOR_TOPICS.items() for a in ("-p", f"observations.{src}.topic:={topic}")
-    ]
-    remote = ("-p", "policy.source:=remote", "-p", "outputs.debug.enabled:=false")
-    ctls = [start(model, *remote, namespace=f"/{ns}") for ns in ("robot1", "robot2")]
-    pol = policy_node(model, "-p", "policy.robots:=[robot1,robot2]", "-p", "policy.batch:=true", *sensors)
-    diag = graph.collect(DiagnosticArray, "/diagnostics")
+    feeder, ctls, pol, diag = serve_two_robots(
+        graph, models["50hz_batch2"], ("-p", "outputs.debug.enabled:=false"), ("-p", "policy.batch:=true")
+    )
     try:
-        for ns in ("robot1", "robot2"):
-            assert wait_until(
-                lambda ns=ns: diag_values(diag, "control loop", f"/{ns}/diffusion_controller").get("state")
-                == "running",
-                60.0,
-            ), pol.output()[-1500:] + ctls[0].output()[-2500:]
 
         def policy() -> dict[str, str]:
             for _, msg in reversed(diag.timed_since(t0)):
@@ -309,9 +315,6 @@ def test_one_batch_graph_run_serves_two_namespaced_controllers(models, graph):
         assert values["graph_batch"] == "2"
         assert 0 < int(values["model_runs"]) <= 0.75 * chunks, values  # mostly one run for both robots
     finally:
-        feeder.close()
-        rc = pol.stop()
-        for c in ctls:
-            c.stop()
+        rc = stop_all(feeder, pol, ctls)
     assert rc == 0
     assert "one run of a batch-2 graph for up to 2 robots" in pol.output()
