@@ -18,7 +18,7 @@ from tiny_models import tiny_card, tiny_network
 from diffusion_controller.core.card import CardError, ModelCard
 from diffusion_controller.core.inference import InferenceRequest, compute_batch
 from diffusion_controller.core.runtime import ModelError, Policy
-from diffusion_controller.ros.policy_node import Worker, pass_plan
+from diffusion_controller.ros.policy_node import PACE, PolicyNode, Worker, pass_plan
 from diffusion_controller.training.export import export_onnx, main
 
 PARITY = 1e-5
@@ -278,3 +278,58 @@ def test_the_start_line_says_how_due_robots_run():
     assert pass_plan(True, 1, 4) == "a loop of single runs: the model has batch 1"
     assert pass_plan(False, 1, 4) == "a worker per robot"
     assert "computes 4 rows a run" in pass_plan(False, 4, 4)
+
+
+class PacedRobot:
+    """Robot's pacing (its `request` rule on `last_request`) without sensors: observations always advance."""
+
+    def __init__(self, name: str, last_request: float, period: float = 0.02) -> None:
+        self.name, self.last_request, self.period = name, last_request, period
+
+    def take(self, now, joints) -> None:
+        pass
+
+    def request(self, now, seed, pace=PACE):
+        if now - self.last_request < pace * self.period:
+            return None
+        self.last_request = now
+        return InferenceRequest(1, now, now, np.zeros((1, 1)))
+
+
+class CheckingNode(SimpleNamespace):
+    """What PolicyNode._check reads: the clock, the card, the config, the robots and their workers."""
+
+    def now(self) -> float:
+        return 1.0
+
+
+class RecordingWorker:
+    busy = False
+
+    def __init__(self) -> None:
+        self.submitted: list[list[str]] = []
+
+    def submit(self, group) -> None:
+        self.submitted.append([robot.name for robot, _ in group])
+
+
+@pytest.mark.parametrize(
+    ("batch", "since_b", "groups"),
+    [
+        (True, 0.6, [["a", "b"]]),  # b is more than half a period on: it joins a's run and falls into step
+        (True, 0.3, [["a"]]),  # b ran a moment ago: it waits for its own turn
+        (False, 0.6, [["a"]]),  # a worker per robot: nobody runs early
+    ],
+)
+def test_robots_a_check_apart_fall_into_step_in_batch_mode(batch, since_b, groups):
+    """Controllers start at any phase: without joining, two robots a check apart would stay a check apart
+    and never share a run (the failure seen once on a fresh clone: as many model runs as chunks)."""
+    a, b = PacedRobot("a", 1.0 - 0.02), PacedRobot("b", 1.0 - since_b * 0.02)
+    worker = RecordingWorker()
+    workers = {"a": worker, "b": worker if batch else RecordingWorker()}
+    node = CheckingNode(card=SimpleNamespace(action_joints=()), cfg=SimpleNamespace(seed=0, batch=batch),
+                        robots=[a, b], workers=workers)  # fmt: skip
+    PolicyNode._check(node)
+    assert worker.submitted == groups
+    assert a.last_request == 1.0
+    assert (b.last_request == 1.0) == (groups == [["a", "b"]])

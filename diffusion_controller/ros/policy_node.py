@@ -72,6 +72,10 @@ CHECKS_PER_PERIOD = 4
 BACKWARDS_LIMIT = 20
 #: A robot is due at most once per PACE control periods (< 1: a check landing a little early still counts).
 PACE = 0.9
+#: With `policy.batch`, a robot joins the run of others that are due once this much of its period has
+#: passed since its last request: robots whose controllers started at other phases fall into step after
+#: one run instead of staying a check apart (and running one by one) for good.
+JOIN_PACE = 0.5
 #: Observation stamps further apart than this between two requests: the history restarts at the newest.
 GAP_S = 0.5
 
@@ -155,13 +159,13 @@ class Robot:
         self.last_t_obs = None
         self.backwards = 0
 
-    def request(self, now: float, seed: int | None) -> InferenceRequest | None:
-        """A request when the observations advanced since the last one, at most one per control period
-        (as the controller's tick asks: faster sensors would only spend the model on near-equal chunks),
-        else None. The node's clock only paces; no stamp comes from it."""
+    def request(self, now: float, seed: int | None, pace: float = PACE) -> InferenceRequest | None:
+        """A request when the observations advanced since the last one, at most one per `pace` control
+        periods (as the controller's tick asks: faster sensors would only spend the model on near-equal
+        chunks), else None. The node's clock only paces; no stamp comes from it."""
         if now < self.last_request:
             self.last_request = -math.inf  # the node's clock went back (sim time reset)
-        if now - self.last_request < PACE * self.period:
+        if now - self.last_request < pace * self.period:
             return None
         t_obs = self.history.newest_common_stamp()
         if t_obs is None or (self.last_t_obs is not None and t_obs <= self.last_t_obs):
@@ -321,6 +325,7 @@ class PolicyNode(Node):
         joints = tuple(self.card.action_joints)
         seed = None if self.cfg.seed < 0 else self.cfg.seed
         due: dict[int, list[tuple[Robot, InferenceRequest]]] = {}
+        waiting = []
         for robot in self.robots:
             robot.take(now, joints)
             worker = self.workers[robot.name]
@@ -329,6 +334,13 @@ class PolicyNode(Node):
             request = robot.request(now, seed)
             if request is not None:
                 due.setdefault(id(worker), []).append((robot, request))
+            else:
+                waiting.append(robot)
+        if self.cfg.batch and due:  # one worker: the others join the run if they are nearly due
+            for robot in waiting:
+                request = robot.request(now, seed, JOIN_PACE)
+                if request is not None:
+                    due[id(self.workers[robot.name])].append((robot, request))
         for robot_requests in due.values():
             self.workers[robot_requests[0][0].name].submit(robot_requests)
 
