@@ -11,16 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from diffusion_controller.core.card_schema import Feature as FakeFeature  # a feature is plain data
 from diffusion_controller.core.inference import InferenceRequest, InferenceResult, compute
-
-
-@dataclass(frozen=True)
-class FakeFeature:
-    name: str
-    kind: str
-    size: int
-    joints: tuple[str, ...] | None = None
-    frequency_hz: float | None = None
 
 
 @dataclass(frozen=True)
