@@ -12,13 +12,21 @@ puts it beside one robot's topics. To serve several robots, list their namespace
 
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
 NODE_NAME = "diffusion_policy"
 LOG_LEVELS = ["debug", "info", "warn", "error", "fatal"]
+
+
+def logger_name(node_name: str) -> PythonExpression:
+    """The node's logger (`robot1.diffusion_policy`), so `log_level` is the node's and not rcl's too (as in
+    diffusion_controller.launch.py)."""
+    ns, base = LaunchConfiguration("namespace"), LaunchConfiguration("ros_namespace", default="")
+    full = ["('", ns, "' if '", ns, "'.startswith('/') else '", base, "/", ns, "')"]
+    return PythonExpression(["'.'.join([p for p in ", *full, f".split('/') if p] + ['{node_name}'])"])
 
 
 def generate_launch_description() -> LaunchDescription:
@@ -56,6 +64,8 @@ def generate_launch_description() -> LaunchDescription:
                 "use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool),
             },
         ],
-        arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
+        arguments=[
+            "--ros-args", "--log-level", [logger_name(NODE_NAME), ":=", LaunchConfiguration("log_level")]
+        ],
     )
     return LaunchDescription([*args, node])

@@ -27,7 +27,8 @@ from diffusion_controller.ros.params_file import load_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {p.name: LaunchFile(p) for p in sorted((ROOT / "launch").glob("*.launch.py"))}
-CONTROLLER, SIM, DEMO = (FILES[f"{n}.launch.py"] for n in ("diffusion_controller", "sim", "demo"))
+CONTROLLER, SIM, DEMO, POLICY = (FILES[f"{n}.launch.py"] for n in ("diffusion_controller", "sim", "demo",
+                                                                    "policy_node"))
 #: Parameters rclpy declares on every node.
 ROS_OWN = {"use_sim_time"}
 #: The Python type a ParameterValue(value_type=...) names for a parameter kind; the controller's kinds
@@ -215,7 +216,7 @@ def node_namespace(namespace: str, pushed: str) -> str:
     return "/" + "/".join(p for p in (pushed + "/" + namespace).split("/") if p)
 
 
-@pytest.mark.parametrize("f", [CONTROLLER, SIM], ids=["controller", "sim"])
+@pytest.mark.parametrize("f", [CONTROLLER, SIM, POLICY], ids=["controller", "sim", "policy_node"])
 def test_log_level_sets_the_nodes_own_logger(f: LaunchFile) -> None:
     """`--log-level <logger>:=<level>` with the logger rcl gives the node in its namespace: a bare
     `--log-level debug` would set every logger (rcl's debug output alone is thousands of lines)."""
