@@ -13,13 +13,13 @@ training; the plausible bounds come from the card (`core.plausibility`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
 from diffusion_controller.core import features as fx
-from diffusion_controller.core.card_schema import Feature, Layout
+from diffusion_controller.core.card_schema import Layout
 from diffusion_controller.core.plausibility import Plausibility, PublisherAgreement
 
 # Message types a source may have (ros/conversions.py maps each to its ROS message class).
@@ -60,31 +60,20 @@ def implausible_policy(src: SourceConfig, card: Any) -> str:
 
 
 @dataclass(frozen=True, eq=False)
-class LayoutCard:
+class LayoutCard(Layout):
     """The card a recorder or a bag reader checks its sources against, made from a Layout: no model
     exists yet, so only the layout is known; the horizon is unbounded and the sampler the default (DDIM
     with inpainting), so that nothing a model would add limits the configuration."""
 
-    features: tuple[Feature, ...]
-    action_joints: tuple[str, ...]
-    action_lower: np.ndarray
-    action_upper: np.ndarray
-    control_period_s: float
-    history: int
     name: str = "dataset layout"
     horizon: int = 10**6
     sampler_inpainting: bool = True
     sampler_kind: str = "ddim"
 
-    @property
-    def action_dim(self) -> int:
-        return len(self.action_joints)
-
 
 def layout_card(layout: Layout) -> LayoutCard:
     """What the node's configuration check reads of a card, for a layout (no model exists yet)."""
-    return LayoutCard(layout.features, layout.action_joints, layout.action_lower, layout.action_upper,
-                      layout.control_period_s, layout.history)  # fmt: skip
+    return LayoutCard(**{f.name: getattr(layout, f.name) for f in fields(Layout)})
 
 
 class InputError(ValueError):

@@ -73,8 +73,9 @@ class Demonstrator(Node):
         super().__init__("expert_demonstrator", parameter_overrides=[Parameter("use_sim_time", value=True)])
         self.cfg = cf.NodeConfig.from_params(load_params_file(config))
         self.layout = ant_layout()
-        self.binding = validate_against_card(self.cfg, inputs.layout_card(self.layout))
-        self.control = control_config(self.cfg, self.binding, inputs.layout_card(self.layout))
+        self.card = inputs.layout_card(self.layout)
+        self.binding = validate_against_card(self.cfg, self.card)
+        self.control = control_config(self.cfg, self.binding, self.card)
         self.rng = np.random.default_rng(seed)
         self.action_noise = action_noise
         self.pub_cmd = self.create_publisher(Float64MultiArray, self.cfg.commands_topic, RELIABLE)
@@ -89,7 +90,7 @@ class Demonstrator(Node):
         self.expert = Expert()
         self.readers = inputs.plain_readers(self.cfg.sources, self.cfg.max_future_s, self.layout.features,
                                             self.binding.rename)
-        self.history = self.control.history_for(inputs.layout_card(self.layout))
+        self.history = self.control.history_for(self.card)
         self.schedule = random_schedule(self.rng, seconds)
         std = float(self.rng.uniform(0.0, self.action_noise)) if self.action_noise > 0 else 0.0
         noise_rng = np.random.default_rng(int(self.rng.integers(2**31)))
