@@ -62,7 +62,7 @@ from diffusion_controller.ros.binding import control_config, validate_against_ca
 from diffusion_controller.ros.intake import Intake
 from diffusion_controller.ros.loop import normal_priority
 from diffusion_controller.ros.params import NodeParameters
-from diffusion_controller.ros.swapper import MODEL_QOS, check_model_file
+from diffusion_controller.ros.swapper import MODEL_QOS, ModelPathRevert, check_model_file
 
 NODE_NAME = "diffusion_policy"
 #: Sensor queues are taken this many times per control period: a chunk starts at most period/4 after its
@@ -285,7 +285,7 @@ class PolicyNode(Node):
         self._lock = threading.Lock()
         self.swaps = self.swap_failures = 0
         self._loader: threading.Thread | None = None
-        self._reverting = False
+        self._revert = ModelPathRevert(self)
         self._model_pub = self.create_publisher(DiagnosticStatus, "~/model", MODEL_QOS)
         self._diag_pub = self.create_publisher(dg.DiagnosticArray, "/diagnostics", 10)
         self.robots = [Robot(self, i, ns, cfg) for i, ns in enumerate(cfg.robots or ("",))]
@@ -360,11 +360,11 @@ class PolicyNode(Node):
 
     # -- model swaps --
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
-        reason = self._params.check(params, configured=not self._reverting)
+        reason = self._params.check(params, configured=not self._revert.active)
         if reason and "read on configure" in reason:
             reason = reason.split(":")[0] + " is read at startup: restart the policy node to change it"
         path = next((p.value for p in params if p.name == "model_path"), None)
-        if not reason and path is not None and not self._reverting:
+        if not reason and path is not None and not self._revert.active:
             if self._loader is not None:
                 reason = "a model swap is still loading; try again when it is done"
             else:
@@ -403,14 +403,7 @@ class PolicyNode(Node):
                            f"({plan})")  # fmt: skip
             self._publish_model("swapped", dg.OK, f"running '{card.name}' {card.version}")
         except Exception as exc:  # any failure: the old model keeps running
-            deadline = time.monotonic() + 2.0
-            while self.get_parameter("model_path").value != path and time.monotonic() < deadline:
-                time.sleep(0.005)
-            self._reverting = True
-            try:
-                self.set_parameters([Parameter("model_path", value=old)])
-            finally:
-                self._reverting = False
+            self._revert(path, old)
             self.swap_failures += 1
             why = f"model swap to '{path}' failed, the old model keeps running: {exc}"
             self._log.error(why)

@@ -116,6 +116,27 @@ class Loaded:
 REVERT_WAIT_S = 2.0
 
 
+class ModelPathRevert:
+    """Sets `model_path` back to the running model after a failed swap (the controller's and the policy
+    node's). rclpy stores the value of the set that started the swap only after its callback returns: a
+    loader that fails at once must wait for that, or that set would overwrite the revert. `active` while
+    the revert's own set runs, so the parameter callback does not take it for a swap request."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self.active = False
+
+    def __call__(self, attempted: str, old_path: str) -> None:
+        deadline = time.monotonic() + REVERT_WAIT_S
+        while self._node.get_parameter("model_path").value != attempted and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.active = True
+        try:
+            self._node.set_parameters([Parameter("model_path", value=old_path)])
+        finally:
+            self.active = False
+
+
 class ModelSwapper:
     """Loads the configured model, swaps it on a `model_path` set, publishes ~/model, frees replaced ones.
 
@@ -135,8 +156,13 @@ class ModelSwapper:
         self.failures = 0
         self.target = ""  # the path being loaded
         self.thread: threading.Thread | None = None
-        self.reverting = False  # set while the loader puts model_path back (not a swap request)
+        self._revert = ModelPathRevert(node)
         self.retired: list[Any] = []  # replaced policies, freed right after a tick (free_retired)
+
+    @property
+    def reverting(self) -> bool:
+        """The loader is putting model_path back (that set is not a swap request)."""
+        return self._revert.active
 
     # -- configure -----------------------------------------------------------------------------------------
     def check(self, cfg: cf.NodeConfig, path: str, max_mb: float) -> tuple[ModelCard, Binding]:
@@ -251,19 +277,6 @@ class ModelSwapper:
             self.publish("failed", dg.ERROR, why, attempted=path)
         finally:
             self.thread = None
-
-    def _revert(self, attempted: str, old_path: str) -> None:
-        """Set model_path back to the running model. rclpy stores the value of the set that started this
-        swap only after its callback returns: a loader that fails at once must wait for that, or the
-        set would overwrite the revert."""
-        deadline = time.monotonic() + REVERT_WAIT_S
-        while self._node.get_parameter("model_path").value != attempted and time.monotonic() < deadline:
-            time.sleep(0.005)
-        self.reverting = True
-        try:
-            self._node.set_parameters([Parameter("model_path", value=old_path)])
-        finally:
-            self.reverting = False
 
     def free_retired(self, core: ControlCore) -> None:
         """Free a policy replaced by a swap, here, right after a tick has published. Destroying an ONNX
