@@ -18,7 +18,7 @@ from rclpy.serialization import serialize_message
 from sensor_msgs.msg import Imu, JointState
 from std_msgs.msg import Float64MultiArray
 
-from diffusion_controller.core.card import read_layout
+from diffusion_controller.core.card_source import read_layout
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros.conversions import sec_to_time
 from diffusion_controller.ros.params_file import load_params_file
@@ -157,6 +157,16 @@ def test_the_cli_writes_a_dataset_train_policy_reads(tmp_path, capsys):
     assert bd.main([str(bag), "--config", str(ROOT / "config" / "ant.yaml"), "--layout",
                     str(ROOT / "models" / "ant_locomotion.yaml"), "--out", str(out),
                     "--labels", "/no/such/topic"]) == 2
+    # A model file as the layout: its card by the one rule (card_of_model); a file that is no model is a
+    # clear error, not a traceback.
+    assert bd.main([str(bag), "--config", str(ROOT / "config" / "ant.yaml"), "--layout",
+                    str(ROOT / "models" / "ant_locomotion.onnx"), "--out", str(out)]) == 0
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    capsys.readouterr()
+    assert bd.main([str(bag), "--config", str(ROOT / "config" / "ant.yaml"), "--layout", str(junk),
+                    "--out", str(out)]) == 2
+    assert "not a valid ONNX file" in capsys.readouterr().err
 
 
 def test_topics_resolve_like_the_node_resolves_them():
@@ -179,7 +189,7 @@ class NoROS:
         return None
 
 sys.meta_path.insert(0, NoROS())
-from diffusion_controller.core.card import read_layout
+from diffusion_controller.core.card_source import read_layout
 from diffusion_controller.ros.config import NodeConfig
 from diffusion_controller.ros.params_file import load_params_file
 from diffusion_controller.training import bag_dataset

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from diffusion_controller.core.card_parser import CardParser, layout_from_dict
+from diffusion_controller.core.card_parser import CardParser
 from diffusion_controller.core.card_schema import FORMAT, METADATA_KEY, CardError, Feature, GraphSpec, Layout
 from diffusion_controller.core.ddim import DDIMConfig
 from diffusion_controller.core.onnx_metadata import read_onnx_metadata
 
-__all__ = ["CardError", "ModelCard", "read_layout"]
+__all__ = ["CardError", "ModelCard"]
 
 #: libyaml's safe loader where PyYAML has it (4x faster: the card is parsed on a running node's swaps).
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -208,15 +208,3 @@ def _plain(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()
     return v
-
-
-def read_layout(path: str | Path) -> Layout:
-    """A layout from a layout or card YAML, or the card inside an .onnx."""
-    path = Path(path)
-    if path.suffix == ".onnx":
-        return ModelCard.from_onnx(path)
-    try:
-        d = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
-    except (OSError, yaml.YAMLError) as e:
-        raise CardError(f"cannot read {path}: {e}", str(path)) from e
-    return layout_from_dict(d, str(path))

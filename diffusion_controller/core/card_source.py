@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from diffusion_controller.core.card import ModelCard
-from diffusion_controller.core.card_schema import METADATA_KEY
+import yaml
+
+from diffusion_controller.core.card import _YAML_LOADER, ModelCard
+from diffusion_controller.core.card_parser import layout_from_dict
+from diffusion_controller.core.card_schema import METADATA_KEY, CardError, Layout
 from diffusion_controller.core.onnx_metadata import read_onnx_metadata
 
 
@@ -61,3 +64,15 @@ def card_of_model(
             log(f"policy: {path} has no card in its metadata; using {side}")
         return ModelCard.from_yaml(side)
     raise ModelError(f"model {path}: no model card (no metadata_props[{METADATA_KEY!r}] and no {side})")
+
+
+def read_layout(path: str | Path) -> Layout:
+    """A layout from a layout or card YAML, or the card of a model file (`card_of_model`'s rule)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return card_of_model(path)
+    try:
+        d = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+    except (OSError, yaml.YAMLError) as e:
+        raise CardError(f"cannot read {path}: {e}", str(path)) from e
+    return layout_from_dict(d, str(path))

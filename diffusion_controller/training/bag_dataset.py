@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from diffusion_controller.core import inputs
-from diffusion_controller.core.card import read_layout
 from diffusion_controller.core.card_schema import Layout
+from diffusion_controller.core.card_source import ModelError, read_layout
 from diffusion_controller.core.observation import ObservationError
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros.binding import Binding, control_config, validate_against_card
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cf.NodeConfig.from_params(load_params_file(args.config))
         layout = read_layout(args.layout)
         data = dataset_from_bags(args.bags, cfg, layout, args.labels, args.namespace, args.split_gap)
-    except (BagError, cf.ConfigError, ValueError, OSError) as exc:
+    except (BagError, cf.ConfigError, ModelError, ValueError, OSError) as exc:
         print(f"dataset_from_bag: {exc}", file=sys.stderr)
         return 2
     meta = {"bags": [str(b) for b in args.bags], "config": args.config, "layout": args.layout,
