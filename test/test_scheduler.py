@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from diffusion_controller.core.chunk import Chunk, is_stale
+from diffusion_controller.core.chunk import SLOT_TOLERANCE, Chunk, is_stale
 from diffusion_controller.core.scheduler import ChunkScheduler
 
 P = 0.02
@@ -22,8 +22,27 @@ def const_chunk(t_obs: float, seq: int, value: float) -> Chunk:
 
 def test_stale_rule_boundary_is_half_a_period():
     assert not is_stale(1.0, 1.0 + P / 2, P)
-    assert is_stale(1.0, 1.0 + P / 2 + 1e-9, P)
+    assert not is_stale(1.0, 1.0 + P / 2 + 0.5 * SLOT_TOLERANCE * P, P)  # float slack at the boundary
+    assert is_stale(1.0, 1.0 + P / 2 + 2 * SLOT_TOLERANCE * P, P)
     assert not is_stale(1.0, 0.5, P)  # future actions are never stale
+
+
+@pytest.mark.parametrize("epoch", [0.0, 1.79e9])  # sim time from zero; wall time (float ulp 2.4e-7 s)
+def test_a_tick_half_a_period_late_always_has_an_action(epoch):
+    """Under sim time at 200 Hz with 400 Hz physics a tick runs exactly half a period late when the clock
+    advanced one physics step before its callback: stamps of integer nanoseconds made float seconds then
+    left the slot's action stale and the next one too early for 1 tick in 20 (a missed step, an effort
+    ramping toward zero). The half-period rule has a slack, so one of the two always runs."""
+    period, missing = 0.005, 0
+    for k in range(4000, 12000):
+        t_ns = k * 5_000_000
+        t_obs = epoch + (t_ns - 40_000_000) * 1e-9
+        c = Chunk(np.zeros((16, 2)), t_obs, period, 9, 1, t_obs, t_obs)
+        for late_ns in (2_500_000, -2_500_000):  # half a period late, and early
+            i = c.action_for_slot(epoch + (t_ns + 5_000_000 + late_ns) * 1e-9)
+            missing += i is None
+            assert i is None or i in (0, 1)
+    assert missing == 0
 
 
 def test_first_valid_index_is_the_earliest_non_stale_action():

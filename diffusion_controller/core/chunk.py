@@ -12,13 +12,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: Slack of the half-period rule, as a fraction of the period: stamps and clocks in float seconds are off by
+#: a few ulps (2.4e-7 s at today's epoch), and a tick exactly half a period late (one physics step under
+#: sim time at 200 Hz and 400 Hz physics) must not find its action stale AND the next one too early.
+SLOT_TOLERANCE = 1e-3
+
 
 def is_stale(t_action: float, t_exec: float, period: float) -> bool:
     """An action is stale when it was meant for more than half a period before `t_exec`.
 
     The half period absorbs tick jitter: a tick slightly late still executes the action of its own slot.
     """
-    return t_action < t_exec - 0.5 * period
+    return t_action < t_exec - (0.5 + SLOT_TOLERANCE) * period
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,6 @@ class Chunk:
         half a period later), so callers never mistake the chunk's first action for an earlier slot.
         """
         i = self.first_valid_index(t_slot)
-        if i is None or self.action_time(i) >= t_slot + 0.5 * self.period:
+        if i is None or self.action_time(i) >= t_slot + (0.5 + SLOT_TOLERANCE) * self.period:
             return None
         return i
