@@ -880,6 +880,45 @@ def test_use_sim_time_follows_clock(graph, models, tmp_path):
     assert rc == 0, out[-3000:]
 
 
+def test_under_sim_time_the_ticks_fall_on_the_clocks_grid(graph, models):
+    """Configured while the clock stands off the grid, the node ticks on whole multiples of the period of
+    sim time, in step with a simulator's sensors. (rcl starts a timer's grid where the clock was when it
+    was reset; here that is nearly always before the node's timer has a clock, i.e. 0, on the grid, so this
+    holds the end-to-end property; the move onto the grid after a race is test_diagnostics'.)"""
+    name = "/grid/diffusion_controller"
+    clock_pub = graph.node.create_publisher(Clock, "/clock", QoSProfile(depth=10))
+    sim = {"t": 200.0 + PERIOD / 4}  # off the grid of PERIOD (and of its half)
+
+    def publish() -> None:
+        msg = Clock()
+        msg.clock.sec, msg.clock.nanosec = int(sim["t"]), round((sim["t"] % 1) * 1e9)
+        clock_pub.publish(msg)
+
+    proc = start(models["a"], "-p", "use_sim_time:=true", "-p", "autostart:=false", namespace="/grid")
+    timing = graph.collect(Float64MultiArray, f"{name}/debug/command_timing")
+    try:
+        assert _wait_state(graph, name, "unconfigured"), proc.output()
+        for _ in range(100):  # the clock stands off the grid while the node is configured
+            publish()
+            time.sleep(0.01)
+        assert change_state(graph, name, Transition.TRANSITION_CONFIGURE)
+        assert change_state(graph, name, Transition.TRANSITION_ACTIVATE)
+        t0 = time.monotonic()
+        for _ in range(600):  # 3 s of sim time in 5 ms steps at half real time
+            sim["t"] += 0.005
+            publish()
+            time.sleep(0.01)
+        rows = np.array([m.data for m in timing.since(t0)])
+        assert len(rows) > 50, proc.output()[-3000:]
+        ticks = rows[len(rows) // 5 :, TICK]  # after the first ticks
+        on_grid = np.abs(np.round(ticks / PERIOD) * PERIOD - ticks) < 1e-6
+        assert on_grid.mean() > 0.9, ticks[:20]
+    finally:
+        rc, out = finish(proc, signal.SIGINT)
+        graph.node.destroy_publisher(clock_pub)
+    assert rc == 0, out[-3000:]
+
+
 def test_loader_warm_up_runs_nicer_and_the_thread_gets_its_priority_back():
     """A model-swap loader warms up nicer than the node; other threads keep their priority."""
     seen: dict[str, int] = {}

@@ -41,6 +41,82 @@ def test_loop_stats_rate_jitter_and_missed_ticks():
     assert s.missed_ticks == 2 and s.ticks == 102
 
 
+def test_loop_stats_count_skipped_slots_of_the_timer_grid_not_late_ticks():
+    """Under sim time a tick can run one physics step late (7.5 ms after the one before at 200 Hz, 2.5 ms
+    before the next): its slot was served, nothing is missed. A slot the timer skipped is."""
+    s = dg.LoopStats(period_s=0.005)
+    for t, slot in [(0.0, 0.0), (0.005, 0.005), (0.0125, 0.010), (0.015, 0.015), (0.020, 0.020)]:
+        s.tick(t, slot=slot)
+    assert s.missed_ticks == 0 and s.ticks == 5
+    s.tick(0.0325, slot=0.030)  # 0.025 skipped by the timer (late past its slot)
+    assert s.missed_ticks == 1
+    old = dg.LoopStats(period_s=0.005)  # without slots (rclpy before Jazzy): intervals, the late tick counts
+    for t in (0.0, 0.005, 0.0125, 0.015):
+        old.tick(t)
+    assert old.missed_ticks == 1
+
+
+def test_the_control_loop_asks_rclpy_for_the_timer_slot():
+    """rclpy passes TimerInfo only to a callback parameter annotated with the class itself (not a string)."""
+    import inspect
+
+    from rclpy.timer import TimerInfo
+
+    from diffusion_controller.ros.loop import ControlLoop
+
+    params = inspect.signature(ControlLoop._on_tick).parameters
+    assert params["info"].annotation is TimerInfo
+
+
+def test_under_sim_time_the_tick_grid_moves_onto_the_clocks_grid():
+    """A timer reset while its clock stood half a period off the simulator's grid (a race at configure:
+    2 closed-loop runs of 8 ticked at x.0025 mod 5 ms and tracked at 1.5-1.6x the expert instead of 1.2x)
+    is reset once on the grid by a one-shot, which ticks there itself; a clock that never lands on the
+    grid gets three tries."""
+    from types import SimpleNamespace
+
+    from diffusion_controller.ros.loop import ControlLoop
+
+    created, events = [], []
+
+    class Timer:
+        def __init__(self, period_s: float) -> None:
+            self.period_s, self.cancelled = period_s, False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+        def reset(self) -> None:
+            events.append("reset")
+
+    class TimerNode:
+        def create_timer(self, period_s: float, callback) -> Timer:
+            created.append((Timer(period_s), callback))
+            return created[-1][0]
+
+        def destroy_timer(self, _timer: Timer) -> None:
+            events.append("destroy")
+
+    stats = SimpleNamespace(reset_phase=lambda: events.append("stats"))
+    loop = SimpleNamespace(_period_ns=5_000_000, _phase_timer=None, _grid_tries=3,
+                           _timer_node=TimerNode(),
+                           _timer=Timer(0.005), stats=stats, _on_tick=lambda: events.append("tick"))
+    loop._on_grid = lambda: ControlLoop._on_grid(loop)
+    ControlLoop._keep_on_the_clock_grid(loop, 10_000_000)  # on the grid: nothing to do
+    assert not created
+    ControlLoop._keep_on_the_clock_grid(loop, 12_500_000)  # half a period off
+    ControlLoop._keep_on_the_clock_grid(loop, 17_500_000)  # one move pending: no second
+    ((timer, callback),) = created
+    assert timer.period_s == pytest.approx(0.0025)  # fires on the grid
+    callback()
+    assert timer.cancelled and loop._phase_timer is None
+    assert events == ["destroy", "reset", "stats", "tick"]
+    for k in range(5):
+        ControlLoop._keep_on_the_clock_grid(loop, 12_500_000 + k)
+        loop._phase_timer = None
+    assert len(created) == 3
+
+
 def test_loop_stats_empty_is_nan():
     s = dg.LoopStats(period_s=0.02)
     assert math.isnan(s.rate_hz) and math.isnan(s.jitter_ms(99))

@@ -106,7 +106,12 @@ def percentile(values: Iterable[float], q: float) -> float:
 
 @dataclass
 class LoopStats:
-    """Tick timing: measured rate, jitter (|interval - period|) and ticks the timer skipped."""
+    """Tick timing: measured rate, jitter (|interval - period|) and ticks the timer skipped.
+
+    A skipped tick is a slot of the timer's grid with no callback. With the timer's expected call time
+    (`slot`, rclpy's TimerInfo) that is exact: rcl keeps the grid and advances it past the slots it
+    skipped. Without it, the interval is rounded to periods, which also counts a tick that ran late but
+    in its own slot (1.5 periods after the one before, under sim time one physics step late) as missed."""
 
     period_s: float
     window: int = 1000
@@ -114,12 +119,14 @@ class LoopStats:
     missed_ticks: int = 0
     max_jitter_s: float = 0.0
     _last: float | None = None
+    _last_slot: float | None = None
     _intervals: deque = field(default_factory=deque)
     _jitter: deque = field(default_factory=deque)
     _cost: deque = field(default_factory=deque)
 
-    def tick(self, t: float, cost_s: float | None = None) -> None:
-        """Record a tick at time `t` (seconds, monotonic or sim time) that took `cost_s` to run."""
+    def tick(self, t: float, cost_s: float | None = None, slot: float | None = None) -> None:
+        """Record a tick at time `t` (seconds, monotonic or sim time) that took `cost_s` to run; `slot`:
+        the time the timer's grid expected it (seconds on the timer's clock), None when unknown."""
         self.ticks += 1
         if cost_s is not None:
             self._cost.append(cost_s)
@@ -134,13 +141,16 @@ class LoopStats:
                 self._intervals.popleft()
                 self._jitter.popleft()
             self.max_jitter_s = max(self.max_jitter_s, jitter)
-            # An interval of ~2 periods means the timer skipped one tick, and so on.
-            self.missed_ticks += max(0, round(dt / self.period_s) - 1)
-        self._last = t
+            if slot is None or self._last_slot is None:
+                # An interval of ~2 periods means the timer skipped one tick, and so on.
+                self.missed_ticks += max(0, round(dt / self.period_s) - 1)
+        if slot is not None and self._last_slot is not None:
+            self.missed_ticks += max(0, round((slot - self._last_slot) / self.period_s) - 1)
+        self._last, self._last_slot = t, slot
 
     def reset_phase(self) -> None:
         """Forget the last tick (after a pause such as deactivate) so the gap is not counted as missed."""
-        self._last = None
+        self._last = self._last_slot = None
 
     @property
     def rate_hz(self) -> float:

@@ -22,6 +22,11 @@ from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
+try:
+    from rclpy.timer import TimerInfo
+except ImportError:  # rclpy before Jazzy: no expected call times (missed ticks counted from intervals)
+    TimerInfo = None
+
 from diffusion_controller.core.control_state import ControlState, TickResult
 from diffusion_controller.core.controller import ControlCore
 from diffusion_controller.core.external import ChunkFitError
@@ -182,6 +187,9 @@ class ControlLoop:
         self._timer_node = hidden_node(node, "loop", [Parameter("use_sim_time", value=use_sim_time)])
         self._timer = self._timer_node.create_timer(binding.period_s, self._on_tick)
         self._timer.cancel()
+        self._period_ns = round(binding.period_s * 1e9)
+        self._phase_timer = None  # under sim time: the one-shot that moves the grid onto the clock's grid
+        self._grid_tries = 3  # a clock whose steps never land on the grid gets no more than these
         self._executor = SingleThreadedExecutor(context=node.context)
         self._executor.add_node(self._timer_node)
         self._priority = cfg.loop_priority
@@ -308,10 +316,13 @@ class ControlLoop:
                 continue
             core.offer_chunk(actions, t_obs, received)
 
-    def _on_tick(self) -> None:
-        """One control period: take the observations, ask the core for the command and publish it."""
+    def _on_tick(self, info: Any = None) -> None:
+        """One control period: take the observations, ask the core for the command and publish it.
+        `info`: rclpy's TimerInfo (the slot of the timer's grid this call is for), None before Jazzy."""
         t0, t_wall = time.perf_counter(), time.monotonic()  # jitter is when the tick started, not ended
         now = self.now()
+        if info is not None and not self._wall_time:
+            self._keep_on_the_clock_grid(info.expected_call_time.nanoseconds)
         loaded = self._loaded
         with self._lock:
             core, binding = loaded.core, loaded.binding
@@ -333,13 +344,37 @@ class ControlLoop:
                 self._publish_trajectory(res.trajectory, binding)
         if self._pub_dbg is not None:
             self._pub_dbg.publish(cv.array_msg(self._timing_row(now, res, core)))
-        self.stats.tick(t_wall if self._wall_time else now, time.perf_counter() - t0)
+        slot = None if info is None else info.expected_call_time.nanoseconds * 1e-9
+        self.stats.tick(t_wall if self._wall_time else now, time.perf_counter() - t0, slot)
         if res.missed:
             self._diag.missed_step(res.reason)
         if self._swapper.retired:
             self._swapper.free_retired(core)
         if res.state != self._last_state:
             self._state_changed(res.state, res.reason)
+
+    def _keep_on_the_clock_grid(self, slot_ns: int) -> None:
+        """Under sim time, tick on whole multiples of the period of the simulator's clock, as controllers
+        stepped by the simulator do (ros2_control in Gazebo): the node is then in step with the simulated
+        sensors whatever the clock read when the timer started. A policy trained on data in step with its
+        controller (the shipped effort model: sensors exactly 40 ms old at every tick) tracked at 1.6x its
+        expert with its ticks half a period off that grid and 1.2x on it. rcl starts a timer's grid when
+        it is reset, so a one-shot timer resets it on the grid (and ticks there itself: no slot is lost)."""
+        off = slot_ns % self._period_ns
+        if off == 0 or self._phase_timer is not None or self._grid_tries == 0:
+            return
+        self._grid_tries -= 1
+        self._phase_timer = self._timer_node.create_timer((self._period_ns - off) * 1e-9, self._on_grid)
+
+    def _on_grid(self) -> None:
+        """The one-shot of _keep_on_the_clock_grid: restart the tick grid here and tick now."""
+        phase_timer, self._phase_timer = self._phase_timer, None
+        if phase_timer is not None:
+            phase_timer.cancel()
+            self._timer_node.destroy_timer(phase_timer)
+        self._timer.reset()
+        self.stats.reset_phase()
+        self._on_tick()
 
     def _wind_down_tick(self, core: ControlCore, binding: Binding) -> None:
         """One step of the deactivate wind-down (under the lock); the zero ends it."""
@@ -391,3 +426,6 @@ class ControlLoop:
         else:
             self._log.info(text)
 
+
+if TimerInfo is not None:  # rclpy hands a TimerInfo to the parameter annotated with the class itself
+    ControlLoop._on_tick.__annotations__["info"] = TimerInfo
