@@ -319,3 +319,48 @@ def test_shipped_params_file_is_what_the_node_runs_with(namespace: str) -> None:
         for name, value in expected.items():
             assert got[name] == pytest.approx(value), name
         assert proc.stop() == 0
+
+
+def test_the_sensors_of_a_step_leave_before_its_clock() -> None:
+    """A controller ticking on /clock conditions on the sensors of that instant (as ros2_control's
+    broadcasters publish in the update the clock ticks): every sensor message due at a physics step is
+    published before that step's /clock, so its age at the tick is the configured delay, not a step more.
+    (The other order made the effort controller see 45 ms old sensors two ticks in three at 40 ms delay.)"""
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from diffusion_controller.sim.sim_node import SimNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        params = {"obs_delay_s": 0.01, "physics_timestep": 0.0025, "clock_rate_hz": 400.0,
+                  "joint_states_rate_hz": 200.0, "imu_rate_hz": 200.0, "odom_rate_hz": 200.0}
+        overrides = [Parameter(k, value=v) for k, v in params.items()]
+        node = SimNode(context=context, parameter_overrides=overrides)
+        sent: list[tuple[str, float]] = []
+
+        class Recorder:
+            def __init__(self, topic: str) -> None:
+                self.topic = topic
+
+            def publish(self, msg) -> None:
+                stamp = msg.clock if self.topic == "clock" else msg.header.stamp
+                sent.append((self.topic, t_of(stamp)))
+
+        for name in ("clock", "joints", "imu", "odom", "truth"):
+            setattr(node, f"pub_{name}", Recorder(name))
+        for _ in range(40):
+            node.ant.step(0.0025)
+            node._publish_due()
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+    clocks = [i for i, (topic, _) in enumerate(sent) if topic == "clock"]
+    assert len(clocks) == 40
+    sensors = [(i, stamp) for i, (topic, stamp) in enumerate(sent) if topic in ("joints", "imu", "odom")]
+    assert len(sensors) > 40
+    for i in clocks:
+        now = sent[i][1]
+        late = [stamp for j, stamp in sensors if j > i and stamp + 0.01 <= now + 1e-9]
+        assert not late, f"/clock {now:.4f} left before sensors stamped {late} (due at it)"

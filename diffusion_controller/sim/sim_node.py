@@ -308,7 +308,10 @@ class SimNode(Node):
                 ahead = (self.ant.time - sim0) / self.rtf - (time.monotonic() - wall0)
                 if ahead > 0.001:
                     time.sleep(ahead)
-                elif ahead < -0.1:  # fell behind (slow machine): do not try to catch up in a burst
+                elif ahead < -2 * dt:
+                    # Behind (a slow machine, a hiccup): go on from here. Catching up would run the clock
+                    # at several times real time for a moment, which no robot's clock does, and squeeze a
+                    # controller's ticks together under use_sim_time.
                     wall0, sim0 = time.monotonic(), self.ant.time
 
     def _reset(self, why: str) -> None:
@@ -341,8 +344,6 @@ class SimNode(Node):
 
     def _publish_due(self) -> None:
         t = self.ant.time
-        if self._due("clock", t):
-            self.pub_clock.publish(Clock(clock=stamp(t)))
         due = [k for k in ("joints", "imu", "odom", "truth") if self._due(k, t)]
         if due:
             m = self.ant.measure()
@@ -359,6 +360,10 @@ class SimNode(Node):
         while self.outbox and self.outbox[0][0] <= t + EPS:
             _, pub, msg = self.outbox.popleft()
             pub.publish(msg)
+        # The step's sensors first, then its /clock: a controller ticking on /clock has the sensors of that
+        # instant, as ros2_control's broadcasters publish in the update the clock ticks.
+        if self._due("clock", t):
+            self.pub_clock.publish(Clock(clock=stamp(t)))
 
     # ---- messages ------------------------------------------------------------------------------
     def _joint_state(self, m: Measurement) -> JointState:
