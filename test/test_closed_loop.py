@@ -45,19 +45,21 @@ def test_shipped_model_walks_and_turns_the_simulated_ant(tmp_path: Path, capsys)
     # single episodes up to 2.7x on a loaded machine); a broken pipeline is far off: K=1 leading sampling
     # of a noise-predicting model measured 7.6-9x, a random model 14x. 3.5x separates them without
     # failing on one noisy episode.
-    assert row["policy_vel_err"] < 3.5 * expert["vel_err"], (summary, expert["vel_err"], row["per_skill"])
+    assert row["policy_vel_err"] < 2.0 * expert["vel_err"], (summary, expert["vel_err"], row["per_skill"])
     assert (tmp_path / "velocity.png").stat().st_size > 10_000
 
 
 @pytest.mark.ros
 def test_the_effort_model_drives_the_torque_driven_ant_through_ros(tmp_path: Path) -> None:
     """models/ant_effort.onnx with config/ant_effort.yaml at 200 Hz, sim_node with drive:=effort: no fall,
-    clean exits, no stale action, tracking within 3.5x its expert (measured 1.72x at this pace; the sim at
-    half speed so a loaded test machine keeps the 5 ms ticks: docs/RESULTS.md 2026-12-04)."""
+    clean exits, no stale action, tracking within 2x its expert (1.17x over 20 x 20 s in real time; single
+    episodes 0.9-1.7x; the sim at half speed so a loaded test machine keeps the 5 ms ticks: docs/RESULTS.md
+    2026-12-04, second entry)."""
     model = closed_loop.ROOT / "models" / "ant_effort.onnx"
     # config/ant_effort.yaml's own delay handling and blend (the demo and bench/closed_loop.py pass them on).
-    setting = closed_loop.Setting(obs_delay_s=0.04, compensate_delay=False, blend="none",
-                                  real_time_factor=0.5)  # fmt: skip
+    effort = closed_loop.node_config(closed_loop.EFFORT_CONFIG)
+    setting = closed_loop.Setting(obs_delay_s=0.04, compensate_delay=effort.compensate_delay,
+                                  blend=effort.blend, real_time_factor=0.5)  # fmt: skip
     row = closed_loop.run_setting(setting, episodes=1, seconds=12.0, seed=3, log_dir=tmp_path, model=model,
                                   verbose=False, config=closed_loop.EFFORT_CONFIG)  # fmt: skip
     expert = run_expert(1, 12.0, 0.04, seed=3, effort=True)
@@ -66,7 +68,7 @@ def test_the_effort_model_drives_the_torque_driven_ant_through_ros(tmp_path: Pat
     assert row["model"] == "ant_effort" and row["exit_codes"] == {"sim": 0, "controller": 0}, summary
     assert row["falls"] == 0 and expert["falls"] == 0, summary
     assert row["stale_actions_published"] == 0, summary
-    assert row["policy_vel_err"] < 3.5 * expert["vel_err"], (summary, expert["vel_err"], row["per_skill"])
+    assert row["policy_vel_err"] < 2.0 * expert["vel_err"], (summary, expert["vel_err"], row["per_skill"])
 
 
 def test_sweep_summary_headlines_the_reference_setting_not_the_first_row() -> None:

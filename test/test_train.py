@@ -102,6 +102,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
         (lambda d: d.update(obs=d["obs"][:, :-1]), "the layout needs"),
         (lambda d: d.update(action=np.full_like(d["action"], np.nan)), "NaN"),
         (lambda d: d.update(layout=json.dumps([{"name": "x", "kind": "bogus", "size": 1}])), "bogus"),
+        (lambda d: d.update(obs_delay_s=0.03), "whole number of control periods"),  # period 0.02
     ],
 )
 def test_a_dataset_that_cannot_train_is_refused_before_any_step(tmp_path: Path, change, fragment) -> None:
@@ -142,3 +143,19 @@ def test_without_a_description_the_card_names_its_data_not_the_ant(tmp_path: Pat
     description = torch.load(ckpt, weights_only=False)["card"]["description"]
     assert "arm_demos.npz" in description and "40 rows, 2 episodes" in description
     assert "ant" not in description.lower().replace("arm_demos", "")
+
+
+def test_rows_of_delayed_sensors_put_the_delay_into_first_offset(tmp_path: Path) -> None:
+    """A dataset whose rows hold 40 ms old sensors (sim/dataset.py --obs-delay 0.04): the card's first
+    action is 2 periods (the delay) + first_offset after the sensors' stamp, which is what the node's
+    delay compensation schedules; the windows themselves are unchanged (same loss as without the key)."""
+    src = synthetic_dataset(tmp_path / "d.npz", episodes=2, steps=20)
+    with np.load(src) as z:
+        d = {k: z[k] for k in z.files}
+    np.savez(tmp_path / "delayed.npz", **d, obs_delay_s=np.array(0.04))
+    plain = train(tiny_config(src, tmp_path / "plain", 10), progress=False)
+    delayed = train(tiny_config(tmp_path / "delayed.npz", tmp_path / "delayed", 10), progress=False)
+    card, card0 = (torch.load(c, weights_only=False)["card"] for c in (delayed, plain))
+    assert card0["action"]["first_offset"] == 1 and card["action"]["first_offset"] == 3
+    assert card["training"]["obs_delay_s"] == pytest.approx(0.04) and card0["training"]["obs_delay_s"] == 0
+    assert card["training"]["final_train_loss"] == card0["training"]["final_train_loss"]

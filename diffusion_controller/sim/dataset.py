@@ -23,6 +23,9 @@ File format: one ``.npz`` (``numpy.load(path)``), N rows over E episodes, concat
 - ``layout`` (str): JSON list of the features {name, kind, size[, joints | frequency_hz]}, the card's
   feature list.
 - ``period`` (float): control period in seconds (0.02; 0.005 with ``--drive effort``).
+- ``obs_delay_s`` (float): how old the sensors in each row are (``--obs-delay``; a whole number of
+  periods). Training writes it into the card's ``first_offset``: the chunk's first action is
+  ``obs_delay_s + period`` after the sensors' stamp, the time the node's delay compensation schedules it.
 - ``action_kind`` (str): ``position`` (joint targets, rad) or ``effort`` (joint torques, N m, with
   ``--drive effort``: the ant's motors driven directly at 200 Hz by sim/expert.py's EffortExpert).
 - ``action_joints`` (8,) str, ``action_lower`` / ``action_upper`` (8,) float: joint ranges in rad
@@ -250,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         episode_ends=np.cumsum(lengths).astype(np.int64),
         layout=np.array(layout_json()),
         period=np.array(period),
+        obs_delay_s=np.array(float(args.obs_delay)),
         action_joints=np.array(JOINTS),
         action_lower=np.full(len(JOINTS), -TORQUE_LIMIT) if effort else ant.joint_lower,
         action_upper=np.full(len(JOINTS), TORQUE_LIMIT) if effort else ant.joint_upper,

@@ -95,7 +95,7 @@ def prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Setti
     os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
     log_dir = Path(tempfile.mkdtemp(prefix="closed_loop_"))
 
-    # The config's delay compensation unless --no-compensation (the effort model was trained without it).
+    # The config's delay compensation unless --no-compensation.
     compensate = not args.no_compensation and node_config(args.config).compensate_delay
     reference = Setting(obs_delay_s=args.obs_delay, compensate_delay=compensate, blend=args.blend,
                         remote=args.remote, link_delay_s=args.link_delay, link_jitter_s=args.link_jitter,

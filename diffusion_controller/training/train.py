@@ -10,8 +10,11 @@ epsilon` gives Diffusion Policy's choice.
 
 Samples follow DiffuseLoco's delayed inputs: conditioned on observation rows k-history+1..k, the target
 chunk is action[k+first_offset .. k+first_offset+horizon-1], so the node has one control period for
-inference. Windows are clamped to their episode (repeating the first observation and the last action),
-as Diffusion Policy pads its sequences.
+inference. The card's first_offset counts from the sensors' stamp, the time the node conditions on: a
+dataset whose rows hold sensors `obs_delay_s` old (sim/dataset.py --obs-delay) adds that many periods, so
+the node's delay compensation runs each action at the time its label was executed, whatever the
+observation's age at the robot (`sensor_delay_periods`). Windows are clamped to their episode (repeating
+the first observation and the last action), as Diffusion Policy pads its sequences.
 
 A run directory holds `state.pt` (everything needed to resume: weights, EMA, optimizer, step, RNG),
 `checkpoint.pt` (the export format of training/checkpoint.py, EMA weights), `loss.png` and
@@ -129,6 +132,18 @@ def load_dataset(path: str) -> dict:
     return d
 
 
+def sensor_delay_periods(data: dict) -> int:
+    """How many control periods old the sensors in each row of `data` are (its `obs_delay_s`, absent = 0):
+    the card's first_offset is the window offset plus this. A delay that is no whole number of periods
+    cannot be written in the card, so it is refused before training."""
+    delay, period = float(data.get("obs_delay_s", 0.0)), float(data["period"])
+    n = round(delay / period)
+    if not (delay >= 0 and abs(delay - n * period) <= 1e-6 + 1e-3 * period):
+        raise ValueError(f"dataset obs_delay_s {delay} s: expected a whole number of control periods "
+                         f"({period} s) >= 0, so the card can say when each action runs")
+    return n
+
+
 def normalization(obs: np.ndarray, action: np.ndarray) -> dict:
     mean, std = obs.mean(0), np.maximum(obs.std(0), OBS_STD_FLOOR)
     lo, hi = action.min(0), action.max(0)
@@ -182,7 +197,7 @@ def card_dict(data: dict, cfg: TrainConfig, norm: dict, net: DiffusionTransforme
             "lower": [float(v) for v in data["action_lower"]],
             "upper": [float(v) for v in data["action_upper"]],
             "horizon": cfg.horizon,
-            "first_offset": cfg.first_offset,
+            "first_offset": cfg.first_offset + sensor_delay_periods(data),
         },
         "normalization": norm,
         "diffusion": diffusion_section(cfg),
@@ -393,6 +408,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(cfg.data)
+    delay_periods = sensor_delay_periods(data)  # a delay the card cannot say fails before any step
     layout = json.loads(str(data["layout"]))
     obs, action = data["obs"].astype(np.float32), data["action"].astype(np.float32)
     windows = WindowDataset(obs, action, data["episode_ends"].astype(np.int64), cfg)
@@ -422,6 +438,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
         "dataset": Path(cfg.data).name,
         "rows": len(obs),
         "episodes": int(n_ep),
+        "obs_delay_s": delay_periods * float(data["period"]),
         "seed": cfg.seed,
         "iterations": cfg.iterations,
         "batch_size": cfg.batch_size,
