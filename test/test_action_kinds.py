@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 import pytest
-from core_fakes import FakeClock, SimWorker, clock_card
+from core_fakes import FakeCard, FakeClock, FakeFeature, SimWorker, clock_card
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -185,6 +185,137 @@ def test_safe_modes_must_fit_the_action_kind():
         ControlConfig(safe_mode="zero").check_card(clock_card())
     with pytest.raises(ValueError, match="must include 0"):
         SafetyFilter(np.array([0.5]), np.array([1.0]), 0.1, "zero", kind="velocity")
+
+
+def effort_card_with_velocities(**changes) -> FakeCard:
+    """An effort model that sees the joint velocities of its action joints (what safe_mode damping needs)."""
+    features = (
+        FakeFeature("clock", "generic", 1),
+        FakeFeature("joint_position", "joint_position", 3, ("j2", "j1", "j3")),
+        FakeFeature("joint_velocity", "joint_velocity", 3, ("j2", "j1", "j3")),
+        FakeFeature("previous_action", "previous_action", 2),
+    )
+    return FakeCard(features=features, action_kind="effort", **changes)
+
+
+def test_damping_fits_effort_models_that_measure_their_joint_velocities():
+    card = effort_card_with_velocities(action_lower=LOWER, action_upper=UPPER)
+    ControlConfig(safe_mode="damping", damping_gain=2.0).check_card(card)
+    with pytest.raises(ConfigError, match="damping_gain: expected a finite number > 0"):
+        ControlConfig(safe_mode="damping")
+    with pytest.raises(ConfigError, match="safe_mode: 'damping' needs the joint velocity"):
+        no_velocity = clock_card(action_lower=LOWER, action_upper=UPPER, action_kind="effort")
+        ControlConfig(safe_mode="damping", damping_gain=2.0).check_card(no_velocity)
+    for kind, fits in (("velocity", "'zero'"), ("position", "'hold' or 'default_pose'")):
+        with pytest.raises(ConfigError, match=f"'damping' is for effort actions.*a {kind} action: {fits}"):
+            ControlConfig(safe_mode="damping", damping_gain=2.0).check_card(
+                clock_card(action_lower=LOWER, action_upper=UPPER, action_kind=kind))
+
+
+DAMPING_EVENTS = st.sampled_from(
+    ["tick"] * 6 + ["dropout", "dropout", "estop", "resume", "deactivate", "swap", "slow"]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(DAMPING_EVENTS, min_size=30, max_size=90),
+    chunks=st.lists(ACTIONS, min_size=1, max_size=4),
+    step=st.floats(0.01, 0.8),
+    gain=st.floats(0.1, 20.0),
+    seed=st.integers(0, 2**16),
+)
+def test_damping_efforts_follow_the_measured_velocity_or_ramp_to_zero_on_every_lifecycle_path(
+    events, chunks, step, gain, seed
+):
+    """safe_mode damping: every tick without a fresh policy action moves the torque one max-step toward
+    -gain x the joint velocity measured within its timeout (toward zero without one, and to exactly zero
+    on deactivate); every command inside the limits and the rate limit."""
+    card = effort_card_with_velocities(horizon=H, action_lower=LOWER, action_upper=UPPER)
+    clock, rng = FakeClock(), np.random.default_rng(seed)
+    slow = {"on": False}
+    worker = SimWorker(clock, latency=lambda seq: 0.5 if slow["on"] else 0.01)
+    config = ControlConfig(max_step_per_tick=step, obs_timeout_s=0.05, max_consecutive_misses=2,
+                           safe_mode="damping", damping_gain=gain)  # fmt: skip
+    core = ControlCore(card, config, ScriptedPolicy(card, chunks), worker=worker)
+    previous: np.ndarray | None = None
+    velocity: tuple[float, np.ndarray] | None = None  # (stamp, action-order velocities) last sent
+    seen: set[str] = set()
+    now = 0.0
+
+    def check(cmd: np.ndarray | None, target: np.ndarray | None, what: str) -> None:
+        nonlocal previous
+        assert cmd is not None and cmd.shape == (2,), what
+        assert np.all(np.isfinite(cmd)) and np.all(cmd >= LOWER) and np.all(cmd <= UPPER), what
+        start = np.zeros(2) if previous is None else previous
+        assert np.all(np.abs(cmd - start) <= step * (1 + 1e-9)), f"{what}: beyond the rate limit"
+        if target is not None:  # one full step toward the target, or on it
+            target = np.clip(target, LOWER, UPPER)
+            assert np.all(np.abs(cmd - target) <= np.maximum(np.abs(start - target) - step, 0.0) + 1e-9), (
+                what, cmd, target, start)
+        previous = cmd
+
+    for ev in events:
+        if ev == "estop":
+            core.estop()
+        elif ev == "resume":
+            core.resume()
+        elif ev == "swap":
+            core.swap_policy(ScriptedPolicy(card, chunks[::-1]))
+        elif ev == "slow":
+            slow["on"] = not slow["on"]
+        elif ev == "deactivate":  # the wind-down goes to zero, whatever the joints do
+            while previous is not None and np.any(previous != 0.0):
+                check(core.stop_step(), np.zeros(2), "deactivate")
+            now += 0.5
+            core.reset()
+        now += P
+        clock.t = now
+        if ev != "dropout":
+            stamp = now - 0.005
+            v = rng.normal(0.0, 0.3, 3)  # card order j2, j1, j3
+            core.observe("clock", stamp, [stamp], now=now)
+            core.observe("joint_position", stamp, [0.3, -0.2, 0.0], now=now)
+            core.observe("joint_velocity", stamp, v, now=now)
+            velocity = (stamp, v[[1, 0]])
+        r = core.tick(now)
+        fresh_policy = r.state is ControlState.RUNNING and not r.missed
+        fresh_velocity = velocity is not None and now - velocity[0] <= 0.05
+        target = None if fresh_policy else (-gain * velocity[1] if fresh_velocity else np.zeros(2))
+        check(r.command, target, f"{ev} -> {r.state.value}")
+        seen.add(r.state.value)
+    event("states " + ",".join(sorted(seen)))
+
+
+def test_damping_brakes_a_spinning_torque_driven_joint_that_zero_lets_coast():
+    """A frictionless joint (inertia 0.1 kg m^2) spun up by the policy; then the IMU-like clock source dies
+    (SAFE) while the joint encoders keep reporting: zero lets it coast at its speed, damping stops it."""
+    def run(mode: str) -> np.ndarray:
+        limits = {"action_lower": np.full(2, -5.0), "action_upper": np.full(2, 5.0)}
+        card = effort_card_with_velocities(horizon=H, **limits)
+        clock = FakeClock()
+        config = ControlConfig(max_step_per_tick=0.5, obs_timeouts_s={"clock": 0.05}, safe_mode=mode,
+                               damping_gain=2.0 if mode == "damping" else 0.0)  # fmt: skip
+        spin = np.tile([1.0, -1.0], (H, 1))  # 1 N m until SAFE
+        worker = SimWorker(clock, lambda s: 0.005)
+        core = ControlCore(card, config, ScriptedPolicy(card, [spin]), worker=worker)
+        q, qd, speeds = np.zeros(2), np.zeros(2), []
+        for k in range(200):
+            now = clock.t = k * P
+            if k < 50:
+                core.observe("clock", now, [now], now=now)
+            core.observe("joint_position", now, [q[1], q[0], 0.0], now=now)
+            core.observe("joint_velocity", now, [qd[1], qd[0], 0.0], now=now)
+            u = core.tick(now).command
+            qd = qd + (np.zeros(2) if u is None else u) / 0.1 * P
+            q = q + qd * P
+            speeds.append(np.abs(qd).max())
+        return np.array(speeds)
+
+    coast, braked = run("zero"), run("damping")
+    assert coast[49] > 4.0 and braked[49] > 4.0  # spun up alike
+    assert coast[-1] > 0.8 * coast[49]  # zero torque: it keeps spinning
+    assert braked[-1] < 0.05 * braked[49]  # damping: braked to a stop
 
 
 def test_wind_down_reaches_zero_at_the_rate_limit():

@@ -498,3 +498,22 @@ def test_params_files_are_read_as_a_node_reads_them_and_bad_ones_are_named(tmp_p
             load_params_file(str(f))
     with pytest.raises(cf.ConfigError, match="cannot read"):
         load_params_file(str(tmp_path / "missing.yaml"))
+
+
+def test_the_effort_model_can_be_braked_by_damping_instead_of_zero_torque():
+    """safe_mode damping with the shipped effort model (it sees its joints' velocities): damping_gain
+    reaches the core; without a gain, or for the position model, the parameter named in the refusal."""
+    from diffusion_controller.core.card_source import card_of_model
+
+    params = load_params_file(str(ROOT / "config" / "ant_effort.yaml"))
+    card = card_of_model(str(ROOT / "models" / "ant_effort.onnx"))
+    cfg = cf.NodeConfig.from_params({**params, "safe_mode": "damping", "damping_gain": 8.0})
+    assert control_config(cfg, validate_against_card(cfg, card), card).damping_gain == 8.0
+    cfg = cf.NodeConfig.from_params({**params, "safe_mode": "damping"})
+    with pytest.raises(cf.ConfigError, match="damping_gain: expected a finite number > 0"):
+        control_config(cfg, validate_against_card(cfg, card), card)
+    position = card_of_model(str(ROOT / "models" / "ant_locomotion.onnx"))
+    cfg = cf.NodeConfig.from_params({**load_params_file(str(ROOT / "config" / "ant.yaml")),
+                                     "safe_mode": "damping", "damping_gain": 8.0})  # fmt: skip
+    with pytest.raises(cf.ConfigError, match="safe_mode: 'damping' is for effort actions"):
+        control_config(cfg, validate_against_card(cfg, position), position)

@@ -56,6 +56,7 @@ class ControlConfig:
     safe_mode: str = "hold"
     default_pose: tuple[float, ...] | None = None
     max_step_per_tick: float = 0.2
+    damping_gain: float = 0.0  # safe_mode damping: N m s/rad
     latency_window: int = 10
     seed: int | None = 0
     chunk_timeout_s: float | None = None  # external chunks: none accepted for this long -> SAFE
@@ -109,6 +110,7 @@ class ControlConfig:
         elif self.safe_mode == "default_pose":
             raise ConfigError("default_pose", "required when safe_mode is 'default_pose'")
         number("max_step_per_tick", positive=True)
+        number("damping_gain", positive=self.safe_mode == "damping")
         integer("latency_window", 1)
         if self.seed is not None and not _is_int(self.seed):
             raise ConfigError("seed", f"expected an integer or None, got {self.seed!r}")
@@ -134,6 +136,9 @@ class ControlConfig:
         why = safe_mode_refusal(getattr(card, "action_kind", "position"), self.safe_mode)
         if why:
             raise ConfigError("safe_mode", why)
+        if self.safe_mode == "damping" and not self.history_for(card).measures_velocity:
+            raise ConfigError("safe_mode", "'damping' needs the joint velocity of every action joint, and "
+                              "the model has no joint_velocity feature with them all: use 'zero'")
         if self.execute_steps > horizon:
             got = self.execute_steps
             raise ConfigError("execute_steps", f"expected <= the model's horizon {horizon}, got {got}")

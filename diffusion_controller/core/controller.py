@@ -303,7 +303,9 @@ class ControlCore:
         pose = None if cfg.default_pose is None else np.asarray(cfg.default_pose)
         limits = (card.action_lower, card.action_upper)
         kind = getattr(card, "action_kind", "position")
-        self._safety = SafetyFilter(*limits, cfg.max_step_per_tick, cfg.safe_mode, pose, kind)
+        self._safety = SafetyFilter(
+            *limits, cfg.max_step_per_tick, cfg.safe_mode, pose, kind, damping_gain=cfg.damping_gain
+        )
         self._safety.reset(last, clamp=False)
         if self._estopped:
             self._safety.estop()
@@ -397,16 +399,17 @@ class ControlCore:
 
     def _decide(self, now: float, t_exec: float, status: WatchdogStatus) -> TickResult:
         c = self._counters
+        v = self._damping_velocity(now)  # None unless safe_mode damping has a fresh joint velocity
         if self._estopped:
             self._state, self._reason = ControlState.ESTOP, "emergency stop"
-            return self._hold_result(t_exec, self._safety.hold())
+            return self._hold_result(t_exec, self._safety.hold(v))
 
         if not status.healthy:
             if self._state in (ControlState.RUNNING, ControlState.SAFE):
                 self._enter_safe(status.reason())
-                return self._hold_result(t_exec, self._safety.safe_command())
+                return self._hold_result(t_exec, self._safety.safe_command(v))
             self._state, self._reason = ControlState.WAITING, self._waiting_reason(status)
-            return self._hold_result(t_exec, self._waiting_command())
+            return self._hold_result(t_exec, self._waiting_command(v))
 
         timeout = self.config.chunk_timeout_s
         if self._external is not None and timeout is not None and self._state is ControlState.RUNNING:
@@ -417,7 +420,7 @@ class ControlCore:
                 why = f"no chunk from the policy for {silent:.3f} s (chunk_timeout_s {timeout:g})"
                 self._enter_safe(why)
                 self._safe_why = "chunk timeout"
-                return self._hold_result(t_exec, self._safety.safe_command())
+                return self._hold_result(t_exec, self._safety.safe_command(v))
 
         selection = self._scheduler.select(now)
         if selection is not None:
@@ -451,25 +454,37 @@ class ControlCore:
                 self._require_fresh_chunk()
                 self._enter_safe(f"{n} consecutive missed steps (limit {limit}): {cause}")
                 self._safe_why = f"{n} consecutive missed steps (limit {limit})"
-                return self._hold_result(t_exec, self._safety.safe_command(), missed=True)
+                return self._hold_result(t_exec, self._safety.safe_command(v), missed=True)
             self._reason = f"no valid action: missed step {n} of {limit} ({cause})"
-            return self._hold_result(t_exec, self._safety.hold(), missed=True)
+            return self._hold_result(t_exec, self._safety.hold(v), missed=True)
         if self._state is ControlState.SAFE:
             if self._safe_why:  # keep saying why no chunk is usable (the entry reason was logged)
                 self._reason = f"{self._safe_why}: {self._why_no_chunk(now)}"
-            return self._hold_result(t_exec, self._safety.safe_command())
+            return self._hold_result(t_exec, self._safety.safe_command(v))
         self._state, self._reason = ControlState.WAITING, self._waiting_reason(status)
-        return self._hold_result(t_exec, self._waiting_command())
+        return self._hold_result(t_exec, self._waiting_command(v))
 
     def _hold_result(self, t_exec: float, command: np.ndarray | None, missed: bool = False) -> TickResult:
         trajectory = None if command is None else Trajectory(np.array([t_exec]), command[None, :].copy())
         return TickResult(self._state, command, self._reason, t_exec, missed=missed, trajectory=trajectory)
 
-    def _waiting_command(self) -> np.ndarray | None:
+    def _damping_velocity(self, now: float) -> np.ndarray | None:
+        """safe_mode damping: the newest joint velocities (action order) when no older than their watchdog
+        timeout; None otherwise (the effort then ramps to zero)."""
+        if self._safety.damping_gain == 0.0:
+            return None
+        measured = self._history.measured_velocity()
+        if measured is None:
+            return None
+        v, name, stamp = measured
+        return v if now - stamp <= self._watchdog.timeouts.get(name, self.config.obs_timeout_s) else None
+
+    def _waiting_command(self, velocity: np.ndarray | None = None) -> np.ndarray | None:
         """Hold the last command; before the first one, latch the measured joint positions once known. A
-        velocity or effort ramps to zero (zero from the start)."""
+        velocity or effort ramps to zero (zero from the start), an effort under safe_mode damping toward
+        the damping torque of `velocity`."""
         if self._safety.stops:
-            return self._safety.stop()
+            return self._safety.stop(velocity)
         if self._safety.last is None:
             measured = self._history.measured_action()
             if measured is not None:

@@ -19,6 +19,7 @@ PREVIOUS_ACTION = "previous_action"
 GAIT_CLOCK = "gait_clock"
 VELOCITY_COMMAND = "velocity_command"
 JOINT_POSITION = "joint_position"
+JOINT_VELOCITY = "joint_velocity"
 #: Kinds the core computes itself, and how (what `push` answers a source that tries to fill one): no source
 #: fills them and no buffer holds them.
 COMPUTED_FROM: Mapping[str, str] = {
@@ -146,14 +147,16 @@ class ObservationHistory:
         }
         self._commands = _StampedBuffer(self.action_dim, capacity, spacing)
         self._joint_map = self._action_joint_map(card)
+        self._velocity_map = self._action_joint_map(card, JOINT_VELOCITY)
         self._grid_offsets = -(self.history - 1 - np.arange(self.history)) * self.period
 
     @staticmethod
-    def _action_joint_map(card) -> tuple[str, np.ndarray] | None:
-        """(feature name, indices) reading the action joints out of the joint_position feature, if any."""
+    def _action_joint_map(card, kind: str = JOINT_POSITION) -> tuple[str, np.ndarray] | None:
+        """(feature name, indices) reading the action joints out of the first feature of `kind` (joint
+        positions or velocities) that has them all, if any."""
         action_joints = tuple(card.action_joints)
         for f in card.features:
-            if f.kind != JOINT_POSITION:
+            if f.kind != kind:
                 continue
             joints = tuple(f.joints) if f.joints else None
             if joints is None and int(f.size) == len(action_joints):
@@ -229,6 +232,21 @@ class ObservationHistory:
         name, idx = self._joint_map
         v = self._buffers[name].newest_value()
         return None if v is None else v[idx]
+
+    @property
+    def measures_velocity(self) -> bool:
+        """Whether a joint_velocity feature covers every action joint (what safe_mode damping needs)."""
+        return self._velocity_map is not None
+
+    def measured_velocity(self) -> tuple[np.ndarray, str, float] | None:
+        """Newest measured joint velocities in action-joint order, with their feature and stamp (None
+        without such a feature or before its first sample)."""
+        if self._velocity_map is None:
+            return None
+        name, idx = self._velocity_map
+        buffer = self._buffers[name]
+        v = buffer.newest_value()
+        return None if v is None else (v[idx], name, float(buffer.newest_stamp))
 
     def grid(self, t_obs: float) -> np.ndarray:
         """The sample times of the rows, oldest first: t_obs - (history-1-k) * period."""

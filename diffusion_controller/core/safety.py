@@ -10,6 +10,10 @@ where it is, a held velocity or effort keeps it moving. Position commands hold (
 velocity, effort and base-velocity commands are never repeated: every tick without a fresh policy action
 (a missed step, SAFE, ESTOP, WAITING, the wind-down after deactivate) moves them one `max_step` toward
 zero, i.e. they ramp to zero within the rate limit (for a velocity, an acceleration limit) and stay there.
+An effort may instead go to a damping torque (`damping`: -damping_gain x the measured joint velocity, at
+the same rate limit): a torque-controlled joint is braked rather than let fall limp. The torque is
+computed anew every tick from fresh measurements, never held; without them, and when the node stops
+commanding (deactivate), it ramps to zero.
 """
 
 from __future__ import annotations
@@ -22,12 +26,18 @@ import numpy as np
 
 from .card_schema import ZERO_SAFE_KINDS
 
-#: hold / default_pose: position actions; zero: velocity, effort and base-velocity actions (ramp to zero).
-SAFE_MODES = ("hold", "default_pose", "zero")
+#: hold / default_pose: position actions; zero: velocity, effort and base-velocity actions (ramp to zero);
+#: damping: effort actions (ramp to -damping_gain x joint velocity; to zero without a fresh one).
+SAFE_MODES = ("hold", "default_pose", "zero", "damping")
 
 
 def safe_mode_refusal(kind: str, safe_mode: str) -> str | None:
     """Why `safe_mode` cannot guard actions of `kind`, or None when it can."""
+    if safe_mode == "damping":
+        if kind == "effort":
+            return None
+        fits = "'zero'" if kind in ZERO_SAFE_KINDS else "'hold' or 'default_pose'"
+        return f"'damping' is for effort actions (torque against joint velocity); a {kind} action: {fits}"
     if kind in ZERO_SAFE_KINDS and safe_mode != "zero":
         return (f"{kind} actions are never held (a held {kind} keeps the robot moving): expected 'zero' "
                 f"(ramp to zero at the rate limit), got {safe_mode!r}")  # fmt: skip
@@ -55,6 +65,7 @@ class SafetyFilter:
         safe_mode: str = "hold",
         default_pose: np.ndarray | None = None,
         kind: str = "position",
+        damping_gain: float = 0.0,
     ) -> None:
         self.lower = np.asarray(lower, dtype=float)
         self.upper = np.asarray(upper, dtype=float)
@@ -85,6 +96,9 @@ class SafetyFilter:
             self.default_pose = np.clip(pose, self.lower, self.upper)
         if safe_mode == "default_pose" and self.default_pose is None:
             raise ValueError("safe_mode 'default_pose' needs a default_pose")
+        if safe_mode == "damping" and not (math.isfinite(damping_gain) and damping_gain > 0):
+            raise ValueError(f"safe_mode 'damping' needs a damping_gain > 0, got {damping_gain}")
+        self.damping_gain = float(damping_gain) if safe_mode == "damping" else 0.0
         self.last: np.ndarray | None = None
         self.latched = False
 
@@ -118,19 +132,21 @@ class SafetyFilter:
         self.last = self._limit(np.asarray(action, dtype=float), self.last)
         return self.last.copy(), True
 
-    def hold(self) -> np.ndarray | None:
+    def hold(self, velocity: np.ndarray | None = None) -> np.ndarray | None:
         """What a tick without a policy action sends: the last command again (position), or one max-step
-        toward zero (a velocity or effort is never repeated while nonzero; zero before any command)."""
+        toward zero (a velocity or effort is never repeated while nonzero; zero before any command), or
+        toward the damping torque of `velocity` (safe_mode damping, a fresh measurement in action order)."""
         if self.stops:
-            return self.stop()
+            return self.stop(velocity)
         return None if self.last is None else self.last.copy()
 
-    def stop(self) -> np.ndarray:
-        """One max-step toward zero (zero when there was no command): the next command of a wind-down."""
-        if self.last is None:
-            self.last = np.zeros(self.dim)
-        else:
-            self.last = self._limit(np.zeros_like(self.last), self.last)
+    def stop(self, velocity: np.ndarray | None = None) -> np.ndarray:
+        """One max-step toward zero, or toward -damping_gain x `velocity` under safe_mode damping (from zero
+        when there was no command): the next command of a wind-down, SAFE, ESTOP or WAITING."""
+        target = np.zeros(self.dim)
+        if self.damping_gain > 0 and velocity is not None and self.valid(velocity):
+            target = -self.damping_gain * np.asarray(velocity, dtype=float)
+        self.last = self._limit(target, np.zeros(self.dim) if self.last is None else self.last)
         return self.last.copy()
 
     def wind_down(self) -> list[np.ndarray]:
@@ -143,10 +159,11 @@ class SafetyFilter:
             out.append(self.stop())
         return out
 
-    def safe_command(self) -> np.ndarray | None:
-        """The safe state's command: hold, or one max-step toward the default pose, or toward zero."""
+    def safe_command(self, velocity: np.ndarray | None = None) -> np.ndarray | None:
+        """The safe state's command: hold, or one max-step toward the default pose, or toward zero (or the
+        damping torque of `velocity`)."""
         if self.stops:
-            return self.hold()
+            return self.hold(velocity)
         if self.safe_mode == "hold" or self.last is None or self.latched:
             return self.hold()
         self.last = self._limit(self.default_pose, self.last)

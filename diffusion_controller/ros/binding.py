@@ -239,6 +239,7 @@ def control_config(cfg: NodeConfig, binding: Binding, card: Any) -> ControlConfi
             safe_mode=cfg.safe_mode,
             default_pose=binding.default_pose if cfg.safe_mode == "default_pose" else None,
             max_step_per_tick=cfg.max_step_per_tick,
+            damping_gain=cfg.damping_gain,
             seed=None if cfg.seed < 0 else cfg.seed,
             chunk_timeout_s=cfg.chunk_timeout_s if cfg.policy_source == "remote" else None,
         )

@@ -239,8 +239,12 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
         _P("safe_mode", _core("safe_mode"), "string",
            "Safe state: hold the last command or go to `default_pose` "
            "(position models); zero: ramp to zero at max_step_per_tick, never held (velocity, effort and "
-           "base_velocity models: required).",
+           "base_velocity models); damping (effort models): ramp to -damping_gain x the measured joint "
+           "velocity, to zero without a fresh one and on deactivate.",
            choices=SAFE_MODES, control="safe_mode"),
+        _P("damping_gain", _core("damping_gain"), "double",
+           "safe_mode damping: the braking torque per joint velocity, N m s/rad (> 0 there).",
+           range=(0.0, 10000.0), control="damping_gain"),
         _P("default_pose", [], "double[]", "Pose of safe_mode default_pose, one value per output joint in "
            "`joints` order; empty = the middle of the card's limits.", control="default_pose"),
         _P("max_step_per_tick", _core("max_step_per_tick"), "double",
@@ -458,6 +462,7 @@ class NodeConfig:
     safe_mode: str
     default_pose: tuple[float, ...]
     max_step_per_tick: float
+    damping_gain: float
     joint_margin: float
     command_sigmas: float
     sensor_sigmas: float
