@@ -57,6 +57,22 @@ class ScriptedPolicy:
         return chunk
 
 
+def core_event(core: ControlCore, ev: str, card, chunks, slow: dict) -> bool:
+    """Apply a lifecycle event that needs nothing but the core (e-stop, resume, a swap to the chunks in
+    reverse, inference made slower than the misses allowed: SAFE by misses); False for the others."""
+    if ev == "estop":
+        core.estop()
+    elif ev == "resume":
+        core.resume()
+    elif ev == "swap":
+        core.swap_policy(ScriptedPolicy(card, chunks[::-1]))
+    elif ev == "slow":
+        slow["on"] = not slow["on"]
+    else:
+        return False
+    return True
+
+
 def ramp_ticks(command: np.ndarray, step: float) -> int:
     """Ticks a ramp at `step` per tick needs to bring `command` to zero."""
     return math.ceil(float(np.max(np.abs(command))) / step - 1e-9)
@@ -107,14 +123,8 @@ def test_velocity_and_effort_commands_ramp_to_zero_on_every_lifecycle_path(
         previous = cmd
 
     for ev in events:
-        if ev == "estop":
-            core.estop()
-        elif ev == "resume":
-            core.resume()
-        elif ev == "swap":
-            core.swap_policy(ScriptedPolicy(card, chunks[::-1]))
-        elif ev == "slow":
-            slow["on"] = not slow["on"]  # inference slower than the misses allowed: SAFE by misses
+        if core_event(core, ev, card, chunks, slow):
+            pass
         elif ev == "clock_back":
             now = max(now - 1.0, 0.0)
         elif ev == "deactivate":  # the node winds the command down, stops ticking, and later activates
@@ -256,14 +266,8 @@ def test_damping_efforts_follow_the_measured_velocity_or_ramp_to_zero_on_every_l
         previous = cmd
 
     for ev in events:
-        if ev == "estop":
-            core.estop()
-        elif ev == "resume":
-            core.resume()
-        elif ev == "swap":
-            core.swap_policy(ScriptedPolicy(card, chunks[::-1]))
-        elif ev == "slow":
-            slow["on"] = not slow["on"]
+        if core_event(core, ev, card, chunks, slow):
+            pass
         elif ev == "deactivate":  # the wind-down goes to zero, whatever the joints do
             while previous is not None and np.any(previous != 0.0):
                 check(core.stop_step(), np.zeros(2), "deactivate")
