@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_controller.core.chunk import is_stale
 from diffusion_controller.ros import dds
 from diffusion_controller.ros.config import EXECUTORS
 
@@ -170,7 +171,7 @@ def analyse(
     jitter_ms = np.abs(dt - period) * 1000.0
     missed = np.maximum(np.rint(dt / period) - 1, 0)
     run = rows[(rows[:, STATE] == RUNNING) & (rows[:, MISSED] == 0)]
-    stale = run[:, ACTION] < run[:, EXEC] - action_period / 2 - 1e-9
+    stale = is_stale(run[:, ACTION], run[:, EXEC], action_period)
     obs_to_cmd = (run[:, TICK] - run[:, OBS]) * 1000.0
     in_swap = np.zeros(len(dt), bool)
     for a, b in swap_windows:

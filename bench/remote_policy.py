@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_controller.core.chunk import is_stale
 from diffusion_controller.ros import dds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,7 +324,7 @@ def link(seconds: float, log_dir: Path, local: bool = False) -> dict:
         bench.close()
         procs.stop()
     run = rows[rows[:, 6] == 1.0]
-    stale = int(np.sum(run[:, 2] < run[:, 1] - 0.005 - 1e-9))
+    stale = int(np.sum(is_stale(run[:, 2], run[:, 1], 0.01)))
 
     def delta(d0, d1, key):
         return int(float(d1.get(key, 0))) - int(float(d0.get(key, 0)))

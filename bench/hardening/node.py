@@ -25,6 +25,7 @@ from std_msgs.msg import Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory
 
 from diffusion_controller.core.card import ModelCard
+from diffusion_controller.core.chunk import is_stale
 from hardening.messages import STREAMS, TOPICS
 
 if TYPE_CHECKING:
@@ -363,7 +364,7 @@ class NodeRun:
         codes = (("waiting", WAITING), ("running", RUNNING), ("safe", SAFE), ("estop", ESTOP))
         a.states = Counter({k: int((rows[:, STATE] == c).sum()) for k, c in codes})
         run = rows[(rows[:, STATE] == RUNNING) & (rows[:, MISSED] == 0)]
-        stale = run[:, ACTION] < run[:, EXEC] - self.period / 2 - 1e-9
+        stale = is_stale(run[:, ACTION], run[:, EXEC], self.period)  # the core's rule, its float slack too
         for r in run[stale][:3]:
             bad("stale", f"action_time {r[ACTION]:.4f} < exec {r[EXEC]:.4f} - period/2")
         a.unsafe["stale"] += max(0, int(stale.sum()) - 3)

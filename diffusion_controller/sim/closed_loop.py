@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_controller.core.card_source import card_of_model, sidecar_path
+from diffusion_controller.core.chunk import is_stale
 from diffusion_controller.core.features import projected_gravity
 from diffusion_controller.ros.config import NodeConfig
 from diffusion_controller.ros.params_file import load_params_file
@@ -344,7 +345,7 @@ def run_episode(op: Operator, ep: int, seconds: float, control_period: float = P
     if len(timing):
         t_exec, t_action = timing[:, 1], timing[:, 2]
         running = np.isfinite(t_action)
-        stale = int(np.sum(running & (t_action < t_exec - control_period / 2 - 1e-6)))
+        stale = int(np.sum(running & is_stale(t_action, t_exec, control_period)))
     return {
         "fell": fell or bool(len(truth) and truth[:, 4].any()),
         "errors": tracking_errors(r, period=PERIOD),
