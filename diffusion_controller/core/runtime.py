@@ -456,11 +456,7 @@ class Policy:
         with self._lock:
             self._host["obs_history"][0] = obs
             self._dirty.add("obs_history")
-            if noise is not None:
-                np.copyto(self._noise, noise, casting="same_kind")
-            else:
-                rng = self._rng if seed is None else np.random.default_rng(seed)
-                rng.standard_normal(out=self._noise, dtype=np.float32)
+            self._draw_noise(self._noise, noise, seed)
             inpaint = prefix is not None and bool(np.any(mask > 0))
             if inpaint:
                 np.copyto(self._prefix64, pre)
@@ -516,13 +512,19 @@ class Policy:
             host["obs_history"][n:] = obs[0]  # padding: a real history keeps the unused rows finite
             self._dirty.add("obs_history")
             for i in range(n):
-                if noise is not None:
-                    np.copyto(host["noise"][i], noise[i], casting="same_kind")
-                else:
-                    rng = self._rng if seeds is None or seeds[i] is None else np.random.default_rng(seeds[i])
-                    rng.standard_normal(out=host["noise"][i], dtype=np.float32)
+                self._draw_noise(host["noise"][i], None if noise is None else noise[i],
+                                 None if seeds is None else seeds[i])  # fmt: skip
             run = lambda: self._predict_fused(False, rows=n)  # noqa: E731
             return run() if self._device_thread is None else self._device_thread.call(run)
+
+    def _draw_noise(self, out: np.ndarray, noise: np.ndarray | None, seed: int | None) -> None:
+        """`out` = the given noise, else a draw from `seed` (from the policy's own generator without one):
+        predict and each row of predict_batch draw alike, so the same seed gives the same chunk."""
+        if noise is not None:
+            np.copyto(out, noise, casting="same_kind")
+        else:
+            rng = self._rng if seed is None else np.random.default_rng(seed)
+            rng.standard_normal(out=out, dtype=np.float32)
 
     def _predict_fused(self, inpaint: bool, rows: int | None = None) -> np.ndarray:
         """One run; row 0's chunk (predict), or the first `rows` chunks (predict_batch)."""
