@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from .observation import NOT_REQUIRED_KINDS, VELOCITY_COMMAND, ObservationHistory
+from .observation import (
+    JOINT_VELOCITY,
+    NOT_REQUIRED_KINDS,
+    VELOCITY_COMMAND,
+    ObservationHistory,
+    action_joint_map,
+)
 from .safety import SAFE_MODES, safe_mode_refusal
 from .scheduler import BLEND_MODES, inpaint_refusal
 
@@ -136,7 +142,7 @@ class ControlConfig:
         why = safe_mode_refusal(getattr(card, "action_kind", "position"), self.safe_mode)
         if why:
             raise ConfigError("safe_mode", why)
-        if self.safe_mode == "damping" and not self.history_for(card).measures_velocity:
+        if self.safe_mode == "damping" and action_joint_map(card, JOINT_VELOCITY) is None:
             raise ConfigError("safe_mode", "'damping' needs the joint velocity of every action joint, and "
                               "the model has no joint_velocity feature with them all: use 'zero'")
         if self.execute_steps > horizon:

@@ -40,6 +40,21 @@ class ObservationError(ValueError):
         self.reason = reason
 
 
+def action_joint_map(card, kind: str = JOINT_POSITION) -> tuple[str, np.ndarray] | None:
+    """(feature name, indices) reading the action joints out of the first feature of `kind` (joint
+    positions or velocities) that has them all, if any."""
+    action_joints = tuple(card.action_joints)
+    for f in card.features:
+        if f.kind != kind:
+            continue
+        joints = tuple(f.joints) if f.joints else None
+        if joints is None and int(f.size) == len(action_joints):
+            return f.name, np.arange(len(action_joints))
+        if joints is not None and set(action_joints) <= set(joints):
+            return f.name, np.array([joints.index(j) for j in action_joints])
+    return None
+
+
 class _StampedBuffer:
     """Bounded, chronologically ordered samples of one feature.
 
@@ -146,24 +161,9 @@ class ObservationHistory:
             if f.kind not in COMPUTED_KINDS
         }
         self._commands = _StampedBuffer(self.action_dim, capacity, spacing)
-        self._joint_map = self._action_joint_map(card)
-        self._velocity_map = self._action_joint_map(card, JOINT_VELOCITY)
+        self._joint_map = action_joint_map(card)
+        self._velocity_map = action_joint_map(card, JOINT_VELOCITY)
         self._grid_offsets = -(self.history - 1 - np.arange(self.history)) * self.period
-
-    @staticmethod
-    def _action_joint_map(card, kind: str = JOINT_POSITION) -> tuple[str, np.ndarray] | None:
-        """(feature name, indices) reading the action joints out of the first feature of `kind` (joint
-        positions or velocities) that has them all, if any."""
-        action_joints = tuple(card.action_joints)
-        for f in card.features:
-            if f.kind != kind:
-                continue
-            joints = tuple(f.joints) if f.joints else None
-            if joints is None and int(f.size) == len(action_joints):
-                return f.name, np.arange(len(action_joints))
-            if joints is not None and set(action_joints) <= set(joints):
-                return f.name, np.array([joints.index(j) for j in action_joints])
-        return None
 
     # -- input -------------------------------------------------------------------------------------------
 
@@ -232,11 +232,6 @@ class ObservationHistory:
         name, idx = self._joint_map
         v = self._buffers[name].newest_value()
         return None if v is None else v[idx]
-
-    @property
-    def measures_velocity(self) -> bool:
-        """Whether a joint_velocity feature covers every action joint (what safe_mode damping needs)."""
-        return self._velocity_map is not None
 
     def measured_velocity(self) -> tuple[np.ndarray, str, float] | None:
         """Newest measured joint velocities in action-joint order, with their feature and stamp (None
