@@ -364,3 +364,35 @@ def test_the_sensors_of_a_step_leave_before_its_clock() -> None:
         now = sent[i][1]
         late = [stamp for j, stamp in sensors if j > i and stamp + 0.01 <= now + 1e-9]
         assert not late, f"/clock {now:.4f} left before sensors stamped {late} (due at it)"
+
+
+def test_the_pacer_never_bursts_clock_steps_and_keeps_real_time() -> None:
+    """The physics loop's pacing (sim_node.Pacer) on a fake clock: steps of random cost, sleeps that
+    overshoot, and stalls of up to 8 steps. Consecutive steps start at least half a step apart in wall
+    time (a burst of /clock steps moved sim time a whole control period under a controller that keeps
+    only the newest /clock, and its timer skipped that period), and without stalls the sim keeps the
+    wall clock's pace."""
+    from diffusion_controller.sim.sim_node import Pacer
+
+    step = 0.0025
+    rng = np.random.default_rng(0)
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s + rng.uniform(0.0, 2e-4)  # Linux sleeps overshoot by tens of microseconds
+
+    pacer = Pacer(step, clock=lambda: now[0], sleep=sleep)
+    starts, stalled = [], 0.0
+    for i in range(20000):
+        starts.append(now[0])
+        cost = rng.uniform(2e-4, 5e-4)
+        if i % 500 == 250:  # a hiccup: the process was not scheduled for a while
+            cost += rng.uniform(0.5, 8.0) * step
+            stalled += cost
+        now[0] += cost
+        pacer.wait()
+    gaps = np.diff(starts)
+    assert gaps.min() >= step / 2
+    assert np.mean(gaps) == pytest.approx(step, rel=0.01 + stalled / (len(gaps) * step))
+    quiet = gaps[:240]  # before the first stall: the wall clock's pace, no drift from the overshoots
+    assert np.mean(quiet) == pytest.approx(step, rel=0.01)

@@ -153,6 +153,31 @@ def trajectory_from_msg(
     return TrajectoryPlayer(knots)
 
 
+class Pacer:
+    """Paces the physics steps to the wall clock: each step's end waits until its wall time.
+
+    A step that ends late is not made up by running the next ones back to back: a burst of clock steps
+    (two /clock messages 0.3 ms apart) moved sim time a whole control period under a controller whose
+    /clock subscription keeps only the newest message (rclpy's: depth 1), and its timer skipped that
+    period. So the sim catches up at most half a step (sleep overshoot, a short hiccup) and otherwise goes
+    on from where it is, as a robot's clock never runs faster than the wall clock: its steps are then at
+    least half a step apart in wall time, and the real-time factor dips below 1 only when the machine
+    cannot keep up. `clock` and `sleep` are for tests."""
+
+    def __init__(self, step_s: float, clock=time.monotonic, sleep=time.sleep) -> None:
+        self.step_s, self._clock, self._sleep = step_s, clock, sleep
+        self._due = clock() + step_s  # wall time the current step should end at
+
+    def wait(self) -> None:
+        """Called at the end of each step: sleep until it is due, or move the schedule if behind."""
+        ahead = self._due - self._clock()
+        if ahead > 0:
+            self._sleep(ahead)
+        elif ahead < -self.step_s / 2:
+            self._due = self._clock()  # behind: go on from here
+        self._due += self.step_s
+
+
 def _param(node: Node, name: str, default, description: str):
     return node.declare_parameter(
         name, default, ParameterDescriptor(description=description, read_only=True)
@@ -289,8 +314,8 @@ class SimNode(Node):
 
     # ---- physics loop (main thread) ------------------------------------------------------------
     def run(self) -> None:
-        wall0, sim0 = time.monotonic(), self.ant.time
         dt = self.ant.model.opt.timestep
+        pacer = Pacer(dt / self.rtf) if self.rtf > 0 else None
         while not self.stop.is_set():
             with self.lock:
                 if self.reset_requested:
@@ -304,15 +329,8 @@ class SimNode(Node):
             self.ant.step(dt)
             self._publish_due()
             self._check_fall()
-            if self.rtf > 0:
-                ahead = (self.ant.time - sim0) / self.rtf - (time.monotonic() - wall0)
-                if ahead > 0.001:
-                    time.sleep(ahead)
-                elif ahead < -2 * dt:
-                    # Behind (a slow machine, a hiccup): go on from here. Catching up would run the clock
-                    # at several times real time for a moment, which no robot's clock does, and squeeze a
-                    # controller's ticks together under use_sim_time.
-                    wall0, sim0 = time.monotonic(), self.ant.time
+            if pacer is not None:
+                pacer.wait()
 
     def _reset(self, why: str) -> None:
         self.ant.reset(randomize=self.randomize_reset, pose=self.initial_pose, keep_time=True)
