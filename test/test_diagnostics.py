@@ -41,6 +41,19 @@ def test_loop_stats_rate_jitter_and_missed_ticks():
     assert s.missed_ticks == 2 and s.ticks == 102
 
 
+def test_the_clock_starting_is_no_missed_tick() -> None:
+    """Under use_sim_time the node starts its timer before the simulator's first /clock (time 0), so the
+    grid's first slot is 5 ms while the first tick runs when the clock arrives (here 145 ms, after DDS
+    discovery). The slots before it were never the node's to tick: none is missed. Skips after it are."""
+    s = dg.LoopStats(period_s=0.005)
+    s.tick(0.145, slot=0.005, actual=0.145)
+    for k in range(1, 10):
+        s.tick(0.145 + 0.005 * k, slot=0.145 + 0.005 * k, actual=0.145 + 0.005 * k)
+    assert s.missed_ticks == 0 and s.ticks == 10
+    s.tick(0.200, slot=0.200, actual=0.200)  # 0.195 skipped
+    assert s.missed_ticks == 1
+
+
 def test_loop_stats_count_skipped_slots_of_the_timer_grid_not_late_ticks():
     """Under sim time a tick can run one physics step late (7.5 ms after the one before at 200 Hz, 2.5 ms
     before the next): its slot was served, nothing is missed. A slot the timer skipped is."""
@@ -50,6 +63,12 @@ def test_loop_stats_count_skipped_slots_of_the_timer_grid_not_late_ticks():
     assert s.missed_ticks == 0 and s.ticks == 5
     s.tick(0.0325, slot=0.030)  # 0.025 skipped by the timer (late past its slot)
     assert s.missed_ticks == 1
+    s.reset_phase()  # deactivate, activate: the first tick may run late; the count starts where it ran
+    s.tick(0.5, slot=0.3, actual=0.5)
+    s.tick(0.505, slot=0.505, actual=0.505)
+    assert s.missed_ticks == 1
+    s.tick(0.52, slot=0.515, actual=0.52)  # a late tick that is not the first still leaves a slot out
+    assert s.missed_ticks == 2
     old = dg.LoopStats(period_s=0.005)  # without slots (rclpy before Jazzy): intervals, the late tick counts
     for t in (0.0, 0.005, 0.0125, 0.015):
         old.tick(t)

@@ -124,9 +124,19 @@ class LoopStats:
     _jitter: deque = field(default_factory=deque)
     _cost: deque = field(default_factory=deque)
 
-    def tick(self, t: float, cost_s: float | None = None, slot: float | None = None) -> None:
+    def tick(
+        self, t: float, cost_s: float | None = None, slot: float | None = None, actual: float | None = None
+    ) -> None:
         """Record a tick at time `t` (seconds, monotonic or sim time) that took `cost_s` to run; `slot`:
-        the time the timer's grid expected it (seconds on the timer's clock), None when unknown."""
+        the time the timer's grid expected it and `actual` the time it was called (seconds on the timer's
+        clock), None when unknown.
+
+        The first tick after a reset counts from the slot it ran in, not the one it was due in: the slots
+        before it belong to no tick of this phase. (Under use_sim_time the grid starts at time 0 when the
+        timer is started before the first /clock; the first tick then runs at the simulator's time, and
+        counting from slot 0 called the clock's start 28 missed ticks.)"""
+        if self._last is None and slot is not None and actual is not None and actual - slot >= self.period_s:
+            slot += math.floor((actual - slot) / self.period_s + 1e-9) * self.period_s
         self.ticks += 1
         if cost_s is not None:
             self._cost.append(cost_s)

@@ -344,8 +344,11 @@ class ControlLoop:
                 self._publish_trajectory(res.trajectory, binding)
         if self._pub_dbg is not None:
             self._pub_dbg.publish(cv.array_msg(self._timing_row(now, res, core)))
-        slot = None if info is None else info.expected_call_time.nanoseconds * 1e-9
-        self.stats.tick(t_wall if self._wall_time else now, time.perf_counter() - t0, slot)
+        slot = actual = None
+        if info is not None:  # the grid slot this call is for, and when rcl called it
+            slot = info.expected_call_time.nanoseconds * 1e-9
+            actual = info.actual_call_time.nanoseconds * 1e-9
+        self.stats.tick(t_wall if self._wall_time else now, time.perf_counter() - t0, slot, actual)
         if res.missed:
             self._diag.missed_step(res.reason)
         if self._swapper.retired:
