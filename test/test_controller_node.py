@@ -362,6 +362,22 @@ def test_main_executor_is_the_events_executor_where_rclpy_has_it(node):
     assert wait_until(lambda: expected in node.output(), 30.0), node.output()[-3000:]
 
 
+def test_the_dds_receive_threads_run_at_dds_priority(node):
+    """The node's Fast DDS receive threads are SCHED_FIFO at dds_priority (48) once it runs, as its log
+    says; where rtprio is not allowed the log says why instead."""
+    assert wait_until(lambda: "DDS receive threads:" in node.output(), 30.0), node.output()[-3000:]
+    said = node.output().split("DDS receive threads:")[1].splitlines()[0]
+    if "no real-time priority" in said:
+        pytest.skip(f"no rtprio rights here: {said}")
+    fifo = {}
+    for task in Path(f"/proc/{node.proc.pid}/task").iterdir():
+        name = (task / "comm").read_text().strip()
+        if name.startswith("dds.udp."):
+            fifo[name] = os.sched_getscheduler(int(task.name)) == os.SCHED_FIFO and \
+                os.sched_getparam(int(task.name)).sched_priority == 48
+    assert fifo and all(fifo.values()), fifo
+
+
 def test_no_stale_action_is_ever_published(topics):
     rows = rows_for(topics["timing"], 2.0)
     assert len(rows) > 60

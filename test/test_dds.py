@@ -120,3 +120,27 @@ def test_the_suite_runs_without_shared_memory():
     """conftest.py: every process of the suite inherits the one-host UDP profile."""
     assert os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "SYSTEM_DEFAULT"
     assert Path(os.environ["FASTDDS_DEFAULT_PROFILES_FILE"]).name == dds.PROFILE_NAME
+
+
+def test_the_receive_threads_of_fast_dds_and_only_they_get_the_real_time_priority(tmp_path):
+    """dds_priority: the threads named dds.udp.<port> / dds.shm.<port> (Fast DDS's receive threads) are
+    set to SCHED_FIFO; the others (Python's, Fast DDS's event and async threads) are left alone; a refusal
+    (no rtprio rights) is reported, not raised."""
+    tasks = {101: "python", 102: "dds.udp.7400", 103: "dds.ev.0", 104: "dds.shm.51234", 105: "dds.asyn.0.0"}
+    for tid, name in tasks.items():
+        (tmp_path / str(tid)).mkdir()
+        (tmp_path / str(tid) / "comm").write_text(name + "\n")
+    calls = []
+    names, why = dds.raise_receive_threads(48, tmp_path, lambda tid, p: calls.append((tid, p)))
+    assert why is None and names == ["dds.udp.7400", "dds.shm.51234"]
+    assert calls == [(102, 48), (104, 48)]
+
+    def refuse(tid, p):
+        raise PermissionError(1, "Operation not permitted")
+
+    names, why = dds.raise_receive_threads(48, tmp_path, refuse)
+    assert names == [] and "dds.udp.7400" in why and "not permitted" in why
+    (tmp_path / "102" / "comm").write_text("python\n")
+    (tmp_path / "104" / "comm").write_text("python\n")
+    assert dds.raise_receive_threads(48, tmp_path, lambda tid, p: None) == ([], "no Fast DDS receive thread "
+                                                                             "in this process")

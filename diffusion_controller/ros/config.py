@@ -277,6 +277,10 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
         _P("executor_priority", 49, "int", "SCHED_FIFO priority of the main executor thread (services, "
            "parameters, diagnostics); below loop_priority. Under CPU load a normal-priority thread holding "
            "Python's GIL would stall the loop thread; 0 = normal.", range=(0, 99), when="startup"),
+        _P("dds_priority", 48, "int", "SCHED_FIFO priority of this process' Fast DDS receive threads, which "
+           "deliver /clock and the sensors to the loop (a normal-priority one can wait for a CPU longer than "
+           "a period on a loaded machine); below executor_priority; 0 = leave them.", range=(0, 99),
+           when="startup"),
         _P("executor", "auto", "string", "Executor for services, parameters and diagnostics: auto = rclpy's "
            "EventsExecutor where rclpy has it (Kilted on), else single_threaded. The control loop has a "
            "thread of its own, which also takes the sensor messages (no executor callback per message).",
@@ -471,6 +475,7 @@ class NodeConfig:
     autostart: bool
     loop_priority: int
     executor_priority: int
+    dds_priority: int
     executor: str
     diagnostics_period_s: float
     source_names: tuple[str, ...]

@@ -258,6 +258,17 @@ def make_executor(kind: str, context: Any = None) -> tuple[Any, str]:
     return SingleThreadedExecutor(context=context), "single_threaded"
 
 
+def _raise_dds_threads(node: ControllerNode, priority: int) -> None:
+    """The DDS receive threads to SCHED_FIFO `priority` (dds_priority; 0 = leave them), said on the log."""
+    if priority <= 0:
+        return
+    names, why = dds.raise_receive_threads(priority)
+    if why is None:
+        node.get_logger().info(f"DDS receive threads: SCHED_FIFO priority {priority} ({', '.join(names)})")
+    else:
+        node.get_logger().warning(f"DDS receive threads: no real-time priority ({why}); normal priority")
+
+
 def main(args: list[str] | None = None) -> int:
     """Console script `controller_node`; exits 0 on SIGINT/SIGTERM like ros2/demos.
 
@@ -287,6 +298,7 @@ def main(args: list[str] | None = None) -> int:
                 node.get_logger().info(f"executor thread: SCHED_FIFO priority {priority}")
             else:
                 node.get_logger().warning(f"executor thread: no real-time priority ({why}); normal priority")
+        _raise_dds_threads(node, int(node.get_parameter("dds_priority").value))
         process.spin(executor, stop)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
