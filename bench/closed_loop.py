@@ -30,6 +30,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import machine_stalls
+
 from diffusion_controller.core.card_source import card_of_model
 from diffusion_controller.core.ddim import TIMESTEP_SPACINGS
 from diffusion_controller.core.scheduler import BLEND_MODES
@@ -103,9 +105,42 @@ def main(argv: list[str] | None = None) -> int:
     reference, effort, log_dir = prepared
     settings = [reference] if args.sweep is None else sweep_settings(args)
     episodes = args.sweep_episodes if args.sweep is not None else args.episodes
-    rows = demo.evaluate(settings, args, episodes, effort, log_dir)
+    period = float(card_of_model(args.model).control_period_s)
+    probes = machine_stalls.Probes(log_dir, min_s=period / 2)
+    try:
+        rows = demo.evaluate(settings, args, episodes, effort, log_dir)
+    finally:
+        stalls, why = probes.stop()
+    for row in rows:
+        row.update(stall_figures(row, stalls, why, period))
+        print(stall_line(row))
     demo.report(rows, reference, args, log_dir, sweep=args.sweep is not None, demo=False)
     return 0
+
+
+def stall_figures(row: dict, stalls: list[machine_stalls.Stall], why: str | None, period: float) -> dict:
+    """The machine stalls of the run and the skipped ticks inside them (bench/machine_stalls.py): a
+    skipped tick is counted in a stall when the gap between the timing rows around it overlaps one."""
+    if why is not None:
+        return {"machine_stalls": None, "machine_stalls_why": why}
+    return {
+        "machine_stalls": len(stalls),
+        "machine_stall_max_ms": max((1000.0 * (b - a) for a, b in stalls), default=0.0),
+        "missed_ticks_in_rows": sum(n for _, _, n in row["tick_gaps"]),
+        "missed_ticks_in_machine_stalls": machine_stalls.missed_in(row["tick_gaps"], stalls, 2 * period),
+    }
+
+
+def stall_line(row: dict) -> str:
+    text = f"skipped ticks ({row['setting']}): {row['missed_ticks']:.0f} (the node's count)"
+    if row["machine_stalls"] is None:
+        return text + f"; no machine-stall probe ({row['machine_stalls_why']})"
+    in_rows, in_stalls = row["missed_ticks_in_rows"], row["missed_ticks_in_machine_stalls"]
+    return text + (
+        f", {in_rows} in the timing rows, {in_stalls} of them while the machine held a CPU "
+        f"({row['machine_stalls']} stalls seen by the SCHED_FIFO 99 probes, "
+        f"longest {row['machine_stall_max_ms']:.1f} ms)"
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -44,10 +43,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine_stalls import missed_in
 
 from diffusion_controller.core.chunk import is_stale
 from diffusion_controller.ros import dds
 from diffusion_controller.ros.config import EXECUTORS
+from diffusion_controller.sim.closed_loop import tick_gaps
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE = "/diffusion_controller"
@@ -365,7 +366,7 @@ def measure_row(
     stalls = [(a, b) for a, b in stalls if t_start <= b]
     row["machine_stalls"] = len(stalls)
     row["machine_stall_max_ms"] = max((1000.0 * (b - a) for a, b in stalls), default=0.0)
-    row["missed_ticks_in_machine_stalls"] = missed_in(data[:, TICK], period, stalls)
+    row["missed_ticks_in_machine_stalls"] = missed_in(tick_gaps(data[:, TICK], period), stalls)
     input_hz = sum(float(v) for key, v in diag.items() if key.startswith("input_hz."))
     row.update(
         node_cpu_percent=cpu,
@@ -378,16 +379,6 @@ def measure_row(
         failed_swaps=failed,
     )
     return row
-
-
-def missed_in(ticks: np.ndarray, period: float, stalls: list[tuple[float, float]]) -> int:
-    """Missed tick slots between consecutive ticks whose gap overlaps a machine stall (reported apart)."""
-    n = 0
-    for a, b in itertools.pairwise(ticks):
-        m = max(0, round((b - a) / period) - 1)
-        if m and any(s0 < b and s1 > a for s0, s1 in stalls):
-            n += m
-    return n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -232,6 +232,7 @@ class Operator:
         self.lock = threading.Lock()
         self.truth: list[tuple[float, float, float, float, bool]] = []  # t, vx, vy, wz, fallen
         self.timing: list[tuple[float, ...]] = []
+        self.timing_wall: list[float] = []  # time.time() each timing row arrived (machine-stall attribution)
         self.diag: dict[str, str] = {}
         self.node.create_subscription(Odometry, "/sim_node/ground_truth", self._on_truth, 50)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
@@ -265,6 +266,7 @@ class Operator:
     def _on_timing(self, msg) -> None:
         with self.lock:
             self.timing.append(tuple(msg.data))
+            self.timing_wall.append(time.time())
 
     def send(self, cmd: tuple[float, float, float]) -> None:
         m = self.Twist()
@@ -298,6 +300,17 @@ def diag_number(diag: dict[str, str], *names: str) -> float:
             except ValueError:
                 return math.nan
     return math.nan
+
+
+def tick_gaps(
+    ticks: np.ndarray, period: float, walls: np.ndarray | None = None
+) -> list[tuple[float, float, int]]:
+    """The gaps of more than one period between consecutive `ticks` (seconds on the node's clock), as
+    (wall time of the tick before, of the tick after, slots skipped); `walls` default to the ticks."""
+    ticks = np.asarray(ticks, dtype=float)
+    walls = ticks if walls is None else np.asarray(walls, dtype=float)
+    skipped = np.round(np.diff(ticks) / period).astype(int) - 1
+    return [(float(walls[i]), float(walls[i + 1]), int(skipped[i])) for i in np.flatnonzero(skipped > 0)]
 
 
 def run_episode(op: Operator, ep: int, seconds: float, control_period: float = PERIOD) -> dict:
@@ -395,6 +408,8 @@ def run_setting(
         time.sleep(1.5)  # one more diagnostics period
         with op.lock:
             diag = dict(op.diag)
+            ticks = np.array([row[0] for row in op.timing])
+            gaps = tick_gaps(ticks, float(card.control_period_s), np.array(op.timing_wall))
     finally:
         op.close()
         rclpy.shutdown()
@@ -417,6 +432,7 @@ def run_setting(
         "stale_actions_published": sum(r["stale"] for r in results),
         "missed_steps": diag_number(diag, "missed_steps"),
         "missed_ticks": diag_number(diag, "missed_ticks"),
+        "tick_gaps": gaps,  # from the timing rows: (wall before, wall after, slots skipped)
         "inference_ms_p50": diag_number(diag, "inference_p50_ms"),  # request -> usable at a tick
         "inference_ms_p99": diag_number(diag, "inference_p99_ms"),
         "compute_ms_p50": diag_number(diag, "compute_p50_ms"),  # the model alone

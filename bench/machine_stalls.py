@@ -1,0 +1,104 @@
+"""Machine stalls: moments this machine ran none of our threads, and the ticks they cost the node.
+
+On a virtual machine the host can hold a vCPU for milliseconds (this 2-core VM: 5-17 ms, a few times a
+minute per vCPU, idle or not; the kernel reports no steal time). No thread inside can run then, SCHED_FIFO
+or not, so a tick skipped in such a hold says nothing about the node. A probe per CPU, SCHED_FIFO 99 and
+pinned, wakes every millisecond; a wake-up later than `min_s` is a stall (only the machine can hold up the
+highest-priority thread of a CPU). A benchmark reports the skipped ticks that overlap one apart from the
+others (`missed_in`), never instead of them.
+
+    python bench/machine_stalls.py --cpu 0 --log stalls.jsonl --min-s 0.0025   # one probe (child mode)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+#: [start, end] wall times (time.time()) of one stall.
+Stall = tuple[float, float]
+#: (wall time before, wall time after, slots skipped) of one gap between two ticks (closed_loop.tick_gaps).
+Gap = tuple[float, float, int]
+
+
+def missed_in(gaps: Iterable[Gap], stalls: Sequence[Stall], margin_s: float = 0.0) -> int:
+    """Slots skipped in the gaps that overlap a stall; `margin_s` widens each gap backwards (wall times
+    taken on receipt lag the ticks)."""
+    return sum(n for a, b, n in gaps if any(s0 < b and s1 > a - margin_s for s0, s1 in stalls))
+
+
+def probe(cpu: int, log: Path, min_s: float, duration_s: float = float("inf")) -> int:
+    """Child mode: the probe of one CPU until SIGTERM (or `duration_s`). Exits 3 with the reason on the
+    log's first line when it cannot be real-time: a normal-priority probe would report scheduling delays."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(99))
+    except (OSError, AttributeError) as exc:
+        log.write_text(json.dumps({"error": f"cpu {cpu}: {exc}"}) + "\n")
+        return 3
+    log.write_text("")
+    end = time.monotonic() + duration_s
+    last = time.monotonic()
+    with contextlib.suppress(KeyboardInterrupt), open(log, "a") as f:
+        while last < end:
+            time.sleep(0.001)
+            now = time.monotonic()
+            if now - last > min_s + 0.001:
+                wall = time.time()
+                f.write(json.dumps([wall - (now - last), wall]) + "\n")
+                f.flush()
+            last = now
+    return 0
+
+
+class Probes:
+    """One probe process per CPU of this process' affinity, from construction until `stop()`."""
+
+    def __init__(self, directory: Path, min_s: float) -> None:
+        self.logs = [directory / f"stalls_cpu{cpu}.jsonl" for cpu in sorted(os.sched_getaffinity(0))]
+        self.procs = [
+            subprocess.Popen([sys.executable, __file__, "--cpu", log.stem.removeprefix("stalls_cpu"),
+                              "--log", str(log), "--min-s", str(min_s)])
+            for log in self.logs
+        ]  # fmt: skip
+
+    def stop(self) -> tuple[list[Stall], str | None]:
+        """End the probes; (the stalls they saw, sorted; None or why there are no figures)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            p.wait(timeout=10)
+        stalls: list[Stall] = []
+        for log in self.logs:
+            lines = log.read_text().splitlines() if log.exists() else []
+            for line in lines:
+                item = json.loads(line)
+                if isinstance(item, dict):
+                    return [], item["error"]
+                stalls.append((float(item[0]), float(item[1])))
+        return sorted(stalls), None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu", type=int, required=True)
+    ap.add_argument("--log", type=Path, required=True)
+    ap.add_argument("--min-s", type=float, default=0.0025, help="a wake-up this late is a stall")
+    ap.add_argument("--duration", type=float, default=float("inf"))
+    args = ap.parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    return probe(args.cpu, args.log, args.min_s, args.duration)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

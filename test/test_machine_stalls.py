@@ -1,0 +1,63 @@
+"""bench/machine_stalls.py: the probes that see a CPU held by the machine, and the skipped ticks inside."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import closed_loop as bench_closed_loop
+import machine_stalls as ms
+import numpy as np
+import pytest
+
+from diffusion_controller.sim.closed_loop import tick_gaps
+
+
+def test_missed_ticks_inside_a_machine_stall_are_counted_apart_from_the_others():
+    t = np.r_[np.arange(10) * 0.02, 0.24 + np.arange(10) * 0.02, 0.48 + np.arange(5) * 0.02]
+    # gaps: 0.18 -> 0.24 (2 missed) and 0.42 -> 0.48 (2 missed); only the first overlaps the stall
+    gaps = tick_gaps(t, 0.02)
+    assert [(round(a, 2), round(b, 2), n) for a, b, n in gaps] == [(0.18, 0.24, 2), (0.42, 0.48, 2)]
+    assert ms.missed_in(gaps, [(0.19, 0.23)]) == 2
+    assert ms.missed_in(gaps, []) == 0
+    assert ms.missed_in(gaps, [(0.0, 1.0)]) == 4
+    assert ms.missed_in(gaps, [(0.25, 0.30)]) == 0  # a stall while ticks kept coming excuses nothing
+    assert ms.missed_in(gaps, [(0.15, 0.17)]) == 0
+    assert ms.missed_in(gaps, [(0.15, 0.17)], margin_s=0.02) == 2  # rows received late: widen backwards
+    late_walls = t + 0.001  # wall times of receipt: the gaps come from the ticks, the times from the walls
+    assert tick_gaps(t, 0.02, late_walls)[0][:2] == pytest.approx((0.181, 0.241))
+
+
+def test_a_probe_held_by_the_machine_reports_the_hold(tmp_path):
+    """The probes are real processes: one held 60 ms (SIGSTOP, as a host holds a vCPU) reports a stall
+    covering the hold; where SCHED_FIFO is not allowed they say why instead of reporting figures."""
+    probes = ms.Probes(tmp_path, min_s=0.0025)
+    time.sleep(0.5)  # started and real-time
+    victim = probes.procs[0]
+    held_from = time.time()
+    os.kill(victim.pid, signal.SIGSTOP)
+    time.sleep(0.06)
+    os.kill(victim.pid, signal.SIGCONT)
+    held_to = time.time()
+    time.sleep(0.2)
+    stalls, why = probes.stop()
+    if why is not None:
+        assert "cpu" in why
+        pytest.skip(f"no SCHED_FIFO here: {why}")
+    assert all(p.returncode is not None for p in probes.procs)
+    covering = [(a, b) for a, b in stalls if a <= held_from + 0.005 and b >= held_to - 0.005]
+    assert covering, (stalls, held_from, held_to)
+    assert all(b - a < 0.5 for a, b in stalls)
+
+
+def test_the_closed_loop_bench_reports_the_skipped_ticks_inside_stalls_apart():
+    row = {"setting": "ref", "missed_ticks": 3.0, "tick_gaps": [(10.0, 10.01, 1), (20.0, 20.012, 2)]}
+    figures = bench_closed_loop.stall_figures(row, [(19.99, 20.008)], None, 0.005)
+    assert figures == {"machine_stalls": 1, "machine_stall_max_ms": pytest.approx(18.0),
+                       "missed_ticks_in_rows": 3, "missed_ticks_in_machine_stalls": 2}  # fmt: skip
+    line = bench_closed_loop.stall_line({**row, **figures})
+    assert "3 (the node's count), 3 in the timing rows, 2 of them while the machine held a CPU" in line
+    none = bench_closed_loop.stall_figures(row, [], "cpu 0: not permitted", 0.005)
+    assert none["machine_stalls"] is None
+    assert "no machine-stall probe (cpu 0: not permitted)" in bench_closed_loop.stall_line({**row, **none})
