@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import machine_stalls
 from diffusion_controller.core.card_source import card_of_model
 from diffusion_controller.core.ddim import TIMESTEP_SPACINGS
 from diffusion_controller.core.scheduler import BLEND_MODES
+from diffusion_controller.ros import process
 from diffusion_controller.sim import demo
 from diffusion_controller.sim.closed_loop import DENOISER, Setting
 
@@ -84,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         help="sweeps to run (all without a name): K x timestep spacing, delay x compensation, blending",
     )  # fmt: skip
     p.add_argument("--episodes", type=int, default=20)
+    p.add_argument(
+        "--rt-cpus", default="",
+        help="CPU list of the sim and the node's real-time threads (the sim's cpu_affinity, the node's "
+             "cpu_affinity); the node's model threads and this process get the other CPUs",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-stall-probes", dest="stall_probes", action="store_false",
+        help="run without bench/machine_stalls.py's probes (each wakes 1000 times a second)",
+    )  # fmt: skip
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--sweep-episodes", type=int, default=2)
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 5, 10], help="K of the K sweep")
@@ -105,17 +116,31 @@ def main(argv: list[str] | None = None) -> int:
     reference, effort, log_dir = prepared
     settings = [reference] if args.sweep is None else sweep_settings(args)
     episodes = args.sweep_episodes if args.sweep is not None else args.episodes
+    args.cpus = split_cpus(args.rt_cpus)
+    if args.rt_cpus:
+        os.sched_setaffinity(0, process.parse_cpus(args.cpus[1]))  # the operator and the expert
     period = float(card_of_model(args.model).control_period_s)
-    probes = machine_stalls.Probes(log_dir, min_s=period / 2)
+    probes = machine_stalls.Probes(log_dir, min_s=period / 2) if args.stall_probes else None
     try:
         rows = demo.evaluate(settings, args, episodes, effort, log_dir)
     finally:
-        stalls, why = probes.stop()
+        stalls, why = probes.stop() if probes is not None else ([], "--no-stall-probes")
     for row in rows:
         row.update(stall_figures(row, stalls, why, period))
         print(stall_line(row))
     demo.report(rows, reference, args, log_dir, sweep=args.sweep is not None, demo=False)
     return 0
+
+
+def split_cpus(rt_cpus: str) -> tuple[str, str]:
+    """--rt-cpus: (its CPU list, the machine's other CPUs as a list) or ("", "")."""
+    if not rt_cpus:
+        return "", ""
+    rt = process.parse_cpus(rt_cpus)
+    rest = sorted(set(range(os.cpu_count() or 1)) - rt)
+    if not rest:
+        raise SystemExit(f"--rt-cpus {rt_cpus}: no CPU left for the model threads")
+    return ",".join(map(str, sorted(rt))), ",".join(map(str, rest))
 
 
 def stall_figures(row: dict, stalls: list[machine_stalls.Stall], why: str | None, period: float) -> dict:

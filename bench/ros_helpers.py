@@ -304,3 +304,18 @@ class Probe:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def thread_cpus(pid: int) -> list[tuple[str, int, int]]:
+    """(allowed CPU list as /proc writes it, scheduling policy, priority) of each thread of process `pid`."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+            tid = int(task.name)
+            policy, prio = os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+        except (OSError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+        allowed = (line for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+        out.append((next(allowed).split(":")[1].strip(), policy, prio))
+    return out

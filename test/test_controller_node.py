@@ -31,7 +31,7 @@ from rcl_interfaces.srv import GetParameters, SetParameters
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile
-from ros_helpers import NodeProcess, Probe, console_script, wait_until
+from ros_helpers import NodeProcess, Probe, console_script, thread_cpus, wait_until
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Imu, JointState
 from std_msgs.msg import Float64MultiArray
@@ -983,3 +983,33 @@ def test_the_last_command_sent_carries_over_by_joint_name_or_not_at_all():
     assert carried_command(sent, binding("abd", (0, 1, 2)), 3) is None  # a joint it never commanded
     assert carried_command(sent, binding("ab", (0, 1)), 3) is None  # outputs do not cover the action
     assert carried_command(None, binding("abc", (0, 1, 2)), 3) is None
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs to keep the threads apart")
+def test_cpu_affinity_keeps_the_real_time_threads_and_the_model_threads_apart(models, graph):
+    """cpu_affinity '1': the main, DDS and control-loop threads on CPU 1; model_cpu_affinity '0': the
+    inference worker (normal priority) on CPU 0. A value that is no CPU list is an error in the log and
+    the node runs on any CPU."""
+    proc = start(models["a"], "-p", "cpu_affinity:='1'", "-p", "model_cpu_affinity:='0'")
+    try:
+        assert wait_log(proc, "real-time threads on CPUs [1]"), proc.output()[-3000:]
+        assert wait_log(proc, "control loop thread: SCHED_FIFO"), proc.output()[-3000:]
+        threads = thread_cpus(proc.proc.pid)
+        loop = [t for t in threads if t[1] == os.SCHED_FIFO and t[2] == 50]
+        if not loop:
+            pytest.skip("no rtprio rights here: the loop thread is not told apart")
+        assert all(cpus == "1" for cpus, _, _ in loop), threads
+        assert any(cpus == "0" and policy == os.SCHED_OTHER for cpus, policy, _ in threads), threads
+        on = [sum(cpus == c for cpus, _, _ in threads) for c in "10"]
+        assert on[0] > on[1], threads
+    finally:
+        rc, out = finish(proc, signal.SIGINT)
+    assert rc == 0, out[-3000:]
+    proc = start(models["a"], "-p", "cpu_affinity:='one'")
+    try:
+        assert wait_log(proc, "cpu_affinity 'one' not applied"), proc.output()[-3000:]
+        assert wait_log(proc, "control loop thread: SCHED_FIFO") or "no real-time" in proc.output()
+        assert proc.alive
+    finally:
+        rc, out = finish(proc, signal.SIGINT)
+    assert rc == 0, out[-3000:]

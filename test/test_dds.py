@@ -144,3 +144,32 @@ def test_the_receive_threads_of_fast_dds_and_only_they_get_the_real_time_priorit
     (tmp_path / "104" / "comm").write_text("python\n")
     assert dds.raise_receive_threads(48, tmp_path, lambda tid, p: None) == ([], "no Fast DDS receive thread "
                                                                              "in this process")
+
+
+def test_cpu_lists_and_pinning_every_thread(tmp_path):
+    """ros/process.py: CPU lists as taskset -c takes them, refused with the reason otherwise; pin_threads
+    sets each thread of the process and reports a refusal instead of raising."""
+    from diffusion_controller.ros import process
+
+    assert process.parse_cpus("") == frozenset()
+    assert process.parse_cpus("1") == {1}
+    assert process.parse_cpus("0, 2-4") == {0, 2, 3, 4}
+    for bad in ("one", "3-1", "-1", "1-"):
+        with pytest.raises(ValueError, match="CPU"):
+            process.parse_cpus(bad)
+    assert process.check_cpus("1", allowed=[0, 1]) == ({1}, None)
+    cpus, why = process.check_cpus("2", allowed=[0, 1])
+    assert cpus == frozenset() and "[2]" in why
+    for tid in (11, 12, 13):
+        (tmp_path / str(tid)).mkdir()
+    calls = []
+    assert process.pin_threads({1}, tmp_path, lambda tid, cpus: calls.append((tid, cpus))) is None
+    assert sorted(calls) == [(11, {1}), (12, {1}), (13, {1})]
+
+    def gone_or_refused(tid, cpus):
+        if tid == 11:
+            raise ProcessLookupError
+        raise PermissionError(1, "Operation not permitted")
+
+    why = process.pin_threads({1}, tmp_path, gone_or_refused)
+    assert why is not None and "not permitted" in why

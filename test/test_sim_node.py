@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import statistics
 import time
@@ -13,7 +14,7 @@ import pytest
 from builtin_interfaces.msg import Duration
 from nav_msgs.msg import Odometry
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from ros_helpers import NodeProcess, Probe, console_script, ros_args, wait_until
+from ros_helpers import NodeProcess, Probe, console_script, ros_args, thread_cpus, wait_until
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Imu, JointState
 from std_msgs.msg import Float64MultiArray
@@ -396,3 +397,15 @@ def test_the_pacer_never_bursts_clock_steps_and_keeps_real_time() -> None:
     assert np.mean(gaps) == pytest.approx(step, rel=0.01 + stalled / (len(gaps) * step))
     quiet = gaps[:240]  # before the first stall: the wall clock's pace, no drift from the overshoots
     assert np.mean(quiet) == pytest.approx(step, rel=0.01)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+def test_cpu_affinity_puts_every_thread_of_the_sim_on_its_cpus() -> None:
+    """cpu_affinity:='1' (bench/closed_loop.py --rt-cpus): every thread of the sim (physics, executor,
+    DDS) on CPU 1, so a controller pinned beside it stops with it when the machine holds that CPU."""
+    with NodeProcess([*SIM, "--ros-args", "-p", "cpu_affinity:='1'"]) as proc, Probe("pin_probe") as probe:
+        probe.subscribe("/clock", Clock)
+        assert probe.wait_for("/clock", lambda m: len(m) > 20, timeout=30), proc.output()
+        allowed = [cpus for cpus, _, _ in thread_cpus(proc.proc.pid)]
+        assert len(allowed) > 3 and set(allowed) == {"1"}, allowed
+        assert proc.stop(signal.SIGINT) == 0

@@ -281,6 +281,13 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
            "deliver /clock and the sensors to the loop (a normal-priority one can wait for a CPU longer than "
            "a period on a loaded machine); below executor_priority; 0 = leave them.", range=(0, 99),
            when="startup"),
+        _P("cpu_affinity", "", "string", "CPUs of the node's real-time threads (control loop, executor, DDS "
+           "receive threads) as a Linux CPU list ('1', '2-3'; quoted, a bare 1 is an integer to ROS), like "
+           "ros2_control's cpu_affinity; model "
+           "threads go to model_cpu_affinity. Empty = all CPUs.", when="startup"),
+        _P("model_cpu_affinity", "", "string", "CPUs of the threads that load and run models (the inference "
+           "worker, ONNX Runtime's threads, swaps) as a CPU list; keep them off cpu_affinity so inference "
+           "never takes the loop's CPU. Empty = the process' CPUs.", when="startup"),
         _P("executor", "auto", "string", "Executor for services, parameters and diagnostics: auto = rclpy's "
            "EventsExecutor where rclpy has it (Kilted on), else single_threaded. The control loop has a "
            "thread of its own, which also takes the sensor messages (no executor callback per message).",
@@ -476,6 +483,8 @@ class NodeConfig:
     loop_priority: int
     executor_priority: int
     dds_priority: int
+    cpu_affinity: str
+    model_cpu_affinity: str
     executor: str
     diagnostics_period_s: float
     source_names: tuple[str, ...]

@@ -104,7 +104,7 @@ class ControllerNode(LifecycleNode):
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def on_configure(self, state: State) -> TransitionCallbackReturn:
-        with normal_priority():
+        with normal_priority(str(self.get_parameter("model_cpu_affinity").value)):
             return self._configure(state)
 
     def _configure(self, state: State) -> TransitionCallbackReturn:
@@ -269,6 +269,19 @@ def _raise_dds_threads(node: ControllerNode, priority: int) -> None:
         node.get_logger().warning(f"DDS receive threads: no real-time priority ({why}); normal priority")
 
 
+def _pin_threads(node: ControllerNode, cpus: str) -> None:
+    """cpu_affinity: every thread so far (main, DDS) onto `cpus`, said on the log; threads started later
+    inherit it, except the model threads (model_cpu_affinity, set around configure and swaps)."""
+    if not cpus:
+        return
+    chosen, why = process.check_cpus(cpus)
+    why = why or process.pin_threads(chosen)
+    if why is None:
+        node.get_logger().info(f"real-time threads on CPUs {sorted(chosen)} (cpu_affinity)")
+    else:
+        node.get_logger().error(f"cpu_affinity {cpus!r} not applied: {why}; the threads run on any CPU")
+
+
 def main(args: list[str] | None = None) -> int:
     """Console script `controller_node`; exits 0 on SIGINT/SIGTERM like ros2/demos.
 
@@ -287,6 +300,7 @@ def main(args: list[str] | None = None) -> int:
         node = ControllerNode()
         if transport is not None:
             (node.get_logger().warning if transport.warning else node.get_logger().info)(transport.message)
+        _pin_threads(node, str(node.get_parameter("cpu_affinity").value))  # before autostart starts any
         executor, kind = make_executor(str(node.get_parameter("executor").value))
         node.get_logger().info(f"main executor: {kind}")
         executor.add_node(node)

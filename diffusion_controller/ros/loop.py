@@ -36,6 +36,7 @@ from diffusion_controller.ros import conversions as cv
 from diffusion_controller.ros import diagnostics as dg
 from diffusion_controller.ros.binding import Binding
 from diffusion_controller.ros.intake import Intake, hidden_node
+from diffusion_controller.ros.process import check_cpus
 
 if TYPE_CHECKING:  # both import this module (thread priorities): imported for the annotations only
     from diffusion_controller.ros.node_diagnostics import NodeDiagnostics
@@ -84,24 +85,45 @@ def nicer_thread(increment: int):
             os.setpriority(os.PRIO_PROCESS, tid, before)
 
 
+def set_thread_cpus(cpus: str) -> str | None:
+    """The calling thread (and the threads it starts later) onto the CPU list `cpus`; "" leaves it. None
+    when done (or nothing to do), else why not."""
+    if not cpus:
+        return None
+    chosen, why = check_cpus(cpus)
+    if why is None:
+        try:
+            os.sched_setaffinity(0, chosen)
+        except (OSError, AttributeError) as exc:
+            why = str(exc)
+    return why
+
+
 @contextlib.contextmanager
-def normal_priority():
-    """Run a block at normal priority, and so the threads it starts (the inference worker): loading and
-    running a model must never be real-time work."""
+def normal_priority(cpus: str = ""):
+    """Run a block at normal priority, on the CPU list `cpus` ("" = unchanged), and so the threads it
+    starts (the inference worker): loading and running a model must never be real-time work, nor run on
+    the loop's CPUs when model_cpu_affinity keeps them apart."""
+    before = None
+    if cpus:
+        with contextlib.suppress(OSError, AttributeError):
+            before = os.sched_getaffinity(0)
+        if set_thread_cpus(cpus) is not None:
+            before = None
     try:
         policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
     except (OSError, AttributeError):
-        yield
-        return
-    if policy == os.SCHED_OTHER:
-        yield
-        return
-    set_thread_priority(0)
+        policy = param = None
+    lowered = policy not in (None, os.SCHED_OTHER) and set_thread_priority(0) is None
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, policy, param)
+        if lowered:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, policy, param)
+        if before is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, before)
 
 
 def carried_command(
@@ -208,7 +230,11 @@ class ControlLoop:
 
     def _set_priority(self) -> None:
         """Real-time (SCHED_FIFO) scheduling for this thread only, like ros2_control's update thread: the
-        tick then preempts sensor processing and other programs the moment its timer is due."""
+        tick then preempts sensor processing and other programs the moment its timer is due. On
+        cpu_affinity's CPUs: configure starts this thread on the model threads' CPUs."""
+        why = set_thread_cpus(self._cfg.cpu_affinity)
+        if why is not None:
+            self._log.warning(f"control loop thread: cpu_affinity not applied ({why})")
         if self._priority <= 0:
             return
         why = set_thread_priority(self._priority)

@@ -34,7 +34,7 @@ from diffusion_controller.core.runtime import Policy
 from diffusion_controller.ros import config as cf
 from diffusion_controller.ros import diagnostics as dg
 from diffusion_controller.ros.binding import Binding, control_config, validate_against_card
-from diffusion_controller.ros.loop import nicer_thread, set_thread_priority
+from diffusion_controller.ros.loop import nicer_thread, set_thread_cpus, set_thread_priority
 
 if TYPE_CHECKING:  # node_diagnostics reports on the swapper: imported for the annotation only
     from diffusion_controller.ros.node_diagnostics import NodeDiagnostics
@@ -248,6 +248,7 @@ class ModelSwapper:
         any failure keep the old model, say why (log, /diagnostics, ~/model) and put model_path back."""
         set_thread_priority(0)  # started from a real-time executor thread: loading is not real-time work
         cfg, old_path = loaded.cfg, loaded.path
+        set_thread_cpus(cfg.model_cpu_affinity)  # and not on the loop's CPUs (ORT's threads inherit them)
         try:
             card, binding = self.check(cfg, path, max_mb)
             check_same_kind(loaded.policy.card, card)

@@ -118,10 +118,12 @@ class Processes:
         controller_threads: int = 1,
         config: Path = CONFIG,
         effort: bool = False,
+        cpus: tuple[str, str] = ("", ""),
     ) -> None:
         """`model`: the .onnx the controller runs (model_of(setting, ...)); `config` its params file;
         `effort`: the sim's motors take torques (drive effort, 400 Hz physics, every sensor at the 200 Hz
-        control rate as in the model's training rows, /clock at every physics step)."""
+        control rate as in the model's training rows, /clock at every physics step); `cpus`: CPU lists of
+        the sim with the node's real-time threads, and of the node's model threads ("" = any)."""
         self.env = dict(os.environ)
         self.procs: list[tuple[str, subprocess.Popen]] = []
         py = sys.executable
@@ -141,6 +143,8 @@ class Processes:
             sim_args += ["-p", "drive:=effort", "-p", f"physics_timestep:={EFFORT_TIMESTEP_S}",
                          "-p", "joint_states_rate_hz:=200.0", "-p", "imu_rate_hz:=200.0",
                          "-p", "odom_rate_hz:=200.0", "-p", "clock_rate_hz:=400.0"]  # fmt: skip
+        if cpus[0]:
+            sim_args += ["-p", f"cpu_affinity:='{cpus[0]}'"]  # quoted: a bare 1 is an integer to ROS
         ctl_args = [
             "--params-file",
             str(config),
@@ -160,7 +164,8 @@ class Processes:
             f"seed:={seed}",
             "-p",
             "outputs.trajectory.enabled:=false",
-        ]
+        ] + [a for name, v in zip(("cpu_affinity", "model_cpu_affinity"), cpus, strict=True) if v
+             for a in ("-p", f"{name}:='{v}'")]  # fmt: skip
         self._start("sim", [py, "-m", "diffusion_controller.sim.sim_node", "--ros-args", *sim_args], log_dir)
         if setting.remote:
             # Same parameters for the policy node (model, K, seed, observation sources); the controller
@@ -378,12 +383,14 @@ def run_setting(
     denoiser: Path = DENOISER,
     verbose: bool = True,
     config: Path = CONFIG,
+    cpus: tuple[str, str] = ("", ""),
 ) -> dict:
     import rclpy
 
     model = model_of(setting, model, denoiser, log_dir)  # once: a respaced denoiser is written here
     card = card_of_model(model)
-    procs = Processes(setting, seed, log_dir, model, config=config, effort=card.action_kind == "effort")
+    effort = card.action_kind == "effort"
+    procs = Processes(setting, seed, log_dir, model, config=config, effort=effort, cpus=cpus)
     rclpy.init()
     op = Operator()
     try:

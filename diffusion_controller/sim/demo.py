@@ -113,7 +113,8 @@ def evaluate(
     for s in settings:
         print(f"[closed_loop] {s.label()}: {episodes} episode(s) of {args.seconds:.0f} s", flush=True)
         row = run_setting(
-            s, episodes, args.seconds, args.seed, log_dir, args.model, denoiser, config=args.config
+            s, episodes, args.seconds, args.seed, log_dir, args.model, denoiser, config=args.config,
+            cpus=getattr(args, "cpus", ("", "")),  # bench/closed_loop.py --rt-cpus
         )
         if s.obs_delay_s not in expert_cache:
             expert_cache[s.obs_delay_s] = run_expert(episodes, args.seconds, s.obs_delay_s, args.seed, effort)

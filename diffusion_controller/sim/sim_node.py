@@ -53,6 +53,7 @@ from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
+from diffusion_controller.ros.process import check_cpus, pin_threads
 from diffusion_controller.sim.ant import (
     JOINTS,
     N_JOINTS,
@@ -217,6 +218,10 @@ class SimNode(Node):
         )
         self.randomize_reset = p("randomize_reset", False, "Random heading/joints/position on reset.")
         self.fall_reset = p("fall_reset", True, "Reset automatically after the ant lies fallen for 1 s.")
+        self.cpu_affinity = p(
+            "cpu_affinity", "", "CPUs of the sim's threads as a Linux CPU list ('1', '2-3'); empty = any. A "
+            "controller under use_sim_time on the same CPUs stops with the sim when the machine holds them.",
+        )
         self.drive = p("drive", "position", "Command interface: position (PD servos in the physics, "
                        "position commands) or effort (torque motors, forward_effort_controller).")
         if self.drive not in ("position", "effort"):
@@ -435,6 +440,11 @@ def main(args: list[str] | None = None) -> int:
         print(f"sim_node: bad parameters: {e}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
+    if node.cpu_affinity:
+        cpus, why = check_cpus(node.cpu_affinity)
+        why = why or pin_threads(cpus)
+        if why is not None:
+            node.get_logger().error(f"cpu_affinity {node.cpu_affinity!r} not applied: {why}")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: node.stop.set())
     executor = SingleThreadedExecutor()
