@@ -20,6 +20,11 @@ this script adds the evaluation's episode counts and the sweeps.
     python bench/closed_loop.py --sweep remote  # local, link 100 +- 20 ms 5% loss, link 250 ms
     python bench/closed_loop.py --model models/ant_effort.onnx   # the effort-driven ant (200 Hz torques;
                                                 # config/ant_effort.yaml, its expert at the same rate)
+    python bench/closed_loop.py --model models/ant_effort.onnx --rt-cpus 1
+                                                # the sim and the node's real-time threads on CPU 1, the
+                                                # model and this process on the others (a VM's host
+                                                # holding one vCPU then stops the sim with the node)
+    add --stall-probes to count the skipped ticks that fell in machine stalls (bench/machine_stalls.py)
     add --json for one JSON object on the last line
 """
 
@@ -92,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
              "cpu_affinity); the node's model threads and this process get the other CPUs",
     )  # fmt: skip
     p.add_argument(
-        "--no-stall-probes", dest="stall_probes", action="store_false",
-        help="run without bench/machine_stalls.py's probes (each wakes 1000 times a second)",
+        "--stall-probes", action="store_true",
+        help="attribute skipped ticks to machine stalls (bench/machine_stalls.py); the probes wake each CPU "
+             "1000 times a second and slow the policy, so tracking figures come from runs without them",
     )  # fmt: skip
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--sweep-episodes", type=int, default=2)
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = demo.evaluate(settings, args, episodes, effort, log_dir)
     finally:
-        stalls, why = probes.stop() if probes is not None else ([], "--no-stall-probes")
+        stalls, why = probes.stop() if probes is not None else ([], "run with --stall-probes")
     for row in rows:
         row.update(stall_figures(row, stalls, why, period))
         print(stall_line(row))
