@@ -278,7 +278,7 @@ class PolicyNode(Node):
         check_model_file(cfg.model_path, cfg.max_model_mb)
         self.card: ModelCard = card_of_model(cfg.model_path)
         self.binding = validate_against_card(cfg, self.card)
-        with normal_priority():
+        with normal_priority(cfg.model_cpu_affinity):
             self.policy = self._load(cfg.model_path)
         self.path = cfg.model_path
         self.model_id = model_id_text(self.card.name, self.card.version, self.policy.steps)
@@ -289,7 +289,7 @@ class PolicyNode(Node):
         self._model_pub = self.create_publisher(DiagnosticStatus, "~/model", MODEL_QOS)
         self._diag_pub = self.create_publisher(dg.DiagnosticArray, "/diagnostics", 10)
         self.robots = [Robot(self, i, ns, cfg) for i, ns in enumerate(cfg.robots or ("",))]
-        with normal_priority():
+        with normal_priority(cfg.model_cpu_affinity):
             if cfg.batch:
                 shared = Worker(self, "policy_pass")
                 self.workers = {r.name: shared for r in self.robots}
