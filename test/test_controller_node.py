@@ -1005,10 +1005,15 @@ def test_cpu_affinity_keeps_the_real_time_threads_and_the_model_threads_apart(mo
     finally:
         rc, out = finish(proc, signal.SIGINT)
     assert rc == 0, out[-3000:]
-    proc = start(models["a"], "-p", "cpu_affinity:='one'")
+    # A bad list is an error in the log; the model threads still go to CPU 0, the loop stays on all.
+    proc = start(models["a"], "-p", "cpu_affinity:='one'", "-p", "model_cpu_affinity:='0'")
     try:
         assert wait_log(proc, "cpu_affinity 'one' not applied"), proc.output()[-3000:]
-        assert wait_log(proc, "control loop thread: SCHED_FIFO") or "no real-time" in proc.output()
+        assert wait_log(proc, "control loop thread: SCHED_FIFO"), proc.output()[-3000:]
+        threads = thread_cpus(proc.proc.pid)
+        loop = [cpus for cpus, policy, prio in threads if policy == os.SCHED_FIFO and prio == 50]
+        assert loop and all(cpus != "0" for cpus in loop), threads  # not narrowed to the model's CPU
+        assert any(cpus == "0" for cpus, _, _ in threads), threads
         assert proc.alive
     finally:
         rc, out = finish(proc, signal.SIGINT)
