@@ -252,7 +252,7 @@ def graph():
 
 @pytest.fixture(scope="module")
 def node(models, graph, tmp_path_factory):
-    proc = start(models["a"])
+    proc = start(models["a"], "-p", "dds_priority:=48")
     yield proc
     rc, out = finish(proc, signal.SIGINT)
     # The module's last check: SIGINT ends the node cleanly, exit code 0.

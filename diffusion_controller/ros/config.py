@@ -277,9 +277,10 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
         _P("executor_priority", 49, "int", "SCHED_FIFO priority of the main executor thread (services, "
            "parameters, diagnostics); below loop_priority. Under CPU load a normal-priority thread holding "
            "Python's GIL would stall the loop thread; 0 = normal.", range=(0, 99), when="startup"),
-        _P("dds_priority", 48, "int", "SCHED_FIFO priority of this process' Fast DDS receive threads, which "
+        _P("dds_priority", 0, "int", "SCHED_FIFO priority of this process' Fast DDS receive threads, which "
            "deliver /clock and the sensors to the loop (a normal-priority one can wait for a CPU longer than "
-           "a period on a loaded machine); below executor_priority; 0 = leave them.", range=(0, 99),
+           "a period on a loaded machine); below executor_priority (e.g. 48); 0 = leave them. They also "
+           "handle discovery, which then preempts inference when processes join.", range=(0, 99),
            when="startup"),
         _P("cpu_affinity", "", "string", "CPUs of the node's real-time threads (control loop, executor, DDS "
            "receive threads) as a Linux CPU list ('1', '2-3'; quoted, a bare 1 is an integer to ROS), like "

@@ -71,6 +71,9 @@ class ControllerNode(LifecycleNode):
         self.lock = threading.Lock()  # a swap of loaded's parts vs the tick, e-stop and activate
         self.loaded: Loaded | None = None
         self.loop: ControlLoop | None = None
+        # CPUs of the real-time threads: the creating thread's, or cpu_affinity's once main() pinned them.
+        # The loop thread goes there; configure, which starts it, runs on the model threads' CPUs.
+        self.realtime_cpus: set[int] | None = _affinity()
         self._estop_latched = False
         self._carried: tuple[Any, Any] = (None, None)  # what a loop leaves the next one (ControlLoop.carried)
         self._params = NodeParameters(self)
@@ -269,6 +272,13 @@ def _raise_dds_threads(node: ControllerNode, priority: int) -> None:
         node.get_logger().warning(f"DDS receive threads: no real-time priority ({why}); normal priority")
 
 
+def _affinity() -> set[int] | None:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return None
+
+
 def _pin_threads(node: ControllerNode, cpus: str) -> None:
     """cpu_affinity: every thread so far (main, DDS) onto `cpus`, said on the log; threads started later
     inherit it, except the model threads (model_cpu_affinity, set around configure and swaps)."""
@@ -277,6 +287,7 @@ def _pin_threads(node: ControllerNode, cpus: str) -> None:
     chosen, why = process.check_cpus(cpus)
     why = why or process.pin_threads(chosen)
     if why is None:
+        node.realtime_cpus = set(chosen)
         node.get_logger().info(f"real-time threads on CPUs {sorted(chosen)} (cpu_affinity)")
     else:
         node.get_logger().error(f"cpu_affinity {cpus!r} not applied: {why}; the threads run on any CPU")

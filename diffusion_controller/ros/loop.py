@@ -230,11 +230,13 @@ class ControlLoop:
 
     def _set_priority(self) -> None:
         """Real-time (SCHED_FIFO) scheduling for this thread only, like ros2_control's update thread: the
-        tick then preempts sensor processing and other programs the moment its timer is due. On the main
-        thread's CPUs (cpu_affinity, else the process'): configure, which starts this thread, runs on the
-        model threads' CPUs (model_cpu_affinity)."""
-        with contextlib.suppress(OSError, AttributeError):
-            os.sched_setaffinity(0, os.sched_getaffinity(threading.main_thread().native_id))
+        tick then preempts sensor processing and other programs the moment its timer is due. On the
+        node's real-time CPUs (cpu_affinity, else the process'): configure, which starts this thread, runs
+        on the model threads' CPUs (model_cpu_affinity)."""
+        cpus = getattr(self._node, "realtime_cpus", None)
+        if cpus:
+            with contextlib.suppress(OSError, AttributeError):
+                os.sched_setaffinity(0, cpus)
         if self._priority <= 0:
             return
         why = set_thread_priority(self._priority)
