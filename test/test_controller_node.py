@@ -1018,3 +1018,10 @@ def test_cpu_affinity_keeps_the_real_time_threads_and_the_model_threads_apart(mo
     finally:
         rc, out = finish(proc, signal.SIGINT)
     assert rc == 0, out[-3000:]
+    proc = start(models["a"], "-p", "model_cpu_affinity:='9999'")  # a CPU the machine does not have
+    try:
+        assert wait_log(proc, "model_cpu_affinity '9999' not applied"), proc.output()[-3000:]
+        assert wait_log(proc, "control loop thread: SCHED_FIFO") and proc.alive, proc.output()[-3000:]
+    finally:
+        rc, out = finish(proc, signal.SIGINT)
+    assert rc == 0, out[-3000:]

@@ -279,13 +279,19 @@ def _affinity() -> set[int] | None:
         return None
 
 
-def _pin_threads(node: ControllerNode, cpus: str) -> None:
+def _pin_threads(node: ControllerNode, cpus: str, model_cpus: str) -> None:
     """cpu_affinity: every thread so far (main, DDS) onto `cpus`, said on the log; threads started later
-    inherit it, except the model threads (model_cpu_affinity, set around configure and swaps)."""
+    inherit it, except the model threads (model_cpu_affinity, set around configure and swaps: a list that
+    cannot be applied is said here, once)."""
+    if model_cpus:
+        _, why = process.check_cpus(model_cpus)
+        if why is not None:
+            node.get_logger().error(
+                f"model_cpu_affinity {model_cpus!r} not applied: {why}; model threads on the process' CPUs"
+            )
     if not cpus:
         return
-    chosen, why = process.check_cpus(cpus)
-    why = why or process.pin_threads(chosen)
+    chosen, why = process.pin_process(cpus)
     if why is None:
         node.realtime_cpus = set(chosen)
         node.get_logger().info(f"real-time threads on CPUs {sorted(chosen)} (cpu_affinity)")
@@ -311,7 +317,8 @@ def main(args: list[str] | None = None) -> int:
         node = ControllerNode()
         if transport is not None:
             (node.get_logger().warning if transport.warning else node.get_logger().info)(transport.message)
-        _pin_threads(node, str(node.get_parameter("cpu_affinity").value))  # before autostart starts any
+        cpus, model_cpus = (str(node.get_parameter(n).value) for n in ("cpu_affinity", "model_cpu_affinity"))
+        _pin_threads(node, cpus, model_cpus)  # before autostart starts any thread
         executor, kind = make_executor(str(node.get_parameter("executor").value))
         node.get_logger().info(f"main executor: {kind}")
         executor.add_node(node)

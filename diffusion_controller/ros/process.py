@@ -97,3 +97,11 @@ def pin_threads(
         except (OSError, AttributeError) as exc:
             return f"thread {tid}: {exc}"
     return None
+
+
+def pin_process(text: str) -> tuple[frozenset[int], str | None]:
+    """Every thread of this process onto the CPU list `text` (a cpu_affinity parameter): (the CPUs, None)
+    when done, else (empty, why)."""
+    cpus, why = check_cpus(text)
+    why = why or pin_threads(cpus)
+    return (cpus, None) if why is None else (frozenset(), why)

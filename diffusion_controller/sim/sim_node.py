@@ -53,7 +53,7 @@ from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from diffusion_controller.ros.process import check_cpus, pin_threads
+from diffusion_controller.ros.process import pin_process
 from diffusion_controller.sim.ant import (
     JOINTS,
     N_JOINTS,
@@ -441,8 +441,7 @@ def main(args: list[str] | None = None) -> int:
         rclpy.try_shutdown()
         return 2
     if node.cpu_affinity:
-        cpus, why = check_cpus(node.cpu_affinity)
-        why = why or pin_threads(cpus)
+        _, why = pin_process(node.cpu_affinity)
         if why is not None:
             node.get_logger().error(f"cpu_affinity {node.cpu_affinity!r} not applied: {why}")
     for sig in (signal.SIGINT, signal.SIGTERM):
