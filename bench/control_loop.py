@@ -12,10 +12,11 @@ rate at scale 1) runs `--duration` seconds with a model swap every `--swap-every
 `--row-seconds` without swaps. Each row gives the node's CPU (percent of one core, /proc) beside the
 input rate the node received (/diagnostics input_hz), so the cost per input message is a figure.
 
-From the timing topic ([tick_time, exec_time, action_time, obs_stamp, chunk_seq, index, state, missed]):
-tick jitter = |tick interval - period|; missed ticks = timer ticks that did not happen (an interval of
-~2 periods is one missed tick); obs->cmd = tick_time - obs_stamp (age of the newest observation behind the
-published command); a stale action is one with action_time < exec_time - period/2 (DESIGN.md stale rule).
+From the timing topic ([tick_time, exec_time, action_time, obs_stamp, chunk_seq, index, state, missed,
+slot]): tick jitter = |tick interval - period|; missed ticks = timer slots that did not tick (consecutive
+slots two periods apart: one missed; from tick times where the node sends no slot); obs->cmd =
+tick_time - obs_stamp (age of the newest observation behind the published command); a stale action is
+one with action_time < exec_time - period/2 (DESIGN.md stale rule).
 Swap windows run from the parameter call until /diagnostics names the new model, plus one second.
 
     .venv/bin/python bench/control_loop.py [--duration 60 | --quick] [--json] [--steps K]
@@ -48,13 +49,13 @@ from machine_stalls import missed_in
 from diffusion_controller.core.chunk import is_stale
 from diffusion_controller.ros import dds
 from diffusion_controller.ros.config import EXECUTORS
-from diffusion_controller.sim.closed_loop import tick_gaps
+from diffusion_controller.sim.closed_loop import row_slots, tick_gaps
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE = "/diffusion_controller"
 #: The ant's sensor rates at scale 1 (Hz): joint states, IMU, odometry, velocity command.
 SENSOR_HZ = {"js": 500.0, "imu": 200.0, "odom": 50.0, "cmd": 1.0}
-TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED = range(8)
+TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED, SLOT = range(9)
 RUNNING = 1.0
 JOINTS = ["hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4"]
 
@@ -170,7 +171,7 @@ def analyse(
     ticks = rows[:, TICK]
     dt = np.diff(ticks)
     jitter_ms = np.abs(dt - period) * 1000.0
-    missed = np.maximum(np.rint(dt / period) - 1, 0)
+    missed = np.maximum(np.rint(np.diff(row_slots(rows)) / period) - 1, 0)  # the slots, not the lateness
     run = rows[(rows[:, STATE] == RUNNING) & (rows[:, MISSED] == 0)]
     stale = is_stale(run[:, ACTION], run[:, EXEC], action_period)
     obs_to_cmd = (run[:, TICK] - run[:, OBS]) * 1000.0
@@ -366,7 +367,8 @@ def measure_row(
     stalls = [(a, b) for a, b in stalls if t_start <= b]
     row["machine_stalls"] = len(stalls)
     row["machine_stall_max_ms"] = max((1000.0 * (b - a) for a, b in stalls), default=0.0)
-    row["missed_ticks_in_machine_stalls"] = missed_in(tick_gaps(data[:, TICK], period), stalls)
+    gaps = tick_gaps(row_slots(data), period, data[:, TICK])
+    row["missed_ticks_in_machine_stalls"] = missed_in(gaps, stalls)
     input_hz = sum(float(v) for key, v in diag.items() if key.startswith("input_hz."))
     row.update(
         node_cpu_percent=cpu,

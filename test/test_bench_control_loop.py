@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 
 
-def rows(ticks, action_times=None, period=0.02):
-    """Timing rows RUNNING at `ticks`, each executing the action at `action_times` (default: on time)."""
+def rows(ticks, action_times=None, period=0.02, slots=None):
+    """Timing rows RUNNING at `ticks`, each executing the action at `action_times` (default: on time),
+    for the timer slots `slots` (default: NaN, as from a node without TimerInfo)."""
     ticks = np.asarray(ticks, float)
     act = ticks if action_times is None else np.asarray(action_times, float)
-    out = np.zeros((len(ticks), 8))
+    out = np.zeros((len(ticks), 9))
     out[:, cl.TICK], out[:, cl.EXEC], out[:, cl.ACTION] = ticks, ticks, act
+    out[:, cl.SLOT] = np.nan if slots is None else slots
     out[:, cl.OBS] = ticks - 0.03
     out[:, cl.STATE] = cl.RUNNING
     return out
@@ -28,6 +30,19 @@ def test_a_skipped_tick_is_missed_and_counts_as_jitter():
     assert a["missed_ticks"] == 1
     assert a["jitter_ms_max"] == pytest.approx(20.0)
     assert a["stale_actions_published"] == 0
+
+
+def test_a_late_tick_is_jitter_but_only_a_skipped_slot_is_missed():
+    """The slot column (the timer's expected call time) tells a tick 12 ms late from a skipped slot: the
+    tick times alone (rounded intervals) count the late one as missed too."""
+    slots = np.arange(20) * 0.02
+    late = slots.copy()
+    late[10] += 0.012  # slot 10 ran 12 ms late
+    assert cl.analyse(rows(late), 0.02, [])["missed_ticks"] == 1  # without slots: over-counted
+    a = cl.analyse(rows(late, slots=slots), 0.02, [])
+    assert a["missed_ticks"] == 0 and a["jitter_ms_max"] == pytest.approx(12.0)
+    skipped = np.delete(slots, 10)
+    assert cl.analyse(rows(skipped, slots=skipped), 0.02, [])["missed_ticks"] == 1
 
 
 def test_a_50_hz_model_held_for_two_100_hz_ticks_is_not_stale_but_an_older_action_is():

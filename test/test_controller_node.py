@@ -58,7 +58,7 @@ TIMING = f"{NODE}/debug/command_timing"
 PERIOD = 0.02
 ANT_JOINTS = ("hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4")
 # Timing row columns (loop.ControlLoop._timing_row).
-TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED = range(8)
+TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED, SLOT = range(9)
 WAITING, RUNNING, SAFE, ESTOP = 0.0, 1.0, 2.0, 3.0
 
 
@@ -930,6 +930,12 @@ def test_under_sim_time_the_ticks_fall_on_the_clocks_grid(graph, models):
         ticks = rows[len(rows) // 5 :, TICK]  # after the first ticks
         on_grid = np.abs(np.round(ticks / PERIOD) * PERIOD - ticks) < 1e-6
         assert on_grid.mean() > 0.9, ticks[:20]
+        # Each row names its timer slot: on the grid, at or before the tick, within one clock step of it,
+        # one period after the slot before (no slot skipped here).
+        slots = rows[len(rows) // 5 :, SLOT]
+        assert np.all(np.abs(np.round(slots / PERIOD) * PERIOD - slots) < 1e-6), slots[:20]
+        assert np.all((slots <= ticks + 1e-9) & (ticks - slots < 0.005 + 1e-6)), (slots[:10], ticks[:10])
+        assert np.allclose(np.diff(slots), PERIOD, atol=1e-6), np.diff(slots)
     finally:
         rc, out = finish(proc, signal.SIGINT)
         graph.node.destroy_publisher(clock_pub)

@@ -11,7 +11,7 @@ import machine_stalls as ms
 import numpy as np
 import pytest
 
-from diffusion_controller.sim.closed_loop import tick_gaps
+from diffusion_controller.sim.closed_loop import row_slots, tick_gaps
 
 
 def test_missed_ticks_inside_a_machine_stall_are_counted_apart_from_the_others():
@@ -27,6 +27,23 @@ def test_missed_ticks_inside_a_machine_stall_are_counted_apart_from_the_others()
     assert ms.missed_in(gaps, [(0.15, 0.17)], margin_s=0.02) == 2  # rows received late: widen backwards
     late_walls = t + 0.001  # wall times of receipt: the gaps come from the ticks, the times from the walls
     assert tick_gaps(t, 0.02, late_walls)[0][:2] == pytest.approx((0.181, 0.241))
+
+
+def test_skips_are_counted_from_the_rows_slots_where_the_node_sends_them():
+    """Under sim time a tick one physics step (2.5 ms) late reads, from tick times, as a skipped 5 ms slot;
+    the row's slot column (the timer's expected call time) says it was not. Rows without it (8 columns, or
+    NaN from an rclpy without TimerInfo) fall back to the tick times."""
+    slots = np.arange(8) * 0.005
+    ticks = slots.copy()
+    ticks[4] += 0.0025
+    full = np.c_[ticks, np.zeros((8, 7)), slots]
+    assert [n for _, _, n in tick_gaps(ticks, 0.005)] == [1]  # the late tick, rounded, over-counted
+    assert tick_gaps(row_slots(full), 0.005) == []
+    assert np.array_equal(row_slots(full[:, :8]), ticks)
+    full[:, 8] = np.nan
+    assert np.array_equal(row_slots(full), ticks)
+    gone = np.delete(np.c_[ticks, np.zeros((8, 7)), slots], 2, axis=0)  # slot 2 skipped
+    assert [n for _, _, n in tick_gaps(row_slots(gone), 0.005, gone[:, 0])] == [1]
 
 
 def test_a_probe_held_by_the_machine_reports_the_hold(tmp_path):
@@ -61,3 +78,4 @@ def test_the_closed_loop_bench_reports_the_skipped_ticks_inside_stalls_apart():
     none = bench_closed_loop.stall_figures(row, [], "cpu 0: not permitted", 0.005)
     assert none["machine_stalls"] is None
     assert "no machine-stall probe (cpu 0: not permitted)" in bench_closed_loop.stall_line({**row, **none})
+

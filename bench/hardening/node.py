@@ -40,7 +40,7 @@ LATCHED = QoSProfile(
 )
 ANT_JOINTS = ("hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4")
 #: ~/debug/command_timing columns (loop.ControlLoop._timing_row) and state codes.
-TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED = range(8)
+TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED, SLOT = range(9)
 WAITING, RUNNING, SAFE, ESTOP = 0.0, 1.0, 2.0, 3.0
 #: config/ant.yaml values the verdicts depend on.
 MAX_STEP = 0.25

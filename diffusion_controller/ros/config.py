@@ -360,7 +360,7 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
         _P("outputs.twist.topic", "~/cmd_vel", "string", "Twist topic."),
         _P("outputs.debug.enabled", True, "bool", "Publish ~/debug/command_timing every tick."),
         _P("outputs.debug.topic", "~/debug/command_timing", "string", "Timing topic: [tick_time, exec_time, "
-           "action_time, obs_stamp, chunk_seq, index, state, missed]."),
+           "action_time, obs_stamp, chunk_seq, index, state, missed, slot]."),
     )),
 )  # fmt: skip
 

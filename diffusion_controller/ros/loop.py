@@ -370,12 +370,12 @@ class ControlLoop:
             self._publish(res.command, binding)
             if self._pub_traj is not None and res.trajectory is not None:
                 self._publish_trajectory(res.trajectory, binding)
-        if self._pub_dbg is not None:
-            self._pub_dbg.publish(cv.array_msg(self._timing_row(now, res, core)))
         slot = actual = None
         if info is not None:  # the grid slot this call is for, and when rcl called it
             slot = info.expected_call_time.nanoseconds * 1e-9
             actual = info.actual_call_time.nanoseconds * 1e-9
+        if self._pub_dbg is not None:
+            self._pub_dbg.publish(cv.array_msg(self._timing_row(now, res, core, slot)))
         self.stats.tick(t_wall if self._wall_time else now, time.perf_counter() - t0, slot, actual)
         if res.missed:
             self._diag.missed_step(res.reason)
@@ -432,7 +432,10 @@ class ControlLoop:
         self._pub_traj.publish(msg)
 
     @staticmethod
-    def _timing_row(now: float, res: TickResult, core: ControlCore) -> list[float]:
+    def _timing_row(now: float, res: TickResult, core: ControlCore, slot: float | None) -> list[float]:
+        """One row of ~/debug/command_timing; `slot` is the timer's grid time this tick is for (NaN
+        without TimerInfo): a tick one clock step late still names its own slot, so a reader counts
+        skipped slots from it exactly (tick times, rounded, would count that lateness as a skip)."""
         nan = math.nan
         action_time = res.action_time if res.action_time is not None else nan
         index = res.action_index if res.action_index is not None else nan
@@ -444,6 +447,7 @@ class ControlLoop:
             now, res.t_exec, action_time, obs_stamp,
             res.chunk_seq if res.chunk_seq is not None else nan, index,
             STATE_CODES.get(res.state, nan), 1.0 if res.missed else 0.0,
+            slot if slot is not None else nan,
         ]  # fmt: skip
 
     def _state_changed(self, state: ControlState, reason: str) -> None:

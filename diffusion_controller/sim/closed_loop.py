@@ -307,6 +307,15 @@ def diag_number(diag: dict[str, str], *names: str) -> float:
     return math.nan
 
 
+def row_slots(rows: np.ndarray) -> np.ndarray:
+    """The grid slot of each ~/debug/command_timing row (column 8, the timer's expected call time) where
+    the node has it, else the row's tick time (rclpy before Jazzy): what tick_gaps counts skips from."""
+    rows = np.atleast_2d(np.asarray(rows, dtype=float))
+    if rows.shape[1] < 9:
+        return rows[:, 0]
+    return np.where(np.isfinite(rows[:, 8]), rows[:, 8], rows[:, 0])
+
+
 def tick_gaps(
     ticks: np.ndarray, period: float, walls: np.ndarray | None = None
 ) -> list[tuple[float, float, int]]:
@@ -415,7 +424,7 @@ def run_setting(
         time.sleep(1.5)  # one more diagnostics period
         with op.lock:
             diag = dict(op.diag)
-            ticks = np.array([row[0] for row in op.timing])
+            ticks = row_slots(np.array(op.timing)) if op.timing else np.zeros(0)
             gaps = tick_gaps(ticks, float(card.control_period_s), np.array(op.timing_wall))
     finally:
         op.close()
