@@ -25,6 +25,8 @@ this script adds the evaluation's episode counts and the sweeps.
                                                 # model and this process on the others (a VM's host
                                                 # holding one vCPU then stops the sim with the node)
     add --stall-probes to count the skipped ticks that fell in machine stalls (bench/machine_stalls.py)
+    add --hold-cpu 0:10:200 to make such stalls: CPU 0 held 10 ms in every 200 (SCHED_FIFO 99 busy-wait),
+    which shows what holds of each CPU cost the node (docs/RESULTS.md 2026-12-05, second entry)
     add --json for one JSON object on the last line
 """
 
@@ -97,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
              "cpu_affinity); the node's model threads and this process get the other CPUs",
     )  # fmt: skip
     p.add_argument(
+        "--hold-cpu", default="", metavar="CPU:HOLD_MS:EVERY_MS",
+        help="hold a CPU as a VM's host does (bench/machine_stalls.py Holds) during the run",
+    )  # fmt: skip
+    p.add_argument(
         "--stall-probes", action="store_true",
         help="attribute skipped ticks to machine stalls (bench/machine_stalls.py); the probes wake each CPU "
              "1000 times a second and slow the policy, so tracking figures come from runs without them",
@@ -128,12 +134,23 @@ def main(argv: list[str] | None = None) -> int:
     period = float(card_of_model(args.model).control_period_s)
     probes = machine_stalls.Probes(log_dir, min_s=period / 2) if args.stall_probes else None
     try:
+        held = machine_stalls.parse_hold(args.hold_cpu) if args.hold_cpu else None
+    except ValueError as exc:
+        p.error(f"--hold-cpu: {exc}")
+    holds = machine_stalls.Holds(log_dir, *held) if held else None
+    try:
         rows = demo.evaluate(settings, args, episodes, effort, log_dir)
     finally:
         stalls, why = probes.stop() if probes is not None else ([], "run with --stall-probes")
+        n_holds, hold_why = holds.stop() if holds is not None else (0, None)
     for row in rows:
         row.update(stall_figures(row, stalls, why, period))
         print(stall_line(row))
+    if held:
+        print(hold_line(held, n_holds, hold_why))
+        for row in rows:
+            row.update(held_cpu=held[0], held_ms=1000 * held[1], held_every_ms=1000 * held[2],
+                       holds=n_holds, holds_why=hold_why)  # fmt: skip
     demo.report(rows, reference, args, log_dir, sweep=args.sweep is not None, demo=False)
     return 0
 
@@ -160,6 +177,13 @@ def stall_figures(row: dict, stalls: list[machine_stalls.Stall], why: str | None
         "missed_ticks_in_rows": sum(n for _, _, n in row["tick_gaps"]),
         "missed_ticks_in_machine_stalls": machine_stalls.missed_in(row["tick_gaps"], stalls, 2 * period),
     }
+
+
+def hold_line(held: tuple[int, float, float], n: int, why: str | None) -> str:
+    cpu, hold_s, every_s = held
+    if why is not None:
+        return f"no holds of CPU {cpu}: {why}"
+    return f"CPU {cpu} held {n} times, {1000 * hold_s:g} ms in every {1000 * every_s:g} ms (--hold-cpu)"
 
 
 def stall_line(row: dict) -> str:

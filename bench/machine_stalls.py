@@ -7,7 +7,12 @@ pinned, wakes every millisecond; a wake-up later than `min_s` is a stall (only t
 highest-priority thread of a CPU). A benchmark reports the skipped ticks that overlap one apart from the
 others (`missed_in`), never instead of them.
 
+`Holds` makes such stalls on purpose: a SCHED_FIFO 99 thread pinned to one CPU busy-waits `hold_ms`
+every `every_ms`, which is what a host's hold of that vCPU looks like from inside (nothing else runs
+there meanwhile). A run with holds on one CPU tells which of the node's couplings to that CPU cost ticks.
+
     python bench/machine_stalls.py --cpu 0 --log stalls.jsonl --min-s 0.0025   # one probe (child mode)
+    python bench/machine_stalls.py --cpu 0 --log holds.jsonl --hold 10:200     # hold CPU 0 10 ms in 200
 """
 
 from __future__ import annotations
@@ -58,6 +63,60 @@ def probe(cpu: int, log: Path, min_s: float, duration_s: float = float("inf")) -
     return 0
 
 
+def hold(cpu: int, log: Path, hold_s: float, every_s: float, duration_s: float = float("inf")) -> int:
+    """Child mode: hold `cpu` for `hold_s` every `every_s` until SIGTERM (or `duration_s`); the log gets
+    the count of holds (or, exit 3, why it cannot hold: without SCHED_FIFO 99 it would only share)."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(99))
+    except (OSError, AttributeError) as exc:
+        log.write_text(json.dumps({"error": f"cpu {cpu}: {exc}"}) + "\n")
+        return 3
+    n, end = 0, time.monotonic() + duration_s
+    with contextlib.suppress(KeyboardInterrupt):
+        while time.monotonic() < end:
+            start = time.monotonic()
+            while time.monotonic() < start + hold_s:
+                pass
+            n += 1
+            log.write_text(json.dumps({"holds": n}) + "\n")
+            time.sleep(max(0.0, start + every_s - time.monotonic()))
+    return 0
+
+
+class Holds:
+    """Holds of one CPU (`hold`) in a child process, from construction until `stop()`."""
+
+    def __init__(self, directory: Path, cpu: int, hold_s: float, every_s: float) -> None:
+        if not 0.0 < hold_s < every_s:
+            raise ValueError(f"a hold of {hold_s} s every {every_s} s: need 0 < hold < every")
+        self.log = directory / f"holds_cpu{cpu}.json"
+        self.log.write_text("")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--cpu", str(cpu), "--log", str(self.log),
+                                      "--hold", f"{1000 * hold_s:g}:{1000 * every_s:g}"])  # fmt: skip
+
+    def stop(self) -> tuple[int, str | None]:
+        """End the holds; (how many there were, None or why there were none)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(timeout=10)
+        text = self.log.read_text().strip()
+        item = json.loads(text) if text else {"holds": 0}
+        return int(item.get("holds", 0)), item.get("error")
+
+
+def parse_hold(text: str) -> tuple[int, float, float]:
+    """--hold-cpu CPU:HOLD_MS:EVERY_MS ("0:10:200") as (cpu, hold_s, every_s); ValueError says why."""
+    parts = text.split(":")
+    try:
+        cpu, hold_ms, every_ms = int(parts[0]), float(parts[1]), float(parts[2])
+    except (ValueError, IndexError):
+        raise ValueError(f"{text!r} is not CPU:HOLD_MS:EVERY_MS (e.g. 0:10:200)") from None
+    if len(parts) != 3 or cpu < 0 or not 0.0 < hold_ms < every_ms:
+        raise ValueError(f"{text!r}: need one CPU >= 0 and 0 < HOLD_MS < EVERY_MS")
+    return cpu, hold_ms / 1000.0, every_ms / 1000.0
+
+
 class Probes:
     """One probe process per CPU of this process' affinity, from construction until `stop()`."""
 
@@ -93,10 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", type=Path, required=True)
     ap.add_argument("--min-s", type=float, default=0.0025, help="a wake-up this late is a stall")
     ap.add_argument("--duration", type=float, default=float("inf"))
+    ap.add_argument("--hold", default="", help="HOLD_MS:EVERY_MS: hold the CPU instead of probing it")
     args = ap.parse_args(argv)
     import signal
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if args.hold:
+        _, hold_s, every_s = parse_hold(f"{args.cpu}:{args.hold}")
+        return hold(args.cpu, args.log, hold_s, every_s, args.duration)
     return probe(args.cpu, args.log, args.min_s, args.duration)
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
+import machine_stalls
 import pytest
 
 from diffusion_controller.sim import closed_loop, demo
@@ -69,6 +71,40 @@ def test_the_effort_model_drives_the_torque_driven_ant_through_ros(tmp_path: Pat
     assert row["falls"] == 0 and expert["falls"] == 0, summary
     assert row["stale_actions_published"] == 0, summary
     assert row["policy_vel_err"] < 2.0 * expert["vel_err"], (summary, expert["vel_err"], row["per_skill"])
+
+
+@pytest.mark.ros
+def test_with_the_policy_in_its_own_process_holds_of_the_models_cpu_cost_the_loop_no_tick(
+    tmp_path: Path,
+) -> None:
+    """The effort ant at 200 Hz with the policy in policy_node (`--remote --rt-cpus 1`: the sim and the
+    controller on CPU 1, the policy's model and this operator on CPU 0) while CPU 0 is held 15 ms in every
+    100 (SCHED_FIFO 99, as a VM's host holds a vCPU): the controller shares no GIL with the model, so not
+    one timer slot is skipped. With the model in the controller's process (remote=False) this test fails:
+    6 and 8 slots skipped when tried, its inference thread held with the GIL holds the loop
+    (docs/RESULTS.md 2026-12-05, second entry)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs: one held, one for the loop")
+    holds = machine_stalls.Holds(tmp_path, 0, 0.015, 0.1)
+    before = os.sched_getaffinity(0)
+    effort = closed_loop.node_config(closed_loop.EFFORT_CONFIG)
+    setting = closed_loop.Setting(obs_delay_s=0.04, compensate_delay=effort.compensate_delay,
+                                  blend=effort.blend, remote=True)  # fmt: skip
+    try:
+        os.sched_setaffinity(0, {0})  # the operator beside the model, as bench/closed_loop.py --rt-cpus 1
+        row = closed_loop.run_setting(setting, episodes=1, seconds=8.0, seed=3, log_dir=tmp_path,
+                                      model=closed_loop.ROOT / "models" / "ant_effort.onnx", verbose=False,
+                                      config=closed_loop.EFFORT_CONFIG, cpus=("1", "0"))  # fmt: skip
+    finally:
+        os.sched_setaffinity(0, before)
+        n, why = holds.stop()
+    if why is not None:
+        pytest.skip(f"cannot hold a CPU here (no SCHED_FIFO): {why}")
+    summary = {k: row[k] for k in ("exit_codes", "falls", "missed_ticks", "tick_gaps", "chunks_received")}
+    assert n >= 50 and row["chunks_received"] > 500, (n, summary)  # held throughout; the policy ran
+    assert row["exit_codes"] == {"sim": 0, "controller": 0, "policy": 0}, summary
+    assert row["falls"] == 0, summary
+    assert row["missed_ticks"] == 0, summary
 
 
 def test_sweep_summary_headlines_the_reference_setting_not_the_first_row() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import closed_loop as bench_closed_loop
 import machine_stalls as ms
@@ -79,3 +80,30 @@ def test_the_closed_loop_bench_reports_the_skipped_ticks_inside_stalls_apart():
     assert none["machine_stalls"] is None
     assert "no machine-stall probe (cpu 0: not permitted)" in bench_closed_loop.stall_line({**row, **none})
 
+
+def test_hold_cpu_takes_a_cpu_a_hold_ms_and_an_interval():
+    assert ms.parse_hold("0:10:200") == (0, 0.01, 0.2)
+    assert ms.parse_hold("1:2.5:50") == (1, 0.0025, 0.05)
+    for bad in ("0", "0:10", "a:10:200", "0:10:200:1", "-1:10:200", "0:0:200", "0:200:200", "0:20:10"):
+        with pytest.raises(ValueError, match="CPU"):
+            ms.parse_hold(bad)
+    with pytest.raises(ValueError, match="need 0 < hold < every"):
+        ms.Holds(Path("/nonexistent"), 0, 0.2, 0.1)
+
+
+def test_a_held_cpu_looks_to_a_probe_on_it_as_the_machine_holding_it(tmp_path):
+    """Holds are what a host's hold is from inside: while the holder busy-waits at SCHED_FIFO 99, nothing
+    else on its CPU runs, not even the probe (same priority): one stall per hold, about as long."""
+    cpu = min(os.sched_getaffinity(0))
+    probes = ms.Probes(tmp_path, min_s=0.0025)
+    time.sleep(0.5)  # started and real-time
+    holds = ms.Holds(tmp_path, cpu, 0.02, 0.1)
+    time.sleep(1.5)
+    n, why = holds.stop()
+    stalls, probe_why = probes.stop()
+    if why is not None or probe_why is not None:
+        assert "cpu" in (why or probe_why)
+        pytest.skip(f"no SCHED_FIFO here: {why or probe_why}")
+    assert 8 <= n <= 16, n
+    held = [b - a for a, b in stalls if b - a >= 0.015]
+    assert len(held) >= n - 2 and all(d < 0.05 for d in held), (n, stalls)
