@@ -288,7 +288,9 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
            "threads go to model_cpu_affinity. Empty = all CPUs.", when="startup"),
         _P("model_cpu_affinity", "", "string", "CPUs of the threads that load and run models (the inference "
            "worker, ONNX Runtime's threads, swaps) as a CPU list; keep them off cpu_affinity so inference "
-           "never takes the loop's CPU. Empty = the process' CPUs.", when="startup"),
+           "never takes the loop's CPU. The worker shares the GIL with the loop: where its CPUs can be taken "
+           "from it (a VM's host), the loop waits with it; run the policy in policy_node there. Empty = the "
+           "process' CPUs.", when="startup"),
         _P("executor", "auto", "string", "Executor for services, parameters and diagnostics: auto = rclpy's "
            "EventsExecutor where rclpy has it (Kilted on), else single_threaded. The control loop has a "
            "thread of its own, which also takes the sensor messages (no executor callback per message).",
