@@ -39,14 +39,22 @@ def missed_in(gaps: Iterable[Gap], stalls: Sequence[Stall], margin_s: float = 0.
     return sum(n for a, b, n in gaps if any(s0 < b and s1 > a - margin_s for s0, s1 in stalls))
 
 
-def probe(cpu: int, log: Path, min_s: float, duration_s: float = float("inf")) -> int:
-    """Child mode: the probe of one CPU until SIGTERM (or `duration_s`). Exits 3 with the reason on the
-    log's first line when it cannot be real-time: a normal-priority probe would report scheduling delays."""
+def _top_of(cpu: int, log: Path) -> bool:
+    """This process pinned to `cpu` at SCHED_FIFO 99 (nothing in the guest preempts it there); else False
+    with the reason as the log's only line ({"error": ...})."""
     try:
         os.sched_setaffinity(0, {cpu})
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(99))
     except (OSError, AttributeError) as exc:
         log.write_text(json.dumps({"error": f"cpu {cpu}: {exc}"}) + "\n")
+        return False
+    return True
+
+
+def probe(cpu: int, log: Path, min_s: float, duration_s: float = float("inf")) -> int:
+    """Child mode: the probe of one CPU until SIGTERM (or `duration_s`). Exits 3 with the reason on the
+    log's first line when it cannot be real-time: a normal-priority probe would report scheduling delays."""
+    if not _top_of(cpu, log):
         return 3
     log.write_text("")
     end = time.monotonic() + duration_s
@@ -66,11 +74,7 @@ def probe(cpu: int, log: Path, min_s: float, duration_s: float = float("inf")) -
 def hold(cpu: int, log: Path, hold_s: float, every_s: float, duration_s: float = float("inf")) -> int:
     """Child mode: hold `cpu` for `hold_s` every `every_s` until SIGTERM (or `duration_s`); the log gets
     the count of holds (or, exit 3, why it cannot hold: without SCHED_FIFO 99 it would only share)."""
-    try:
-        os.sched_setaffinity(0, {cpu})
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(99))
-    except (OSError, AttributeError) as exc:
-        log.write_text(json.dumps({"error": f"cpu {cpu}: {exc}"}) + "\n")
+    if not _top_of(cpu, log):
         return 3
     n, end = 0, time.monotonic() + duration_s
     with contextlib.suppress(KeyboardInterrupt):

@@ -91,7 +91,7 @@ def graph():
 
 def rows_since(graph: Graph, t0: float, t1: float = np.inf) -> np.ndarray:
     rows = [m.data for t, m in graph.received_timed(TIMING) if t0 <= t <= t1]
-    return np.array(rows) if rows else np.zeros((0, 8))
+    return np.array(rows) if rows else np.zeros((0, 9))  # the timing row's 9 columns
 
 
 def test_policy_node_killed_mid_run(models, graph):

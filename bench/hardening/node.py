@@ -209,7 +209,7 @@ class NodeRun:
 
     def timing(self, t0: float = 0.0, t1: float = math.inf) -> np.ndarray:
         rows = [m.data for t, m in self.received(self.timing_topic) if t0 <= t <= t1]
-        return np.array(rows, dtype=float).reshape(-1, 8)
+        return np.array(rows, dtype=float).reshape(-1, SLOT + 1)
 
     def state(self) -> float | None:
         msgs = self.received(self.timing_topic)
