@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import machine_stalls
@@ -78,28 +79,33 @@ def test_with_the_policy_in_its_own_process_holds_of_the_models_cpu_cost_the_loo
     tmp_path: Path,
 ) -> None:
     """The effort ant at 200 Hz with the policy in policy_node (`--remote --rt-cpus 1`: the sim and the
-    controller on CPU 1, the policy's model and this operator on CPU 0) while CPU 0 is held 15 ms in every
-    100 (SCHED_FIFO 99, as a VM's host holds a vCPU): the controller shares no GIL with the model, so not
-    one timer slot is skipped. With the model in the controller's process (remote=False) this test fails:
-    6 and 8 slots skipped when tried, its inference thread held with the GIL holds the loop
-    (docs/RESULTS.md 2026-12-05, second entry)."""
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs two CPUs: one held, one for the loop")
-    holds = machine_stalls.Holds(tmp_path, 0, 0.015, 0.1)
+    controller on one CPU, the policy's model and this operator on another) while the model's CPU is held
+    15 ms in every 100 (SCHED_FIFO 99, as a VM's host holds a vCPU): the controller shares no GIL with the
+    model, so not one timer slot is skipped. With the model in the controller's process (remote=False)
+    this test fails: 6 and 8 slots skipped when tried, its inference thread held with the GIL holds the
+    loop (docs/RESULTS.md 2026-12-05, second entry)."""
     before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        pytest.skip("needs two CPUs: one held, one for the loop")
+    held, loop = sorted(before)[:2]
+    holds = machine_stalls.Holds(tmp_path, held, 0.015, 0.1)
+    time.sleep(0.5)
+    if holds.proc.poll() is not None:  # exit 3: no SCHED_FIFO here
+        pytest.skip(f"cannot hold a CPU here: {holds.stop()[1]}")
     effort = closed_loop.node_config(closed_loop.EFFORT_CONFIG)
     setting = closed_loop.Setting(obs_delay_s=0.04, compensate_delay=effort.compensate_delay,
                                   blend=effort.blend, remote=True)  # fmt: skip
     try:
-        os.sched_setaffinity(0, {0})  # the operator beside the model, as bench/closed_loop.py --rt-cpus 1
-        row = closed_loop.run_setting(setting, episodes=1, seconds=8.0, seed=3, log_dir=tmp_path,
-                                      model=closed_loop.ROOT / "models" / "ant_effort.onnx", verbose=False,
-                                      config=closed_loop.EFFORT_CONFIG, cpus=("1", "0"))  # fmt: skip
+        os.sched_setaffinity(0, {held})  # the operator beside the model, as bench/closed_loop.py --rt-cpus
+        row = closed_loop.run_setting(
+            setting, episodes=1, seconds=8.0, seed=3, log_dir=tmp_path, verbose=False,
+            model=closed_loop.ROOT / "models" / "ant_effort.onnx", config=closed_loop.EFFORT_CONFIG,
+            cpus=(str(loop), str(held)),
+        )
     finally:
         os.sched_setaffinity(0, before)
         n, why = holds.stop()
-    if why is not None:
-        pytest.skip(f"cannot hold a CPU here (no SCHED_FIFO): {why}")
+    assert why is None, why
     summary = {k: row[k] for k in ("exit_codes", "falls", "missed_ticks", "tick_gaps", "chunks_received")}
     assert n >= 50 and row["chunks_received"] > 500, (n, summary)  # held throughout; the policy ran
     assert row["exit_codes"] == {"sim": 0, "controller": 0, "policy": 0}, summary
