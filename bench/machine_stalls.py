@@ -72,8 +72,9 @@ def probe(cpu: int, log: Path, min_s: float, duration_s: float = float("inf")) -
 
 
 def hold(cpu: int, log: Path, hold_s: float, every_s: float, duration_s: float = float("inf")) -> int:
-    """Child mode: hold `cpu` for `hold_s` every `every_s` until SIGTERM (or `duration_s`); the log gets
-    the count of holds (or, exit 3, why it cannot hold: without SCHED_FIFO 99 it would only share)."""
+    """Child mode: hold `cpu` for `hold_s` every `every_s` until SIGTERM (or `duration_s`); then the log
+    gets the count of holds, whole (written beside it and renamed: SIGTERM may come at any instruction),
+    or, exit 3, why it cannot hold (without SCHED_FIFO 99 it would only share the CPU)."""
     if not _top_of(cpu, log):
         return 3
     n, end = 0, time.monotonic() + duration_s
@@ -83,8 +84,10 @@ def hold(cpu: int, log: Path, hold_s: float, every_s: float, duration_s: float =
             while time.monotonic() < start + hold_s:
                 pass
             n += 1
-            log.write_text(json.dumps({"holds": n}) + "\n")
             time.sleep(max(0.0, start + every_s - time.monotonic()))
+    part = log.with_suffix(".part")
+    part.write_text(json.dumps({"holds": n}) + "\n")
+    part.replace(log)
     return 0
 
 
@@ -105,7 +108,9 @@ class Holds:
             self.proc.terminate()
         self.proc.wait(timeout=10)
         text = self.log.read_text().strip()
-        item = json.loads(text) if text else {"holds": 0}
+        if not text:
+            return 0, f"the holder left no count (exit code {self.proc.returncode})"
+        item = json.loads(text)
         return int(item.get("holds", 0)), item.get("error")
 
 
