@@ -49,13 +49,13 @@ from machine_stalls import missed_in
 from diffusion_controller.core.chunk import is_stale
 from diffusion_controller.ros import dds
 from diffusion_controller.ros.config import EXECUTORS
+from diffusion_controller.ros.outputs import ACTION, EXEC, MISSED, OBS, STATE, TICK
 from diffusion_controller.sim.closed_loop import row_slots, tick_gaps
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE = "/diffusion_controller"
 #: The ant's sensor rates at scale 1 (Hz): joint states, IMU, odometry, velocity command.
 SENSOR_HZ = {"js": 500.0, "imu": 200.0, "odom": 50.0, "cmd": 1.0}
-TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED, SLOT = range(9)
 RUNNING = 1.0
 JOINTS = ["hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4"]
 

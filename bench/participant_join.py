@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_controller.ros import dds
+from diffusion_controller.ros.outputs import STATE, TICK
 
 TRANSPORTS = ("profile", "node-default", "shm")
 JOIN_S, BETWEEN_S = 2.0, 1.0
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hardening.harness import Harness
     from hardening.models import Models
-    from hardening.node import RUNNING, STATE, TICK
+    from hardening.node import RUNNING
     from hardening.sensors import child
 
     out = Path(tempfile.mkdtemp(prefix="participant_join_"))

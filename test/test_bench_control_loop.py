@@ -10,6 +10,8 @@ import control_loop as cl
 import numpy as np
 import pytest
 
+from diffusion_controller.ros.outputs import ACTION, EXEC, OBS, SLOT, STATE, TICK
+
 
 def rows(ticks, action_times=None, period=0.02, slots=None):
     """Timing rows RUNNING at `ticks`, each executing the action at `action_times` (default: on time),
@@ -17,10 +19,10 @@ def rows(ticks, action_times=None, period=0.02, slots=None):
     ticks = np.asarray(ticks, float)
     act = ticks if action_times is None else np.asarray(action_times, float)
     out = np.zeros((len(ticks), 9))
-    out[:, cl.TICK], out[:, cl.EXEC], out[:, cl.ACTION] = ticks, ticks, act
-    out[:, cl.SLOT] = np.nan if slots is None else slots
-    out[:, cl.OBS] = ticks - 0.03
-    out[:, cl.STATE] = cl.RUNNING
+    out[:, TICK], out[:, EXEC], out[:, ACTION] = ticks, ticks, act
+    out[:, SLOT] = np.nan if slots is None else slots
+    out[:, OBS] = ticks - 0.03
+    out[:, STATE] = cl.RUNNING
     return out
 
 

@@ -44,6 +44,7 @@ from diffusion_controller.core.providers import CUDA, gpu_provider_problem
 from diffusion_controller.ros.binding import Binding
 from diffusion_controller.ros.controller_node import make_executor
 from diffusion_controller.ros.loop import carried_command, nicer_thread
+from diffusion_controller.ros.outputs import ACTION, EXEC, MISSED, OBS, SLOT, STATE, TICK
 
 pytestmark = pytest.mark.ros
 
@@ -57,8 +58,6 @@ TRAJ = "/joint_trajectory_controller/joint_trajectory"
 TIMING = f"{NODE}/debug/command_timing"
 PERIOD = 0.02
 ANT_JOINTS = ("hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4")
-# Timing row columns (loop.ControlLoop._timing_row).
-TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED, SLOT = range(9)
 WAITING, RUNNING, SAFE, ESTOP = 0.0, 1.0, 2.0, 3.0
 
 

@@ -23,15 +23,10 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from ros_helpers import NodeProcess, console_script, wait_until
 from std_msgs.msg import Float64MultiArray
 from test_controller_node import (
-    ACTION,
     CMD,
-    EXEC,
-    MISSED,
     RUNNING,
     SAFE,
     SENSOR_TOPICS,
-    STATE,
-    TICK,
     TIMING,
     Graph,
     SensorFeeder,
@@ -42,6 +37,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from diffusion_controller.core.chunk import is_stale
 from diffusion_controller.ros.chunks import CHUNK_QOS
+from diffusion_controller.ros.outputs import ACTION, EXEC, MISSED, STATE, TICK, TIMING_COLUMNS
 
 pytestmark = pytest.mark.ros
 
@@ -91,7 +87,7 @@ def graph():
 
 def rows_since(graph: Graph, t0: float, t1: float = np.inf) -> np.ndarray:
     rows = [m.data for t, m in graph.received_timed(TIMING) if t0 <= t <= t1]
-    return np.array(rows) if rows else np.zeros((0, 9))  # the timing row's 9 columns
+    return np.array(rows) if rows else np.zeros((0, len(TIMING_COLUMNS)))
 
 
 def test_policy_node_killed_mid_run(models, graph):

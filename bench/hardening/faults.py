@@ -14,10 +14,11 @@ from collections.abc import Callable
 import numpy as np
 from ros_helpers import wait_until
 
+from diffusion_controller.ros.outputs import INDEX, MISSED, OBS, SEQ, STATE, TICK
 from hardening.bad_input import MAX_LOG_LINES
 from hardening.harness import Harness, Result, Watch, check_running, scenario
 from hardening.messages import STREAMS
-from hardening.node import INDEX, MISSED, OBS, RUNNING, SAFE, SEQ, STATE, TICK, TIMEOUTS, NodeRun
+from hardening.node import RUNNING, SAFE, TIMEOUTS, NodeRun
 from hardening.sensors import Sensors
 
 

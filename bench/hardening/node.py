@@ -26,6 +26,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from diffusion_controller.core.card import ModelCard
 from diffusion_controller.core.chunk import is_stale
+from diffusion_controller.ros.outputs import ACTION, EXEC, MISSED, OBS, STATE, TICK, TIMING_COLUMNS
 from hardening.messages import STREAMS, TOPICS
 
 if TYPE_CHECKING:
@@ -39,8 +40,7 @@ LATCHED = QoSProfile(
     depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
 )
 ANT_JOINTS = ("hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4")
-#: ~/debug/command_timing columns (loop.ControlLoop._timing_row) and state codes.
-TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED, SLOT = range(9)
+#: ~/debug/command_timing state codes (loop.STATE_CODES).
 WAITING, RUNNING, SAFE, ESTOP = 0.0, 1.0, 2.0, 3.0
 #: config/ant.yaml values the verdicts depend on.
 MAX_STEP = 0.25
@@ -209,7 +209,7 @@ class NodeRun:
 
     def timing(self, t0: float = 0.0, t1: float = math.inf) -> np.ndarray:
         rows = [m.data for t, m in self.received(self.timing_topic) if t0 <= t <= t1]
-        return np.array(rows, dtype=float).reshape(-1, SLOT + 1)
+        return np.array(rows, dtype=float).reshape(-1, len(TIMING_COLUMNS))
 
     def state(self) -> float | None:
         msgs = self.received(self.timing_topic)

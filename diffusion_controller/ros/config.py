@@ -48,7 +48,7 @@ from diffusion_controller.core.observation import COMPUTED_KINDS
 from diffusion_controller.core.plausibility import POLICIES, PlausibilityLimits
 from diffusion_controller.core.safety import SAFE_MODES
 from diffusion_controller.core.scheduler import BLEND_MODES
-from diffusion_controller.ros.outputs import TRAJECTORY_INTERFACES
+from diffusion_controller.ros.outputs import TIMING_COLUMNS, TRAJECTORY_INTERFACES
 
 
 class ConfigError(ValueError):
@@ -361,8 +361,8 @@ PARAM_GROUPS: tuple[tuple[str, tuple[ParamSpec, ...]], ...] = (
            "only output, e.g. a diff_drive_controller's cmd_vel)."),
         _P("outputs.twist.topic", "~/cmd_vel", "string", "Twist topic."),
         _P("outputs.debug.enabled", True, "bool", "Publish ~/debug/command_timing every tick."),
-        _P("outputs.debug.topic", "~/debug/command_timing", "string", "Timing topic: [tick_time, exec_time, "
-           "action_time, obs_stamp, chunk_seq, index, state, missed, slot]."),
+        _P("outputs.debug.topic", "~/debug/command_timing", "string",
+           f"Timing topic: [{', '.join(TIMING_COLUMNS)}]."),
     )),
 )  # fmt: skip
 

@@ -433,9 +433,10 @@ class ControlLoop:
 
     @staticmethod
     def _timing_row(now: float, res: TickResult, core: ControlCore, slot: float | None) -> list[float]:
-        """One row of ~/debug/command_timing; `slot` is the timer's grid time this tick is for (NaN
-        without TimerInfo): a tick one clock step late still names its own slot, so a reader counts
-        skipped slots from it exactly (tick times, rounded, would count that lateness as a skip)."""
+        """One row of ~/debug/command_timing, in the order of outputs.TIMING_COLUMNS; `slot` is the timer's
+        grid time this tick is for (NaN without TimerInfo): a tick one clock step late still names its own
+        slot, so a reader counts skipped slots from it exactly (rounded tick times count lateness as a
+        skip)."""
         nan = math.nan
         action_time = res.action_time if res.action_time is not None else nan
         index = res.action_index if res.action_index is not None else nan

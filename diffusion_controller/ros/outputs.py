@@ -18,6 +18,12 @@ from typing import Any
 
 #: Values of outputs.trajectory.interface: the JointTrajectoryPoint field the actions go into.
 TRAJECTORY_INTERFACES = ("position", "velocity", "effort")
+#: The columns of a ~/debug/command_timing row, in order (ControlLoop._timing_row writes them; benchmarks
+#: and tests read them by the indices below, so a new column is added here once).
+TIMING_COLUMNS = (
+    "tick_time", "exec_time", "action_time", "obs_stamp", "chunk_seq", "index", "state", "missed", "slot",
+)  # fmt: skip
+TICK, EXEC, ACTION, OBS, SEQ, INDEX, STATE, MISSED, SLOT = range(len(TIMING_COLUMNS))
 
 
 def check_outputs(cfg: Any, card: Any) -> list[str]:

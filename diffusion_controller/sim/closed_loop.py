@@ -28,6 +28,7 @@ from diffusion_controller.core.card_source import card_of_model, sidecar_path
 from diffusion_controller.core.chunk import is_stale
 from diffusion_controller.core.features import projected_gravity
 from diffusion_controller.ros.config import NodeConfig
+from diffusion_controller.ros.outputs import SLOT, TICK
 from diffusion_controller.ros.params_file import load_params_file
 from diffusion_controller.share import share_dir
 from diffusion_controller.sim.ant import EFFORT_TIMESTEP_S
@@ -308,12 +309,13 @@ def diag_number(diag: dict[str, str], *names: str) -> float:
 
 
 def row_slots(rows: np.ndarray) -> np.ndarray:
-    """The grid slot of each ~/debug/command_timing row (column 8, the timer's expected call time) where
-    the node has it, else the row's tick time (rclpy before Jazzy): what tick_gaps counts skips from."""
+    """The grid slot of each ~/debug/command_timing row (its SLOT column, the timer's expected call time)
+    where the node has it, else the row's tick time (rclpy before Jazzy): what tick_gaps counts skips
+    from."""
     rows = np.atleast_2d(np.asarray(rows, dtype=float))
-    if rows.shape[1] < 9:
-        return rows[:, 0]
-    return np.where(np.isfinite(rows[:, 8]), rows[:, 8], rows[:, 0])
+    if rows.shape[1] <= SLOT:
+        return rows[:, TICK]
+    return np.where(np.isfinite(rows[:, SLOT]), rows[:, SLOT], rows[:, TICK])
 
 
 def tick_gaps(
